@@ -1,0 +1,6 @@
+"""vlmedge: train, compress, export and benchmark vision-language dual encoders for edge devices.
+
+Importing the package is cheap: torch, transformers and onnxruntime are imported inside the functions that need them.
+"""
+
+__version__ = "0.1.0"

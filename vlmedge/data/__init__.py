@@ -1,0 +1,229 @@
+"""Datasets: the built-in `shapes` generator and the formats users already have.
+
+`open_dataset(source, ...)` returns an object with
+
+* ``len(ds)``; ``ds.images(indices)`` -> uint8 NHWC at the model's resolution;
+* ``ds.captions(indices, rng)`` -> one caption per index (drawn anew each time where there are several);
+* ``ds.keys(indices)`` -> what each caption can truthfully say: two samples with the same key match each other's
+  captions (soft contrastive targets; identical captions count as hits in retrieval);
+* ``ds.neighbours(index, rng)`` (optional) -> an index whose caption differs in one attribute (hard negatives).
+
+Sources: ``shapes`` (optionally ``shapes:COUNT``), an image folder with ``metadata.jsonl``, a COCO captions JSON,
+or WebDataset ``.tar`` shards (one file, or a folder of them).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import VlmedgeError
+from .shapes import COLOURS, SHAPES, ShapesData, load_shapes
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class ShapesDataset:
+    """`ShapesData` with the dataset interface and attribute-level hard negatives."""
+
+    def __init__(self, data: ShapesData):
+        self.data = data
+        self._by_combo: dict[tuple[str, str], list[int]] = {}
+        for i, objs in enumerate(data.objects):
+            if len(objs) == 1:
+                self._by_combo.setdefault((objs[0].colour, objs[0].shape), []).append(i)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def images(self, indices: Sequence[int]) -> np.ndarray:
+        return self.data.images[np.asarray(indices)]
+
+    def captions(self, indices, rng):
+        return self.data.captions(indices, rng)
+
+    def keys(self, indices):
+        return self.data.keys(indices)
+
+    def neighbours(self, index: int, rng: np.random.Generator) -> int:
+        """A single-object image that differs from `index`'s first object in colour or in shape only."""
+        o = self.data.objects[index][0]
+        for _ in range(8):
+            if rng.random() < 0.5:
+                combo = (str(rng.choice([c for c in COLOURS if c != o.colour])), o.shape)
+            else:
+                combo = (o.colour, str(rng.choice([s for s in SHAPES if s != o.shape])))
+            pool = self._by_combo.get(combo)
+            if pool:
+                return int(pool[rng.integers(len(pool))])
+        return int(rng.integers(len(self)))
+
+
+@dataclass
+class PairsDataset:
+    """Images (decoded, resized and cropped once, held in memory) with one or more captions each."""
+
+    images_array: np.ndarray
+    texts: list[list[str]]
+    names: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def images(self, indices):
+        return self.images_array[np.asarray(indices)]
+
+    def captions(self, indices, rng):
+        return [self.texts[i][rng.integers(len(self.texts[i]))] for i in indices]
+
+    def keys(self, indices):
+        return [self.texts[i][0].strip().lower() for i in indices]
+
+
+def open_dataset(source: str, split: str = "train", *, resolution: int, count: int | None = None,
+                 skip_bad: bool = False, single_object: bool = False, seed: int = 0, progress: bool = False):
+    """Open a dataset by its source string; see the module docstring."""
+    if source == "shapes" or source.startswith("shapes:"):
+        n = count
+        if ":" in source:
+            try:
+                n = int(source.split(":", 1)[1])
+            except ValueError:
+                raise VlmedgeError(f"data source {source!r}: expected shapes or shapes:COUNT") from None
+        return ShapesDataset(load_shapes(split, n or 20000, resolution, seed=seed, single_object=single_object,
+                                         progress=progress))
+    path = Path(source)
+    if not path.exists():
+        raise VlmedgeError(f"data source not found: {source} (expected 'shapes', an image folder with "
+                           "metadata.jsonl, a COCO captions .json or WebDataset .tar shards)")
+    if path.is_dir() and (path / "metadata.jsonl").is_file():
+        items = _imagefolder_items(path)
+    elif path.suffix == ".json":
+        items = _coco_items(path)
+    elif path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar"))):
+        return _load_webdataset(path, resolution, count, skip_bad)
+    else:
+        raise VlmedgeError(f"{source}: unrecognised dataset (no metadata.jsonl, not a .json or .tar)")
+    if count:
+        items = items[:count]
+    return _load_pairs(items, resolution, skip_bad)
+
+
+def _inside(root: Path, name: str, where: str) -> Path:
+    """`root/name`, refusing names that leave the dataset root (absolute paths, `..`, links outside)."""
+    candidate = (root / name).resolve()
+    if not candidate.is_relative_to(root.resolve()):
+        raise VlmedgeError(f"{where}: {name!r} points outside the dataset root {root}")
+    return candidate
+
+
+def _imagefolder_items(root: Path) -> list[tuple[Path, list[str], str]]:
+    meta = root / "metadata.jsonl"
+    items = []
+    for lineno, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            name, text = rec["file_name"], rec["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise VlmedgeError(f"{meta}:{lineno}: expected a JSON object with file_name and text ({e})") from None
+        texts = text if isinstance(text, list) else [text]
+        items.append((_inside(root, name, f"{meta}:{lineno}"), [str(t) for t in texts], name))
+    if not items:
+        raise VlmedgeError(f"{meta}: no records")
+    return items
+
+
+def _coco_items(path: Path) -> list[tuple[Path, list[str], str]]:
+    try:
+        coco = json.loads(path.read_text())
+        images = {im["id"]: im["file_name"] for im in coco["images"]}
+        annotations = coco["annotations"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise VlmedgeError(f"{path}: not a COCO captions file (images, annotations with image_id/caption): {e}") \
+            from None
+    texts: dict[int, list[str]] = {}
+    for ann in annotations:
+        texts.setdefault(ann["image_id"], []).append(ann["caption"])
+    root = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+    return [(_inside(root, images[i], str(path)), caps, images[i]) for i, caps in texts.items() if i in images]
+
+
+def _decode(data: bytes | Path, resolution: int):
+    from PIL import Image
+
+    from ..models import _resize_crop
+
+    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+        im.load()
+        return _resize_crop([im], resolution, resolution)[0]
+
+
+def _load_pairs(items, resolution: int, skip_bad: bool) -> PairsDataset:
+    images, texts, names, skipped = [], [], [], []
+    for path, caps, name in items:
+        try:
+            images.append(_decode(path, resolution))
+        except (OSError, ValueError) as e:
+            if not skip_bad:
+                raise VlmedgeError(f"{path}: cannot read image ({type(e).__name__}: {e}); "
+                                   "use --skip-bad to skip and count such files") from None
+            skipped.append(name)
+            continue
+        texts.append(caps)
+        names.append(name)
+    if not images:
+        raise VlmedgeError("dataset has no readable images")
+    return PairsDataset(np.stack(images), texts, names, skipped)
+
+
+def _load_webdataset(path: Path, resolution: int, count: int | None, skip_bad: bool) -> PairsDataset:
+    shards = [path] if path.is_file() else sorted(path.glob("*.tar"))
+    images, texts, names, skipped = [], [], [], []
+    for shard in shards:
+        groups: dict[str, dict[str, bytes]] = {}
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    name = member.name
+                    if name.startswith("/") or ".." in Path(name).parts:
+                        raise VlmedgeError(f"{shard}: member {name!r} points outside the shard")
+                    stem, _, ext = name.partition(".")
+                    f = tar.extractfile(member)
+                    groups.setdefault(stem, {})[ext.lower()] = f.read() if f else b""
+        except tarfile.TarError as e:
+            raise VlmedgeError(f"{shard}: not a readable tar file ({e})") from None
+        for stem, parts in groups.items():
+            image_ext = next((e for e in parts if f".{e}" in IMAGE_SUFFIXES), None)
+            if image_ext is None or "txt" not in parts:
+                continue
+            try:
+                images.append(_decode(parts[image_ext], resolution))
+            except (OSError, ValueError) as e:
+                if not skip_bad:
+                    raise VlmedgeError(f"{shard}: {stem}.{image_ext}: cannot decode image ({e}); "
+                                       "use --skip-bad to skip and count such files") from None
+                skipped.append(f"{shard.name}:{stem}")
+                continue
+            texts.append([parts["txt"].decode("utf-8", "replace").strip()])
+            names.append(f"{shard.name}:{stem}")
+            if count and len(texts) >= count:
+                return PairsDataset(np.stack(images), texts, names, skipped)
+    if not images:
+        raise VlmedgeError(f"{path}: no image + .txt pairs found in {len(shards)} shard(s)")
+    return PairsDataset(np.stack(images), texts, names, skipped)
+
+
+def source_label(source: str) -> str:
+    return source if source.startswith("shapes") else os.path.abspath(source)

@@ -1,0 +1,293 @@
+"""The built-in `shapes` dataset: coloured geometric objects with natural captions, generated deterministically.
+
+Every image is a function of (seed, index) alone, so any prefix of a split is the same whatever the count, and the
+arrays are cached on disk (``$VLMEDGE_CACHE/shapes``). Each sample keeps its structured description (objects, their
+colour, shape, size, position and, for two objects, their spatial relation), which gives
+
+* captions from several templates, drawn anew at every use;
+* an exact image-caption match matrix (a caption matches every image it truly describes), used as soft targets so
+  that two images of "a red circle" in one batch are not pushed apart;
+* evaluation sets: zero-shot colour x shape classes, retrieval pairs and hard negatives (colour or relation swapped).
+
+A set of colour x shape combinations (`HELD_OUT`) never appears in the ``train`` split: the compositional test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .._io import cache_dir
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 205, 30),
+    "purple": (140, 50, 180),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle", "cross", "star", "diamond")
+SIZES = ("small", "large")
+# One combination per colour and per shape, so every colour and every shape is still seen in training.
+HELD_OUT = frozenset((c, SHAPES[(i + 2) % len(SHAPES)]) for i, c in enumerate(COLOURS))
+SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
+TWO_OBJECT_FRACTION = 0.3
+
+_H = ("left", "center", "right")
+_V = ("top", "middle", "bottom")
+
+
+@dataclass(frozen=True)
+class Obj:
+    colour: str
+    shape: str
+    size: str
+    x: float  # centre, fraction of the width
+    y: float
+
+    @property
+    def position(self) -> str:
+        h = _H[min(int(self.x * 3), 2)]
+        v = _V[min(int(self.y * 3), 2)]
+        if h == "center" and v == "middle":
+            return "center"
+        if v == "middle":
+            return h
+        if h == "center":
+            return v
+        return f"{v} {h}"
+
+
+def relation(a: Obj, b: Obj) -> str:
+    """Where `a` is relative to `b`, along the axis on which they differ most."""
+    dx, dy = a.x - b.x, a.y - b.y
+    if abs(dx) >= abs(dy):
+        return "to the left of" if dx < 0 else "to the right of"
+    return "above" if dy < 0 else "below"
+
+
+# --- sampling ------------------------------------------------------------------------------------------------------
+
+def _sample_objects(rng: np.random.Generator, split: str, single: bool) -> list[Obj]:
+    n = 1 if single or rng.random() >= TWO_OBJECT_FRACTION else 2
+    objs: list[Obj] = []
+    tries = 0
+    while len(objs) < n:
+        tries += 1
+        if tries % 50 == 0:
+            objs = []  # the first object leaves no room for a second: start over
+        colour = str(rng.choice(list(COLOURS)))
+        shape = str(rng.choice(SHAPES))
+        if split == "train" and (colour, shape) in HELD_OUT:
+            continue
+        size = str(rng.choice(SIZES))
+        half = _radius(size) + 0.02
+        x, y = rng.uniform(half, 1 - half, size=2)
+        if objs:
+            other = objs[0]
+            if max(abs(x - other.x), abs(y - other.y)) < half + _radius(other.size) + 0.02:
+                continue  # overlapping objects make the relation ambiguous
+            if colour == other.colour and shape == other.shape:
+                continue
+        objs.append(Obj(colour, shape, size, float(x), float(y)))
+    return objs
+
+
+def _radius(size: str) -> float:
+    return 0.13 if size == "small" else 0.21
+
+
+# --- rendering -----------------------------------------------------------------------------------------------------
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    if shape == "square":
+        s = r * 0.85
+        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if shape == "triangle":
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
+    if shape == "star":
+        pts = []
+        for k in range(10):
+            rad = r if k % 2 == 0 else r * 0.45
+            a = -math.pi / 2 + k * math.pi / 5
+            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+        return pts
+    if shape == "cross":
+        t = r * 0.33
+        return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t),
+                (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t),
+                (cx - r, cy - t), (cx - t, cy - t)]
+    return None  # circle
+
+
+def render(objs: Sequence[Obj], resolution: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw objects on a lightly tinted background; 2x supersampled for smooth edges. Returns HxWx3 uint8."""
+    from PIL import Image, ImageDraw
+
+    big = resolution * 2
+    background = tuple(int(v) for v in rng.integers(225, 256, size=3))
+    img = Image.new("RGB", (big, big), background)
+    draw = ImageDraw.Draw(img)
+    for o in objs:
+        jitter = rng.integers(-15, 16, size=3)
+        fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[o.colour], jitter))
+        cx, cy, r = o.x * big, o.y * big, _radius(o.size) * big * rng.uniform(0.9, 1.05)
+        poly = _polygon(o.shape, cx, cy, r)
+        if poly is None:
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            draw.polygon(poly, fill=fill)
+    return np.asarray(img.resize((resolution, resolution), Image.BILINEAR), dtype=np.uint8)
+
+
+# --- captions ------------------------------------------------------------------------------------------------------
+
+_SINGLE_TEMPLATES = (
+    "a {colour} {shape}",
+    "a {size} {colour} {shape}",
+    "a photo of a {colour} {shape}",
+    "a {colour} {shape} {where}",
+    "there is a {size} {colour} {shape} {where}",
+    "an image with one {colour} {shape}",
+    "a {size} {shape} coloured {colour}",
+    "a picture of a {size} {colour} {shape} {where}",
+)
+_PAIR_TEMPLATES = (
+    "a {c1} {s1} {rel} a {c2} {s2}",
+    "a photo of a {c1} {s1} {rel} a {c2} {s2}",
+    "there is a {c1} {s1} {rel} a {c2} {s2}",
+    "a {z1} {c1} {s1} {rel} a {z2} {c2} {s2}",
+)
+
+
+def _where(o: Obj) -> str:
+    return "in the center" if o.position == "center" else f"on the {o.position}"
+
+
+def _articles(text: str) -> str:
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
+def caption(objs: Sequence[Obj], rng: np.random.Generator) -> str:
+    return _articles(_caption(objs, rng))
+
+
+def _caption(objs: Sequence[Obj], rng: np.random.Generator) -> str:
+    if len(objs) == 1:
+        o = objs[0]
+        t = _SINGLE_TEMPLATES[rng.integers(len(_SINGLE_TEMPLATES))]
+        return t.format(colour=o.colour, shape=o.shape, size=o.size, where=_where(o))
+    a, b = objs if rng.random() < 0.5 else objs[::-1]
+    t = _PAIR_TEMPLATES[rng.integers(len(_PAIR_TEMPLATES))]
+    return t.format(c1=a.colour, s1=a.shape, z1=a.size, c2=b.colour, s2=b.shape, z2=b.size, rel=relation(a, b))
+
+
+def object_key(objs: Sequence[Obj]) -> str:
+    """What a caption can say about an image, up to template: used to decide which captions match which images."""
+    parts = sorted(f"{o.colour} {o.shape}" for o in objs)
+    if len(objs) == 2:
+        a, b = sorted(objs, key=lambda o: (o.colour, o.shape))
+        parts.append(relation(a, b))
+    return "|".join(parts)
+
+
+# --- the dataset ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class ShapesData:
+    """A split of the shapes dataset held in memory: images (N,H,W,3 uint8) and structured objects."""
+
+    images: np.ndarray
+    objects: list[list[Obj]]
+    split: str
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def captions(self, indices: Sequence[int], rng: np.random.Generator) -> list[str]:
+        return [caption(self.objects[i], rng) for i in indices]
+
+    def keys(self, indices: Sequence[int]) -> list[str]:
+        return [object_key(self.objects[i]) for i in indices]
+
+
+def _cache_path(split: str, count: int, resolution: int, seed: int, single: bool) -> Path:
+    spec = json.dumps({"v": 2, "split": split, "n": count, "res": resolution, "seed": seed, "single": single,
+                       "colours": COLOURS, "shapes": SHAPES})
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:16]
+    return cache_dir() / "shapes" / f"{split}-{count}-{resolution}px{'-single' if single else ''}-{digest}.npz"
+
+
+def load_shapes(split: str = "train", count: int = 20000, resolution: int = 64, seed: int = 0,
+                single_object: bool = False, progress: bool = False) -> ShapesData:
+    """Generate (or load from the cache) `count` images of a split. `seed` offsets every split's own seed."""
+    if split not in SPLIT_SEEDS:
+        from ..errors import VlmedgeError
+        raise VlmedgeError(f"shapes: unknown split {split!r}; expected one of {', '.join(SPLIT_SEEDS)}")
+    base_seed = SPLIT_SEEDS[split] + 1000 * seed + (500 if single_object else 0)
+    path = _cache_path(split, count, resolution, base_seed, single_object)
+    objects = [_sample_objects(np.random.default_rng([base_seed, i, 0]), split, single_object) for i in range(count)]
+    if path.exists():
+        try:
+            with np.load(path) as z:
+                images = z["images"]
+            if images.shape == (count, resolution, resolution, 3):
+                return ShapesData(images, objects, split, seed)
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache file is regenerated
+    images = np.empty((count, resolution, resolution, 3), dtype=np.uint8)
+    iterator = range(count)
+    if progress:
+        from rich.progress import track
+        iterator = track(iterator, description=f"rendering shapes/{split}", total=count, transient=True)
+    for i in iterator:
+        images[i] = render(objects[i], resolution, np.random.default_rng([base_seed, i, 1]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial.npz")
+    np.savez(tmp, images=images)
+    tmp.replace(path)
+    return ShapesData(images, objects, split, seed)
+
+
+# --- evaluation sets -----------------------------------------------------------------------------------------------
+
+ZERO_SHOT_TEMPLATES = ("a {colour} {shape}", "a photo of a {colour} {shape}", "an image with one {colour} {shape}")
+
+
+def zero_shot_classes() -> list[tuple[str, str]]:
+    return [(c, s) for c in COLOURS for s in SHAPES]
+
+
+def zero_shot_prompts(colour: str, shape: str) -> list[str]:
+    return [_articles(t.format(colour=colour, shape=shape)) for t in ZERO_SHOT_TEMPLATES]
+
+
+def swapped_caption(objs: Sequence[Obj], kind: str, rng: np.random.Generator) -> tuple[str, str]:
+    """A true caption and a false one that differs only in `kind`: colour, shape (one object) or relation (two)."""
+    if kind == "relation":
+        a, b = objs
+        rel = relation(a, b)
+        t = _PAIR_TEMPLATES[rng.integers(len(_PAIR_TEMPLATES))]
+        fmt = dict(rel=rel)
+        true = t.format(c1=a.colour, s1=a.shape, z1=a.size, c2=b.colour, s2=b.shape, z2=b.size, **fmt)
+        false = t.format(c1=b.colour, s1=b.shape, z1=b.size, c2=a.colour, s2=a.shape, z2=a.size, **fmt)
+        return _articles(true), _articles(false)
+    o = objs[0]
+    t = _SINGLE_TEMPLATES[rng.integers(len(_SINGLE_TEMPLATES))]
+    if kind == "colour":
+        other = Obj(str(rng.choice([c for c in COLOURS if c != o.colour])), o.shape, o.size, o.x, o.y)
+    else:
+        other = Obj(o.colour, str(rng.choice([s for s in SHAPES if s != o.shape])), o.size, o.x, o.y)
+    fmt = lambda x: _articles(t.format(colour=x.colour, shape=x.shape, size=x.size, where=_where(x)))  # noqa: E731
+    return fmt(o), fmt(other)

@@ -1,0 +1,261 @@
+"""Models: presets (data, not code), building the seed's dual encoder, loading local folders, and embedding.
+
+The model format is a Hugging Face `save_pretrained` folder with safetensors weights, a tokenizer and a
+`preprocessor_config.json`. Two architectures load through the same call and behave the same downstream:
+`VisionTextDualEncoderModel` (the seed's ViT + BERT with linear projections) and `CLIPModel`.
+A model pruned by vlmedge carries its pruning plan in `config.json` (`vlmedge_pruning`) and is rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import VlmedgeError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+SUPPORTED_ARCHITECTURES = ("VisionTextDualEncoderModel", "CLIPModel")
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A preset by name, or a path to a user's preset JSON of the same shape."""
+    path = Path(name) if name.endswith(".json") else PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        raise VlmedgeError(f"unknown preset {name!r}; available: {', '.join(preset_names())} (or a path to a .json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise VlmedgeError(f"{path}: not valid JSON ({e})") from None
+
+
+@dataclass
+class Preprocess:
+    """How raw RGB images become pixel values; recorded with every model and every export."""
+
+    image_size: int
+    image_mean: list[float]
+    image_std: list[float]
+    resize: int | None = None  # shortest side before the centre crop; defaults to image_size
+
+    def to_hf(self) -> dict[str, Any]:
+        return {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+                "size": {"shortest_edge": self.resize or self.image_size}, "do_center_crop": True,
+                "crop_size": {"height": self.image_size, "width": self.image_size}, "do_rescale": True,
+                "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": self.image_mean,
+                "image_std": self.image_std, "resample": 3, "do_convert_rgb": True}
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], fallback_size: int) -> "Preprocess":
+        crop = cfg.get("crop_size", fallback_size)
+        crop = crop.get("height", fallback_size) if isinstance(crop, dict) else int(crop)
+        size = cfg.get("size", crop)
+        size = (size.get("shortest_edge") or size.get("height") or crop) if isinstance(size, dict) else int(size)
+        return cls(int(crop), list(cfg.get("image_mean", CLIP_MEAN)), list(cfg.get("image_std", CLIP_STD)), int(size))
+
+    def __call__(self, images):
+        """uint8 NHWC (or a list of PIL images) -> float32 NCHW pixel values."""
+        import numpy as np
+
+        arr = _resize_crop(images, self.resize or self.image_size, self.image_size)
+        x = arr.astype(np.float32) / 255.0
+        x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def _resize_crop(images, short_side: int, crop: int):
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1] == crop and images.shape[2] == crop:
+        return images  # already at the model's resolution (the shapes dataset renders there)
+    out = []
+    for im in images:
+        im = im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8))
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = short_side / min(w, h)
+        im = im.resize((max(crop, round(w * scale)), max(crop, round(h * scale))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - crop) // 2, (h - crop) // 2
+        out.append(np.asarray(im.crop((left, top, left + crop, top + crop)), dtype=np.uint8))
+    return np.stack(out)
+
+
+@dataclass
+class VLM:
+    """A loaded model with what it needs to embed raw inputs."""
+
+    model: Any  # VisionTextDualEncoderModel | CLIPModel
+    tokenizer: Any
+    preprocess: Preprocess
+    max_length: int
+    source: str
+
+    @property
+    def architecture(self) -> str:
+        return type(self.model).__name__
+
+    def tokenize(self, texts: list[str]) -> dict[str, Any]:
+        return self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
+                              return_tensors="np")
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write a self-contained model folder (weights, config, tokenizer, preprocessing)."""
+        from .._io import write_json
+
+        folder = Path(folder)
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        write_json(folder / "preprocessor_config.json", self.preprocess.to_hf())
+        write_json(folder / "vlmedge.json", {"max_length": self.max_length, "source": self.source})
+
+
+# --- embedding (the same two functions serve training, evaluation, distillation and export) -----------------------
+
+def image_features(model, pixel_values):
+    """Projected, unnormalised image embeddings of a dual encoder (VisionTextDualEncoder or CLIP)."""
+    out = model.get_image_features(pixel_values=pixel_values)
+    return out if not hasattr(out, "pooler_output") else out.pooler_output
+
+
+def text_features(model, input_ids, attention_mask):
+    out = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+    return out if not hasattr(out, "pooler_output") else out.pooler_output
+
+
+# --- building ------------------------------------------------------------------------------------------------------
+
+def build_from_preset(preset: dict[str, Any] | str, tokenizer, *, seed: int = 0, source: str = "") -> VLM:
+    """A freshly initialised dual encoder of a preset's shape, with the given tokenizer."""
+    import torch
+    from transformers import AutoConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+
+    quiet_transformers()
+    spec = load_preset(preset) if isinstance(preset, str) else preset
+    vision = dict(spec["vision"])
+    text = dict(spec["text"])
+    dropout_free = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # deterministic steps; resumable
+    vision_cfg = AutoConfig.for_model(vision.pop("model_type"), **{**dropout_free, **vision})
+    text_cfg = AutoConfig.for_model(text.pop("model_type"), vocab_size=len(tokenizer),
+                                    pad_token_id=tokenizer.pad_token_id, **{**dropout_free, **text})
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(vision_cfg, text_cfg,
+                                                                  projection_dim=spec["projection_dim"])
+    torch.manual_seed(seed)
+    model = VisionTextDualEncoderModel(config=config)
+    pre = Preprocess(**spec["preprocess"])
+    return VLM(model.eval(), tokenizer, pre, int(spec["max_length"]), source or "preset")
+
+
+def train_tokenizer(texts, vocab_size: int):
+    """A BERT-style WordPiece tokenizer trained on the given captions."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    from tokenizers import decoders
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+# --- loading -------------------------------------------------------------------------------------------------------
+
+def check_model_folder(path: str | os.PathLike) -> dict[str, Any]:
+    """Validate a model folder without building it; returns its config. Every failure is one line."""
+    folder = Path(path)
+    if not folder.exists():
+        raise VlmedgeError(f"model folder not found: {folder}")
+    if not folder.is_dir():
+        raise VlmedgeError(f"{folder}: expected a model folder (config.json + model.safetensors), got a file")
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise VlmedgeError(f"{folder}: no config.json; not a saved model folder")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise VlmedgeError(f"{cfg_path}: not valid JSON ({e})") from None
+    archs = config.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise VlmedgeError(f"{cfg_path}: unsupported architecture {archs or config.get('model_type')!r}; "
+                           f"vlmedge loads {' or '.join(SUPPORTED_ARCHITECTURES)}")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+        if pickles:
+            raise VlmedgeError(f"{folder}: only pickle checkpoints ({', '.join(pickles)}); vlmedge loads safetensors "
+                               "only (convert with a trusted copy of the model: model.save_pretrained(dir))")
+        raise VlmedgeError(f"{folder}: no model.safetensors")
+    from safetensors import safe_open
+
+    for w in weights:
+        try:
+            with safe_open(str(w), framework="np") as f:
+                keys = list(f.keys())
+                if keys:
+                    f.get_slice(keys[-1])[...]  # the last tensor ends at the end of the file: reads a truncation
+        except Exception as e:  # safetensors raises its own error types
+            raise VlmedgeError(f"{w}: unreadable safetensors file ({str(e).splitlines()[0][:120]})") from None
+    return config
+
+
+def quiet_transformers() -> None:
+    """No network, no per-load progress bars or info logs."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_model(path: str | os.PathLike, *, attn_implementation: str = "sdpa") -> VLM:
+    """Load a `VisionTextDualEncoderModel` or `CLIPModel` folder (and its tokenizer and preprocessing) offline."""
+    folder = Path(path)
+    config = check_model_folder(folder)
+    quiet_transformers()
+    import transformers
+    from transformers import AutoTokenizer
+
+    arch = next(a for a in config["architectures"] if a in SUPPORTED_ARCHITECTURES)
+    cls = getattr(transformers, arch)
+    plan = config.get("vlmedge_pruning")
+    try:
+        if plan:
+            from ..stages.prune import load_pruned
+            model = load_pruned(cls, folder, plan, attn_implementation)
+        else:
+            model = cls.from_pretrained(folder, local_files_only=True, attn_implementation=attn_implementation)
+    except VlmedgeError:
+        raise
+    except Exception as e:
+        raise VlmedgeError(f"{folder}: could not load {arch}: {str(e).splitlines()[0][:200]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        raise VlmedgeError(f"{folder}: no usable tokenizer ({str(e).splitlines()[0][:160]})") from None
+    vision_size = int(getattr(model.config.vision_config, "image_size", 224))
+    pre_path = folder / "preprocessor_config.json"
+    pre_cfg = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
+    preprocess = Preprocess.from_hf(pre_cfg, vision_size)
+    meta_path = folder / "vlmedge.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    max_length = int(meta.get("max_length") or min(getattr(model.config.text_config, "max_position_embeddings", 77), 77))
+    return VLM(model.eval(), tokenizer, preprocess, max_length, str(folder))
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,368 @@
+"""Contrastive training of the dual encoder (symmetric InfoNCE, learnable temperature), resumable and data-parallel.
+
+One step, top to bottom: draw the global batch from a step-seeded RNG (so a resumed run sees exactly the batches an
+uninterrupted one would), embed images and captions, compute the symmetric InfoNCE loss against soft targets (a
+caption matches every image it truly describes), backpropagate, average gradients across ranks, clip, step AdamW
+and the warmup + cosine schedule, clamp the temperature as CLIP does.
+
+Under ``torchrun`` every rank embeds its slice of the global batch and all-gathers the others' embeddings, so each
+rank contrasts against the whole global batch; gradients are summed across ranks, which makes N processes compute
+the same update as one process on the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ._io import atomic_dir, write_json
+from .errors import VlmedgeError
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learnable temperature at 1/100
+
+
+@dataclass
+class TrainConfig:
+    """Training settings. Unset values (None) take the preset's `train` defaults."""
+
+    preset: str = "small"
+    """Model preset name (tiny, small, base) or a path to a preset JSON."""
+    init: str | None = None
+    """Start from this model folder (VisionTextDualEncoder or CLIP) instead of a fresh preset."""
+    data: str = "shapes"
+    """Data source: shapes, shapes:COUNT, an image folder with metadata.jsonl, a COCO .json or .tar shards."""
+    steps: int | None = None
+    batch_size: int | None = None
+    """Global batch size (all ranks together, all accumulation micro-batches together)."""
+    lr: float | None = None
+    warmup_steps: int | None = None
+    weight_decay: float = 0.1
+    grad_accum: int = 1
+    """Split each batch into this many micro-batches; each contrasts within itself (saves memory, not negatives)."""
+    hard_negatives: float = 0.0
+    """Fraction of each batch drawn as neighbours of the rest (one attribute changed): hard-negative mining."""
+    precision: str = "auto"
+    """auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (CUDA)."""
+    data_count: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 100
+    skip_bad: bool = False
+
+    def resolved(self) -> "TrainConfig":
+        from .models import load_preset
+
+        defaults = load_preset(self.preset).get("train", {}) if not self.init else {}
+        fallback = {"steps": 1000, "batch_size": 64, "lr": 5e-4, "warmup_steps": 50, "data_count": 20000}
+        values = {k: getattr(self, k) if getattr(self, k) is not None else defaults.get(k, v)
+                  for k, v in fallback.items()}
+        cfg = TrainConfig(**{**asdict(self), **values})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        checks = [(self.steps >= 1, "steps", "an integer >= 1"), (self.batch_size >= 2, "batch_size", ">= 2"),
+                  (self.lr > 0, "lr", "> 0"), (self.grad_accum >= 1, "grad_accum", ">= 1"),
+                  (0 <= self.hard_negatives < 1, "hard_negatives", "a fraction in [0, 1)"),
+                  (self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "auto, fp32, bf16 or fp16"),
+                  (self.batch_size % self.grad_accum == 0, "batch_size", "divisible by grad_accum")]
+        for ok, key, expected in checks:
+            if not ok:
+                raise VlmedgeError(f"train: {key}={getattr(self, key)!r} is invalid; expected {expected}")
+
+
+# --- the loss (shared with distillation) ---------------------------------------------------------------------------
+
+def match_matrix(keys: list[str]):
+    """match[i, j] = caption j truly describes image i."""
+    import torch
+
+    ids = {k: n for n, k in enumerate(dict.fromkeys(keys))}
+    codes = torch.tensor([ids[k] for k in keys])
+    return (codes[:, None] == codes[None, :]).float()
+
+
+def contrastive_loss(image_emb, text_emb, logit_scale, match=None):
+    """Symmetric InfoNCE: -log softmax of the true pairs, images->texts and texts->images, averaged.
+
+    `match` (optional) spreads each row's target over every caption that matches the image, so duplicates in a
+    batch are not treated as negatives.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    image_emb = F.normalize(image_emb, dim=-1)
+    text_emb = F.normalize(text_emb, dim=-1)
+    logits = logit_scale.exp() * image_emb @ text_emb.t()
+    target = torch.eye(len(logits), device=logits.device) if match is None else match.to(logits.device)
+    loss_i = -(target / target.sum(1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(1).mean()
+    loss_t = -(target.t() / target.t().sum(1, keepdim=True) * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
+    return (loss_i + loss_t) / 2
+
+
+# --- distributed helpers -------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls, device: str) -> "Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def gather(self, local):
+        """All ranks' rows, in rank order; this rank's slice keeps its gradient."""
+        if self.world == 1:
+            return local
+        import torch
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(parts, local.detach().contiguous())
+        parts[self.rank] = local
+        return torch.cat(parts)
+
+    def sum_gradients(self, params) -> None:
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+
+
+# --- checkpoints (safetensors + JSON; written atomically) ----------------------------------------------------------
+
+def save_checkpoint(folder: Path, vlm, optimizer, scheduler, step: int, config: dict) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.detach().contiguous().clone() for k, v in vlm.model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        state = optimizer.state_dict()
+        tensors = {f"{idx}/{name}": (v if v.dim() else v.reshape(1)).contiguous()
+                   for idx, s in state["state"].items() for name, v in s.items()}
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        vlm.tokenizer.save_pretrained(tmp)
+        write_json(tmp / "trainer.json", {"step": step, "param_groups": state["param_groups"],
+                                          "scheduler": scheduler.state_dict(), "config": config})
+
+
+def load_checkpoint(folder: Path, vlm, optimizer, scheduler) -> int:
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "trainer.json").read_text())
+    vlm.model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    flat = load_file(str(folder / "optimizer.safetensors"))
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in flat.items():
+        idx, name = key.split("/", 1)
+        state.setdefault(int(idx), {})[name] = v.reshape(()) if name == "step" else v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    return int(meta["step"])
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+
+def _batch_indices(ds, step: int, cfg: TrainConfig) -> list[int]:
+    rng = np.random.default_rng([cfg.seed, step, 7])
+    n_hard = int(cfg.batch_size * cfg.hard_negatives) if hasattr(ds, "neighbours") else 0
+    anchors = rng.integers(len(ds), size=cfg.batch_size - n_hard).tolist()
+    return anchors + [ds.neighbours(anchors[k % len(anchors)], rng) for k in range(n_hard)]
+
+
+def make_optimizer(model, cfg: TrainConfig, total_steps: int):
+    import torch
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or "logit_scale" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+
+    def schedule(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def _autocast(precision: str, device: str):
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True,
+          device: str | None = None, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Train a model and write its folder to `out`. Returns a summary (losses, throughput, timings)."""
+    import torch
+
+    from .data import open_dataset
+    from .models import build_from_preset, load_model, load_preset, train_tokenizer
+
+    cfg = cfg.resolved()
+    out = Path(out)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+    if precision != "fp32" and device == "cpu":
+        raise VlmedgeError(f"train: precision={precision} on CPU is emulated (about 50x slower); use fp32 on CPU")
+    dist = Dist.from_env(device)
+    ckpt = out / "checkpoints" / "last"
+    if resume and not (ckpt / "trainer.json").is_file():
+        raise VlmedgeError(f"{out}: nothing to resume (no checkpoints/last/trainer.json)")
+    if not resume and (out / "config.json").exists():
+        raise VlmedgeError(f"{out}: already holds a trained model; choose another --out or remove it")
+
+    if cfg.init:
+        vlm = load_model(cfg.init)
+        resolution = vlm.preprocess.image_size
+    else:
+        spec = load_preset(cfg.preset)
+        resolution = spec["preprocess"]["image_size"]
+    ds = open_dataset(cfg.data, "train", resolution=resolution, count=cfg.data_count, seed=cfg.seed,
+                      skip_bad=cfg.skip_bad, progress=progress and dist.rank == 0)
+    if not cfg.init:
+        if resume:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
+        else:
+            rng = np.random.default_rng(cfg.seed)
+            sample = rng.integers(len(ds), size=min(len(ds) * 3, 30000))
+            tokenizer = train_tokenizer(ds.captions(sample, rng), spec["vocab_size"])
+        vlm = build_from_preset(spec, tokenizer, seed=cfg.seed, source=f"preset:{cfg.preset}")
+
+    model = vlm.model.to(device).train()
+    optimizer, scheduler = make_optimizer(model, cfg, cfg.steps)
+    start = load_checkpoint(ckpt, vlm, optimizer, scheduler) if resume else 0
+    torch.manual_seed(cfg.seed + start)
+    log_path = out / "train_log.jsonl"
+    if dist.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and log_path.exists():
+            log_path.unlink()
+
+    from .models import image_features, text_features
+
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    bar = _progress(progress and dist.rank == 0, cfg.steps, start)
+    step = start
+    try:
+        for step in range(start, cfg.steps):
+            t_step = time.perf_counter()
+            indices = _batch_indices(ds, step, cfg)
+            captions = ds.captions(indices, np.random.default_rng([cfg.seed, step, 11]))
+            keys = ds.keys(indices)
+            per_rank = len(indices) // dist.world
+            lo, hi = dist.rank * per_rank, (dist.rank + 1) * per_rank
+            micro = per_rank // cfg.grad_accum
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for m in range(cfg.grad_accum):
+                a, b = lo + m * micro, lo + (m + 1) * micro
+                pixels = torch.from_numpy(vlm.preprocess(ds.images(indices[a:b]))).to(device)
+                tokens = vlm.tokenize(captions[a:b])
+                with _autocast(precision, device):
+                    img = image_features(model, pixels)
+                    txt = text_features(model, torch.from_numpy(tokens["input_ids"]).to(device),
+                                        torch.from_numpy(tokens["attention_mask"]).to(device))
+                # micro-batch m of every rank forms one contrastive batch
+                gathered_keys = [k for r in range(dist.world)
+                                 for k in keys[r * per_rank + m * micro: r * per_rank + (m + 1) * micro]]
+                loss = contrastive_loss(dist.gather(img.float()), dist.gather(txt.float()),
+                                        model.logit_scale, match_matrix(gathered_keys))
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+            dist.sum_gradients(model.parameters())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            losses.append(step_loss)
+            rate = len(indices) / (time.perf_counter() - t_step)
+            if on_step:
+                on_step(step, step_loss)
+            if dist.rank == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
+                                        "samples_per_s": round(rate, 1)}) + "\n")
+                bar.update(step + 1, step_loss, rate)
+                if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                    save_checkpoint(ckpt, vlm, optimizer, scheduler, step + 1, asdict(cfg))
+    except KeyboardInterrupt:
+        if dist.rank == 0 and step > start:
+            save_checkpoint(ckpt, vlm, optimizer, scheduler, step, asdict(cfg))
+            bar.close()
+            raise VlmedgeError(f"interrupted at step {step}; checkpoint saved; continue with --resume") from None
+        raise
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    summary = {"steps": cfg.steps, "resumed_from": start, "first_loss": losses[0] if losses else None,
+               "final_loss": float(np.mean(losses[-10:])) if losses else None, "seconds": round(elapsed, 1),
+               "samples_per_s": round((cfg.steps - start) * cfg.batch_size / max(elapsed, 1e-9), 1),
+               "precision": precision, "world_size": dist.world, "device": device, "config": asdict(cfg)}
+    if dist.rank == 0:
+        vlm.model = model.to("cpu").eval()
+        vlm.source = f"trained:{cfg.init or 'preset:' + cfg.preset}"
+        with atomic_dir(out / ".model.partial") as tmp:
+            vlm.save(tmp)
+            write_json(tmp / "train_summary.json", summary)
+        finish_model_folder(out / ".model.partial", out)
+    return summary
+
+
+def finish_model_folder(staged: Path, out: Path) -> None:
+    """Move a staged model folder's files into `out`, config.json last: a folder with config.json is complete."""
+    files = sorted(staged.iterdir(), key=lambda p: p.name == "config.json")
+    for f in files:
+        os.replace(f, out / f.name)
+    staged.rmdir()
+
+
+class _progress:
+    """A rich progress bar with loss and samples/s, or nothing."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.progress = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.0f} samples/s"),
+                                     TimeRemainingColumn(), transient=False)
+            self.task = self.progress.add_task("train", total=total, completed=start, loss=float("nan"), rate=0.0)
+            self.progress.start()
+
+    def update(self, completed: int, loss: float, rate: float) -> None:
+        if self.progress:
+            self.progress.update(self.task, completed=completed, loss=loss, rate=rate)
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+            self.progress = None
