@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -104,6 +104,49 @@ def contrastive_loss(image_emb, text_emb, logit_scale, match=None):
     loss_i = -(target / target.sum(1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(1).mean()
     loss_t = -(target.t() / target.t().sum(1, keepdim=True) * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
     return (loss_i + loss_t) / 2
+
+
+@dataclass
+class DistillLosses:
+    """Weights of the distillation losses (teacher -> student); the student's own contrastive loss is one of them."""
+
+    contrastive: float = 1.0
+    """The student's InfoNCE on the batch."""
+    affinity: float = 1.0
+    """KL between teacher and student image->text and text->image similarity distributions (TinyCLIP)."""
+    feature: float = 1.0
+    """1 - cosine between student and teacher embeddings, both towers (feature mimicry, CLIP-KD)."""
+
+    def validate(self) -> None:
+        for k in ("contrastive", "affinity", "feature"):
+            if getattr(self, k) < 0:
+                raise VlmedgeError(f"distill: {k}={getattr(self, k)} must be >= 0")
+        if self.contrastive + self.affinity + self.feature <= 0:
+            raise VlmedgeError("distill: all loss weights are 0; nothing to learn")
+
+
+def distillation_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, match, w: DistillLosses):
+    """Weighted sum of contrastive, affinity-mimicking and feature-mimicry losses; returns (total, parts)."""
+    import torch.nn.functional as F
+
+    s_img, s_txt = F.normalize(s_img, dim=-1), F.normalize(s_txt, dim=-1)
+    t_img, t_txt = F.normalize(t_img, dim=-1), F.normalize(t_txt, dim=-1)
+    parts = {}
+    if w.contrastive:
+        parts["contrastive"] = contrastive_loss(s_img, s_txt, s_scale, match)
+    if w.affinity:
+        s_logits = s_scale.exp() * s_img @ s_txt.t()
+        t_logits = t_scale.exp() * t_img @ t_txt.t()
+        kl = lambda s, t: F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True,  # noqa: E731
+                                   reduction="batchmean")
+        parts["affinity"] = (kl(s_logits, t_logits) + kl(s_logits.t(), t_logits.t())) / 2
+    if w.feature:
+        if s_img.shape[-1] != t_img.shape[-1]:
+            raise VlmedgeError(f"distill: feature mimicry needs equal embedding sizes (student {s_img.shape[-1]}, "
+                               f"teacher {t_img.shape[-1]}); set feature weight to 0")
+        parts["feature"] = ((1 - (s_img * t_img).sum(-1)).mean() + (1 - (s_txt * t_txt).sum(-1)).mean()) / 2
+    total = sum(getattr(w, k) * v for k, v in parts.items())
+    return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
 # --- distributed helpers -------------------------------------------------------------------------------------------
@@ -217,8 +260,13 @@ def _autocast(precision: str, device: str):
 
 
 def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True,
-          device: str | None = None, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Train a model and write its folder to `out`. Returns a summary (losses, throughput, timings)."""
+          device: str | None = None, on_step: Callable[[int, float], None] | None = None,
+          teacher: str | None = None, losses_cfg: DistillLosses | None = None) -> dict[str, Any]:
+    """Train a model and write its folder to `out`. Returns a summary (losses, throughput, timings).
+
+    With `teacher` (a model folder), this is distillation: the teacher is frozen in eval mode and the loss is
+    `distillation_loss` weighted by `losses_cfg`.
+    """
     import torch
 
     from .data import open_dataset
@@ -256,6 +304,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         vlm = build_from_preset(spec, tokenizer, seed=cfg.seed, source=f"preset:{cfg.preset}")
 
     model = vlm.model.to(device).train()
+    teacher_vlm = None
+    if teacher:
+        losses_cfg = losses_cfg or DistillLosses()
+        losses_cfg.validate()
+        teacher_vlm = load_model(teacher)
+        teacher_vlm.model.to(device).eval().requires_grad_(False)
     optimizer, scheduler = make_optimizer(model, cfg, cfg.steps)
     start = load_checkpoint(ckpt, vlm, optimizer, scheduler) if resume else 0
     torch.manual_seed(cfg.seed + start)
@@ -293,8 +347,15 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
                 # micro-batch m of every rank forms one contrastive batch
                 gathered_keys = [k for r in range(dist.world)
                                  for k in keys[r * per_rank + m * micro: r * per_rank + (m + 1) * micro]]
-                loss = contrastive_loss(dist.gather(img.float()), dist.gather(txt.float()),
-                                        model.logit_scale, match_matrix(gathered_keys))
+                match = match_matrix(gathered_keys)
+                if teacher_vlm is None:
+                    loss = contrastive_loss(dist.gather(img.float()), dist.gather(txt.float()), model.logit_scale,
+                                            match)
+                else:
+                    t_img, t_txt = _teacher_embeddings(teacher_vlm, ds.images(indices[a:b]), captions[a:b], device)
+                    loss, _ = distillation_loss(dist.gather(img.float()), dist.gather(txt.float()), model.logit_scale,
+                                                dist.gather(t_img), dist.gather(t_txt),
+                                                teacher_vlm.model.logit_scale, match, losses_cfg)
                 (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
             dist.sum_gradients(model.parameters())
@@ -326,15 +387,29 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     summary = {"steps": cfg.steps, "resumed_from": start, "first_loss": losses[0] if losses else None,
                "final_loss": float(np.mean(losses[-10:])) if losses else None, "seconds": round(elapsed, 1),
                "samples_per_s": round((cfg.steps - start) * cfg.batch_size / max(elapsed, 1e-9), 1),
-               "precision": precision, "world_size": dist.world, "device": device, "config": asdict(cfg)}
+               "precision": precision, "world_size": dist.world, "device": device, "config": asdict(cfg),
+               "teacher": teacher, "losses": asdict(losses_cfg) if teacher else None}
     if dist.rank == 0:
         vlm.model = model.to("cpu").eval()
-        vlm.source = f"trained:{cfg.init or 'preset:' + cfg.preset}"
+        vlm.source = f"distilled:{cfg.init}<-{teacher}" if teacher else f"trained:{cfg.init or 'preset:' + cfg.preset}"
         with atomic_dir(out / ".model.partial") as tmp:
             vlm.save(tmp)
             write_json(tmp / "train_summary.json", summary)
         finish_model_folder(out / ".model.partial", out)
     return summary
+
+
+def _teacher_embeddings(teacher, images, captions, device):
+    import torch
+
+    from .models import image_features, text_features
+
+    with torch.no_grad():
+        tok = teacher.tokenize(captions)
+        img = image_features(teacher.model, torch.from_numpy(teacher.preprocess(images)).to(device))
+        txt = text_features(teacher.model, torch.from_numpy(tok["input_ids"]).to(device),
+                            torch.from_numpy(tok["attention_mask"]).to(device))
+    return img.float(), txt.float()
 
 
 def finish_model_folder(staged: Path, out: Path) -> None:

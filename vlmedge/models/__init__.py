@@ -113,7 +113,17 @@ class VLM:
         from .._io import write_json
 
         folder = Path(folder)
-        self.model.save_pretrained(folder, safe_serialization=True)
+        if getattr(self.model.config, "vlmedge_pruning", None):
+            # A pruned model is rebuilt by vlmedge (stages.prune.load_pruned), which reads the in-memory key names;
+            # save_pretrained would rename keys to the legacy layout that only from_pretrained maps back.
+            from safetensors.torch import save_file
+
+            folder.mkdir(parents=True, exist_ok=True)
+            self.model.config.save_pretrained(folder)
+            save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()},
+                      str(folder / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            self.model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
         write_json(folder / "preprocessor_config.json", self.preprocess.to_hf())
         write_json(folder / "vlmedge.json", {"max_length": self.max_length, "source": self.source})

@@ -1,0 +1,269 @@
+"""ONNX export per tower, with a parity check, and the ONNX Runtime encoder that scores exported artifacts.
+
+An export folder holds::
+
+    image_encoder.onnx   pixel_values (N,3,H,W) -> image_embeds (N,D), L2-normalised
+    text_encoder.onnx    input_ids, attention_mask (N,L) -> text_embeds (N,D), L2-normalised
+    manifest.json        preprocessing, tokenizer files, embedding size, opset, source, parity, precision
+    tokenizer files      so a device needs nothing else
+    zero_shot_labels.json + zero_shot_text_embeds.npy (optional): a device can classify with the image encoder alone
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .._io import atomic_dir, folder_size, write_json
+from ..errors import VlmedgeError
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "vlmedge-onnx/1"
+TOWER_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx"}
+TWO_GB = 2 * 1024 ** 3
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 17
+    max_abs_diff: float = 1e-4
+    """Parity: largest allowed |onnx - torch| on any embedding element."""
+    min_cosine: float = 0.9999
+    parity_samples: int = 4
+    zero_shot_labels: tuple[str, ...] = field(default_factory=tuple)
+    """Captions whose normalised text embeddings are precomputed into the export (e.g. 'a red circle')."""
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 11 <= self.opset <= 21:
+            raise VlmedgeError(f"export: opset={self.opset}; expected 11..21")
+
+
+def _wrappers(model):
+    import torch
+    import torch.nn.functional as F
+
+    from ..models import image_features, text_features
+
+    class ImageEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return F.normalize(image_features(self.model, pixel_values), dim=-1)
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return F.normalize(text_features(self.model, input_ids, attention_mask), dim=-1)
+
+    return ImageEncoder().eval(), TextEncoder().eval()
+
+
+def _random_inputs(vlm, n: int, seed: int):
+    """Fresh inputs for parity: random pixels, random token ids with random padding."""
+    rng = np.random.default_rng(seed)
+    size = vlm.preprocess.image_size
+    pixels = rng.standard_normal((n, 3, size, size)).astype(np.float32)
+    vocab = len(vlm.tokenizer)
+    ids = rng.integers(5, vocab, size=(n, vlm.max_length)).astype(np.int64)
+    mask = np.ones_like(ids)
+    for i in range(n):
+        length = int(rng.integers(3, vlm.max_length + 1))
+        ids[i, length:] = vlm.tokenizer.pad_token_id or 0
+        mask[i, length:] = 0
+        ids[i, 0] = vlm.tokenizer.cls_token_id if vlm.tokenizer.cls_token_id is not None else ids[i, 0]
+    return pixels, ids, mask
+
+
+def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig = ExportConfig()) -> dict[str, Any]:
+    """Export a model folder to ONNX (one file per tower), check it, and write the manifest."""
+    import onnx
+    import torch
+
+    from ..models import count_parameters, load_model
+
+    vlm = load_model(source, attn_implementation="eager")  # eager attention: a graph ORT's fusions recognise
+    image_enc, text_enc = _wrappers(vlm.model)
+    pixels, ids, mask = _random_inputs(vlm, max(2, cfg.parity_samples), cfg.seed)
+    large = count_parameters(vlm.model) * 4 > TWO_GB
+    with atomic_dir(out) as tmp:
+        with torch.no_grad(), _quiet_export():
+            torch.onnx.export(image_enc, (torch.from_numpy(pixels[:1]),), str(tmp / TOWER_FILES["image"]),
+                              input_names=["pixel_values"], output_names=["image_embeds"], opset_version=cfg.opset,
+                              dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
+                              dynamo=False)
+            torch.onnx.export(text_enc, (torch.from_numpy(ids[:1]), torch.from_numpy(mask[:1])),
+                              str(tmp / TOWER_FILES["text"]), input_names=["input_ids", "attention_mask"],
+                              output_names=["text_embeds"], opset_version=cfg.opset,
+                              dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                            "attention_mask": {0: "batch", 1: "sequence"},
+                                            "text_embeds": {0: "batch"}}, dynamo=False)
+        for name in TOWER_FILES.values():
+            path = tmp / name
+            if large:  # protobuf cannot hold more than 2 GB: weights go to a side file
+                m = onnx.load(str(path))
+                onnx.save_model(m, str(path), save_as_external_data=True, location=f"{name}.data")
+            onnx.checker.check_model(str(path), full_check=True)
+        with torch.no_grad():
+            ref_img = image_enc(torch.from_numpy(pixels)).numpy()
+            ref_txt = text_enc(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        tokenizer_files = _save_tokenizer(vlm.tokenizer, tmp)
+        manifest = {
+            "format": MANIFEST_FORMAT, "precision": "fp32", "files": dict(TOWER_FILES),
+            "embedding_dim": int(ref_img.shape[-1]), "opset": cfg.opset,
+            "inputs": {"image": {"pixel_values": ["batch", 3, vlm.preprocess.image_size, vlm.preprocess.image_size]},
+                       "text": {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}},
+            "preprocess": asdict(vlm.preprocess), "max_length": vlm.max_length, "tokenizer": tokenizer_files,
+            "source_model": str(source), "source_architecture": vlm.architecture,
+            "parameters": count_parameters(vlm.model),
+            "logit_scale": float(vlm.model.logit_scale.detach().exp()),
+        }
+        write_json(tmp / MANIFEST, manifest)
+        enc = OnnxEncoder(tmp)
+        parity = {"image": _parity(enc.run_image(pixels), ref_img), "text": _parity(enc.run_text(ids, mask), ref_txt)}
+        for tower, p in parity.items():
+            if p["max_abs_diff"] > cfg.max_abs_diff or p["cosine_min"] < cfg.min_cosine:
+                raise VlmedgeError(f"export: {tower} tower parity failed (max abs diff {p['max_abs_diff']:.2e} > "
+                                   f"{cfg.max_abs_diff:.0e} or cosine {p['cosine_min']:.6f} < {cfg.min_cosine})")
+        manifest["parity"] = parity
+        if cfg.zero_shot_labels:
+            write_zero_shot(enc, tmp, cfg.zero_shot_labels)
+            manifest["zero_shot"] = {"labels": "zero_shot_labels.json", "text_embeds": "zero_shot_text_embeds.npy"}
+        write_json(tmp / MANIFEST, manifest)
+    return {"parity": parity, "size_bytes": onnx_size(out)}
+
+
+class _quiet_export:
+    """torch.onnx's TorchScript path warns about tracing on every export; those warnings are not actionable here."""
+
+    def __enter__(self):
+        import warnings
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def _save_tokenizer(tokenizer, folder: Path) -> list[str]:
+    before = set(os.listdir(folder))
+    tokenizer.save_pretrained(folder)
+    return sorted(set(os.listdir(folder)) - before)
+
+
+def _parity(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-12)
+    return {"max_abs_diff": float(np.abs(got - ref).max()), "cosine_min": float(cos.min())}
+
+
+def write_zero_shot(encoder: "OnnxEncoder", folder: Path, labels: Sequence[str]) -> None:
+    np.save(folder / "zero_shot_text_embeds.npy", encoder.encode_texts(list(labels)).astype(np.float32))
+    write_json(folder / "zero_shot_labels.json", list(labels))
+
+
+def onnx_size(folder: str | os.PathLike) -> int:
+    """Bytes of the ONNX files (and their external data) of an export folder: what ships."""
+    folder = Path(folder)
+    return sum(folder_size(p) for p in folder.iterdir() if p.name.endswith((".onnx", ".onnx.data")))
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise VlmedgeError(f"{folder}: no {MANIFEST}; not an export folder (run vlmedge export first)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise VlmedgeError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise VlmedgeError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    return manifest
+
+
+def open_session(path: Path, threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 profile: bool = False):
+    """An ONNX Runtime session, with a one-line error for a missing or corrupted file."""
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise VlmedgeError(f"{path}: file not found")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.enable_profiling = profile
+    try:
+        return ort.InferenceSession(str(path), opts, providers=list(providers))
+    except Exception as e:  # ORT raises its own exception types for invalid models
+        raise VlmedgeError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
+
+
+class OnnxEncoder:
+    """An export folder as an `Encoder` for the evaluator: the ONNX files run in ONNX Runtime."""
+
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",), batch_size: int = 64):
+        from ..models import Preprocess
+
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.preprocess = Preprocess(**self.manifest["preprocess"])
+        self.batch_size = batch_size
+        files = self.manifest["files"]
+        self.image_session = open_session(self.folder / files["image"], threads, providers)
+        self.text_session = open_session(self.folder / files["text"], threads, providers)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from ..models import quiet_transformers
+            quiet_transformers()
+            self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+        return self._tokenizer
+
+    def run_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.image_session.run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
+
+    def run_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self.text_session.run(None, {"input_ids": input_ids.astype(np.int64),
+                                            "attention_mask": attention_mask.astype(np.int64)})[0]
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        return self.tokenizer(list(texts), padding="max_length", truncation=True,
+                              max_length=self.manifest["max_length"], return_tensors="np")
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        out = [self.run_image(pixel_values[i:i + self.batch_size]) for i in range(0, len(pixel_values), self.batch_size)]
+        return np.concatenate(out).astype(np.float32)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            tok = self.tokenize(texts[i:i + self.batch_size])
+            out.append(self.run_text(tok["input_ids"], tok["attention_mask"]))
+        return np.concatenate(out).astype(np.float32)
+
+
+def copy_support_files(src: Path, dst: Path) -> None:
+    """Copy everything of an export folder except the ONNX files (manifest, tokenizer, zero-shot data)."""
+    for p in src.iterdir():
+        if p.is_file() and not p.name.endswith((".onnx", ".onnx.data")) and p.name != "eval.json":
+            shutil.copy2(p, dst / p.name)

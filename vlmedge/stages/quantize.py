@@ -1,0 +1,265 @@
+"""Quantization of an export folder with ONNX Runtime's own tools (never a hand-written quantizer).
+
+Modes:
+* ``dynamic``: INT8 weights, activations quantized at run time (MatMulInteger); the fast default on CPUs.
+* ``static``: INT8 QDQ with calibration batches from the dataset (MinMax, Entropy or Percentile), per-channel
+  weights, only MatMul/Gemm (+ Gather) by default: quantizing every op type wrecks text towers. This is the explicit
+  quantization form TensorRT 10/11 consume.
+* ``fp16``: ORT's float16 converter, fp32 inputs and outputs kept.
+
+On x86 CPUs without VNNI, u8s8 MatMulInteger can saturate its 16-bit intermediate sums; there `reduce_range`
+(7-bit weights) is chosen. The choice and its reason are recorded in the manifest.
+
+Accuracy-aware mode (`max_drop` on a metric): layer groups are ranked by how much quantizing each alone moves the
+embeddings, and the worst are kept in fp32, one by one, until the quantized artifact is within the tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .._io import atomic_dir, write_json
+from ..errors import VlmedgeError
+from .export import MANIFEST, OnnxEncoder, copy_support_files, onnx_size, read_manifest
+
+MODES = ("dynamic", "static", "fp16")
+CALIBRATION = ("minmax", "entropy", "percentile")
+WEIGHT_SCHEMES = ("auto", "u8s8", "reduce_range", "u8u8")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    mode: str = "dynamic"
+    weight_scheme: str = "auto"
+    """auto (by the CPU's instruction set), u8s8, reduce_range (7-bit weights) or u8u8."""
+    per_channel: bool = True
+    calibration: str = "minmax"
+    calibration_batches: int = 8
+    batch_size: int = 16
+    op_types: tuple[str, ...] = ("MatMul", "Gemm", "Gather")
+    """Op types to quantize (static and dynamic)."""
+    exclude_nodes: tuple[str, ...] = ()
+    """Node names (or regular expressions) kept in fp32."""
+    exclude_op_types: tuple[str, ...] = ()
+    max_drop: float | None = None
+    """Accuracy-aware: the largest allowed drop of `metric` against the fp32 export; None disables."""
+    metric: str = "zero_shot.top1"
+    data: str = "shapes"
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [(self.mode in MODES, "mode", MODES), (self.calibration in CALIBRATION, "calibration", CALIBRATION),
+                  (self.weight_scheme in WEIGHT_SCHEMES, "weight_scheme", WEIGHT_SCHEMES)]
+        for ok, key, allowed in checks:
+            if not ok:
+                raise VlmedgeError(f"quantize: {key}={getattr(self, key)!r}; expected one of {', '.join(allowed)}")
+        if self.max_drop is not None and not 0 <= self.max_drop < 1:
+            raise VlmedgeError(f"quantize: max_drop={self.max_drop}; expected a fraction in [0, 1)")
+        if self.calibration_batches < 1:
+            raise VlmedgeError("quantize: calibration_batches must be >= 1")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def choose_weight_scheme(requested: str) -> tuple[str, str]:
+    """(scheme, why). VNNI (AVX512-VNNI or AVX-VNNI) computes u8s8 dot products without 16-bit saturation."""
+    if requested != "auto":
+        return requested, "requested"
+    flags = cpu_flags()
+    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        return "u8s8", "CPU has VNNI: u8s8 accumulates in 32 bits"
+    if "avx2" in flags:
+        return "reduce_range", "AVX2 without VNNI: u8s8 can saturate 16-bit sums, 7-bit weights avoid it"
+    return "u8s8", "not an x86 AVX2 CPU (ARM and GPU kernels do not saturate)"
+
+
+class _Calibration:
+    """ORT CalibrationDataReader over preprocessed dataset batches, for one tower."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]]):
+        self.batches = batches
+        self.pos = 0
+
+    def get_next(self):
+        if self.pos >= len(self.batches):
+            return None
+        self.pos += 1
+        return self.batches[self.pos - 1]
+
+    def rewind(self):
+        self.pos = 0
+
+
+def calibration_batches(encoder: OnnxEncoder, cfg: QuantizeConfig) -> dict[str, list[dict[str, np.ndarray]]]:
+    from ..data import open_dataset
+
+    n = cfg.calibration_batches * cfg.batch_size
+    ds = open_dataset(cfg.data, "val", resolution=encoder.preprocess.image_size, count=n, seed=cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    out: dict[str, list] = {"image": [], "text": []}
+    for b in range(cfg.calibration_batches):
+        idx = list(range(b * cfg.batch_size, min((b + 1) * cfg.batch_size, len(ds))))
+        if not idx:
+            break
+        out["image"].append({"pixel_values": encoder.preprocess(ds.images(idx))})
+        tok = encoder.tokenize(ds.captions(idx, rng))
+        out["text"].append({"input_ids": tok["input_ids"].astype(np.int64),
+                            "attention_mask": tok["attention_mask"].astype(np.int64)})
+    return out
+
+
+def _node_names(path: Path) -> list[tuple[str, str]]:
+    import onnx
+
+    return [(n.name, n.op_type) for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+def _excluded(path: Path, cfg: QuantizeConfig, extra: tuple[str, ...] = ()) -> list[str]:
+    patterns = [re.compile(p) for p in (*cfg.exclude_nodes, *extra)]
+    return [name for name, op in _node_names(path)
+            if op in cfg.exclude_op_types or any(p.fullmatch(name) or p.search(name) for p in patterns)]
+
+
+def quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme: str,
+                  calib: dict[str, list] | None, extra_exclude: tuple[str, ...] = ()) -> None:
+    """Quantize one ONNX file with ORT's quantizers."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    exclude = _excluded(src, cfg, extra_exclude)
+    op_types = [o for o in cfg.op_types if o not in cfg.exclude_op_types]
+    if cfg.mode == "fp16":
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, node_block_list=exclude or None,
+                                         op_block_list=list(cfg.exclude_op_types) or None)
+        onnx.save(model, str(dst))
+        return
+    weight_type = QuantType.QUInt8 if scheme == "u8u8" else QuantType.QInt8
+    reduce_range = scheme == "reduce_range"
+    if cfg.mode == "dynamic":
+        quantize_dynamic(src, dst, op_types_to_quantize=op_types, per_channel=cfg.per_channel,
+                         reduce_range=reduce_range, weight_type=weight_type, nodes_to_exclude=exclude)
+        return
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[cfg.calibration]
+    quantize_static(src, dst, _Calibration(calib[tower]), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=op_types, per_channel=cfg.per_channel, reduce_range=reduce_range,
+                    activation_type=QuantType.QUInt8, weight_type=weight_type, nodes_to_exclude=exclude,
+                    calibrate_method=method, extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+
+
+def _layer_groups(path: Path) -> dict[str, list[str]]:
+    """Quantizable nodes grouped by transformer layer (from the exporter's scoped names), others under 'other'."""
+    groups: dict[str, list[str]] = {}
+    for name, op in _node_names(path):
+        if op not in ("MatMul", "Gemm", "Gather"):
+            continue
+        m = re.search(r"layers?[./_](\d+)", name)
+        groups.setdefault(f"layer{m.group(1)}" if m else "other", []).append(name)
+    return groups
+
+
+def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfig(),
+             evaluate_fn: Callable[[OnnxEncoder], dict[str, float]] | None = None) -> dict[str, Any]:
+    """Quantize an export folder into `out` (written atomically). Returns sizes, scheme and what was kept in fp32.
+
+    `evaluate_fn` (an encoder -> flat metrics) is needed for the accuracy-aware mode (`cfg.max_drop`).
+    """
+    source = Path(source)
+    manifest = read_manifest(source)
+    if manifest.get("precision", "fp32") != "fp32":
+        raise VlmedgeError(f"{source}: already quantized ({manifest['precision']}); quantize the fp32 export")
+    scheme, why = choose_weight_scheme(cfg.weight_scheme) if cfg.mode != "fp16" else ("fp16", "fp16 mode")
+    fp32 = OnnxEncoder(source)
+    calib = calibration_batches(fp32, cfg) if cfg.mode == "static" or cfg.max_drop is not None else None
+    files = manifest["files"]
+    kept: dict[str, list[str]] = {"image": [], "text": []}
+    info: dict[str, Any] = {}
+    with atomic_dir(out) as tmp:
+        copy_support_files(source, tmp)
+
+        def build(keep: dict[str, list[str]]) -> OnnxEncoder:
+            for tower, name in files.items():
+                extra = tuple(re.escape(n) for g in keep[tower] for n in groups[tower].get(g, []))
+                quantize_file(source / name, tmp / name, tower, cfg, scheme, calib, extra)
+            return OnnxEncoder(tmp)
+
+        groups = {t: _layer_groups(source / n) for t, n in files.items()}
+        _write_manifest(tmp, manifest, cfg, scheme, why, kept)
+        encoder = build(kept)
+        if cfg.max_drop is not None:
+            if evaluate_fn is None:
+                raise VlmedgeError("quantize: max_drop needs an evaluator (run through the CLI or a recipe)")
+            reference = evaluate_fn(fp32)
+            if cfg.metric not in reference:
+                raise VlmedgeError(f"quantize: metric {cfg.metric!r} not produced by the evaluator; "
+                                   f"available: {', '.join(sorted(reference))}")
+            order = _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32)
+            score = evaluate_fn(encoder)[cfg.metric]
+            info["accuracy_aware"] = {"metric": cfg.metric, "reference": reference[cfg.metric], "steps": []}
+            for tower, group in order:
+                if reference[cfg.metric] - score <= cfg.max_drop:
+                    break
+                kept[tower].append(group)
+                encoder = build(kept)
+                score = evaluate_fn(encoder)[cfg.metric]
+                info["accuracy_aware"]["steps"].append({"kept_fp32": f"{tower}:{group}", cfg.metric: score})
+            info["accuracy_aware"]["final"] = score
+            info["accuracy_aware"]["within_tolerance"] = reference[cfg.metric] - score <= cfg.max_drop
+            _write_manifest(tmp, manifest, cfg, scheme, why, kept)
+        info["drift"] = _drift(fp32, encoder, calib or calibration_batches(fp32, cfg))
+    info.update({"mode": cfg.mode, "weight_scheme": scheme, "why": why, "kept_fp32": kept,
+                 "size_bytes": onnx_size(out), "fp32_size_bytes": onnx_size(source)})
+    return info
+
+
+def _write_manifest(folder: Path, manifest: dict, cfg: QuantizeConfig, scheme: str, why: str, kept) -> None:
+    precision = "fp16" if cfg.mode == "fp16" else f"int8-{cfg.mode}"
+    write_json(folder / MANIFEST, {**manifest, "precision": precision,
+                                   "quantization": {**asdict(cfg), "weight_scheme": scheme, "why": why,
+                                                    "kept_fp32": kept}})
+
+
+def _drift(ref: OnnxEncoder, enc: OnnxEncoder, calib: dict[str, list]) -> dict[str, float]:
+    """Cosine between fp32 and quantized embeddings on calibration inputs (1.0 = unchanged)."""
+    out = {}
+    for tower, run_ref, run in (("image", ref.image_session, enc.image_session),
+                                ("text", ref.text_session, enc.text_session)):
+        a = np.concatenate([run_ref.run(None, b)[0] for b in calib[tower]])
+        b = np.concatenate([run.run(None, b)[0] for b in calib[tower]])
+        out[f"{tower}_cosine_min"] = float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+                                           .min())
+    return out
+
+
+def _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32) -> list[tuple[str, str]]:
+    """Layer groups, most damaging first: each quantized alone, scored by embedding cosine to fp32."""
+    calib = calib or calibration_batches(fp32, cfg)
+    scores = []
+    for tower, name in files.items():
+        sess_ref = fp32.image_session if tower == "image" else fp32.text_session
+        ref = np.concatenate([sess_ref.run(None, b)[0] for b in calib[tower]])
+        for group in groups[tower]:
+            others = tuple(re.escape(n) for g, nodes in groups[tower].items() if g != group for n in nodes)
+            probe = Path(tmp) / f".probe-{name}"
+            quantize_file(source / name, probe, tower, cfg, scheme, calib, others)
+            from .export import open_session
+            sess = open_session(probe)
+            got = np.concatenate([sess.run(None, b)[0] for b in calib[tower]])
+            probe.unlink()
+            scores.append((float((ref * got).sum(1).mean()), tower, group))
+    return [(t, g) for _, t, g in sorted(scores)]

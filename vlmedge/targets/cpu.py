@@ -1,0 +1,48 @@
+"""The `cpu` target: ONNX Runtime's CPU execution provider on an export folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import sample_inputs, suite
+from .measure import MeasureConfig
+
+
+def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), **_: Any) -> dict[str, Any]:
+    from ..stages.export import OnnxEncoder
+
+    threads = cfg.threads or os.cpu_count()
+    enc = OnnxEncoder(Path(path), threads=threads)
+    pixels, tokens = sample_inputs(enc.preprocess, enc.tokenize, cfg.throughput_batch)
+    text_embeds = enc.encode_texts(["a red circle", "a blue square", "a green triangle"] * 12)  # 36 classes
+
+    def image(b):
+        return lambda: enc.run_image(pixels[:b])
+
+    def text(b):
+        return lambda: enc.run_text(tokens["input_ids"][:b], tokens["attention_mask"][:b])
+
+    def zero_shot():
+        return int(np.argmax(enc.run_image(pixels[:1]) @ text_embeds.T))
+
+    import onnxruntime
+
+    record = {"target": "cpu", "device": _cpu_name(), "threads": threads, "runtime": f"onnxruntime {onnxruntime.__version__}",
+              "precision": enc.manifest.get("precision", "fp32")}
+    return suite(image, text, zero_shot, cfg, record)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()

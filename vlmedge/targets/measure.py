@@ -1,0 +1,96 @@
+"""The measurement method every target shares (MLPerf SingleStream / Offline ideas, trtexec-style reporting).
+
+Warm-up first; then timed runs until both a minimum count and a minimum duration are reached (so p99 rests on at
+least 100 samples when asked for). Statistics come from the raw samples: p50/p90/p99, mean, min, max and the
+coefficient of variation; a CV above `max_cv` marks the figure as unstable so a gate re-measures instead of failing.
+
+This module needs only the standard library and numpy: the Jetson runner copies it to the device.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    warmup: int = 10
+    min_runs: int = 50
+    min_seconds: float = 1.0
+    max_runs: int = 2000
+    throughput_batch: int = 16
+    threads: int | None = None
+    """Intra-op threads; None = all cores of this machine."""
+    max_cv: float = 0.25
+
+
+def stats(samples_ms: list[float] | np.ndarray) -> dict[str, float]:
+    s = np.asarray(samples_ms, dtype=np.float64)
+    mean = float(s.mean())
+    return {"p50_ms": float(np.percentile(s, 50)), "p90_ms": float(np.percentile(s, 90)),
+            "p99_ms": float(np.percentile(s, 99)), "mean_ms": mean, "min_ms": float(s.min()),
+            "max_ms": float(s.max()), "cv": float(s.std() / mean) if mean > 0 else 0.0, "samples": int(len(s))}
+
+
+def time_fn(fn: Callable[[], Any], cfg: MeasureConfig, sync: Callable[[], None] | None = None,
+            timer: Callable[[Callable[[], Any]], float] | None = None) -> dict[str, float]:
+    """Time `fn` per the method above. `timer` (fn -> ms) replaces wall-clock timing, e.g. CUDA events."""
+    for _ in range(cfg.warmup):
+        fn()
+    if sync:
+        sync()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < cfg.max_runs and (len(samples) < cfg.min_runs or time.perf_counter() - start < cfg.min_seconds):
+        if timer is not None:
+            samples.append(timer(fn))
+            continue
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    result = stats(samples)
+    result["stable"] = result["cv"] <= cfg.max_cv
+    return result
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def environment() -> dict[str, Any]:
+    """Where a figure was measured: CPU model and flags that matter, cores, OS, library versions."""
+    env: dict[str, Any] = {"machine": platform.machine(), "system": platform.platform(), "python": platform.python_version(),
+                           "cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), None)
+        flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith(("flags", "Features"))),
+                     [])
+        env["cpu"] = model
+        env["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx", "amx", "sse4", "fma", "f16c", "asimd",
+                                                                        "sve")) or f in ("vnni",))
+    except OSError:
+        pass
+    versions = {}
+    for mod in ("numpy", "onnxruntime", "torch", "transformers", "onnx", "tensorrt"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # absent or broken optional library: simply not recorded
+            continue
+    env["versions"] = versions
+    return env
+
+
+def as_dict(cfg: MeasureConfig) -> dict[str, Any]:
+    return asdict(cfg)
