@@ -80,6 +80,153 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_after(path: str, args) -> None:
+    if getattr(args, "no_eval", False):
+        return
+    from .evaluate import EvalConfig, evaluate_folder
+
+    metrics = evaluate_folder(path, EvalConfig(data=args.data))
+    _metrics_table(metrics, f"{path} on {args.data}")
+
+
+def cmd_prune(args) -> int:
+    from .stages.prune import PruneConfig, prune
+
+    def pick(tower, kind):
+        specific = getattr(args, f"{tower}_{kind}")
+        return specific if specific is not None else getattr(args, kind)
+
+    cfg = PruneConfig(**{f"{t}_{k}": pick(t, k) for t in ("vision", "text") for k in ("heads", "mlp", "layers")},
+                      importance=args.importance, calibration_batches=args.calibration_batches, data=args.data)
+    result = prune(args.model, args.out, cfg)
+    b, a = result["before"], result["after"]
+    print(f"parameters {b['parameters'] / 1e6:.2f}M -> {a['parameters'] / 1e6:.2f}M; image GFLOPs "
+          f"{b['flops']['image'] / 1e9:.3f} -> {a['flops']['image'] / 1e9:.3f}; text GFLOPs "
+          f"{b['flops']['text'] / 1e9:.4f} -> {a['flops']['text'] / 1e9:.4f}; written {args.out}")
+    _eval_after(args.out, args)
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from .train import DistillLosses, TrainConfig, train
+
+    cfg = TrainConfig(init=args.student, data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      warmup_steps=args.warmup_steps, hard_negatives=args.hard_negatives, seed=args.seed,
+                      checkpoint_every=args.checkpoint_every)
+    summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet, teacher=args.teacher,
+                    losses_cfg=DistillLosses(args.contrastive, args.affinity, args.feature))
+    print(f"distilled {summary['steps']} steps in {summary['seconds']} s, loss {summary['first_loss']:.3f} -> "
+          f"{summary['final_loss']:.3f}; student in {args.out}")
+    _eval_after(args.out, args)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .stages.export import ExportConfig, export
+
+    result = export(args.model, args.out, ExportConfig(opset=args.opset, zero_shot_labels=tuple(args.label or ())))
+    for tower, p in result["parity"].items():
+        print(f"{tower}: max abs diff {p['max_abs_diff']:.2e}, min cosine {p['cosine_min']:.7f}")
+    print(f"{result['size_bytes'] / 1e6:.2f} MB of ONNX in {args.out}")
+    _eval_after(args.out, args)
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .evaluate import EvalConfig, evaluate, flat_metrics
+    from .stages.quantize import QuantizeConfig, quantize
+
+    cfg = QuantizeConfig(mode=args.mode, weight_scheme=args.weight_scheme, calibration=args.calibration,
+                         calibration_batches=args.calibration_batches, exclude_nodes=tuple(args.exclude_node or ()),
+                         exclude_op_types=tuple(args.exclude_op_type or ()), max_drop=args.max_drop,
+                         metric=args.metric, data=args.data)
+    eval_cfg = EvalConfig(data=args.data)
+    result = quantize(args.onnx, args.out, cfg, evaluate_fn=lambda enc: flat_metrics(evaluate(enc, eval_cfg)))
+    print(f"{args.mode}: {result['fp32_size_bytes'] / 1e6:.2f} MB -> {result['size_bytes'] / 1e6:.2f} MB "
+          f"({result['fp32_size_bytes'] / result['size_bytes']:.2f}x smaller); weights {result['weight_scheme']} "
+          f"({result['why']}); cosine to fp32 >= {min(result['drift'].values()):.4f}")
+    if any(result["kept_fp32"].values()):
+        print(f"kept in fp32: {result['kept_fp32']}")
+    _eval_after(args.out, args)
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from rich.console import Console
+
+    from .pipeline import run
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    out = args.out or recipe.output or os.path.join("runs", recipe.name)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    report = run(recipe, out, force=args.force, console=None if args.quiet else console)
+    if args.quiet:
+        from .report import print_table
+        print_table(report, console)
+    print(f"report: {os.path.join(out, 'report.md')}, {os.path.join(out, 'report.json')}, "
+          f"{os.path.join(out, 'pareto.png')}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from .recipe import recipe_summary, recipes_dir, shipped_recipes
+
+    for name in shipped_recipes():
+        print(f"{name:24s} {recipe_summary(recipes_dir() / name)}")
+    return 0
+
+
+def cmd_gate(args) -> int:
+    from pathlib import Path
+
+    from ._io import write_text
+    from .gate import check, junit, load_budgets, load_report, markdown, parse_budget, regression
+
+    try:
+        report = load_report(args.report)
+        if args.budgets:
+            budgets = load_budgets(args.budgets)
+        else:
+            budgets = [parse_budget(g) for g in (report.get("recipe") or {}).get("gates", [])]
+        baseline = load_report(args.baseline) if args.baseline else None
+        if not budgets and baseline is None:
+            raise VlmedgeError("no budgets: the recipe recorded none; pass --budgets FILE or --baseline REPORT")
+        results = check(report, budgets, remeasure=args.remeasure)
+    except VlmedgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if baseline is not None:
+        results += regression(report, baseline, args.tolerance)
+    for r in results:
+        print(f"{'PASS' if r.passed else 'FAIL'}  {r.budget:40s} {r.message}")
+    summary = markdown(results, str(args.report))
+    if args.markdown:
+        write_text(Path(args.markdown), summary)
+    if args.junit:
+        write_text(Path(args.junit), junit(results))
+    ok = all(r.passed for r in results)
+    print(f"gate {'passed' if ok else 'FAILED'}: {sum(r.passed for r in results)}/{len(results)} budgets met")
+    return 0 if ok else 1
+
+
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from ._io import write_json
+    from .bench import bench_path, print_bench
+
+    cfg_kwargs = {k: v for k, v in (("threads", args.threads), ("min_runs", args.min_runs),
+                                    ("warmup", args.warmup), ("min_seconds", args.min_seconds)) if v is not None}
+    results = bench_path(Path(args.path), args.target or ["cpu"], cfg_kwargs)
+    print_bench(results)
+    out = Path(args.json) if args.json else (Path(args.path) if Path(args.path).is_dir() else
+                                             Path(args.path).parent) / "bench.json"
+    write_json(out, results)
+    print(f"written: {out}")
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------------------------------
 
 def _add_train(sub) -> None:
@@ -129,7 +276,154 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-PARSER_BUILDERS: list[Callable] = [_add_train, _add_eval]
+def _add_eval_flags(p) -> None:
+    p.add_argument("--data", default="shapes", help="data for calibration and evaluation (default: shapes)")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluating the result")
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="structured pruning: attention heads, MLP neurons, layers, both towers",
+                       description="Remove the least important heads, MLP neurons and layers. Ratios are fractions "
+                                   "removed per layer (heads, mlp) or per tower (layers); --heads/--mlp/--layers set "
+                                   "both towers, --vision-*/--text-* override one. Importance: taylor (|w*grad| of "
+                                   "the contrastive loss on calibration batches) or magnitude.",
+                       epilog="example: vlmedge prune runs/teacher --out runs/pruned --heads 0.5 --mlp 0.5")
+    p.add_argument("model", help="model folder")
+    p.add_argument("--out", required=True)
+    for kind in ("heads", "mlp", "layers"):
+        p.add_argument(f"--{kind}", type=float, default=0.0, help=f"fraction of {kind} to remove in both towers")
+        for tower in ("vision", "text"):
+            p.add_argument(f"--{tower}-{kind}", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--importance", default="taylor", choices=["taylor", "magnitude"])
+    p.add_argument("--calibration-batches", type=int, default=8)
+    _add_eval_flags(p)
+    p.set_defaults(func=cmd_prune)
+
+
+def _add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="distil a teacher into a student (contrastive + affinity + feature losses)",
+                       description="Train the student (a pruned teacher, or any model folder) against a frozen "
+                                   "teacher with weighted losses: its own InfoNCE, affinity mimicking (KL of the "
+                                   "in-batch similarity distributions, TinyCLIP) and feature mimicry (cosine to the "
+                                   "teacher's embeddings, CLIP-KD).")
+    p.add_argument("student", help="student model folder (e.g. the output of vlmedge prune)")
+    p.add_argument("--teacher", required=True, help="teacher model folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--contrastive", type=float, default=1.0, help="weight of the student's InfoNCE")
+    p.add_argument("--affinity", type=float, default=1.0, help="weight of affinity mimicking")
+    p.add_argument("--feature", type=float, default=1.0, help="weight of feature mimicry")
+    p.add_argument("--hard-negatives", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    _add_eval_flags(p)
+    p.set_defaults(func=cmd_distill)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export both towers to ONNX with a parity check and a manifest",
+                       description="Write image_encoder.onnx and text_encoder.onnx (normalised embeddings, dynamic "
+                                   "batch and sequence), check them with onnx.checker and against PyTorch on fresh "
+                                   "random inputs, and write manifest.json with preprocessing and tokenizer files.")
+    p.add_argument("model", help="model folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--label", action="append", help="zero-shot label caption to precompute (repeatable)")
+    _add_eval_flags(p)
+    p.set_defaults(func=cmd_export)
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="INT8 (dynamic or static QDQ) or FP16 with ONNX Runtime's quantizers",
+                       description="Quantize an fp32 export folder. dynamic: the fast CPU default. static: QDQ with "
+                                   "calibration batches (MatMul/Gemm/Gather), the form TensorRT consumes. fp16: "
+                                   "ORT's float16 converter. --max-drop makes it accuracy-aware: layer groups fall "
+                                   "back to fp32 until the metric is within the tolerance.",
+                       epilog="example: vlmedge quantize runs/onnx --out runs/int8 --mode dynamic --max-drop 0.01")
+    p.add_argument("onnx", help="fp32 export folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--mode", default="dynamic", choices=["dynamic", "static", "fp16"])
+    p.add_argument("--weight-scheme", default="auto", choices=["auto", "u8s8", "reduce_range", "u8u8"],
+                   help="auto picks by the CPU's instruction set (VNNI or not)")
+    p.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--calibration-batches", type=int, default=8)
+    p.add_argument("--exclude-node", action="append", help="node name or regex kept in fp32 (repeatable)")
+    p.add_argument("--exclude-op-type", action="append", help="op type kept in fp32 (repeatable)")
+    p.add_argument("--max-drop", type=float, help="accuracy-aware: largest allowed drop of --metric")
+    p.add_argument("--metric", default="zero_shot.top1")
+    _add_eval_flags(p)
+    p.set_defaults(func=cmd_quantize)
+
+
+def _add_compress(sub) -> None:
+    from .recipe import __doc__ as recipe_doc
+
+    p = sub.add_parser("compress", help="run a recipe: train, prune, distill, export, quantize, benchmark, report",
+                       description="Run every stage of a YAML recipe into OUT (one folder per step, cached by "
+                                   "content hash: a rerun skips finished steps, an interrupted one resumes), "
+                                   "benchmark every step on the recipe's targets and write report.json, report.md "
+                                   "and pareto.png.\n\nThe recipe format:\n" + "\n".join(
+                                       recipe_doc.split("\n\n", 2)[-1].splitlines()),
+                       epilog="examples:\n  vlmedge compress recipes/quickstart.yaml --out runs/quickstart\n"
+                              "  vlmedge compress recipes/quickstart.yaml --out runs/q --set stages.quantize.mode=static"
+                              "\n  vlmedge compress edge-cpu --set stages.0.train.steps=20",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="a recipe file, or the name of a shipped recipe (see vlmedge recipes)")
+    p.add_argument("--out", help="run folder (default: the recipe's output, else runs/NAME)")
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                   help="override a recipe field, e.g. --set stages.train.steps=100 (repeatable)")
+    p.add_argument("--force", action="store_true", help="rerun every stage even if finished")
+    p.add_argument("--quiet", action="store_true", help="no progress, only the final table")
+    p.set_defaults(func=cmd_compress)
+
+
+def _add_recipes(sub) -> None:
+    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p.set_defaults(func=cmd_recipes)
+
+
+def _add_bench(sub) -> None:
+    from .targets import TARGETS
+
+    p = sub.add_parser("bench", help="latency of a run, an artifact folder or an ONNX file on one or more targets",
+                       description="Measure p50/p90/p99 (and mean, min, max, CV) of the image tower, the text tower, "
+                                   "the image+text pair and zero-shot classification at batch 1, plus batched "
+                                   "throughput. PATH is a run folder (every step on every target it can run on), "
+                                   "a model folder (torch), an export folder (cpu) or a single .onnx file (cpu).",
+                       epilog="example: vlmedge bench runs/quickstart --target cpu --target torch")
+    p.add_argument("path")
+    p.add_argument("--target", action="append", choices=sorted(TARGETS), help="repeatable (default: cpu)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--min-runs", type=int)
+    p.add_argument("--min-seconds", type=float)
+    p.add_argument("--json", help="where to write the results (default: PATH/bench.json)")
+    p.set_defaults(func=cmd_bench)
+
+
+def _add_gate(sub) -> None:
+    from .gate import __doc__ as gate_doc
+
+    p = sub.add_parser("gate", help="check a report against budgets; exit 0 (pass), 1 (fail) or 2 (usage error)",
+                       description=gate_doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example: vlmedge gate runs/quickstart/report.json --junit gate.xml --markdown gate.md")
+    p.add_argument("report", help="report.json (or its run folder)")
+    p.add_argument("--budgets", help="YAML list of budgets (default: the gates recorded from the recipe)")
+    p.add_argument("--baseline", help="a stored report.json to check for regressions against")
+    p.add_argument("--tolerance", type=float, default=0.1, help="relative tolerance for --baseline (default 0.1)")
+    p.add_argument("--remeasure", type=int, default=2, help="re-measure unstable latency figures up to N times")
+    p.add_argument("--junit", help="write JUnit XML here")
+    p.add_argument("--markdown", help="write a Markdown summary (for a pull-request comment) here")
+    p.set_defaults(func=cmd_gate)
+
+
+PARSER_BUILDERS: list[Callable] = [_add_train, _add_eval, _add_prune, _add_distill, _add_export, _add_quantize,
+                                   _add_compress, _add_recipes, _add_bench, _add_gate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -79,15 +79,6 @@ class TrainConfig:
 
 # --- the loss (shared with distillation) ---------------------------------------------------------------------------
 
-def match_matrix(keys: list[str]):
-    """match[i, j] = caption j truly describes image i."""
-    import torch
-
-    ids = {k: n for n, k in enumerate(dict.fromkeys(keys))}
-    codes = torch.tensor([ids[k] for k in keys])
-    return (codes[:, None] == codes[None, :]).float()
-
-
 def contrastive_loss(image_emb, text_emb, logit_scale, match=None):
     """Symmetric InfoNCE: -log softmax of the true pairs, images->texts and texts->images, averaged.
 
@@ -324,13 +315,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     losses: list[float] = []
     t0 = time.perf_counter()
     bar = _progress(progress and dist.rank == 0, cfg.steps, start)
-    step = start
+    done = start  # steps whose update has been applied
     try:
         for step in range(start, cfg.steps):
             t_step = time.perf_counter()
             indices = _batch_indices(ds, step, cfg)
-            captions = ds.captions(indices, np.random.default_rng([cfg.seed, step, 11]))
-            keys = ds.keys(indices)
+            captions, specs = ds.training_captions(indices, np.random.default_rng([cfg.seed, step, 11]))
             per_rank = len(indices) // dist.world
             lo, hi = dist.rank * per_rank, (dist.rank + 1) * per_rank
             micro = per_rank // cfg.grad_accum
@@ -345,9 +335,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
                     txt = text_features(model, torch.from_numpy(tokens["input_ids"]).to(device),
                                         torch.from_numpy(tokens["attention_mask"]).to(device))
                 # micro-batch m of every rank forms one contrastive batch
-                gathered_keys = [k for r in range(dist.world)
-                                 for k in keys[r * per_rank + m * micro: r * per_rank + (m + 1) * micro]]
-                match = match_matrix(gathered_keys)
+                rows = [j for r in range(dist.world) for j in range(r * per_rank + m * micro,
+                                                                      r * per_rank + (m + 1) * micro)]
+                match = torch.from_numpy(ds.match([indices[j] for j in rows], [specs[j] for j in rows]))
                 if teacher_vlm is None:
                     loss = contrastive_loss(dist.gather(img.float()), dist.gather(txt.float()), model.logit_scale,
                                             match)
@@ -365,6 +355,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
             with torch.no_grad():
                 model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             losses.append(step_loss)
+            done = step + 1
             rate = len(indices) / (time.perf_counter() - t_step)
             if on_step:
                 on_step(step, step_loss)
@@ -376,10 +367,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
                 if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                     save_checkpoint(ckpt, vlm, optimizer, scheduler, step + 1, asdict(cfg))
     except KeyboardInterrupt:
-        if dist.rank == 0 and step > start:
-            save_checkpoint(ckpt, vlm, optimizer, scheduler, step, asdict(cfg))
+        if dist.rank == 0 and done > start:
+            save_checkpoint(ckpt, vlm, optimizer, scheduler, done, asdict(cfg))
             bar.close()
-            raise VlmedgeError(f"interrupted at step {step}; checkpoint saved; continue with --resume") from None
+            raise VlmedgeError(f"interrupted after step {done}; checkpoint saved; continue with --resume") from None
         raise
     finally:
         bar.close()

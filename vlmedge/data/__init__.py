@@ -4,8 +4,8 @@
 
 * ``len(ds)``; ``ds.images(indices)`` -> uint8 NHWC at the model's resolution;
 * ``ds.captions(indices, rng)`` -> one caption per index (drawn anew each time where there are several);
-* ``ds.keys(indices)`` -> what each caption can truthfully say: two samples with the same key match each other's
-  captions (soft contrastive targets; identical captions count as hits in retrieval);
+* ``ds.training_captions(indices, rng)`` -> (captions, specs) and ``ds.match(indices, specs)`` -> a matrix saying
+  which caption truthfully describes which image (soft contrastive targets: duplicates are not negatives);
 * ``ds.neighbours(index, rng)`` (optional) -> an index whose caption differs in one attribute (hard negatives).
 
 Sources: ``shapes`` (optionally ``shapes:COUNT``), an image folder with ``metadata.jsonl``, a COCO captions JSON,
@@ -49,8 +49,11 @@ class ShapesDataset:
     def captions(self, indices, rng):
         return self.data.captions(indices, rng)
 
-    def keys(self, indices):
-        return self.data.keys(indices)
+    def training_captions(self, indices, rng):
+        return self.data.training_captions(indices, rng)
+
+    def match(self, indices, specs):
+        return self.data.match(indices, specs)
 
     def neighbours(self, index: int, rng: np.random.Generator) -> int:
         """A single-object image that differs from `index`'s first object in colour or in shape only."""
@@ -84,8 +87,13 @@ class PairsDataset:
     def captions(self, indices, rng):
         return [self.texts[i][rng.integers(len(self.texts[i]))] for i in indices]
 
-    def keys(self, indices):
-        return [self.texts[i][0].strip().lower() for i in indices]
+    def training_captions(self, indices, rng):
+        texts = self.captions(indices, rng)
+        return texts, [t.strip().lower() for t in texts]
+
+    def match(self, indices, specs):
+        own = [{t.strip().lower() for t in self.texts[i]} for i in indices]
+        return np.array([[sp in o for sp in specs] for o in own], dtype=np.float32)
 
 
 def open_dataset(source: str, split: str = "train", *, resolution: int, count: int | None = None,

@@ -131,11 +131,15 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
 
 
 def render(objs: Sequence[Obj], resolution: int, rng: np.random.Generator) -> np.ndarray:
-    """Draw objects on a lightly tinted background; 2x supersampled for smooth edges. Returns HxWx3 uint8."""
+    """Draw objects on a light grey background; 2x supersampled for smooth edges. Returns HxWx3 uint8.
+
+    The background is neutral on purpose: a random tint competes with a small object's colour in every patch and
+    held a from-scratch ViT on a loss plateau.
+    """
     from PIL import Image, ImageDraw
 
     big = resolution * 2
-    background = tuple(int(v) for v in rng.integers(225, 256, size=3))
+    background = (int(rng.integers(225, 250)),) * 3
     img = Image.new("RGB", (big, big), background)
     draw = ImageDraw.Draw(img)
     for o in objs:
@@ -162,6 +166,16 @@ _SINGLE_TEMPLATES = (
     "a {size} {shape} coloured {colour}",
     "a picture of a {size} {colour} {shape} {where}",
 )
+# Training only: captions that leave out colour or shape. Their matches cut across colours (or shapes), which gives
+# the image tower a direct signal for shape that colour alone cannot satisfy.
+_PARTIAL_TEMPLATES = (
+    "a {shape}",
+    "a photo of a {shape}",
+    "a {size} {shape}",
+    "a {shape} {where}",
+    "a {colour} object",
+    "something {colour} {where}",
+)
 _PAIR_TEMPLATES = (
     "a {c1} {s1} {rel} a {c2} {s2}",
     "a photo of a {c1} {s1} {rel} a {c2} {s2}",
@@ -178,27 +192,41 @@ def _articles(text: str) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
-def caption(objs: Sequence[Obj], rng: np.random.Generator) -> str:
-    return _articles(_caption(objs, rng))
+def caption(objs: Sequence[Obj], rng: np.random.Generator, partial: float = 0.0) -> tuple[str, tuple]:
+    """A caption and its spec: exactly what it claims (attributes mentioned, position, relation).
 
-
-def _caption(objs: Sequence[Obj], rng: np.random.Generator) -> str:
+    `partial` is the probability of a training-only template that omits colour or shape (single objects).
+    """
     if len(objs) == 1:
         o = objs[0]
-        t = _SINGLE_TEMPLATES[rng.integers(len(_SINGLE_TEMPLATES))]
-        return t.format(colour=o.colour, shape=o.shape, size=o.size, where=_where(o))
+        pool = _PARTIAL_TEMPLATES if partial and rng.random() < partial else _SINGLE_TEMPLATES
+        t = pool[rng.integers(len(pool))]
+        spec = ("one", o.colour if "{colour}" in t else None, o.shape if "{shape}" in t else None,
+                o.size if "{size}" in t else None, o.position if "{where}" in t else None)
+        return _articles(t.format(colour=o.colour, shape=o.shape, size=o.size, where=_where(o))), spec
     a, b = objs if rng.random() < 0.5 else objs[::-1]
     t = _PAIR_TEMPLATES[rng.integers(len(_PAIR_TEMPLATES))]
-    return t.format(c1=a.colour, s1=a.shape, z1=a.size, c2=b.colour, s2=b.shape, z2=b.size, rel=relation(a, b))
+    sized = "{z1}" in t
+    rel = relation(a, b)
+    spec = ("two", (a.colour, a.shape, a.size if sized else None), rel, (b.colour, b.shape, b.size if sized else None))
+    text = t.format(c1=a.colour, s1=a.shape, z1=a.size, c2=b.colour, s2=b.shape, z2=b.size, rel=rel)
+    return _articles(text), spec
 
 
-def object_key(objs: Sequence[Obj]) -> str:
-    """What a caption can say about an image, up to template: used to decide which captions match which images."""
-    parts = sorted(f"{o.colour} {o.shape}" for o in objs)
-    if len(objs) == 2:
-        a, b = sorted(objs, key=lambda o: (o.colour, o.shape))
-        parts.append(relation(a, b))
-    return "|".join(parts)
+def _has(o: Obj, colour, shape, size) -> bool:
+    return (colour is None or o.colour == colour) and (shape is None or o.shape == shape) \
+        and (size is None or o.size == size)
+
+
+def matches(objs: Sequence[Obj], spec: tuple) -> bool:
+    """Does a caption with this spec truthfully describe an image with these objects?"""
+    if spec[0] == "one":
+        _, colour, shape, size, where = spec
+        return len(objs) == 1 and _has(objs[0], colour, shape, size) and (where is None or objs[0].position == where)
+    if len(objs) != 2:
+        return False
+    _, a, rel, b = spec
+    return any(_has(x, *a) and _has(y, *b) and relation(x, y) == rel for x, y in (objs, objs[::-1]))
 
 
 # --- the dataset ---------------------------------------------------------------------------------------------------
@@ -216,14 +244,20 @@ class ShapesData:
         return len(self.objects)
 
     def captions(self, indices: Sequence[int], rng: np.random.Generator) -> list[str]:
-        return [caption(self.objects[i], rng) for i in indices]
+        """Full captions (colour and shape always named): what evaluation uses."""
+        return [caption(self.objects[i], rng)[0] for i in indices]
 
-    def keys(self, indices: Sequence[int]) -> list[str]:
-        return [object_key(self.objects[i]) for i in indices]
+    def training_captions(self, indices: Sequence[int], rng: np.random.Generator, partial: float = 0.3):
+        texts, specs = zip(*(caption(self.objects[i], rng, partial) for i in indices))
+        return list(texts), list(specs)
+
+    def match(self, indices: Sequence[int], specs: Sequence[tuple]) -> np.ndarray:
+        """match[i, j]: caption j (by its spec) truthfully describes image indices[i]."""
+        return np.array([[matches(self.objects[i], sp) for sp in specs] for i in indices], dtype=np.float32)
 
 
 def _cache_path(split: str, count: int, resolution: int, seed: int, single: bool) -> Path:
-    spec = json.dumps({"v": 2, "split": split, "n": count, "res": resolution, "seed": seed, "single": single,
+    spec = json.dumps({"v": 3, "split": split, "n": count, "res": resolution, "seed": seed, "single": single,
                        "colours": COLOURS, "shapes": SHAPES})
     digest = hashlib.sha256(spec.encode()).hexdigest()[:16]
     return cache_dir() / "shapes" / f"{split}-{count}-{resolution}px{'-single' if single else ''}-{digest}.npz"

@@ -147,7 +147,7 @@ def taylor_importance(model, towers: dict[str, list[LayerParts]], cfg: PruneConf
     import torch
 
     from ..models import image_features, text_features
-    from ..train import contrastive_loss, match_matrix
+    from ..train import contrastive_loss
 
     vlm, ds = data
     model.zero_grad(set_to_none=True)
@@ -155,10 +155,11 @@ def taylor_importance(model, towers: dict[str, list[LayerParts]], cfg: PruneConf
     rng = np.random.default_rng(cfg.seed)
     for _ in range(cfg.calibration_batches):
         idx = rng.integers(len(ds), size=cfg.batch_size).tolist()
-        tok = vlm.tokenize(ds.captions(idx, rng))
+        texts, specs = ds.training_captions(idx, rng)
+        tok = vlm.tokenize(texts)
         img = image_features(model, torch.from_numpy(vlm.preprocess(ds.images(idx))))
         txt = text_features(model, torch.from_numpy(tok["input_ids"]), torch.from_numpy(tok["attention_mask"]))
-        contrastive_loss(img, txt, model.logit_scale, match_matrix(ds.keys(idx))).backward()
+        contrastive_loss(img, txt, model.logit_scale, torch.from_numpy(ds.match(idx, specs))).backward()
     model.eval()
     scores = {}
     for tower, parts in towers.items():

@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny trained model and its export, built once per session in a temporary cache."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_RECIPE = REPO / "tests" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    os.environ["VLMEDGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    import torch
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny dual encoder trained for a few steps (session-wide, read-only for tests)."""
+    from vlmedge.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    train(TrainConfig(preset="tiny", steps=8, batch_size=32, data_count=512), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_model, tmp_path_factory) -> Path:
+    from vlmedge.stages.export import export
+
+    out = tmp_path_factory.mktemp("tiny-export") / "onnx"
+    export(tiny_model, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory, tiny_model) -> Path:
+    """A randomly initialised tiny CLIPModel folder, saved the way users bring one (with tokenizer and processor)."""
+    import json
+
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=32,
+                                      pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
+                                      eos_token_id=tok.sep_token_id),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=32, patch_size=8),
+                     projection_dim=16)
+    out = tmp_path_factory.mktemp("clip") / "clip"
+    CLIPModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps({"crop_size": 32, "size": {"shortest_edge": 32}}))
+    return out
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run `vlmedge ARGS` in a subprocess (to see real exit codes and stderr)."""
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-m", "vlmedge", *args], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ}, timeout=600)
+    return p.returncode, p.stdout, p.stderr

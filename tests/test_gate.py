@@ -1,0 +1,76 @@
+import json
+import shutil
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from vlmedge.cli import main
+from vlmedge.errors import VlmedgeError
+from vlmedge.gate import check, load_report, parse_budget
+
+
+def _report(tmp_path, **latency):
+    step = {"name": "final", "path": "x", "kind": "onnx", "size_bytes": 4_000_000, "parameters": 10,
+            "metrics": {"zero_shot.top1": 0.9}, "retention": {"zero_shot.top1": 0.98},
+            "latency": {"cpu": {"target": "cpu", "threads": 2,
+                                "pair": {"p50_ms": 10.0, "p90_ms": latency.get("p90", 12.0), "p99_ms": 15.0,
+                                         "cv": 0.05, "stable": True}}},
+            "speedup_vs_teacher": {"cpu": {"pair_p50": 4.5, "pair_p90": 4.2}}}
+    report = {"schema": "vlmedge.report/1", "steps": [step], "measure": {}}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_budget_parsing():
+    b = parse_budget("distill: retention.zero_shot.top1 >= 0.97")
+    assert (b.step, b.quantity, b.op, b.value) == ("distill", "retention.zero_shot.top1", ">=", 0.97)
+    with pytest.raises(VlmedgeError, match="QUANTITY OP NUMBER"):
+        parse_budget("fast enough")
+
+
+def test_gate_passes_and_fails_with_exit_codes_and_junit(tmp_path, capsys):
+    path = _report(tmp_path)
+    budgets = tmp_path / "budgets.yaml"
+    budgets.write_text("gates:\n  - 'cpu.pair.p90_ms <= 50'\n  - 'speedup.cpu.pair_p50 >= 4'\n"
+                       "  - 'zero_shot.top1 >= 0.85'\n  - 'retention.zero_shot.top1 >= 0.97'\n  - 'size_mb <= 5'\n")
+    junit = tmp_path / "gate.xml"
+    md = tmp_path / "gate.md"
+    assert main(["gate", str(path), "--budgets", str(budgets), "--junit", str(junit), "--markdown", str(md)]) == 0
+    suite = ET.parse(junit).getroot()
+    assert suite.get("tests") == "5" and suite.get("failures") == "0"
+    assert "passed" in md.read_text()
+
+    tight = tmp_path / "tight.yaml"
+    tight.write_text("- 'cpu.pair.p90_ms <= 5'\n")
+    assert main(["gate", str(path), "--budgets", str(tight), "--junit", str(junit)]) == 1
+    err = capsys.readouterr().out
+    assert "cpu.pair.p90_ms = 12 violates <= 5" in err
+    suite = ET.parse(junit).getroot()
+    assert suite.get("failures") == "1" and suite.find("testcase/failure") is not None
+
+
+def test_gate_regression_against_a_baseline(tmp_path):
+    base = _report(tmp_path)
+    shutil.copy(base, tmp_path / "baseline.json")
+    slow = _report(tmp_path, p90=30.0)
+    assert main(["gate", str(slow), "--baseline", str(tmp_path / "baseline.json"), "--tolerance", "0.1"]) == 1
+    assert main(["gate", str(tmp_path / "baseline.json"), "--baseline", str(tmp_path / "baseline.json")]) == 0
+
+
+def test_gate_usage_errors_exit_2(tmp_path, capsys):
+    assert main(["gate", str(tmp_path / "missing.json")]) == 2
+    path = _report(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- 'latency is low'\n")
+    assert main(["gate", str(path), "--budgets", str(bad)]) == 2
+    assert "error:" in capsys.readouterr().err
+    with pytest.raises(VlmedgeError, match="not a vlmedge report"):
+        (tmp_path / "x.json").write_text("{}")
+        load_report(tmp_path / "x.json")
+
+
+def test_check_names_the_missing_quantity(tmp_path):
+    report = load_report(_report(tmp_path))
+    (r,) = check(report, [parse_budget("cuda.pair.p90_ms <= 5")])
+    assert not r.passed and "not found" in r.message

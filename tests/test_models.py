@@ -1,0 +1,77 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from vlmedge.evaluate import TorchEncoder, evaluate, EvalConfig
+from vlmedge.models import count_parameters, load_model
+from vlmedge.errors import VlmedgeError
+
+
+def test_presets_are_the_advertised_size():
+    from vlmedge.models import build_from_preset, load_preset, train_tokenizer
+
+    tok = train_tokenizer(["a red circle", "a blue square"], 64)
+    assert count_parameters(build_from_preset("tiny", tok).model) < 2_000_000
+    base = load_preset("base")
+    assert base["vision"]["patch_size"] == 16 and base["vision"]["image_size"] == 224
+    assert base["projection_dim"] == 512 and base["text"]["hidden_size"] == 768
+
+
+def test_model_folder_round_trip(tiny_model, tmp_path):
+    a = load_model(tiny_model)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= \
+        {p.name for p in tiny_model.iterdir()}
+    a.save(tmp_path / "copy")
+    b = load_model(tmp_path / "copy")
+    px = torch.randn(2, 3, 32, 32)
+    from vlmedge.models import image_features
+    with torch.no_grad():
+        assert torch.equal(image_features(a.model, px), image_features(b.model, px))
+
+
+def test_clip_folder_loads_and_evaluates_the_same_way(tiny_clip):
+    vlm = load_model(tiny_clip)
+    assert vlm.architecture == "CLIPModel" and vlm.preprocess.image_size == 32
+    metrics = evaluate(TorchEncoder(vlm), EvalConfig(zero_shot_images=36, retrieval_pairs=16, hard_negative_pairs=8))
+    assert 0 <= metrics["zero_shot"]["top1"] <= 1 and "i2t_r5" in metrics["retrieval"]
+
+
+def test_bad_model_folders_get_one_line_errors(tiny_model, tmp_path):
+    with pytest.raises(VlmedgeError, match="model folder not found"):
+        load_model(tmp_path / "nope")
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    with pytest.raises(VlmedgeError, match="unsupported architecture"):
+        load_model(bert)
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_model, truncated, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(VlmedgeError, match="unreadable safetensors") as e:
+        load_model(truncated)
+    assert "\n" not in str(e.value)
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model, pickled, ignore=shutil.ignore_patterns("checkpoints", "*.safetensors"))
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04.")
+    with pytest.raises(VlmedgeError, match="only pickle checkpoints"):
+        load_model(pickled)
+
+
+def test_eval_cli_writes_eval_json(tiny_model, tmp_path):
+    from vlmedge.cli import main
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    assert main(["eval", str(folder), "--zero-shot-images", "36", "--retrieval-pairs", "32",
+                 "--hard-negative-pairs", "8", "--json"]) == 0
+    metrics = json.loads((folder / "eval.json").read_text())["metrics"]
+    for group in ("zero_shot", "retrieval", "hard_negatives"):
+        assert group in metrics
+    assert all(0.0 <= v <= 1.0 for k, v in metrics["retrieval"].items() if k != "n")

@@ -1,0 +1,95 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vlmedge.pipeline import run
+from vlmedge.recipe import load_recipe
+
+from conftest import REPO, TINY_RECIPE, run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    report = run(load_recipe(TINY_RECIPE), out)
+    return out, report
+
+
+def test_compress_writes_the_report_with_every_step(tiny_run):
+    out, report = tiny_run
+    assert {"report.json", "report.md", "pareto.png", "recipe.resolved.yaml"} <= {p.name for p in out.iterdir()}
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["schema"] == "vlmedge.report/1" and on_disk["complete"]
+    names = [s["name"] for s in on_disk["steps"]]
+    assert names == ["teacher", "prune", "distill", "export", "quantize-dynamic"]
+    teacher, final = on_disk["steps"][0], on_disk["steps"][-1]
+    assert set(teacher["latency"]) == {"torch"} and set(final["latency"]) == {"cpu"}
+    lat = final["latency"]["cpu"]
+    for part in ("image", "text", "pair", "zero_shot"):
+        assert lat[part]["p50_ms"] <= lat[part]["p90_ms"] <= lat[part]["p99_ms"]
+    assert lat["threads"] >= 1 and lat["batch"] == 1 and lat["device"]
+    assert final["speedup_vs_teacher"]["cpu"]["pair_p50"] > 0
+    assert final["size_bytes"] < on_disk["steps"][3]["size_bytes"]
+    assert final["retention"]["zero_shot.top1"] >= 0
+    assert all(g["passed"] for g in on_disk["gates"])
+    assert "| quantize-dynamic |" in (out / "report.md").read_text()
+
+
+def test_rerun_is_cached_and_a_changed_stage_reruns_only_from_there(tiny_run):
+    out, _ = tiny_run
+    done = []
+    t0 = time.perf_counter()
+    run(load_recipe(TINY_RECIPE), out, on_stage=done.append)
+    assert time.perf_counter() - t0 < 30
+    before = {p.name for p in out.iterdir() if p.is_dir()}
+    run(load_recipe(TINY_RECIPE, ["stages.quantize.per_channel=false"]), out)
+    new = {p.name for p in out.iterdir() if p.is_dir()} - before
+    assert len(new) == 1 and next(iter(new)).startswith("05-quantize-dynamic-")
+
+
+def test_killed_run_resumes_to_the_same_metrics(tiny_run, tmp_path):
+    """kill -9 during training; the rerun resumes from the checkpoint and ends with the uninterrupted metrics."""
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    recipe = ["compress", str(TINY_RECIPE), "--out", str(out), "--quiet",
+              "--set", "stages.train.steps=40", "--set", "stages.train.checkpoint_every=2"]
+    reference = tmp_path / "reference"
+    p = subprocess.Popen([sys.executable, "-m", "vlmedge", *recipe], cwd=REPO, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = None
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        found = list(out.glob("00-teacher-*/model/checkpoints/last/trainer.json"))
+        if found and json.loads(found[0].read_text())["step"] >= 4:
+            ckpt = found[0]
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert ckpt is not None, "training never checkpointed"
+    assert not list(out.glob("00-teacher-*/artifact.json"))
+    code, _, err = run_cli(*recipe)
+    assert code == 0, err
+    code, _, err = run_cli(*[a if a != str(out) else str(reference) for a in recipe])
+    assert code == 0, err
+    a = json.loads((out / "report.json").read_text())["steps"]
+    b = json.loads((reference / "report.json").read_text())["steps"]
+    for x, y in zip(a, b):
+        assert x["metrics"] == pytest.approx(y["metrics"], abs=1e-6), x["name"]
+
+
+def test_a_failing_stage_stops_with_a_clear_message_and_keeps_earlier_steps(tmp_path):
+    out = tmp_path / "fail"
+    code, _, err = run_cli("compress", str(TINY_RECIPE), "--out", str(out), "--quiet",
+                           "--set", "stages.train.steps=2", "--set", "stages.prune.vision_heads=0.9",
+                           "--set", "stages.prune.importance=magnitude")
+    assert code == 1
+    assert err.strip().startswith("error: stage prune failed") and len(err.strip().splitlines()) == 1
+    assert list(out.glob("00-teacher-*/artifact.json"))
+    assert not list(out.glob("01-prune-*/artifact.json"))

@@ -1,0 +1,146 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from vlmedge.errors import VlmedgeError
+from vlmedge.models import count_parameters, image_features, load_model, text_features
+from vlmedge.stages.export import ExportConfig, OnnxEncoder, export
+from vlmedge.stages.prune import PruneConfig, prune
+from vlmedge.stages.quantize import QuantizeConfig, quantize
+
+HALF = dict(vision_heads=0.5, vision_mlp=0.5, text_heads=0.5, text_mlp=0.5, calibration_batches=2, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pruned") / "model"
+    result = prune(tiny_model, out, PruneConfig(**HALF, vision_layers=0.5))
+    return out, result
+
+
+def test_pruning_really_shrinks_and_reloads_identically(pruned):
+    out, result = pruned
+    before, after = result["before"], result["after"]
+    assert after["parameters"] < 0.7 * before["parameters"]
+    assert after["flops"]["image"] < 0.6 * before["flops"]["image"]
+    assert after["flops"]["text"] < before["flops"]["text"]
+    shape = json.loads((out / "config.json").read_text())["vlmedge_pruning"]
+    assert shape["vision"]["heads"] == [2] and shape["text"]["heads"] == [2, 2]
+    plan = json.loads((out / "pruning_plan.json").read_text())
+    assert len(plan["kept"]["vision"]["neurons"][0]) == 64
+
+    a, b = load_model(out), load_model(out, attn_implementation="eager")
+    px = torch.randn(3, 3, 32, 32)
+    tok = a.tokenize(["a red circle", "a small blue square on the left", "x"])
+    ids, mask = torch.from_numpy(tok["input_ids"]), torch.from_numpy(tok["attention_mask"])
+    with torch.no_grad():
+        assert torch.allclose(image_features(a.model, px), image_features(b.model, px), atol=1e-5)
+        assert torch.allclose(text_features(a.model, ids, mask), text_features(b.model, ids, mask), atol=1e-5)
+    assert count_parameters(a.model) == after["parameters"]
+
+
+def test_pruned_model_equals_the_model_before_saving(tiny_model):
+    """Surgery keeps the function of kept heads: zeroing the removed heads' weights gives the same output."""
+    from vlmedge.stages.prune import apply_plan, make_plan, tower_layers
+
+    vlm = load_model(tiny_model, attn_implementation="eager")
+    cfg = PruneConfig(vision_heads=0.5, text_heads=0.5, importance="magnitude")
+    plan = make_plan(vlm.model, cfg)
+    masked = load_model(tiny_model, attn_implementation="eager")
+    for tower in ("vision", "text"):
+        for li, parts in enumerate(tower_layers(masked.model, tower)):
+            for h in range(parts.heads):
+                if h not in plan[tower]["heads"][li]:
+                    sl = slice(h * parts.head_dim, (h + 1) * parts.head_dim)
+                    parts.o.weight.data[:, sl] = 0
+    apply_plan(vlm.model, plan)
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(image_features(vlm.model, px), image_features(masked.model, px), atol=1e-5)
+
+
+def test_impossible_ratio_is_refused_before_any_write(tiny_model, tmp_path):
+    with pytest.raises(VlmedgeError, match="vision_heads=1.0 is impossible"):
+        PruneConfig(vision_heads=1.0)
+    with pytest.raises(VlmedgeError, match="leaves none"):
+        prune(tiny_model, tmp_path / "out", PruneConfig(vision_heads=0.9, importance="magnitude"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_parity_and_manifest(tiny_export):
+    manifest = json.loads((tiny_export / "manifest.json").read_text())
+    for tower in ("image", "text"):
+        assert manifest["parity"][tower]["max_abs_diff"] <= 1e-4
+        assert manifest["parity"][tower]["cosine_min"] >= 0.9999
+    assert manifest["preprocess"]["image_size"] == 32 and "tokenizer.json" in manifest["tokenizer"]
+    enc = OnnxEncoder(tiny_export)
+    e = enc.encode_texts(["a red circle", "a blue square on the left"])
+    assert e.shape == (2, manifest["embedding_dim"]) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    e = enc.encode_images(enc.preprocess(np.zeros((5, 32, 32, 3), np.uint8)))  # dynamic batch
+    assert e.shape[0] == 5
+
+
+def test_export_of_pruned_and_clip_models(pruned, tiny_clip, tmp_path):
+    for src, name in ((pruned[0], "pruned"), (tiny_clip, "clip")):
+        r = export(src, tmp_path / name, ExportConfig(zero_shot_labels=("a red circle", "a blue square")))
+        assert r["parity"]["image"]["max_abs_diff"] <= 1e-4 and r["parity"]["text"]["cosine_min"] >= 0.9999
+        assert np.load(tmp_path / name / "zero_shot_text_embeds.npy").shape[0] == 2
+
+
+def test_corrupted_onnx_and_wrong_folder(tiny_export, tiny_model, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_export, broken)
+    (broken / "image_encoder.onnx").write_bytes(b"garbage")
+    with pytest.raises(VlmedgeError, match="image_encoder.onnx: ONNX Runtime cannot load it"):
+        OnnxEncoder(broken)
+    with pytest.raises(VlmedgeError, match="cannot load"):
+        quantize(broken, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(VlmedgeError, match="not an export folder"):
+        quantize(tiny_model, tmp_path / "q2")
+    with pytest.raises(VlmedgeError, match="no config.json"):
+        export(tiny_export, tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static", "fp16"])
+def test_quantization_modes(tiny_export, tmp_path, mode):
+    r = quantize(tiny_export, tmp_path / mode, QuantizeConfig(mode=mode, calibration_batches=2, batch_size=8))
+    assert r["size_bytes"] < r["fp32_size_bytes"]
+    assert min(r["drift"].values()) > 0.95
+    manifest = json.loads((tmp_path / mode / "manifest.json").read_text())
+    assert manifest["precision"] == ("fp16" if mode == "fp16" else f"int8-{mode}")
+    OnnxEncoder(tmp_path / mode).encode_texts(["a red circle"])
+    if mode == "static":
+        import onnx
+        ops = {n.op_type for n in onnx.load(str(tmp_path / mode / "image_encoder.onnx")).graph.node}
+        assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+def test_quantize_keeps_named_nodes_and_op_types_in_fp32(tiny_export, tmp_path):
+    import onnx
+
+    r = quantize(tiny_export, tmp_path / "q", QuantizeConfig(exclude_op_types=("Gather",),
+                                                             exclude_nodes=(r".*layers?\.0/.*",)))
+    assert r["size_bytes"] < r["fp32_size_bytes"]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "q" / "text_encoder.onnx")).graph.node]
+    assert "Gather" in ops and "MatMulInteger" in ops
+
+
+def test_accuracy_aware_quantization_falls_back_until_within_tolerance(tiny_export, tmp_path):
+    """A metric that counts quantized nodes forces fallbacks: the loop must keep groups until within tolerance."""
+    import onnx
+
+    def fake_metric(enc):
+        n = sum(node.op_type == "MatMulInteger" for s in ("image_encoder.onnx", "text_encoder.onnx")
+                for node in onnx.load(str(enc.folder / s)).graph.node)
+        return {"zero_shot.top1": 1.0 - 0.01 * n}
+
+    r = quantize(tiny_export, tmp_path / "q", QuantizeConfig(max_drop=0.05, calibration_batches=1, batch_size=8),
+                 evaluate_fn=fake_metric)
+    aa = r["accuracy_aware"]
+    assert aa["within_tolerance"] and aa["steps"], aa
+    assert sum(len(v) for v in r["kept_fp32"].values()) == len(aa["steps"])

@@ -1,0 +1,70 @@
+"""`vlmedge bench`: measure a run folder, an artifact folder or a single ONNX file on one or more targets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import VlmedgeError
+from .targets import TARGET_KINDS, artifact_kind, get_target
+from .targets.measure import MeasureConfig, environment, time_fn
+
+
+def bench_path(path: Path, targets: list[str], cfg_kwargs: dict[str, Any]) -> dict[str, Any]:
+    if not path.exists():
+        raise VlmedgeError(f"{path}: not found")
+    cfg = MeasureConfig(**cfg_kwargs)
+    results: dict[str, dict[str, Any]] = {}
+    if path.is_file() and path.suffix == ".onnx":
+        results[path.name] = {"cpu": bench_onnx_file(path, cfg)}
+    elif (path / "report.json").is_file():
+        report = json.loads((path / "report.json").read_text())
+        for step in report["steps"]:
+            for t in targets:
+                if TARGET_KINDS[t] == step["kind"]:
+                    results.setdefault(step["name"], {})[t] = get_target(t)(step["path"], cfg)
+    else:
+        kind = artifact_kind(path)
+        usable = [t for t in targets if TARGET_KINDS[t] == kind]
+        if not usable:
+            raise VlmedgeError(f"{path} is a {kind} folder; targets for it: "
+                               f"{', '.join(t for t, k in TARGET_KINDS.items() if k == kind)}")
+        results[path.name] = {t: get_target(t)(path, cfg) for t in usable}
+    return {"environment": environment(), "measure": dataclasses.asdict(cfg), "results": results}
+
+
+def bench_onnx_file(path: Path, cfg: MeasureConfig) -> dict[str, Any]:
+    """One ONNX file with random inputs (dynamic dimensions: batch 1, sequence 16)."""
+    from .stages.export import open_session
+    from .targets.cpu import _cpu_name
+
+    sess = open_session(path, cfg.threads)
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for inp in sess.get_inputs():
+        shape = [d if isinstance(d, int) else (1 if i == 0 else 16) for i, d in enumerate(inp.shape)]
+        feeds[inp.name] = (rng.integers(0, 100, shape).astype(np.int64) if "int" in inp.type
+                           else rng.standard_normal(shape).astype(np.float32))
+    return {"target": "cpu", "device": _cpu_name(), "threads": cfg.threads, "batch": 1,
+            "model": time_fn(lambda: sess.run(None, feeds), cfg)}
+
+
+def print_bench(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="vlmedge bench (ms, batch 1)")
+    for col in ("artifact", "target", "part", "p50", "p90", "p99", "cv", "samples"):
+        table.add_column(col, justify="left" if col in ("artifact", "target", "part") else "right")
+    for name, per_target in results["results"].items():
+        for target, rec in per_target.items():
+            for part in ("image", "text", "pair", "zero_shot", "model"):
+                s = rec.get(part)
+                if s:
+                    table.add_row(name, target, part, f"{s['p50_ms']:.2f}", f"{s['p90_ms']:.2f}", f"{s['p99_ms']:.2f}",
+                                  f"{s['cv']:.2f}", str(s["samples"]))
+    Console().print(table)

@@ -1,0 +1,179 @@
+"""The run report: one row per step, as report.json (schema `vlmedge.report/1`), report.md, a Pareto plot and a
+terminal table.
+
+report.json, the contract CI tools read::
+
+    schema            "vlmedge.report/1"
+    recipe            the resolved recipe
+    environment       where latency was measured (CPU model, flags, cores, library versions)
+    measure           the measurement settings (warm-up, minimum runs and seconds)
+    reference         the step speedups are measured against ("teacher" on the "torch" target)
+    steps[]           one per step, in pipeline order:
+      name, stage, id, parent, kind ("model" | "onnx"), path
+      parameters, flops {image, text} (per sample), size_bytes
+      metrics {"zero_shot.top1": 0.93, ...}          fractions in [0, 1]
+      retention {"zero_shot.top1": 0.99, ...}        metric / teacher's metric
+      latency {TARGET: {target, device, threads, runtime, precision, batch,
+                        image|text|pair|zero_shot: {p50_ms, p90_ms, p99_ms, mean_ms, min_ms, max_ms, cv, samples,
+                                                    stable},
+                        throughput {batch, images_per_s}, peak_rss_mb}}
+      speedup_vs_teacher {TARGET: {image_p50, pair_p50, pair_p90}}   teacher torch latency / this step's
+      info              stage-specific facts (pruning shape, parity, quantization scheme, ...)
+    gates[]           budget results when the recipe has gates: {budget, passed, value, message}
+    complete          false while stages are still running
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from ._io import write_json, write_text
+
+SCHEMA = "vlmedge.report/1"
+REFERENCE = ("teacher", "torch")
+KEY_METRICS = ("zero_shot.top1", "zero_shot.top5", "retrieval.i2t_r5", "retrieval.t2i_r5", "hard_negatives.colour")
+
+
+def build(recipe, steps, bench: dict | None) -> dict[str, Any]:
+    from .recipe import to_dict
+
+    teacher = steps[0] if steps else None
+    results = (bench or {}).get("results", {})
+    ref = results.get(REFERENCE[0], {}).get(REFERENCE[1])
+    rows = []
+    for s in steps:
+        row = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("config",)}
+        row["retention"] = {m: v / teacher.metrics[m] for m, v in s.metrics.items()
+                            if teacher and teacher.metrics.get(m)}
+        row["latency"] = results.get(s.name, {})
+        if ref:
+            row["speedup_vs_teacher"] = {
+                t: {"image_p50": ref["image"]["p50_ms"] / r["image"]["p50_ms"],
+                    "pair_p50": ref["pair"]["p50_ms"] / r["pair"]["p50_ms"],
+                    "pair_p90": ref["pair"]["p90_ms"] / r["pair"]["p90_ms"]} for t, r in row["latency"].items()}
+        rows.append(row)
+    report = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "recipe": to_dict(recipe),
+              "environment": (bench or {}).get("environment"), "measure": (bench or {}).get("measure"),
+              "reference": {"step": REFERENCE[0], "target": REFERENCE[1]}, "steps": rows,
+              "complete": bench is not None}
+    if bench is not None and recipe.gates:
+        from .gate import check, parse_budget
+
+        report["gates"] = [dataclasses.asdict(r) for r in check(report, [parse_budget(g) for g in recipe.gates],
+                                                              remeasure=0)]
+    return report
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table_rows(report: dict, compact: bool = False) -> tuple[list[str], list[list[str]]]:
+    """The step table; `compact` keeps what fits a terminal (top-1, R@5, retention, pair latency, speedup)."""
+    targets = sorted({t for s in report["steps"] for t in s.get("latency", {})})
+    metrics = KEY_METRICS[:1] + KEY_METRICS[2:3] if compact else KEY_METRICS
+    header = ["step", "params", "size MB"] + ([] if compact else ["GFLOPs img"])
+    header += list(metrics) + ["retention top1"]
+    for t in targets:
+        header += ([] if compact else [f"{t} img p50"]) + [f"{t} pair p50/p90/p99 ms", f"{t} speedup"]
+    rows = []
+    for s in report["steps"]:
+        row = [s["name"], _fmt(s.get("parameters") and s["parameters"] / 1e6, ".2f") + "M",
+               _fmt(s["size_bytes"] / 1e6, ".2f")]
+        row += [] if compact else [_fmt(s.get("flops") and s["flops"]["image"] / 1e9, ".3f")]
+        row += [_fmt(s["metrics"].get(m)) for m in metrics] + [_fmt(s["retention"].get("zero_shot.top1"))]
+        for t in targets:
+            lat = s.get("latency", {}).get(t)
+            if lat:
+                p = lat["pair"]
+                row += ([] if compact else [f"{lat['image']['p50_ms']:.2f}"])
+                row += [f"{p['p50_ms']:.2f}/{p['p90_ms']:.2f}/{p['p99_ms']:.2f}",
+                        _fmt(s.get("speedup_vs_teacher", {}).get(t, {}).get("pair_p50"), ".2f") + "x"]
+            else:
+                row += ["-"] * (2 if compact else 3)
+        rows.append(row)
+    return header, rows
+
+
+def markdown(report: dict) -> str:
+    header, rows = table_rows(report)
+    lines = [f"# vlmedge report: {report['recipe']['name']}", ""]
+    if not report["complete"]:
+        lines += ["_Run in progress: latency columns appear when benchmarking is done._", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    env = report.get("environment") or {}
+    if env:
+        measure = report.get("measure") or {}
+        lines += ["", f"Latency: batch 1, {measure.get('warmup')} warm-up runs, then at least "
+                      f"{measure.get('min_runs')} runs and {measure.get('min_seconds')} s per figure; p50/p90/p99 "
+                      f"from the raw samples. Speedup: teacher's PyTorch eager pair p50 divided by the step's pair "
+                      f"p50, measured in the same run.",
+                  f"Machine: {env.get('cpu')} ({env.get('cores')} cores), {env.get('system')}; "
+                  + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items())]
+        for s in report["steps"]:
+            for t, lat in s.get("latency", {}).items():
+                lines.append(f"- {s['name']} on {t}: {lat['device']}, {lat['runtime']}, {lat['threads']} threads, "
+                             f"{lat['precision']}, {lat['pair']['samples']} samples (pair), "
+                             f"CV {lat['pair']['cv']:.2f}; throughput {lat['throughput']['images_per_s']:.0f} img/s "
+                             f"at batch {lat['throughput']['batch']}")
+    if report.get("gates"):
+        lines += ["", "## Gates", ""]
+        lines += [f"- {'PASS' if g['passed'] else 'FAIL'}: `{g['budget']}` ({g['message']})" for g in report["gates"]]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"torch": "o", "cpu": "s", "cuda": "^", "tensorrt": "D", "jetson": "P"}
+    for s in report["steps"]:
+        acc = s["metrics"].get("zero_shot.top1", s["metrics"].get("retrieval.i2t_r5"))
+        for t, lat in s.get("latency", {}).items():
+            if acc is None:
+                continue
+            ax.scatter(lat["pair"]["p50_ms"], acc, marker=markers.get(t, "x"), s=50)
+            ax.annotate(f"{s['name']} ({t})", (lat["pair"]["p50_ms"], acc), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("image + text pair latency, p50 (ms, log scale)")
+    ax.set_ylabel("zero-shot top-1")
+    ax.set_title(f"{report['recipe']['name']}: accuracy vs latency, one point per step and target")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def print_table(report: dict, console) -> None:
+    from rich.table import Table
+
+    header, rows = table_rows(report, compact=True)
+    table = Table(title=f"vlmedge: {report['recipe']['name']}", show_lines=False)
+    for h in header:
+        table.add_column(h, justify="left" if h == "step" else "right", overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    for g in report.get("gates", []):
+        console.print(f"{'[green]PASS' if g['passed'] else '[red]FAIL'}[/] {g['message']}")
+
+
+def write_report(out: Path, recipe, steps, bench: dict | None, console=None) -> dict[str, Any]:
+    report = build(recipe, steps, bench)
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", markdown(report))
+    if bench is not None:
+        pareto_plot(report, out / "pareto.png")
+    if console is not None:
+        print_table(report, console)
+    return report
