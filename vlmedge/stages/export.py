@@ -125,6 +125,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
             "inputs": {"image": {"pixel_values": ["batch", 3, vlm.preprocess.image_size, vlm.preprocess.image_size]},
                        "text": {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}},
             "preprocess": asdict(vlm.preprocess), "max_length": vlm.max_length, "tokenizer": tokenizer_files,
+            "vocab_size": len(vlm.tokenizer),
             "source_model": str(source), "source_architecture": vlm.architecture,
             "parameters": count_parameters(vlm.model),
             "logit_scale": float(vlm.model.logit_scale.detach().exp()),

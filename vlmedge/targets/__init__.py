@@ -1,7 +1,10 @@
 """Where latency is measured. One module per target, chosen by name; all share `measure.py`'s method.
 
 * ``cpu``   ONNX Runtime CPU execution provider on export folders (the artifacts the stages ship);
-* ``torch`` the PyTorch model, eager (CPU, or CUDA with ``device: cuda``): the baseline for every speedup.
+* ``torch`` the PyTorch model, eager (CPU, or CUDA with ``device: cuda``): the baseline for every speedup;
+* ``cuda``  ONNX Runtime's CUDA execution provider on export folders (onnxruntime-gpu);
+* ``tensorrt`` engines built and timed by trtexec (precision from the export, per TensorRT version);
+* ``jetson`` a remote board over SSH: a bundle with a small runner is copied, run and read back.
 
 A target is a function ``(path, MeasureConfig, **options) -> result dict`` (see `suite`).
 """
@@ -17,8 +20,8 @@ import numpy as np
 from ..errors import VlmedgeError
 from .measure import MeasureConfig, peak_rss_mb, time_fn
 
-TARGETS = {"cpu": "cpu", "torch": "torch_"}
-TARGET_KINDS = {"cpu": "onnx", "torch": "model"}
+TARGETS = {"cpu": "cpu", "torch": "torch_", "cuda": "cuda", "tensorrt": "tensorrt", "jetson": "jetson"}
+TARGET_KINDS = {"cpu": "onnx", "torch": "model", "cuda": "onnx", "tensorrt": "onnx", "jetson": "onnx"}
 """Which artifacts a target can run: export folders (onnx) or model folders (model)."""
 
 

@@ -1,0 +1,181 @@
+"""The on-device benchmark runner: needs only Python 3, numpy and ONNX Runtime (or trtexec) on the device.
+
+Copied into a bundle next to `measure.py`, `parsers.py`, the ONNX files and `manifest.json`, then run there:
+
+    python3 runner.py --json result.json [--threads N] [--trtexec /usr/src/tensorrt/bin/trtexec]
+
+It measures image, text, pair and zero-shot latency (batch 1) and batched throughput with the shared method, and
+records the device: `nvpmodel -q` mode, CPU clocks, and power and temperature sampled by `tegrastats` during the
+run when it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+try:  # inside the package
+    from . import measure, parsers
+except ImportError:  # in a bundle on the device
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import measure  # type: ignore[no-redef]
+    import parsers  # type: ignore[no-redef]
+
+
+class Tegrastats:
+    """Samples `tegrastats` in the background while the benchmark runs (if the board has it)."""
+
+    def __init__(self, interval_ms: int = 500):
+        self.lines: list[str] = []
+        self.proc = None
+        exe = shutil.which("tegrastats")
+        if exe:
+            self.proc = subprocess.Popen([exe, "--interval", str(interval_ms)], stdout=subprocess.PIPE, text=True)
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def stop(self) -> dict:
+        if not self.proc:
+            return {}
+        self.proc.terminate()
+        samples = []
+        for line in self.lines:
+            try:
+                samples.append(parsers.parse_tegrastats(line))
+            except ValueError:
+                continue
+        if not samples:
+            return {}
+        rails = {k for s in samples for k in s["power_mw"]}
+        return {"samples": len(samples),
+                "power_mw_mean": {k: float(np.mean([s["power_mw"][k]["now"] for s in samples if k in s["power_mw"]]))
+                                  for k in rails},
+                "temperature_c_max": {k: max(s["temperature_c"].get(k, -1e9) for s in samples)
+                                      for k in samples[-1]["temperature_c"]},
+                "gpu_load_percent_mean": float(np.mean([s.get("gpu_load_percent", 0) for s in samples]))}
+
+
+def device_info() -> dict:
+    info = {"hostname": platform.node(), "machine": platform.machine()}
+    for key, cmd in (("nvpmodel", ["nvpmodel", "-q"]), ("jetson_release", ["cat", "/etc/nv_tegra_release"])):
+        if shutil.which(cmd[0]):
+            try:
+                info[key] = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+    freqs = sorted(Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpufreq/scaling_cur_freq"))
+    if freqs:
+        info["cpu_mhz"] = [int(p.read_text()) // 1000 for p in freqs]
+    model = Path("/proc/device-tree/model")
+    if model.is_file():
+        info["model"] = model.read_text().strip("\x00\n")
+    return info
+
+
+def _inputs(manifest: dict, batch: int, seed: int = 0) -> tuple[np.ndarray, dict]:
+    rng = np.random.default_rng(seed)
+    size = manifest["preprocess"]["image_size"]
+    pixels = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    length = manifest["max_length"]
+    ids = rng.integers(5, manifest.get("vocab_size", 100), size=(batch, length)).astype(np.int64)
+    return pixels, {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def run_ort(folder: Path, cfg: measure.MeasureConfig, providers: list[str] | None = None) -> dict:
+    import onnxruntime as ort
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    available = ort.get_available_providers()
+    providers = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in available]
+    opts = ort.SessionOptions()
+    if cfg.threads:
+        opts.intra_op_num_threads = cfg.threads
+    img = ort.InferenceSession(str(folder / manifest["files"]["image"]), opts, providers=providers)
+    txt = ort.InferenceSession(str(folder / manifest["files"]["text"]), opts, providers=providers)
+    pixels, tokens = _inputs(manifest, cfg.throughput_batch)
+    text_embeds = txt.run(None, {k: v[:1].repeat(36, 0) for k, v in tokens.items()})[0]
+
+    def image(b):
+        return lambda: img.run(None, {"pixel_values": pixels[:b]})
+
+    def text(b):
+        return lambda: txt.run(None, {k: v[:b] for k, v in tokens.items()})
+
+    def zero_shot():
+        return int(np.argmax(img.run(None, {"pixel_values": pixels[:1]})[0] @ text_embeds.T))
+
+    img1, txt1 = image(1), text(1)
+
+    def pair():
+        img1()
+        txt1()
+
+    result = {"runtime": f"onnxruntime {ort.__version__}", "providers": img.get_providers(), "batch": 1,
+              "precision": manifest.get("precision", "fp32"), "threads": cfg.threads or os.cpu_count()}
+    for name, fn in (("image", img1), ("text", txt1), ("pair", pair), ("zero_shot", zero_shot)):
+        result[name] = measure.time_fn(fn, cfg)
+    batched = measure.time_fn(image(cfg.throughput_batch), measure.MeasureConfig(warmup=2, min_runs=10))
+    result["throughput"] = {"batch": cfg.throughput_batch,
+                            "images_per_s": cfg.throughput_batch / (batched["p50_ms"] / 1e3)}
+    result["peak_rss_mb"] = measure.peak_rss_mb()
+    return result
+
+
+def run_trtexec(folder: Path, trtexec: str, cfg: measure.MeasureConfig) -> dict:
+    """Build an engine per tower with trtexec on the device and parse its performance summaries."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    from_log = {}
+    for tower in ("image", "text"):
+        onnx = folder / manifest["files"][tower]
+        shapes = ("pixel_values:1x3x{0}x{0}".format(manifest["preprocess"]["image_size"]) if tower == "image" else
+                  "input_ids:1x{0},attention_mask:1x{0}".format(manifest["max_length"]))
+        cmd = [trtexec, f"--onnx={onnx}", f"--shapes={shapes}", f"--warmUp={cfg.warmup * 10}",
+               f"--iterations={cfg.min_runs}", f"--duration={max(1, int(cfg.min_seconds))}", "--percentile=50,90,99"]
+        log = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if log.returncode != 0:
+            raise RuntimeError(f"trtexec failed on {onnx.name}: {log.stdout[-500:]}{log.stderr[-500:]}")
+        from_log[tower] = parsers.parse_trtexec(log.stdout)
+    return {"runtime": f"TensorRT {from_log['image'].get('version')} (trtexec)", "batch": 1,
+            "image": from_log["image"]["latency"], "text": from_log["text"]["latency"], "trtexec": from_log}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--folder", default=str(Path(__file__).resolve().parent))
+    p.add_argument("--json", required=True)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--min-runs", type=int, default=50)
+    p.add_argument("--min-seconds", type=float, default=1.0)
+    p.add_argument("--throughput-batch", type=int, default=8)
+    p.add_argument("--trtexec", help="path to trtexec: time TensorRT engines instead of ONNX Runtime")
+    args = p.parse_args(argv)
+    cfg = measure.MeasureConfig(warmup=args.warmup, min_runs=args.min_runs, min_seconds=args.min_seconds,
+                                threads=args.threads, throughput_batch=args.throughput_batch)
+    folder = Path(args.folder)
+    stats = Tegrastats()
+    try:
+        result = run_trtexec(folder, args.trtexec, cfg) if args.trtexec else run_ort(folder, cfg)
+    finally:
+        power = stats.stop()
+    result["device_info"] = device_info()
+    result["power"] = power
+    result["environment"] = measure.environment()
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

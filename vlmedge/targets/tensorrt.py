@@ -1,0 +1,104 @@
+"""The `tensorrt` target: build an engine per tower from the ONNX files and time it with trtexec.
+
+TensorRT versions differ in how precision is chosen, and vlmedge follows the ONNX it exported:
+* TensorRT 11 builds strongly typed networks and removed `--fp16/--int8/--best`: no precision flag is passed;
+  FP16 comes from the FP16 export, INT8 from the QDQ nodes of the static quantization stage.
+* TensorRT 9.1-10 support `--stronglyTyped`, which gives the same behaviour: it is passed.
+* TensorRT 8.x needs `--fp16` for an FP16 export and `--int8` (with `--fp16`) for a QDQ export.
+Engines do not move between TensorRT versions or GPUs: each result records both, and engines are cached per
+(version, GPU) next to the export.
+
+Verified here: the command construction and the parsing of real trtexec output (tests/fixtures/trtexec).
+Not verified: an actual engine build and run; no TensorRT was available to this work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from ..errors import VlmedgeError
+from .measure import MeasureConfig
+from .parsers import parse_trtexec
+
+DEFAULT_TRTEXEC = ("trtexec", "/usr/src/tensorrt/bin/trtexec")
+
+
+def find_trtexec(explicit: str | None = None) -> str:
+    for candidate in ([explicit] if explicit else DEFAULT_TRTEXEC):
+        found = shutil.which(candidate) or (candidate if Path(candidate).is_file() else None)
+        if found:
+            return found
+    raise VlmedgeError("tensorrt target: trtexec not found (install TensorRT, or pass {trtexec: /path/to/trtexec}; "
+                       "pip install vlmedge[tensorrt] gives the Python API, not trtexec)")
+
+
+def trtexec_version(trtexec: str) -> tuple[int, int]:
+    p = subprocess.run([trtexec, "--help"], capture_output=True, text=True, timeout=60)
+    m = re.search(r"TensorRT v(\d+)", p.stdout + p.stderr)
+    if not m:
+        raise VlmedgeError(f"tensorrt target: cannot tell the TensorRT version of {trtexec}")
+    v = m.group(1)
+    return (int(v[:-4]), int(v[-4:-2])) if len(v) >= 6 else (int(v[0]), int(v[1]))
+
+
+def precision_flags(version: tuple[int, int], precision: str) -> list[str]:
+    """trtexec flags that make the engine's precision the export's precision (fp32, fp16, int8-static, ...)."""
+    if version[0] >= 11:
+        return []
+    if version >= (9, 1):
+        return ["--stronglyTyped"]
+    if precision == "fp16":
+        return ["--fp16"]
+    if precision.startswith("int8"):
+        if precision != "int8-static":
+            raise VlmedgeError(f"tensorrt target: {precision} exports have no QDQ nodes; use the static quantization "
+                               "stage (QDQ) for TensorRT INT8")
+        return ["--int8", "--fp16"]
+    return []
+
+
+def build_command(trtexec: str, onnx: Path, engine: Path, shapes: str, version: tuple[int, int], precision: str,
+                  cfg: MeasureConfig, times: Path) -> list[str]:
+    return [trtexec, f"--onnx={onnx}", f"--saveEngine={engine}", f"--shapes={shapes}",
+            *precision_flags(version, precision), f"--warmUp={max(200, cfg.warmup * 20)}",
+            f"--iterations={cfg.min_runs}", f"--duration={max(1, int(cfg.min_seconds))}", "--percentile=50,90,99",
+            f"--exportTimes={times}"]
+
+
+def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), trtexec: str | None = None,
+              **_: Any) -> dict[str, Any]:
+    from ..stages.export import read_manifest
+    from .cuda import gpu_name
+
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    exe = find_trtexec(trtexec)
+    version = trtexec_version(exe)
+    gpu = gpu_name() or "unknown GPU"
+    cache = folder / "engines" / re.sub(r"[^\w.-]+", "_", f"trt{version[0]}.{version[1]}-{gpu}")
+    cache.mkdir(parents=True, exist_ok=True)
+    size, length = manifest["preprocess"]["image_size"], manifest["max_length"]
+    shapes = {"image": f"pixel_values:1x3x{size}x{size}", "text": f"input_ids:1x{length},attention_mask:1x{length}"}
+    towers = {}
+    for tower, shape in shapes.items():
+        times = cache / f"{tower}.times.json"
+        cmd = build_command(exe, folder / manifest["files"][tower], cache / f"{tower}.plan", shape, version,
+                            manifest.get("precision", "fp32"), cfg, times)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if p.returncode != 0:
+            raise VlmedgeError(f"tensorrt target: trtexec failed on {tower} ({p.stdout[-300:]}{p.stderr[-300:]})")
+        towers[tower] = parse_trtexec(p.stdout)
+    pair = {k: towers["image"]["latency"][k] + towers["text"]["latency"][k]
+            for k in ("p50_ms", "mean_ms") if k in towers["image"]["latency"] and k in towers["text"]["latency"]}
+    return {"target": "tensorrt", "device": gpu, "runtime": f"TensorRT {version[0]}.{version[1]} (trtexec)",
+            "precision": manifest.get("precision", "fp32"), "batch": 1, "threads": None,
+            "image": towers["image"]["latency"], "text": towers["text"]["latency"],
+            "pair_estimate": {**pair, "note": "sum of the towers' medians and means"},
+            "trtexec": {t: {k: v for k, v in r.items() if k != "warnings"} for t, r in towers.items()},
+            "engines": str(cache), "command": json.dumps(cmd)}
