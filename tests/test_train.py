@@ -18,9 +18,9 @@ def _losses(folder):
 
 
 def test_training_lowers_the_loss(tmp_path):
-    summary = train(TrainConfig(steps=40, **TINY), tmp_path / "m", progress=False)
+    summary = train(TrainConfig(steps=100, **TINY), tmp_path / "m", progress=False)
     losses = _losses(tmp_path / "m")
-    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
     assert summary["precision"] == "fp32" and (tmp_path / "m" / "config.json").is_file()
 
 

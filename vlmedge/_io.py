@@ -22,6 +22,19 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: str | os.PathLike, missing: str) -> Any:
+    """Parse a JSON file; a missing file raises `missing`, bad JSON a one-line error naming the file."""
+    from .errors import VlmedgeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise VlmedgeError(missing)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VlmedgeError(f"{path}: not valid JSON ({e})") from None
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ measurement's `max_cv` is re-measured (up to `remeasure` times) before it counts
 
 from __future__ import annotations
 
-import json
 import operator
 import re
 from dataclasses import dataclass
@@ -59,16 +58,13 @@ def load_budgets(path: str | Path) -> list[Budget]:
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
+    from ._io import read_json
+
     path = Path(path)
     if path.is_dir():
         path = path / "report.json"
-    if not path.is_file():
-        raise VlmedgeError(f"report not found: {path}")
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise VlmedgeError(f"{path}: not valid JSON ({e})") from None
-    if not str(report.get("schema", "")).startswith("vlmedge.report/"):
+    report = read_json(path, f"report not found: {path}")
+    if not isinstance(report, dict) or not str(report.get("schema", "")).startswith("vlmedge.report/"):
         raise VlmedgeError(f"{path}: not a vlmedge report (schema {report.get('schema')!r})")
     return report
 

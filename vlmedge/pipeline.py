@@ -96,74 +96,57 @@ def run(recipe: Recipe, out: str | Path, *, force: bool = False, console=None,
     data_key = dataclasses.asdict(recipe.data)
     steps: list[Artifact] = []
 
-    def finish(art: Artifact, folder: Path, parent: Artifact | None) -> Artifact:
-        _describe(art, folder, eval_cfg, parent)
-        art.save(folder)
-        steps.append(art)
-        write_report(out, recipe, steps, None, console=None)
-        return art
-
-    # the teacher: a trained preset, a user's folder, or (no train stage) an untrained preset
-    stages = list(recipe.stages)
-    first_train = stages[0] if stages and stages[0].kind == "train" else None
-    if first_train:
-        stages = stages[1:]
-    teacher_cfg = {"model": dataclasses.asdict(recipe.model), "data": data_key, "eval": eval_key,
-                   "train": dataclasses.asdict(first_train.config) if first_train else None}
-    if recipe.model.path and not first_train:
-        teacher_cfg["source_mtime"] = Path(recipe.model.path, "config.json").stat().st_mtime \
-            if Path(recipe.model.path, "config.json").exists() else None
-    tid = artifact_id(None, "teacher", teacher_cfg)
-    folder = out / f"00-teacher-{tid}"
-    teacher = None if force else Artifact.load(folder)
-    if teacher is None:
-        _say(console, f"[bold]teacher[/] ({'train' if first_train else 'source'}) -> {folder}")
-        folder.mkdir(parents=True, exist_ok=True)
-        _clean_partials(folder)
-        t0 = time.perf_counter()
-        path = _make_teacher(recipe, first_train, folder, console)
-        teacher = Artifact(tid, "teacher", "train" if first_train else "source", "model", str(path),
-                           config=teacher_cfg, seconds={"stage": round(time.perf_counter() - t0, 1)})
-        finish(teacher, folder, None)
-    else:
-        _say(console, f"[dim]teacher: cached ({folder.name})[/]")
-        steps.append(teacher)
-    if on_stage:
-        on_stage("teacher")
-
-    last = {"model": teacher, "onnx": None}
-    for index, stage in enumerate(stages, start=1):
-        parent = last["onnx"] if stage.kind == "quantize" else last["model"]
-        if parent is None:
-            raise VlmedgeError(f"stage {stage.name}: nothing to work on (recipe validation should have caught this)")
-        cfg = {"stage": dataclasses.asdict(stage.config), "eval": eval_key,
-               "data": data_key if stage.kind in ("prune", "distill", "quantize") else None,
-               "teacher": teacher.id if stage.kind == "distill" else None}
-        aid = artifact_id(parent.id, stage.kind, cfg)
-        folder = out / f"{index:02d}-{stage.name}-{aid}"
+    def step(index: int, name: str, stage: str, kind: str, parent: Artifact | None, cfg: dict,
+             make: Callable[[Path], tuple[Path, dict]]) -> Artifact:
+        """One step: reuse its finished folder, or run `make` into it, describe it and record it."""
+        aid = artifact_id(parent.id if parent else None, stage, cfg)
+        folder = out / f"{index:02d}-{name}-{aid}"
         art = None if force else Artifact.load(folder)
-        if art is None:
-            _say(console, f"[bold]{stage.name}[/] <- {parent.name} -> {folder}")
+        if art is not None:
+            _say(console, f"[dim]{name}: cached ({folder.name})[/]")
+        else:
+            _say(console, f"[bold]{name}[/] ({stage}{' <- ' + parent.name if parent else ''}) -> {folder}")
             folder.mkdir(parents=True, exist_ok=True)
             _clean_partials(folder)
             t0 = time.perf_counter()
             try:
-                path, info = _run_stage(stage, Path(parent.path), Path(teacher.path), folder, recipe, eval_cfg, console)
+                path, info = make(folder)
             except VlmedgeError as e:
-                raise VlmedgeError(f"stage {stage.name} failed: {e} (earlier steps are kept in {out})") from None
-            kind = "onnx" if stage.kind in ("export", "quantize") else "model"
-            art = Artifact(aid, stage.name, stage.kind, kind, str(path), parent=parent.id, config=cfg, info=info,
-                           seconds={"stage": round(time.perf_counter() - t0, 1)})
-            finish(art, folder, parent)
-        else:
-            _say(console, f"[dim]{stage.name}: cached ({folder.name})[/]")
-            steps.append(art)
+                raise VlmedgeError(f"stage {name} failed: {e} (earlier steps are kept in {out})") from None
+            art = Artifact(aid, name, stage, kind, str(path), parent=parent.id if parent else None, config=cfg,
+                           info=info, seconds={"stage": round(time.perf_counter() - t0, 1)})
+            _describe(art, folder, eval_cfg, parent)
+            art.save(folder)
+        steps.append(art)
+        write_report(out, recipe, steps, None, console=None)
+        if on_stage:
+            on_stage(name)
+        return art
+
+    # the teacher: a trained preset, a user's folder, or (no train stage) an untrained preset
+    stages = list(recipe.stages)
+    first_train = stages.pop(0) if stages and stages[0].kind == "train" else None
+    teacher_cfg = {"model": dataclasses.asdict(recipe.model), "data": data_key, "eval": eval_key,
+                   "train": dataclasses.asdict(first_train.config) if first_train else None}
+    source_config = Path(recipe.model.path or "", "config.json")
+    if recipe.model.path and not first_train and source_config.exists():
+        teacher_cfg["source_mtime"] = source_config.stat().st_mtime
+    teacher = step(0, "teacher", "train" if first_train else "source", "model", None, teacher_cfg,
+                   lambda folder: (_make_teacher(recipe, first_train, folder, console), {}))
+
+    last = {"model": teacher, "onnx": None}
+    for index, stage in enumerate(stages, start=1):
+        parent = last["onnx"] if stage.kind == "quantize" else last["model"]
+        cfg = {"stage": dataclasses.asdict(stage.config), "eval": eval_key,
+               "data": data_key if stage.kind in ("prune", "distill", "quantize") else None,
+               "teacher": teacher.id if stage.kind == "distill" else None}
+        art = step(index, stage.name, stage.kind, "onnx" if stage.kind in ("export", "quantize") else "model",
+                   parent, cfg, lambda folder, stage=stage, parent=parent: _run_stage(
+                       stage, Path(parent.path), Path(teacher.path), folder, recipe, eval_cfg, console))
         if stage.kind == "export":
             last["onnx"] = art
         elif stage.kind != "quantize":
             last["model"] = art
-        if on_stage:
-            on_stage(stage.name)
 
     bench = _bench(recipe, steps, out, force, console)
     return write_report(out, recipe, steps, bench, console=console)
@@ -181,10 +164,9 @@ def _make_teacher(recipe: Recipe, train_stage: Stage | None, folder: Path, conso
         return _untrained_preset(recipe, model_dir)
     if (model_dir / "config.json").is_file():
         return model_dir  # trained before the run was interrupted: only its record is missing
-    t = train_stage.config
-    cfg = TrainConfig(preset=recipe.model.preset or "small", init=recipe.model.path, data=recipe.data.source,
-                      data_count=recipe.data.count, skip_bad=recipe.data.skip_bad,
-                      **{f.name: getattr(t, f.name) for f in dataclasses.fields(t)})
+    cfg = TrainConfig.from_schedule(train_stage.config, preset=recipe.model.preset or "small", init=recipe.model.path,
+                                    data=recipe.data.source, data_count=recipe.data.count,
+                                    skip_bad=recipe.data.skip_bad)
     resume = (model_dir / "checkpoints" / "last" / "trainer.json").is_file()
     if resume:
         _say(console, "  resuming training from its last checkpoint")
@@ -219,18 +201,16 @@ def _run_stage(stage: Stage, parent: Path, teacher: Path, folder: Path, recipe: 
         c = dataclasses.replace(c, data=recipe.data.source)
         return folder / "model", prune(parent, folder / "model", c)
     if stage.kind == "distill":
-        from .train import DistillLosses, TrainConfig, train
+        from .train import TrainConfig, train
 
         model_dir = folder / "model"
         if (model_dir / "config.json").is_file():
             return model_dir, {}
-        cfg = TrainConfig(init=str(parent), data=recipe.data.source, data_count=recipe.data.count,
-                          steps=c.steps, batch_size=c.batch_size, lr=c.lr, warmup_steps=c.warmup_steps,
-                          hard_negatives=c.hard_negatives, seed=c.seed, checkpoint_every=c.checkpoint_every,
-                          skip_bad=recipe.data.skip_bad)
+        cfg = TrainConfig.from_schedule(c, init=str(parent), data=recipe.data.source, data_count=recipe.data.count,
+                                        skip_bad=recipe.data.skip_bad)
         resume = (model_dir / "checkpoints" / "last" / "trainer.json").is_file()
         summary = train(cfg, model_dir, resume=resume, progress=console is not None, teacher=str(teacher),
-                        losses_cfg=DistillLosses(c.contrastive, c.affinity, c.feature))
+                        losses_cfg=c.losses)
         return model_dir, {k: summary[k] for k in ("first_loss", "final_loss", "seconds", "samples_per_s")}
     if stage.kind == "export":
         from .stages.export import export

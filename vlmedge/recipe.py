@@ -60,40 +60,13 @@ class EvalSpec:
     hard_negative_pairs: int = 500
 
 
-@dataclass(frozen=True)
-class TrainStage:
-    steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    warmup_steps: int | None = None
-    weight_decay: float = 0.1
-    grad_accum: int = 1
-    hard_negatives: float = 0.25
-    precision: str = "auto"
-    seed: int = 0
-    checkpoint_every: int = 100
-
-
-@dataclass(frozen=True)
-class DistillStage:
-    steps: int = 300
-    batch_size: int = 128
-    lr: float = 5e-4
-    warmup_steps: int = 20
-    contrastive: float = 1.0
-    affinity: float = 1.0
-    feature: float = 1.0
-    hard_negatives: float = 0.25
-    seed: int = 0
-    checkpoint_every: int = 100
-
-
 def _stage_types():
     from .stages.export import ExportConfig
     from .stages.prune import PruneConfig
     from .stages.quantize import QuantizeConfig
+    from .train import DistillStage, TrainSchedule
 
-    return {"train": TrainStage, "prune": PruneConfig, "distill": DistillStage, "export": ExportConfig,
+    return {"train": TrainSchedule, "prune": PruneConfig, "distill": DistillStage, "export": ExportConfig,
             "quantize": QuantizeConfig}
 
 

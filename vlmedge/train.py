@@ -1,9 +1,9 @@
 """Contrastive training of the dual encoder (symmetric InfoNCE, learnable temperature), resumable and data-parallel.
 
 One step, top to bottom: draw the global batch from a step-seeded RNG (so a resumed run sees exactly the batches an
-uninterrupted one would), embed images and captions, compute the symmetric InfoNCE loss against soft targets (a
-caption matches every image it truly describes), backpropagate, average gradients across ranks, clip, step AdamW
-and the warmup + cosine schedule, clamp the temperature as CLIP does.
+uninterrupted one would), embed images and captions, compute the symmetric InfoNCE loss (a caption that also truly
+describes another image of the batch is not counted as its negative), backpropagate, sum gradients across ranks,
+clip, step AdamW and the warmup + cosine schedule, clamp the temperature as CLIP does.
 
 Under ``torchrun`` every rank embeds its slice of the global batch and all-gathers the others' embeddings, so each
 rank contrasts against the whole global batch; gradients are summed across ranks, which makes N processes compute
@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,15 +29,9 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learnable temperature at 1/
 
 
 @dataclass
-class TrainConfig:
-    """Training settings. Unset values (None) take the preset's `train` defaults."""
+class TrainSchedule:
+    """How to train: the part of the settings a recipe's train (and distill) stage sets."""
 
-    preset: str = "small"
-    """Model preset name (tiny, small, base) or a path to a preset JSON."""
-    init: str | None = None
-    """Start from this model folder (VisionTextDualEncoder or CLIP) instead of a fresh preset."""
-    data: str = "shapes"
-    """Data source: shapes, shapes:COUNT, an image folder with metadata.jsonl, a COCO .json or .tar shards."""
     steps: int | None = None
     batch_size: int | None = None
     """Global batch size (all ranks together, all accumulation micro-batches together)."""
@@ -46,14 +40,30 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_accum: int = 1
     """Split each batch into this many micro-batches; each contrasts within itself (saves memory, not negatives)."""
-    hard_negatives: float = 0.0
+    hard_negatives: float = 0.25
     """Fraction of each batch drawn as neighbours of the rest (one attribute changed): hard-negative mining."""
     precision: str = "auto"
     """auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (CUDA)."""
-    data_count: int | None = None
     seed: int = 0
     checkpoint_every: int = 100
+
+
+@dataclass
+class TrainConfig(TrainSchedule):
+    """Training settings: the schedule plus what to train on. Unset values (None) take the preset's defaults."""
+
+    preset: str = "small"
+    """Model preset name (tiny, small, base) or a path to a preset JSON."""
+    init: str | None = None
+    """Start from this model folder (VisionTextDualEncoder or CLIP) instead of a fresh preset."""
+    data: str = "shapes"
+    """Data source: shapes, shapes:COUNT, an image folder with metadata.jsonl, a COCO .json or .tar shards."""
+    data_count: int | None = None
     skip_bad: bool = False
+
+    @classmethod
+    def from_schedule(cls, schedule: TrainSchedule, **where) -> "TrainConfig":
+        return cls(**{f.name: getattr(schedule, f.name) for f in fields(TrainSchedule)}, **where)
 
     def resolved(self) -> "TrainConfig":
         from .models import load_preset
@@ -80,10 +90,12 @@ class TrainConfig:
 # --- the loss (shared with distillation) ---------------------------------------------------------------------------
 
 def contrastive_loss(image_emb, text_emb, logit_scale, match=None):
-    """Symmetric InfoNCE: -log softmax of the true pairs, images->texts and texts->images, averaged.
+    """Symmetric InfoNCE (CLIP's loss): each image's own caption is its target and vice versa.
 
-    `match` (optional) spreads each row's target over every caption that matches the image, so duplicates in a
-    batch are not treated as negatives.
+    `match[i, j]` (optional) says caption j also truthfully describes image i; such pairs are left out of both
+    softmaxes, so a duplicate ("a red circle" twice in a batch) is not pushed apart as a negative. (Spreading the
+    targets over all matches instead rewarded captions that match many images and collapsed the image tower: its
+    embeddings became identical and the loss stalled just under log(batch).)
     """
     import torch
     import torch.nn.functional as F
@@ -91,10 +103,11 @@ def contrastive_loss(image_emb, text_emb, logit_scale, match=None):
     image_emb = F.normalize(image_emb, dim=-1)
     text_emb = F.normalize(text_emb, dim=-1)
     logits = logit_scale.exp() * image_emb @ text_emb.t()
-    target = torch.eye(len(logits), device=logits.device) if match is None else match.to(logits.device)
-    loss_i = -(target / target.sum(1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(1).mean()
-    loss_t = -(target.t() / target.t().sum(1, keepdim=True) * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
-    return (loss_i + loss_t) / 2
+    labels = torch.arange(len(logits), device=logits.device)
+    if match is not None:
+        eye = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill((match.to(logits.device) > 0) & ~eye, float("-inf"))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
 @dataclass
@@ -114,6 +127,23 @@ class DistillLosses:
                 raise VlmedgeError(f"distill: {k}={getattr(self, k)} must be >= 0")
         if self.contrastive + self.affinity + self.feature <= 0:
             raise VlmedgeError("distill: all loss weights are 0; nothing to learn")
+
+
+@dataclass
+class DistillStage(TrainSchedule):
+    """A recipe's distill stage: the training schedule (shorter defaults) and the loss weights."""
+
+    steps: int | None = 300
+    batch_size: int | None = 128
+    lr: float | None = 5e-4
+    warmup_steps: int | None = 20
+    contrastive: float = 1.0
+    affinity: float = 1.0
+    feature: float = 1.0
+
+    @property
+    def losses(self) -> DistillLosses:
+        return DistillLosses(self.contrastive, self.affinity, self.feature)
 
 
 def distillation_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, match, w: DistillLosses):
@@ -322,7 +352,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
             indices = _batch_indices(ds, step, cfg)
             captions, specs = ds.training_captions(indices, np.random.default_rng([cfg.seed, step, 11]))
             per_rank = len(indices) // dist.world
-            lo, hi = dist.rank * per_rank, (dist.rank + 1) * per_rank
+            lo = dist.rank * per_rank
             micro = per_rank // cfg.grad_accum
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0

@@ -5,7 +5,7 @@
 * ``len(ds)``; ``ds.images(indices)`` -> uint8 NHWC at the model's resolution;
 * ``ds.captions(indices, rng)`` -> one caption per index (drawn anew each time where there are several);
 * ``ds.training_captions(indices, rng)`` -> (captions, specs) and ``ds.match(indices, specs)`` -> a matrix saying
-  which caption truthfully describes which image (soft contrastive targets: duplicates are not negatives);
+  which caption truthfully describes which image (so duplicates are not treated as negatives);
 * ``ds.neighbours(index, rng)`` (optional) -> an index whose caption differs in one attribute (hard negatives).
 
 Sources: ``shapes`` (optionally ``shapes:COUNT``), an image folder with ``metadata.jsonl``, a COCO captions JSON,

@@ -5,8 +5,8 @@ arrays are cached on disk (``$VLMEDGE_CACHE/shapes``). Each sample keeps its str
 colour, shape, size, position and, for two objects, their spatial relation), which gives
 
 * captions from several templates, drawn anew at every use;
-* an exact image-caption match matrix (a caption matches every image it truly describes), used as soft targets so
-  that two images of "a red circle" in one batch are not pushed apart;
+* an exact image-caption match matrix (a caption matches every image it truly describes): training leaves such
+  pairs out of the contrastive softmax, so two images of "a red circle" in one batch are not pushed apart;
 * evaluation sets: zero-shot colour x shape classes, retrieval pairs and hard negatives (colour or relation swapped).
 
 A set of colour x shape combinations (`HELD_OUT`) never appears in the ``train`` split: the compositional test.
@@ -166,16 +166,6 @@ _SINGLE_TEMPLATES = (
     "a {size} {shape} coloured {colour}",
     "a picture of a {size} {colour} {shape} {where}",
 )
-# Training only: captions that leave out colour or shape. Their matches cut across colours (or shapes), which gives
-# the image tower a direct signal for shape that colour alone cannot satisfy.
-_PARTIAL_TEMPLATES = (
-    "a {shape}",
-    "a photo of a {shape}",
-    "a {size} {shape}",
-    "a {shape} {where}",
-    "a {colour} object",
-    "something {colour} {where}",
-)
 _PAIR_TEMPLATES = (
     "a {c1} {s1} {rel} a {c2} {s2}",
     "a photo of a {c1} {s1} {rel} a {c2} {s2}",
@@ -192,15 +182,11 @@ def _articles(text: str) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
-def caption(objs: Sequence[Obj], rng: np.random.Generator, partial: float = 0.0) -> tuple[str, tuple]:
-    """A caption and its spec: exactly what it claims (attributes mentioned, position, relation).
-
-    `partial` is the probability of a training-only template that omits colour or shape (single objects).
-    """
+def caption(objs: Sequence[Obj], rng: np.random.Generator) -> tuple[str, tuple]:
+    """A caption and its spec: exactly what it claims (attributes mentioned, position, relation)."""
     if len(objs) == 1:
         o = objs[0]
-        pool = _PARTIAL_TEMPLATES if partial and rng.random() < partial else _SINGLE_TEMPLATES
-        t = pool[rng.integers(len(pool))]
+        t = _SINGLE_TEMPLATES[rng.integers(len(_SINGLE_TEMPLATES))]
         spec = ("one", o.colour if "{colour}" in t else None, o.shape if "{shape}" in t else None,
                 o.size if "{size}" in t else None, o.position if "{where}" in t else None)
         return _articles(t.format(colour=o.colour, shape=o.shape, size=o.size, where=_where(o))), spec
@@ -247,8 +233,9 @@ class ShapesData:
         """Full captions (colour and shape always named): what evaluation uses."""
         return [caption(self.objects[i], rng)[0] for i in indices]
 
-    def training_captions(self, indices: Sequence[int], rng: np.random.Generator, partial: float = 0.3):
-        texts, specs = zip(*(caption(self.objects[i], rng, partial) for i in indices))
+    def training_captions(self, indices: Sequence[int], rng: np.random.Generator):
+        """Captions with their specs (for `match`)."""
+        texts, specs = zip(*(caption(self.objects[i], rng) for i in indices))
         return list(texts), list(specs)
 
     def match(self, indices: Sequence[int], specs: Sequence[tuple]) -> np.ndarray:

@@ -28,13 +28,10 @@ def preset_names() -> list[str]:
 
 def load_preset(name: str) -> dict[str, Any]:
     """A preset by name, or a path to a user's preset JSON of the same shape."""
+    from .._io import read_json
+
     path = Path(name) if name.endswith(".json") else PRESET_DIR / f"{name}.json"
-    if not path.is_file():
-        raise VlmedgeError(f"unknown preset {name!r}; available: {', '.join(preset_names())} (or a path to a .json)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise VlmedgeError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path, f"unknown preset {name!r}; available: {', '.join(preset_names())} (or a path to a .json)")
 
 
 @dataclass
@@ -192,13 +189,10 @@ def check_model_folder(path: str | os.PathLike) -> dict[str, Any]:
         raise VlmedgeError(f"model folder not found: {folder}")
     if not folder.is_dir():
         raise VlmedgeError(f"{folder}: expected a model folder (config.json + model.safetensors), got a file")
+    from .._io import read_json
+
     cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise VlmedgeError(f"{folder}: no config.json; not a saved model folder")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise VlmedgeError(f"{cfg_path}: not valid JSON ({e})") from None
+    config = read_json(cfg_path, f"{folder}: no config.json; not a saved model folder")
     archs = config.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise VlmedgeError(f"{cfg_path}: unsupported architecture {archs or config.get('model_type')!r}; "

@@ -11,7 +11,6 @@ An export folder holds::
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -181,14 +180,11 @@ def onnx_size(folder: str | os.PathLike) -> int:
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    from .._io import read_json
+
     folder = Path(folder)
     path = folder / MANIFEST
-    if not path.is_file():
-        raise VlmedgeError(f"{folder}: no {MANIFEST}; not an export folder (run vlmedge export first)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise VlmedgeError(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json(path, f"{folder}: no {MANIFEST}; not an export folder (run vlmedge export first)")
     if manifest.get("format") != MANIFEST_FORMAT:
         raise VlmedgeError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
     return manifest

@@ -12,7 +12,6 @@ model is rebuilt from it on load; `pruning_plan.json` beside it records which he
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -92,13 +91,23 @@ def tower_root(model, tower: str):
     return model.vision_model if tower == "vision" else model.text_model
 
 
-def _layer_list(root):
+def _layer_lists(root) -> list:
+    """The ModuleLists of transformer layers: one for ViT/BERT/CLIP, one per stage for hierarchical towers (Swin)."""
     import torch.nn as nn
 
-    for _, module in root.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and _attention_paths(module[0]):
-            return module
-    raise VlmedgeError(f"unsupported tower {type(root).__name__}: no transformer layers with known attention names")
+    lists = [m for _, m in root.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) and _attention_paths(m[0])]
+    if not lists:
+        raise VlmedgeError(f"unsupported tower {type(root).__name__}: no transformer layers with known attention names")
+    return lists
+
+
+def _layer_list(root):
+    lists = _layer_lists(root)
+    if len(lists) > 1:
+        raise VlmedgeError(f"removing whole layers needs a single stack of layers; {type(root).__name__} has "
+                           f"{len(lists)} stages (prune its heads and MLP neurons instead)")
+    return lists[0]
 
 
 def _attention_paths(layer):
@@ -110,17 +119,17 @@ def tower_config(model, tower: str):
 
 
 def tower_layers(model, tower: str) -> list[LayerParts]:
-    cfg = tower_config(model, tower)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    """Every transformer layer of a tower, in order (across stages for hierarchical towers)."""
     parts = []
-    for layer in _layer_list(tower_root(model, tower)):
+    for layer in (layer for stack in _layer_lists(tower_root(model, tower)) for layer in stack):
         attn = _attention_paths(layer)
         mlp = next((p for p in _MLP_PATHS if _get(layer, p[0]) is not None), None)
         if mlp is None:
             raise VlmedgeError(f"unsupported layer {type(layer).__name__}: no MLP with known names")
         q, k, v, o = (_get(layer, p) for p in attn)
-        parts.append(LayerParts(layer, q, k, v, o, _get(layer, mlp[0]), _get(layer, mlp[1]),
-                                _get(layer, attn[0].rsplit(".", 1)[0]), head_dim))
+        module = _get(layer, attn[0].rsplit(".", 1)[0])
+        head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size")
+        parts.append(LayerParts(layer, q, k, v, o, _get(layer, mlp[0]), _get(layer, mlp[1]), module, head_dim))
     return parts
 
 
@@ -211,6 +220,10 @@ def _resize_layer(parts: LayerParts, heads: list[int] | int, neurons: list[int] 
     neuron_idx = list(range(neurons)) if isinstance(neurons, int) else neurons
     _set(layer, mlp[0], _slice_linear(_get(layer, mlp[0]), out_idx=neuron_idx))
     _set(layer, mlp[1], _slice_linear(_get(layer, mlp[1]), in_idx=neuron_idx))
+    bias = getattr(getattr(parts.attention, "relative_position_bias", None), "relative_position_bias_table", None)
+    if bias is not None:  # Swin: one column of relative position biases per head
+        import torch
+        bias.data = bias.data[:, torch.as_tensor(head_idx)].clone()
     for attr in _HEAD_ATTRS:
         if hasattr(parts.attention, attr):
             setattr(parts.attention, attr, len(head_idx))
@@ -230,14 +243,15 @@ def apply_plan(model, plan: dict[str, Any]) -> None:
     import torch.nn as nn
 
     for tower, tp in plan.items():
-        layer_list = _layer_list(tower_root(model, tower))
         parts = tower_layers(model, tower)
         kept_layers = tp["layers"]
         for li, heads, neurons in zip(kept_layers, tp["heads"], tp["neurons"]):
             _resize_layer(parts[li], heads, neurons)
-        kept = nn.ModuleList([layer_list[i] for i in kept_layers])
-        _replace_module_list(tower_root(model, tower), layer_list, kept)
-        tower_config(model, tower).num_hidden_layers = len(kept_layers)
+        if len(kept_layers) < len(parts):
+            layer_list = _layer_list(tower_root(model, tower))
+            _replace_module_list(tower_root(model, tower), layer_list,
+                                 nn.ModuleList([layer_list[i] for i in kept_layers]))
+            tower_config(model, tower).num_hidden_layers = len(kept_layers)
 
 
 def _replace_module_list(root, old, new) -> None:
@@ -264,8 +278,6 @@ def load_pruned(cls, folder: Path, shape: dict[str, Any], attn_implementation: s
     config = cls.config_class.from_pretrained(folder)
     for sub in (config, config.vision_config, config.text_config):
         sub._attn_implementation = attn_implementation
-    config.vision_config.num_hidden_layers = len(shape["vision"]["heads"])
-    config.text_config.num_hidden_layers = len(shape["text"]["heads"])
     model = cls(config)
     for tower in TOWERS:
         for parts, h, m in zip(tower_layers(model, tower), shape[tower]["heads"], shape[tower]["intermediate"]):

@@ -47,18 +47,16 @@ def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), dev
             return int((e @ text_embeds.T).argmax())
 
     cuda = device.startswith("cuda")
-    timer = sync = None
-    if cuda:
-        sync = torch.cuda.synchronize
+    sync = torch.cuda.synchronize if cuda else None
 
-        def timer(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
+    def cuda_timer(fn):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
 
     record = {"target": "torch", "device": torch.cuda.get_device_name() if cuda else _cpu_name(),
               "threads": threads, "runtime": f"torch {torch.__version__} eager", "precision": dtype}
-    return suite(image, text, zero_shot, cfg, record, timer=timer, sync=sync)
+    return suite(image, text, zero_shot, cfg, record, timer=cuda_timer if cuda else None, sync=sync)
