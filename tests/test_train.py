@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from vlmedge.errors import VlmedgeError
 from vlmedge.train import TrainConfig, train
 
-TINY = dict(preset="tiny", batch_size=32, data_count=512, lr=3e-3, warmup_steps=2)
+TINY = dict(preset="tiny", batch_size=64, data_count=512, lr=3e-3, warmup_steps=5)
 
 
 def _losses(folder):

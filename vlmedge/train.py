@@ -81,7 +81,8 @@ class TrainConfig(TrainSchedule):
                   (self.lr > 0, "lr", "> 0"), (self.grad_accum >= 1, "grad_accum", ">= 1"),
                   (0 <= self.hard_negatives < 1, "hard_negatives", "a fraction in [0, 1)"),
                   (self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "auto, fp32, bf16 or fp16"),
-                  (self.batch_size % self.grad_accum == 0, "batch_size", "divisible by grad_accum")]
+                  (self.grad_accum < 1 or self.batch_size % self.grad_accum == 0, "batch_size",
+                   "divisible by grad_accum")]
         for ok, key, expected in checks:
             if not ok:
                 raise VlmedgeError(f"train: {key}={getattr(self, key)!r} is invalid; expected {expected}")
@@ -233,10 +234,12 @@ def load_checkpoint(folder: Path, vlm, optimizer, scheduler) -> int:
     meta = json.loads((folder / "trainer.json").read_text())
     vlm.model.load_state_dict(load_file(str(folder / "model.safetensors")))
     flat = load_file(str(folder / "optimizer.safetensors"))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     for key, v in flat.items():
         idx, name = key.split("/", 1)
-        state.setdefault(int(idx), {})[name] = v.reshape(()) if name == "step" else v
+        # scalars were stored with shape [1]: give each state tensor back its parameter's shape
+        state.setdefault(int(idx), {})[name] = v.reshape(()) if name == "step" else v.reshape(params[int(idx)].shape)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     return int(meta["step"])

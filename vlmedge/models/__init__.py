@@ -163,19 +163,31 @@ def build_from_preset(preset: dict[str, Any] | str, tokenizer, *, seed: int = 0,
 
 
 def train_tokenizer(texts, vocab_size: int):
-    """A BERT-style WordPiece tokenizer trained on the given captions."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A BERT-style WordPiece tokenizer for the given captions (deterministic: same captions, same ids)."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    texts = list(texts)
+    counts = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t)))
+    chars = sorted({c for w in counts for c in w})
+    words = sorted(counts, key=lambda w: (-counts[w], w))
+    learned = list(dict.fromkeys(chars + ["##" + c for c in chars] + words))
+    if len(special) + len(learned) > vocab_size:
+        # More distinct words than the vocabulary holds: learn subwords. The trainer numbers (and breaks ties
+        # between) tokens in hash-map order, which differs between processes; sorting at least fixes the ids.
+        trained = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        trained.normalizer, trained.pre_tokenizer = normalizer, pre
+        trained.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+        learned = sorted(t for t in trained.get_vocab() if t not in special)
+    # else: every caption word is a token of its own, numbered deterministically (same ids in every process)
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(special + learned)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.WordPiece()
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
-    from tokenizers import decoders
-    tok.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]")
 
