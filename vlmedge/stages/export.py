@@ -203,6 +203,9 @@ def open_session(path: Path, threads: int | None = None, providers: Sequence[str
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    # No spin-waiting: with two sessions (image, text) on a 2-core CPU, one pool's spinning threads stalled the
+    # other's run (measured: pair p90 4.7-5.7 ms with spinning, 1.2 ms without; p50 unchanged).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.enable_profiling = profile
     try:
         return ort.InferenceSession(str(path), opts, providers=list(providers))

@@ -136,6 +136,19 @@ def _excluded(path: Path, cfg: QuantizeConfig, extra: tuple[str, ...] = ()) -> l
 def quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme: str,
                   calib: dict[str, list] | None, extra_exclude: tuple[str, ...] = ()) -> None:
     """Quantize one ONNX file with ORT's quantizers."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # ORT's quantizer logs a pre-processing suggestion on the root logger every call
+    try:
+        _quantize_file(src, dst, tower, cfg, scheme, calib, extra_exclude)
+    finally:
+        root.setLevel(level)
+
+
+def _quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme: str,
+                   calib: dict[str, list] | None, extra_exclude: tuple[str, ...]) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     exclude = _excluded(src, cfg, extra_exclude)

@@ -100,6 +100,7 @@ def run_ort(folder: Path, cfg: measure.MeasureConfig, providers: list[str] | Non
     available = ort.get_available_providers()
     providers = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in available]
     opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see stages/export.py open_session
     if cfg.threads:
         opts.intra_op_num_threads = cfg.threads
     img = ort.InferenceSession(str(folder / manifest["files"]["image"]), opts, providers=providers)
