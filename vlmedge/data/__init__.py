@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,7 +230,3 @@ def _load_webdataset(path: Path, resolution: int, count: int | None, skip_bad: b
     if not images:
         raise VlmedgeError(f"{path}: no image + .txt pairs found in {len(shards)} shard(s)")
     return PairsDataset(np.stack(images), texts, names, skipped)
-
-
-def source_label(source: str) -> str:
-    return source if source.startswith("shapes") else os.path.abspath(source)

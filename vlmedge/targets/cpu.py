@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from . import sample_inputs, suite
-from .measure import MeasureConfig
+from . import sample_inputs
+from .measure import MeasureConfig, suite
 
 
 def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), **_: Any) -> dict[str, Any]:

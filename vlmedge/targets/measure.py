@@ -13,7 +13,7 @@ import os
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -92,5 +92,25 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def as_dict(cfg: MeasureConfig) -> dict[str, Any]:
-    return asdict(cfg)
+def suite(image: Callable[[int], Callable[[], Any]], text: Callable[[int], Callable[[], Any]],
+          zero_shot: Callable[[], Any], cfg: MeasureConfig, record: dict[str, Any],
+          timer=None, sync=None) -> dict[str, Any]:
+    """Batch-1 latency of image, text, pair (image then text) and zero-shot; batched image throughput.
+
+    `image(b)` / `text(b)` return a zero-argument callable that runs one batch of size b.
+    """
+    img1, txt1 = image(1), text(1)
+
+    def pair():
+        img1()
+        txt1()
+
+    result = dict(record)
+    result.update({"batch": 1, "measure": {k: getattr(cfg, k) for k in ("warmup", "min_runs", "min_seconds")}})
+    for name, fn in (("image", img1), ("text", txt1), ("pair", pair), ("zero_shot", zero_shot)):
+        result[name] = time_fn(fn, cfg, sync=sync, timer=timer)
+    b = cfg.throughput_batch
+    batched = time_fn(image(b), MeasureConfig(warmup=2, min_runs=10, min_seconds=0.5), sync=sync, timer=timer)
+    result["throughput"] = {"batch": b, "images_per_s": b / (batched["p50_ms"] / 1e3), "p50_ms": batched["p50_ms"]}
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result

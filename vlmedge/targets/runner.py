@@ -117,21 +117,9 @@ def run_ort(folder: Path, cfg: measure.MeasureConfig, providers: list[str] | Non
     def zero_shot():
         return int(np.argmax(img.run(None, {"pixel_values": pixels[:1]})[0] @ text_embeds.T))
 
-    img1, txt1 = image(1), text(1)
-
-    def pair():
-        img1()
-        txt1()
-
-    result = {"runtime": f"onnxruntime {ort.__version__}", "providers": img.get_providers(), "batch": 1,
+    record = {"runtime": f"onnxruntime {ort.__version__}", "providers": img.get_providers(),
               "precision": manifest.get("precision", "fp32"), "threads": cfg.threads or os.cpu_count()}
-    for name, fn in (("image", img1), ("text", txt1), ("pair", pair), ("zero_shot", zero_shot)):
-        result[name] = measure.time_fn(fn, cfg)
-    batched = measure.time_fn(image(cfg.throughput_batch), measure.MeasureConfig(warmup=2, min_runs=10))
-    result["throughput"] = {"batch": cfg.throughput_batch,
-                            "images_per_s": cfg.throughput_batch / (batched["p50_ms"] / 1e3)}
-    result["peak_rss_mb"] = measure.peak_rss_mb()
-    return result
+    return measure.suite(image, text, zero_shot, cfg, record)
 
 
 def run_trtexec(folder: Path, trtexec: str, cfg: measure.MeasureConfig) -> dict:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import sample_inputs, suite
-from .measure import MeasureConfig
+from . import sample_inputs
+from .measure import MeasureConfig, suite
 
 
 def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), device: str = "cpu",
