@@ -48,38 +48,32 @@ def _eval_config(recipe: Recipe):
                       retrieval_pairs=e.retrieval_pairs, hard_negative_pairs=e.hard_negative_pairs)
 
 
-def _encoder(art_path: Path, kind: str):
-    from .evaluate import TorchEncoder
-    from .models import load_model
-    from .stages.export import OnnxEncoder
-
-    return TorchEncoder(load_model(art_path)) if kind == "model" else OnnxEncoder(art_path)
-
-
 def _describe(art: Artifact, folder: Path, eval_cfg, parent: Artifact | None) -> None:
     """Fill in metrics, size, parameters and FLOPs of a finished step, and write its eval.json."""
-    from .evaluate import evaluate, flat_metrics
+    from .evaluate import TorchEncoder, evaluate, flat_metrics
 
     path = Path(art.path)
-    t0 = time.perf_counter()
-    metrics = evaluate(_encoder(path, art.kind), eval_cfg)
-    art.seconds["eval"] = round(time.perf_counter() - t0, 1)
-    write_json(folder / "eval.json", {"data": eval_cfg.data, "metrics": metrics})
-    art.metrics = flat_metrics(metrics)
     if art.kind == "model":
         from .models import count_parameters, load_model
         from .stages.prune import measure_flops
 
         vlm = load_model(path)
+        encoder = TorchEncoder(vlm)
         art.parameters = count_parameters(vlm.model)
         art.flops = measure_flops(vlm)
         art.size_bytes = sum(folder_size(p) for p in path.glob("*.safetensors"))
     else:
-        from .stages.export import onnx_size, read_manifest
+        from .stages.export import OnnxEncoder, onnx_size
 
-        art.parameters = read_manifest(path).get("parameters") or (parent.parameters if parent else None)
+        encoder = OnnxEncoder(path)
+        art.parameters = encoder.manifest.get("parameters") or (parent.parameters if parent else None)
         art.flops = parent.flops if parent else None
         art.size_bytes = onnx_size(path)
+    t0 = time.perf_counter()
+    metrics = evaluate(encoder, eval_cfg)
+    art.seconds["eval"] = round(time.perf_counter() - t0, 1)
+    write_json(folder / "eval.json", {"data": eval_cfg.data, "metrics": metrics})
+    art.metrics = flat_metrics(metrics)
     art.versions = library_versions()
 
 
