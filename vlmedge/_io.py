@@ -67,9 +67,15 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # Move the old folder aside with one atomic rename before deleting it: a kill at any point leaves `final`
+    # complete (old or new) or absent, never half-deleted (rmtree in place could leave trainer.json without weights).
+    old = None
     if final.exists():
-        shutil.rmtree(final)
+        old = final.with_name(f".{final.name}.{os.getpid()}.old.partial")
+        os.replace(final, old)
     os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def cache_dir() -> Path:

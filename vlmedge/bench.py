@@ -40,7 +40,7 @@ def bench_path(path: Path, targets: list[str], cfg_kwargs: dict[str, Any]) -> di
 def bench_onnx_file(path: Path, cfg: MeasureConfig) -> dict[str, Any]:
     """One ONNX file with random inputs (dynamic dimensions: batch 1, sequence 16)."""
     from .stages.export import open_session
-    from .targets.cpu import _cpu_name
+    from .targets.measure import cpu_info
 
     sess = open_session(path, cfg.threads)
     rng = np.random.default_rng(0)
@@ -49,7 +49,7 @@ def bench_onnx_file(path: Path, cfg: MeasureConfig) -> dict[str, Any]:
         shape = [d if isinstance(d, int) else (1 if i == 0 else 16) for i, d in enumerate(inp.shape)]
         feeds[inp.name] = (rng.integers(0, 100, shape).astype(np.int64) if "int" in inp.type
                            else rng.standard_normal(shape).astype(np.float32))
-    return {"target": "cpu", "device": _cpu_name(), "threads": cfg.threads, "batch": 1,
+    return {"target": "cpu", "device": cpu_info()[0], "threads": cfg.threads, "batch": 1,
             "model": time_fn(lambda: sess.run(None, feeds), cfg)}
 
 

@@ -65,20 +65,13 @@ class QuantizeConfig:
             raise VlmedgeError("quantize: calibration_batches must be >= 1")
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-    return set(line.split(":", 1)[-1].split())
-
-
 def choose_weight_scheme(requested: str) -> tuple[str, str]:
     """(scheme, why). VNNI (AVX512-VNNI or AVX-VNNI) computes u8s8 dot products without 16-bit saturation."""
     if requested != "auto":
         return requested, "requested"
-    flags = cpu_flags()
+    from ..targets.measure import cpu_info
+
+    flags = cpu_info()[1]
     if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
         return "u8s8", "CPU has VNNI: u8s8 accumulates in 32 bits"
     if "avx2" in flags:
@@ -247,13 +240,17 @@ def _write_manifest(folder: Path, manifest: dict, cfg: QuantizeConfig, scheme: s
                                                     "kept_fp32": kept}})
 
 
+def _outputs(session, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """A session's first output over all calibration batches."""
+    return np.concatenate([session.run(None, b)[0] for b in batches])
+
+
 def _drift(ref: OnnxEncoder, enc: OnnxEncoder, calib: dict[str, list]) -> dict[str, float]:
     """Cosine between fp32 and quantized embeddings on calibration inputs (1.0 = unchanged)."""
     out = {}
     for tower, run_ref, run in (("image", ref.image_session, enc.image_session),
                                 ("text", ref.text_session, enc.text_session)):
-        a = np.concatenate([run_ref.run(None, b)[0] for b in calib[tower]])
-        b = np.concatenate([run.run(None, b)[0] for b in calib[tower]])
+        a, b = _outputs(run_ref, calib[tower]), _outputs(run, calib[tower])
         out[f"{tower}_cosine_min"] = float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
                                            .min())
     return out
@@ -261,18 +258,18 @@ def _drift(ref: OnnxEncoder, enc: OnnxEncoder, calib: dict[str, list]) -> dict[s
 
 def _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32) -> list[tuple[str, str]]:
     """Layer groups, most damaging first: each quantized alone, scored by embedding cosine to fp32."""
+    from .export import open_session
+
     calib = calib or calibration_batches(fp32, cfg)
     scores = []
     for tower, name in files.items():
         sess_ref = fp32.image_session if tower == "image" else fp32.text_session
-        ref = np.concatenate([sess_ref.run(None, b)[0] for b in calib[tower]])
+        ref = _outputs(sess_ref, calib[tower])
         for group in groups[tower]:
             others = tuple(re.escape(n) for g, nodes in groups[tower].items() if g != group for n in nodes)
             probe = Path(tmp) / f".probe-{name}"
             quantize_file(source / name, probe, tower, cfg, scheme, calib, others)
-            from .export import open_session
-            sess = open_session(probe)
-            got = np.concatenate([sess.run(None, b)[0] for b in calib[tower]])
+            got = _outputs(open_session(probe), calib[tower])
             probe.unlink()
             scores.append((float((ref * got).sum(1).mean()), tower, group))
     return [(t, g) for _, t, g in sorted(scores)]

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from . import sample_inputs
-from .measure import MeasureConfig, suite
+from .measure import MeasureConfig, cpu_info, suite
 
 
 def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), **_: Any) -> dict[str, Any]:
@@ -31,18 +31,6 @@ def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), **_
 
     import onnxruntime
 
-    record = {"target": "cpu", "device": _cpu_name(), "threads": threads, "runtime": f"onnxruntime {onnxruntime.__version__}",
+    record = {"target": "cpu", "device": cpu_info()[0], "threads": threads, "runtime": f"onnxruntime {onnxruntime.__version__}",
               "precision": enc.manifest.get("precision", "fp32")}
     return suite(image, text, zero_shot, cfg, record)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()

@@ -67,21 +67,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_info() -> tuple[str, set[str]]:
+    """(CPU model name, instruction-set flags) from /proc/cpuinfo; the platform's name and no flags elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine(), set()
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith(("flags", "Features"))), [])
+    return model or platform.processor() or platform.machine(), set(flags)
+
+
 def environment() -> dict[str, Any]:
     """Where a figure was measured: CPU model and flags that matter, cores, OS, library versions."""
     env: dict[str, Any] = {"machine": platform.machine(), "system": platform.platform(), "python": platform.python_version(),
                            "cores": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), None)
-        flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith(("flags", "Features"))),
-                     [])
-        env["cpu"] = model
-        env["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx", "amx", "sse4", "fma", "f16c", "asimd",
-                                                                        "sve")) or f in ("vnni",))
-    except OSError:
-        pass
+    model, flags = cpu_info()
+    env["cpu"] = model
+    env["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx", "amx", "sse4", "fma", "f16c", "asimd", "sve")))
     versions = {}
     for mod in ("numpy", "onnxruntime", "torch", "transformers", "onnx", "tensorrt"):
         try:

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import VlmedgeError
 from .measure import MeasureConfig
-from .parsers import parse_trtexec
+from .parsers import parse_trtexec, trt_version
 
 DEFAULT_TRTEXEC = ("trtexec", "/usr/src/tensorrt/bin/trtexec")
 
@@ -40,11 +40,11 @@ def find_trtexec(explicit: str | None = None) -> str:
 
 def trtexec_version(trtexec: str) -> tuple[int, int]:
     p = subprocess.run([trtexec, "--help"], capture_output=True, text=True, timeout=60)
-    m = re.search(r"TensorRT v(\d+)", p.stdout + p.stderr)
-    if not m:
+    version = trt_version(p.stdout + p.stderr)  # from the `&&&& RUNNING TensorRT.trtexec [TensorRT vNNNN]` header
+    if not version:
         raise VlmedgeError(f"tensorrt target: cannot tell the TensorRT version of {trtexec}")
-    v = m.group(1)
-    return (int(v[:-4]), int(v[-4:-2])) if len(v) >= 6 else (int(v[0]), int(v[1]))
+    major, minor, _ = version.split(".")
+    return int(major), int(minor)
 
 
 def precision_flags(version: tuple[int, int], precision: str) -> list[str]:

@@ -14,7 +14,7 @@ def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), dev
     import torch
 
     from ..models import image_features, load_model, text_features
-    from .cpu import _cpu_name
+    from .measure import cpu_info
 
     threads = cfg.threads or os.cpu_count()
     torch.set_num_threads(threads)
@@ -57,6 +57,6 @@ def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), dev
         end.synchronize()
         return start.elapsed_time(end)
 
-    record = {"target": "torch", "device": torch.cuda.get_device_name() if cuda else _cpu_name(),
+    record = {"target": "torch", "device": torch.cuda.get_device_name() if cuda else cpu_info()[0],
               "threads": threads, "runtime": f"torch {torch.__version__} eager", "precision": dtype}
     return suite(image, text, zero_shot, cfg, record, timer=cuda_timer if cuda else None, sync=sync)
