@@ -20,3 +20,16 @@ def test_bench_export_folder_model_folder_and_onnx_file(tiny_export, tiny_model,
 def test_bench_refuses_a_target_that_cannot_run_the_artifact(tiny_model, capsys):
     assert main(["bench", str(tiny_model), "--target", "cpu"]) == 1
     assert "targets for it: torch" in capsys.readouterr().err
+
+
+def test_time_fn_reaches_min_runs_and_keeps_raw_samples_on_request():
+    import time
+
+    from vlmedge.targets.measure import MeasureConfig, time_fn
+
+    calls = []
+    r = time_fn(lambda: (calls.append(1), time.sleep(0.001)), MeasureConfig(warmup=2, min_runs=7, min_seconds=0.0),
+                keep_samples=True)
+    assert len(calls) == 9 and r["samples"] == 7 and len(r["samples_ms"]) == 7
+    assert min(r["samples_ms"]) >= 1.0 and r["p50_ms"] >= 1.0
+    assert "samples_ms" not in time_fn(lambda: None, MeasureConfig(warmup=0, min_runs=3, min_seconds=0.0))

@@ -44,6 +44,40 @@ def test_captions_match_their_image_and_not_a_swap():
     assert not matches(objs, ("two", (b.colour, b.shape, None), relation(a, b), (a.colour, a.shape, None)))
 
 
+def test_positions_and_relations_are_unambiguous():
+    """Objects sit inside grid cells (never on a border between two position words); two objects share a row or a
+    column, so exactly one relation holds."""
+    data = load_shapes("train", 400, 32)
+    for objs in data.objects:
+        for o in objs:
+            for v in (o.x, o.y):
+                assert min(abs(v * 3 - k) for k in (1, 2)) > 0.2
+        if len(objs) == 2:
+            a, b = objs
+            same_col, same_row = int(a.x * 3) == int(b.x * 3), int(a.y * 3) == int(b.y * 3)
+            assert same_col != same_row
+            assert relation(a, b) in (("above", "below") if same_col else ("to the left of", "to the right of"))
+
+
+def test_hard_negative_neighbours_differ_in_one_thing():
+    from vlmedge.data import ShapesDataset
+
+    ds = ShapesDataset(load_shapes("train", 2000, 32))
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for i in range(300):
+        a, b = ds.data.objects[i], ds.data.objects[ds.neighbours(i, rng)]
+        if len(a) == 1:
+            assert len(b) == 1
+            diff = [k for k in ("colour", "shape", "position") if getattr(a[0], k) != getattr(b[0], k)]
+            assert diff and ("colour" in diff) + ("shape" in diff) <= 1, (a, b)
+            kinds.add("position" if diff == ["position"] else "attribute")
+        elif len(b) == 2 and {(o.colour, o.shape) for o in a} == {(o.colour, o.shape) for o in b}:
+            assert relation(*a) != relation(*(b if (b[0].colour, b[0].shape) == (a[0].colour, a[0].shape) else b[::-1]))
+            kinds.add("relation")  # (a pair with no other arrangement in the data gets a random image)
+    assert kinds == {"position", "attribute", "relation"}
+
+
 def _png(color=(255, 0, 0), size=(40, 30)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")

@@ -19,6 +19,28 @@ def test_presets_are_the_advertised_size():
     assert base["projection_dim"] == 512 and base["text"]["hidden_size"] == 768
 
 
+def test_clip_preset_builds_a_clipmodel_with_sincos_positions(tmp_path):
+    """`architecture: clip` presets build a CLIPModel that pools text at [SEP] and starts from 2-D sin-cos positions."""
+    from vlmedge.models import build_from_preset, load_preset, text_features, train_tokenizer
+
+    spec = load_preset("small-clip")
+    spec["vision"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    spec["text"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    tok = train_tokenizer(["a red circle", "a blue square on the left"], 64)
+    vlm = build_from_preset(spec, tok)
+    assert vlm.architecture == "CLIPModel" and vlm.model.config.text_config.eos_token_id == tok.sep_token_id
+    table = vlm.model.vision_model.embeddings.position_embedding.weight.detach()
+    assert torch.all(table[0] == 0) and float(table[1:].abs().max()) == pytest.approx(1.0, abs=1e-6)
+    ids = vlm.tokenize(["a red circle", "a red circle on the left"])
+    with torch.no_grad():
+        emb = text_features(vlm.model, torch.from_numpy(ids["input_ids"]), torch.from_numpy(ids["attention_mask"]))
+    assert emb.shape == (2, spec["projection_dim"]) and not torch.allclose(emb[0], emb[1])
+    vlm.save(tmp_path / "m")
+    assert load_model(tmp_path / "m").architecture == "CLIPModel"
+    with pytest.raises(VlmedgeError, match="architecture='rnn'"):
+        build_from_preset({**spec, "architecture": "rnn"}, tok)
+
+
 def test_model_folder_round_trip(tiny_model, tmp_path):
     a = load_model(tiny_model)
     assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= \

@@ -120,23 +120,47 @@ def test_quantization_modes(tiny_export, tmp_path, mode):
         assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
 
 
-def test_quantize_keeps_named_nodes_and_op_types_in_fp32(tiny_export, tmp_path):
+# Integer matrix products in a dynamic INT8 graph, before and after ONNX Runtime's offline fusion.
+INT8_MATMULS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+
+
+def _op_types(path) -> list[str]:
     import onnx
 
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_quantize_keeps_named_nodes_and_op_types_in_fp32(tiny_export, tmp_path):
     r = quantize(tiny_export, tmp_path / "q", QuantizeConfig(exclude_op_types=("Gather",),
                                                              exclude_nodes=(r".*layers?\.0/.*",)))
     assert r["size_bytes"] < r["fp32_size_bytes"]
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "q" / "text_encoder.onnx")).graph.node]
-    assert "Gather" in ops and "MatMulInteger" in ops
+    ops = _op_types(tmp_path / "q" / "text_encoder.onnx")
+    assert "Gather" in ops and INT8_MATMULS & set(ops)
+    assert "MatMul" in ops  # layer 0 stayed fp32
+
+
+def test_dynamic_int8_is_saved_optimized_and_matches_the_unoptimized_graph(tiny_export, tmp_path):
+    """The offline-optimized file fuses quantize + integer MatMul + rescale: fewer nodes, smaller, same outputs."""
+    plain = quantize(tiny_export, tmp_path / "plain", QuantizeConfig(optimize="none"))
+    fused = quantize(tiny_export, tmp_path / "fused", QuantizeConfig())
+    for name in ("image_encoder.onnx", "text_encoder.onnx"):
+        a, b = _op_types(tmp_path / "plain" / name), _op_types(tmp_path / "fused" / name)
+        assert len(b) < len(a) and "DynamicQuantizeMatMul" in b and "MatMulInteger" not in b, (a, b)
+    assert "ConvInteger" in _op_types(tmp_path / "plain" / "image_encoder.onnx")  # the patch embedding
+    assert fused["size_bytes"] < plain["size_bytes"]
+    texts = ["a red circle", "a small blue square on the left"]
+    pixels = np.random.default_rng(0).uniform(-1, 1, (3, 3, 32, 32)).astype(np.float32)
+    a, b = OnnxEncoder(tmp_path / "plain"), OnnxEncoder(tmp_path / "fused")
+    np.testing.assert_allclose(a.encode_texts(texts), b.encode_texts(texts), atol=1e-5)
+    np.testing.assert_allclose(a.encode_images(pixels), b.encode_images(pixels), atol=1e-5)
 
 
 def test_accuracy_aware_quantization_falls_back_until_within_tolerance(tiny_export, tmp_path):
     """A metric that counts quantized nodes forces fallbacks: the loop must keep groups until within tolerance."""
-    import onnx
 
     def fake_metric(enc):
-        n = sum(node.op_type == "MatMulInteger" for s in ("image_encoder.onnx", "text_encoder.onnx")
-                for node in onnx.load(str(enc.folder / s)).graph.node)
+        n = sum(op in INT8_MATMULS for s in ("image_encoder.onnx", "text_encoder.onnx")
+                for op in _op_types(enc.folder / s))
         return {"zero_shot.top1": 1.0 - 0.01 * n}
 
     r = quantize(tiny_export, tmp_path / "q", QuantizeConfig(max_drop=0.05, calibration_batches=1, batch_size=8),

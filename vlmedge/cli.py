@@ -139,7 +139,8 @@ def cmd_quantize(args) -> int:
     cfg = QuantizeConfig(mode=args.mode, weight_scheme=args.weight_scheme, calibration=args.calibration,
                          calibration_batches=args.calibration_batches, exclude_nodes=tuple(args.exclude_node or ()),
                          exclude_op_types=tuple(args.exclude_op_type or ()), max_drop=args.max_drop,
-                         metric=args.metric, data=args.data)
+                         metric=args.metric, data=args.data, optimize=args.optimize,
+                         **({"op_types": tuple(args.op_type)} if args.op_type else {}))
     eval_cfg = EvalConfig(data=args.data)
     result = quantize(args.onnx, args.out, cfg, evaluate_fn=lambda enc: flat_metrics(evaluate(enc, eval_cfg)))
     print(f"{args.mode}: {result['fp32_size_bytes'] / 1e6:.2f} MB -> {result['size_bytes'] / 1e6:.2f} MB "
@@ -341,7 +342,7 @@ def _add_export(sub) -> None:
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="INT8 (dynamic or static QDQ) or FP16 with ONNX Runtime's quantizers",
                        description="Quantize an fp32 export folder. dynamic: the fast CPU default. static: QDQ with "
-                                   "calibration batches (MatMul/Gemm/Gather), the form TensorRT consumes. fp16: "
+                                   "calibration batches (MatMul/Gemm/Gather/Conv), the form TensorRT consumes. fp16: "
                                    "ORT's float16 converter. --max-drop makes it accuracy-aware: layer groups fall "
                                    "back to fp32 until the metric is within the tolerance.",
                        epilog="example: vlmedge quantize runs/onnx --out runs/int8 --mode dynamic --max-drop 0.01")
@@ -353,7 +354,11 @@ def _add_quantize(sub) -> None:
     p.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"])
     p.add_argument("--calibration-batches", type=int, default=8)
     p.add_argument("--exclude-node", action="append", help="node name or regex kept in fp32 (repeatable)")
+    p.add_argument("--op-type", action="append",
+                   help="op type to quantize (repeatable; default MatMul, Gemm, Gather, Conv)")
     p.add_argument("--exclude-op-type", action="append", help="op type kept in fp32 (repeatable)")
+    p.add_argument("--optimize", default="auto", choices=["auto", "none", "basic", "extended"],
+                   help="save ONNX Runtime's offline-optimized graph (auto: extended for dynamic, none otherwise)")
     p.add_argument("--max-drop", type=float, help="accuracy-aware: largest allowed drop of --metric")
     p.add_argument("--metric", default="zero_shot.top1")
     _add_eval_flags(p)

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import VlmedgeError
-from .shapes import COLOURS, SHAPES, ShapesData, load_shapes
+from .shapes import COLOURS, SHAPES, ShapesData, load_shapes, relation
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -35,9 +35,12 @@ class ShapesDataset:
     def __init__(self, data: ShapesData):
         self.data = data
         self._by_combo: dict[tuple[str, str], list[int]] = {}
+        self._by_pair: dict[frozenset, list[int]] = {}
         for i, objs in enumerate(data.objects):
             if len(objs) == 1:
                 self._by_combo.setdefault((objs[0].colour, objs[0].shape), []).append(i)
+            else:
+                self._by_pair.setdefault(frozenset((o.colour, o.shape) for o in objs), []).append(i)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -55,17 +58,41 @@ class ShapesDataset:
         return self.data.match(indices, specs)
 
     def neighbours(self, index: int, rng: np.random.Generator) -> int:
-        """A single-object image that differs from `index`'s first object in colour or in shape only."""
-        o = self.data.objects[index][0]
+        """An image whose true caption differs from `index`'s in one thing: hard-negative mining.
+
+        One object: another colour or another shape (everything else drawn at random), or the same colour and shape
+        at another position. Two objects: the same two objects in another spatial relation.
+        """
+        objs = self.data.objects[index]
+        if len(objs) == 2:
+            pool = self._by_pair.get(frozenset((o.colour, o.shape) for o in objs), [])
+            rel = relation(*objs)
+            others = [j for j in pool if relation(*self._ordered(objs, self.data.objects[j])) != rel]
+            if others:
+                return int(others[rng.integers(len(others))])
+            return int(rng.integers(len(self)))
+        o = objs[0]
         for _ in range(8):
-            if rng.random() < 0.5:
+            kind = rng.integers(3)
+            if kind == 0:
                 combo = (str(rng.choice([c for c in COLOURS if c != o.colour])), o.shape)
-            else:
+            elif kind == 1:
                 combo = (o.colour, str(rng.choice([s for s in SHAPES if s != o.shape])))
+            else:
+                combo = (o.colour, o.shape)
             pool = self._by_combo.get(combo)
-            if pool:
-                return int(pool[rng.integers(len(pool))])
+            if not pool:
+                continue
+            j = int(pool[rng.integers(len(pool))])
+            other = self.data.objects[j][0]
+            if kind < 2 or other.position != o.position:
+                return j
         return int(rng.integers(len(self)))
+
+    @staticmethod
+    def _ordered(reference, objs):
+        """`objs` in the order of `reference`'s (colour, shape)s."""
+        return objs if (objs[0].colour, objs[0].shape) == (reference[0].colour, reference[0].shape) else objs[::-1]
 
 
 @dataclass

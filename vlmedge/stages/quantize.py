@@ -3,7 +3,7 @@
 Modes:
 * ``dynamic``: INT8 weights, activations quantized at run time (MatMulInteger); the fast default on CPUs.
 * ``static``: INT8 QDQ with calibration batches from the dataset (MinMax, Entropy or Percentile), per-channel
-  weights, only MatMul/Gemm (+ Gather) by default: quantizing every op type wrecks text towers. This is the explicit
+  weights, only MatMul/Gemm (+ Gather, Conv) by default: quantizing every op type wrecks text towers. This is the explicit
   quantization form TensorRT 10/11 consume.
 * ``fp16``: ORT's float16 converter, fp32 inputs and outputs kept.
 
@@ -31,6 +31,7 @@ from .export import MANIFEST, OnnxEncoder, copy_support_files, onnx_size, read_m
 MODES = ("dynamic", "static", "fp16")
 CALIBRATION = ("minmax", "entropy", "percentile")
 WEIGHT_SCHEMES = ("auto", "u8s8", "reduce_range", "u8u8")
+OPTIMIZE = ("auto", "none", "basic", "extended")
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,16 @@ class QuantizeConfig:
     calibration: str = "minmax"
     calibration_batches: int = 8
     batch_size: int = 16
-    op_types: tuple[str, ...] = ("MatMul", "Gemm", "Gather")
-    """Op types to quantize (static and dynamic)."""
+    op_types: tuple[str, ...] = ("MatMul", "Gemm", "Gather", "Conv")
+    """Op types to quantize (static and dynamic). Conv is the ViT patch embedding."""
     exclude_nodes: tuple[str, ...] = ()
     """Node names (or regular expressions) kept in fp32."""
     exclude_op_types: tuple[str, ...] = ()
+    optimize: str = "auto"
+    """Save the quantized graph after ONNX Runtime's offline optimization: none, basic or extended. auto: extended
+    for dynamic INT8 (fuses DynamicQuantizeLinear + MatMulInteger + scale into one contrib op: fewer nodes, a smaller
+    file; the result needs ONNX Runtime, which dynamic INT8 needs anyway), none for static QDQ and fp16 (kept in
+    standard ONNX for TensorRT and other runtimes)."""
     max_drop: float | None = None
     """Accuracy-aware: the largest allowed drop of `metric` against the fp32 export; None disables."""
     metric: str = "zero_shot.top1"
@@ -55,7 +61,8 @@ class QuantizeConfig:
 
     def __post_init__(self):
         checks = [(self.mode in MODES, "mode", MODES), (self.calibration in CALIBRATION, "calibration", CALIBRATION),
-                  (self.weight_scheme in WEIGHT_SCHEMES, "weight_scheme", WEIGHT_SCHEMES)]
+                  (self.weight_scheme in WEIGHT_SCHEMES, "weight_scheme", WEIGHT_SCHEMES),
+                  (self.optimize in OPTIMIZE, "optimize", OPTIMIZE)]
         for ok, key, allowed in checks:
             if not ok:
                 raise VlmedgeError(f"quantize: {key}={getattr(self, key)!r}; expected one of {', '.join(allowed)}")
@@ -159,6 +166,9 @@ def _quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme
     if cfg.mode == "dynamic":
         quantize_dynamic(src, dst, op_types_to_quantize=op_types, per_channel=cfg.per_channel,
                          reduce_range=reduce_range, weight_type=weight_type, nodes_to_exclude=exclude)
+        level = "extended" if cfg.optimize == "auto" else cfg.optimize
+        if level != "none":
+            optimize_offline(dst, level)
         return
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[cfg.calibration]
@@ -168,11 +178,29 @@ def _quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme
                     calibrate_method=method, extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
 
 
+def optimize_offline(path: Path, level: str) -> None:
+    """Replace an ONNX file by ONNX Runtime's optimized graph of it (CPU provider; `level`: basic or extended)."""
+    import onnx
+    import onnxruntime as ort
+
+    tmp = path.with_name(path.name + ".opt")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[level]
+    opts.optimized_model_filepath = str(tmp)
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(tmp))
+    del model.graph.value_info[:]  # shape annotations of intermediate tensors: ORT infers them again at load
+    onnx.save(model, str(tmp))
+    tmp.replace(path)
+
+
 def _layer_groups(path: Path) -> dict[str, list[str]]:
     """Quantizable nodes grouped by transformer layer (from the exporter's scoped names), others under 'other'."""
     groups: dict[str, list[str]] = {}
     for name, op in _node_names(path):
-        if op not in ("MatMul", "Gemm", "Gather"):
+        if op not in QuantizeConfig.op_types:
             continue
         m = re.search(r"layers?[./_](\d+)", name)
         groups.setdefault(f"layer{m.group(1)}" if m else "other", []).append(name)

@@ -40,8 +40,9 @@ def stats(samples_ms: list[float] | np.ndarray) -> dict[str, float]:
 
 
 def time_fn(fn: Callable[[], Any], cfg: MeasureConfig, sync: Callable[[], None] | None = None,
-            timer: Callable[[Callable[[], Any]], float] | None = None) -> dict[str, float]:
-    """Time `fn` per the method above. `timer` (fn -> ms) replaces wall-clock timing, e.g. CUDA events."""
+            timer: Callable[[Callable[[], Any]], float] | None = None, keep_samples: bool = False) -> dict[str, Any]:
+    """Time `fn` per the method above. `timer` (fn -> ms) replaces wall-clock timing, e.g. CUDA events.
+    `keep_samples` adds the raw samples (``samples_ms``), to pool interleaved rounds into one figure."""
     for _ in range(cfg.warmup):
         fn()
     if sync:
@@ -57,8 +58,10 @@ def time_fn(fn: Callable[[], Any], cfg: MeasureConfig, sync: Callable[[], None] 
         if sync:
             sync()
         samples.append((time.perf_counter() - t0) * 1e3)
-    result = stats(samples)
+    result: dict[str, Any] = stats(samples)
     result["stable"] = result["cv"] <= cfg.max_cv
+    if keep_samples:
+        result["samples_ms"] = samples
     return result
 
 
