@@ -33,3 +33,17 @@ def test_time_fn_reaches_min_runs_and_keeps_raw_samples_on_request():
     assert len(calls) == 9 and r["samples"] == 7 and len(r["samples_ms"]) == 7
     assert min(r["samples_ms"]) >= 1.0 and r["p50_ms"] >= 1.0
     assert "samples_ms" not in time_fn(lambda: None, MeasureConfig(warmup=0, min_runs=3, min_seconds=0.0))
+
+
+def test_bench_profile_lists_kernel_time_per_op_type(tiny_export, tiny_model, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "profile.json"
+    monkeypatch.chdir(tiny_export.parent)  # a relative path must survive the profiler's change of directory
+    assert main(["bench", tiny_export.name, "--profile", "--min-runs", "5", "--json", str(out)]) == 0
+    prof = json.loads(out.read_text())
+    for tower in ("image", "text"):
+        ops = {r["op_type"] for r in prof[tower]}
+        assert "MatMul" in ops and all(r["ms_per_run"] > 0 and r["nodes"] >= 1 for r in prof[tower])
+        assert abs(sum(r["share"] for r in prof[tower]) - 1) < 1e-6
+    assert "image: ORT kernel time by op" in capsys.readouterr().out
+    assert main(["bench", str(tiny_model), "--profile"]) == 1
+    assert "needs an export folder" in capsys.readouterr().err

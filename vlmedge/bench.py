@@ -68,3 +68,64 @@ def print_bench(results: dict[str, Any]) -> None:
                     table.add_row(name, target, part, f"{s['p50_ms']:.2f}", f"{s['p90_ms']:.2f}", f"{s['p99_ms']:.2f}",
                                   f"{s['cv']:.2f}", str(s["samples"]))
     Console().print(table)
+
+
+def profile_export(folder: Path, runs: int = 50, threads: int | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Per-op-type time of each tower of an export folder at batch 1, from ONNX Runtime's own profiler.
+
+    Returns, per tower, rows {op_type, ms_per_run, share, nodes} sorted by time: what a speed push starts from
+    (unfused subgraphs, fp32 islands between quantized ops, layout conversions show up here).
+    """
+    import os
+    import tempfile
+
+    from .stages.export import OnnxEncoder, open_session
+    from .targets import sample_inputs
+
+    if artifact_kind(folder) != "onnx":
+        raise VlmedgeError(f"{folder}: --profile needs an export folder (manifest.json)")
+    folder = folder.resolve()  # ORT writes its profile into the working directory, which changes below
+    enc = OnnxEncoder(folder, threads=threads)
+    pixels, tokens = sample_inputs(enc.preprocess, enc.tokenize, 1)
+    feeds = {"image": {"pixel_values": pixels}, "text": tokens}
+    out: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            for tower, name in enc.manifest["files"].items():
+                sess = open_session(folder / name, threads, profile=True)
+                for _ in range(runs):
+                    sess.run(None, feeds[tower])
+                events = json.loads(Path(sess.end_profiling()).read_text())
+                out[tower] = _op_table(events, runs)
+        finally:
+            os.chdir(cwd)
+    return out
+
+
+def _op_table(events: list[dict[str, Any]], runs: int) -> list[dict[str, Any]]:
+    totals: dict[str, list[float]] = {}
+    nodes: dict[str, set[str]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            totals.setdefault(op, []).append(e["dur"] / 1e3)
+            nodes.setdefault(op, set()).add(e["name"])
+    all_ms = sum(sum(v) for v in totals.values()) or 1.0
+    rows = [{"op_type": op, "ms_per_run": sum(v) / runs, "share": sum(v) / all_ms, "nodes": len(nodes[op])}
+            for op, v in totals.items()]
+    return sorted(rows, key=lambda r: -r["ms_per_run"])
+
+
+def print_profile(profile: dict[str, list[dict[str, Any]]], top: int = 12) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    for tower, rows in profile.items():
+        table = Table(title=f"{tower}: ORT kernel time by op")
+        for col in ("op type", "ms/run", "share", "nodes"):
+            table.add_column(col, justify="left" if col == "op type" else "right")
+        for r in rows[:top]:
+            table.add_row(r["op_type"], f"{r['ms_per_run']:.3f}", f"{r['share']:.0%}", str(r["nodes"]))
+        Console().print(table)

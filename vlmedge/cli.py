@@ -139,7 +139,7 @@ def cmd_quantize(args) -> int:
     cfg = QuantizeConfig(mode=args.mode, weight_scheme=args.weight_scheme, calibration=args.calibration,
                          calibration_batches=args.calibration_batches, exclude_nodes=tuple(args.exclude_node or ()),
                          exclude_op_types=tuple(args.exclude_op_type or ()), max_drop=args.max_drop,
-                         metric=args.metric, data=args.data, optimize=args.optimize,
+                         metric=args.metric, data=args.data, optimize=args.optimize, per_channel=args.per_channel,
                          **({"op_types": tuple(args.op_type)} if args.op_type else {}))
     eval_cfg = EvalConfig(data=args.data)
     result = quantize(args.onnx, args.out, cfg, evaluate_fn=lambda enc: flat_metrics(evaluate(enc, eval_cfg)))
@@ -217,6 +217,15 @@ def cmd_bench(args) -> int:
     from ._io import write_json
     from .bench import bench_path, print_bench
 
+    if args.profile:
+        from .bench import print_profile, profile_export
+
+        profile = profile_export(Path(args.path), runs=args.min_runs or 50, threads=args.threads)
+        print_profile(profile)
+        out = Path(args.json) if args.json else Path(args.path) / "profile.json"
+        write_json(out, profile)
+        print(f"written: {out}")
+        return 0
     cfg_kwargs = {k: v for k, v in (("threads", args.threads), ("min_runs", args.min_runs),
                                     ("warmup", args.warmup), ("min_seconds", args.min_seconds)) if v is not None}
     results = bench_path(Path(args.path), args.target or ["cpu"], cfg_kwargs)
@@ -357,6 +366,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--op-type", action="append",
                    help="op type to quantize (repeatable; default MatMul, Gemm, Gather, Conv)")
     p.add_argument("--exclude-op-type", action="append", help="op type kept in fp32 (repeatable)")
+    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
+                   help="one weight scale per output channel (default: yes for static, no for dynamic)")
     p.add_argument("--optimize", default="auto", choices=["auto", "none", "basic", "extended"],
                    help="save ONNX Runtime's offline-optimized graph (auto: extended for dynamic, none otherwise)")
     p.add_argument("--max-drop", type=float, help="accuracy-aware: largest allowed drop of --metric")
@@ -400,14 +411,18 @@ def _add_bench(sub) -> None:
                                    "the image+text pair and zero-shot classification at batch 1, plus batched "
                                    "throughput. PATH is a run folder (every step on every target it can run on), "
                                    "a model folder (torch), an export folder (cpu) or a single .onnx file (cpu).",
-                       epilog="example: vlmedge bench runs/quickstart --target cpu --target torch")
+                       epilog="example: vlmedge bench runs/quickstart --target cpu --target torch\n"
+                              "profile: vlmedge bench runs/quickstart/04-quantize-dynamic-*/onnx --profile",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path")
     p.add_argument("--target", action="append", choices=sorted(TARGETS), help="repeatable (default: cpu)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
     p.add_argument("--warmup", type=int)
     p.add_argument("--min-runs", type=int)
     p.add_argument("--min-seconds", type=float)
-    p.add_argument("--json", help="where to write the results (default: PATH/bench.json)")
+    p.add_argument("--json", help="where to write the results (default: PATH/bench.json or PATH/profile.json)")
+    p.add_argument("--profile", action="store_true",
+                   help="export folders: ONNX Runtime's per-op-type kernel time of each tower instead of latency")
     p.set_defaults(func=cmd_bench)
 
 
