@@ -1,6 +1,5 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -70,11 +69,9 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     args = ["train", "--preset", "tiny", "--steps", "3", "--batch-size", "16", "--data-count", "256",
             "--lr", "3e-3", "--warmup-steps", "1", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:  # a free port: a fixed one can be taken on a shared CI machine
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", port, "-m", "vlmedge", *args, "--out", str(tmp_path / "ddp")],
+    # --standalone: torchrun binds a free port itself (a port picked beforehand can be taken by the time it binds)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "vlmedge", *args, "--out", str(tmp_path / "ddp")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     single = subprocess.run([sys.executable, "-m", "vlmedge", *args, "--out", str(tmp_path / "one")],

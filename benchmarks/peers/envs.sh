@@ -21,5 +21,5 @@ make_env() {  # name, import check, packages...
   "$env/bin/python" -c "$check"
 }
 make_env env-optimum "import optimum.onnxruntime" "optimum-onnx[onnxruntime]==0.1.0" "transformers<4.58" onnxruntime==1.32.0
-make_env env-inc "import neural_compressor.torch, onnx_neural_compressor, vlmedge" "neural-compressor-pt==3.10" \
+make_env env-inc "import neural_compressor.torch, onnx_neural_compressor, PIL, yaml, rich, vlmedge" "neural-compressor-pt==3.10" \
   "onnx-neural-compressor==1.0" scipy "transformers>=5" onnxruntime==1.32.0 -e .  # scipy: an undeclared import of it

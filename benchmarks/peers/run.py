@@ -68,7 +68,7 @@ def sh(*cmd: str, env_bin: Path | None = None, log: Path | None = None) -> str:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(proc.stdout + proc.stderr)
     if proc.returncode:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]  # the exception line
         raise RuntimeError(f"{' '.join(cmd[:3])} failed: {' | '.join(tail)}")
     return proc.stdout
 
@@ -118,10 +118,13 @@ def wrap_onnx(files: dict[str, Path], like: Path, out: Path, precision: str) -> 
     so the same evaluator and harness run them."""
     import shutil
 
+    import onnx
+
     out.mkdir(parents=True, exist_ok=True)
     manifest = json.loads((like / "manifest.json").read_text())
     for tower, src in files.items():
-        shutil.copyfile(src, out / manifest["files"][tower])
+        # one self-contained file, as vlmedge ships it (INC writes the weights as external data beside the graph)
+        onnx.save(onnx.load(str(src)), str(out / manifest["files"][tower]))
     for f in like.iterdir():
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json" or f.name == "vocab.txt":
             shutil.copyfile(f, out / f.name)
@@ -144,31 +147,29 @@ def split_clip(combined: Path, out: Path) -> dict[str, Path]:
     return result
 
 
-def optimum_flow(clip_model: Path, like: Path, out: Path) -> tuple[Path, Path, dict]:
-    env = ENVS / "env-optimum" / "bin"
+def peer_flow(env_name: str, script: str, source: Path, out: Path, log: str) -> dict[str, Any]:
+    """Run a peer's flow script in its own environment once (its JSON summary is kept in OUT/flow.json)."""
+    env = ENVS / env_name / "bin"
     if not (env / "python").exists():
-        raise RuntimeError("runs/peers/env-optimum missing: run benchmarks/peers/envs.sh")
+        raise RuntimeError(f"runs/peers/{env_name} missing: run benchmarks/peers/envs.sh")
     info_file = out / "flow.json"
     if not info_file.exists():
-        stdout = sh("python", str(Path(__file__).parent / "optimum_flow.py"), str(clip_model), str(out),
-                    env_bin=env, log=WORK / "logs" / "optimum.log")
+        stdout = sh("python", str(Path(__file__).parent / script), str(source), str(out), env_bin=env,
+                    log=WORK / "logs" / f"{log}.log")
+        out.mkdir(parents=True, exist_ok=True)
         info_file.write_text(stdout.strip().splitlines()[-1])
-    info = json.loads(info_file.read_text())
+    return json.loads(info_file.read_text())
+
+
+def optimum_flow(clip_model: Path, like: Path, out: Path) -> tuple[Path, Path, dict]:
+    info = peer_flow("env-optimum", "optimum_flow.py", clip_model, out, "optimum")
     fp32 = wrap_onnx(split_clip(Path(info["fp32"]), out / "split-fp32"), like, out / "fp32-folder", "fp32")
     int8 = wrap_onnx(split_clip(Path(info["int8"]), out / "split-int8"), like, out / "int8-folder", "int8-dynamic")
     return fp32, int8, info
 
 
 def inc_onnx_flow(fp32_export: Path, out: Path) -> tuple[Path, dict]:
-    env = ENVS / "env-inc" / "bin"
-    if not (env / "python").exists():
-        raise RuntimeError("runs/peers/env-inc missing: run benchmarks/peers/envs.sh")
-    info_file = out / "flow.json"
-    if not info_file.exists():
-        stdout = sh("python", str(Path(__file__).parent / "inc_flow.py"), str(fp32_export), str(out),
-                    env_bin=env, log=WORK / "logs" / f"inc-{out.parent.name}.log")
-        info_file.write_text(stdout.strip().splitlines()[-1])
-    info = json.loads(info_file.read_text())
+    info = peer_flow("env-inc", "inc_flow.py", fp32_export, out, f"inc-{out.parent.name}")
     files = {t: Path(p) for t, p in info["files"].items()}
     return wrap_onnx(files, fp32_export, out / "folder", "int8-dynamic"), info
 
@@ -364,6 +365,26 @@ def ceilings(seconds: float = 3.0) -> dict[str, float]:
 
 # --- main -----------------------------------------------------------------------------------------------------------
 
+def common_flows(variants: list[Variant], model: str, folder: Path, out: Path, threads: int) -> Path:
+    """The flows every model goes through: PyTorch eager and torch.ao, vlmedge's export and INT8 stage, INC for
+    PyTorch and INC's ONNX flow (on vlmedge's fp32 export). Returns the fp32 export folder."""
+    fp32, int8 = export_and_quantize(folder, out, model)
+    variants += [torch_variant(model, "PyTorch eager fp32", "torch", folder),
+                 torch_variant(model, "torch.ao dynamic INT8", "torch.ao", folder, ao_int8=True),
+                 onnx_variant(model, "vlmedge export fp32 (ORT)", "vlmedge", fp32, threads),
+                 onnx_variant(model, "vlmedge INT8 stage alone", "vlmedge", int8, threads)]
+    attempt(variants, model, "INC PyTorch dynamic INT8 (compiled)", "inc", lambda: inc_pt_variant(model, folder))
+    attempt(variants, model, "INC ONNX dynamic INT8", "inc",
+            lambda: onnx_variant(model, "INC ONNX dynamic INT8", "inc", inc_onnx_flow(fp32, out / "inc")[0], threads))
+    return fp32
+
+
+def recipe_variant(variants: list[Variant], model: str, name: str, report: dict[str, Any], threads: int) -> None:
+    """The last artifact of a vlmedge recipe run, with its FLOPs (for the GOP/s figure)."""
+    variants.append(onnx_variant(model, name, "vlmedge", ROOT / final(report)["path"], threads))
+    variants[-1].flops = final(report)["flops"]
+
+
 def build_variants(quick: bool, threads: int) -> tuple[list[Variant], dict[str, Any]]:
     train_quick = ["stages.train.steps=60", "stages.distill.steps=40"] if quick else []
     context: dict[str, Any] = {}
@@ -371,20 +392,9 @@ def build_variants(quick: bool, threads: int) -> tuple[list[Variant], dict[str, 
 
     # small, dual encoder: the quickstart recipe (its teacher is the model every flow starts from)
     print("quickstart recipe (small dual encoder) ...", flush=True)
-    qs = compress("quickstart.yaml", WORK / "quickstart", train_quick, "quickstart")
-    context["quickstart"] = qs
-    teacher = ROOT / step(qs, "train")["path"]
-    fp32, int8 = export_and_quantize(teacher, WORK / "small", "small")
-    variants += [torch_variant("small", "PyTorch eager fp32", "torch", teacher),
-                 torch_variant("small", "torch.ao dynamic INT8", "torch.ao", teacher, ao_int8=True),
-                 onnx_variant("small", "vlmedge export fp32 (ORT)", "vlmedge", fp32, threads),
-                 onnx_variant("small", "vlmedge INT8 stage alone", "vlmedge", int8, threads)]
-    attempt(variants, "small", "INC PyTorch dynamic INT8 (compiled)", "inc", lambda: inc_pt_variant("small", teacher))
-    attempt(variants, "small", "INC ONNX dynamic INT8", "inc",
-            lambda: onnx_variant("small", "INC ONNX dynamic INT8", "inc",
-                                 inc_onnx_flow(fp32, WORK / "small" / "inc")[0], threads))
-    variants.append(onnx_variant("small", "vlmedge quickstart recipe", "vlmedge", ROOT / final(qs)["path"], threads))
-    variants[-1].flops = final(qs)["flops"]
+    qs = context["quickstart"] = compress("quickstart.yaml", WORK / "quickstart", train_quick, "quickstart")
+    common_flows(variants, "small", ROOT / step(qs, "train")["path"], WORK / "small", threads)
+    recipe_variant(variants, "small", "vlmedge quickstart recipe", qs, threads)
 
     # small, CLIPModel: trained with the same settings; Optimum's flow runs on this form
     print("small-clip teacher and recipe ...", flush=True)
@@ -392,52 +402,29 @@ def build_variants(quick: bool, threads: int) -> tuple[list[Variant], dict[str, 
     if not (clip / "model.safetensors").exists():
         vlmedge("train", "--preset", "small-clip", "--data", "shapes", "--out", str(clip),
                 *(["--steps", "60"] if quick else []), log="small-clip-train")
-    cfp32, cint8 = export_and_quantize(clip, WORK / "clip", "clip")
-    variants += [torch_variant("small-clip", "PyTorch eager fp32", "torch", clip),
-                 torch_variant("small-clip", "torch.ao dynamic INT8", "torch.ao", clip, ao_int8=True),
-                 onnx_variant("small-clip", "vlmedge export fp32 (ORT)", "vlmedge", cfp32, threads),
-                 onnx_variant("small-clip", "vlmedge INT8 stage alone", "vlmedge", cint8, threads)]
+    cfp32 = common_flows(variants, "small-clip", clip, WORK / "clip", threads)
 
     def optimum(which: int, name: str) -> Variant:
         if "optimum" not in context:
             context["optimum"] = optimum_flow(clip, cfp32, WORK / "clip" / "optimum")
         return onnx_variant("small-clip", name, "optimum", context["optimum"][which], threads)
 
-    attempt(variants, "small-clip", "Optimum export fp32 (ORT)", "optimum", lambda: optimum(0, "Optimum export fp32 (ORT)"))
-    attempt(variants, "small-clip", "Optimum ORTQuantizer dynamic INT8", "optimum",
-            lambda: optimum(1, "Optimum ORTQuantizer dynamic INT8"))
-    attempt(variants, "small-clip", "INC PyTorch dynamic INT8 (compiled)", "inc",
-            lambda: inc_pt_variant("small-clip", clip))
-    attempt(variants, "small-clip", "INC ONNX dynamic INT8", "inc",
-            lambda: onnx_variant("small-clip", "INC ONNX dynamic INT8", "inc",
-                                 inc_onnx_flow(cfp32, WORK / "clip" / "inc")[0], threads))
+    for which, name in enumerate(("Optimum export fp32 (ORT)", "Optimum ORTQuantizer dynamic INT8")):
+        attempt(variants, "small-clip", name, "optimum", lambda which=which, name=name: optimum(which, name))
     # the quickstart's compression stages (prune, distill, export, INT8) on the CLIP teacher
-    cr = compress(str(Path(__file__).parent / "clip-small.yaml"), WORK / "clip-recipe",
-                  [f"model.path={clip}"] + (["stages.distill.steps=40"] if quick else []), "clip-recipe")
-    context["clip-recipe"] = cr
-    variants.append(onnx_variant("small-clip", "vlmedge quickstart stages", "vlmedge", ROOT / final(cr)["path"],
-                                 threads))
-    variants[-1].flops = final(cr)["flops"]
+    cr = context["clip-recipe"] = compress(str(Path(__file__).parent / "clip-small.yaml"), WORK / "clip-recipe",
+                                           [f"model.path={clip}"] + (["stages.distill.steps=40"] if quick else []),
+                                           "clip-recipe")
+    recipe_variant(variants, "small-clip", "vlmedge quickstart stages", cr, threads)
 
     # base: latency and size only
     print("edge-cpu recipe (base, minimal teacher) ...", flush=True)
     base_overrides = ["stages.train.steps=2", "stages.train.batch_size=8", "stages.distill.steps=2",
                       "stages.distill.batch_size=8", "data.count=256", "eval.zero_shot_images=72",
                       "eval.retrieval_pairs=64", "eval.hard_negative_pairs=16"]
-    edge = compress("edge-cpu.yaml", WORK / "edge-cpu", base_overrides, "edge-cpu")
-    context["edge-cpu"] = edge
-    base = ROOT / step(edge, "train")["path"]
-    bfp32, bint8 = export_and_quantize(base, WORK / "base", "base")
-    variants += [torch_variant("base", "PyTorch eager fp32", "torch", base),
-                 torch_variant("base", "torch.ao dynamic INT8", "torch.ao", base, ao_int8=True),
-                 onnx_variant("base", "vlmedge export fp32 (ORT)", "vlmedge", bfp32, threads),
-                 onnx_variant("base", "vlmedge INT8 stage alone", "vlmedge", bint8, threads)]
-    attempt(variants, "base", "INC PyTorch dynamic INT8 (compiled)", "inc", lambda: inc_pt_variant("base", base))
-    attempt(variants, "base", "INC ONNX dynamic INT8", "inc",
-            lambda: onnx_variant("base", "INC ONNX dynamic INT8", "inc",
-                                 inc_onnx_flow(bfp32, WORK / "base" / "inc")[0], threads))
-    variants.append(onnx_variant("base", "vlmedge edge-cpu recipe", "vlmedge", ROOT / final(edge)["path"], threads))
-    variants[-1].flops = final(edge)["flops"]
+    edge = context["edge-cpu"] = compress("edge-cpu.yaml", WORK / "edge-cpu", base_overrides, "edge-cpu")
+    common_flows(variants, "base", ROOT / step(edge, "train")["path"], WORK / "base", threads)
+    recipe_variant(variants, "base", "vlmedge edge-cpu recipe", edge, threads)
     return variants, context
 
 
@@ -446,10 +433,16 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short training, small eval sets, fewer timing rounds")
     parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 7, quick 3)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the markdown from the last results.json, measuring nothing")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     global WORK
     WORK = ENVS / ("quick" if args.quick else "full")
+    if args.render_only:
+        from report_md import render
+        Path(args.results).write_text(render(json.loads((WORK / "results.json").read_text())))
+        return 0
     WORK.mkdir(parents=True, exist_ok=True)
     from vlmedge.evaluate import EvalConfig
     from vlmedge.targets.measure import environment
