@@ -81,9 +81,10 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_run, tmp_path):
     b = json.loads((reference / "report.json").read_text())["steps"]
     assert [x["name"] for x in a] == [y["name"] for y in b]
     for x, y in zip(a, b):
-        # fp32 steps agree exactly; int8 rounding of last-bit weight differences may flip one of the 32-64
-        # borderline samples of this tiny evaluation, so the quantized step may differ by one sample at most
-        tolerance = 1e-6 if x["stage"] != "quantize" else 1 / 32 + 1e-9
+        # fp32 steps agree exactly; int8 rounding of last-bit weight differences may flip one borderline sample
+        # of this tiny evaluation (its smallest set, the two-object relation pairs, holds 16-20), so the quantized
+        # step may differ by one sample at most
+        tolerance = 1e-6 if x["stage"] != "quantize" else 1 / 16 + 1e-9
         assert x["metrics"] == pytest.approx(y["metrics"], abs=tolerance), x["name"]
 
 
