@@ -54,7 +54,7 @@ def test_positions_and_relations_are_unambiguous():
                 assert min(abs(v * 3 - k) for k in (1, 2)) > 0.2
         if len(objs) == 2:
             a, b = objs
-            same_col, same_row = int(a.x * 3) == int(b.x * 3), int(a.y * 3) == int(b.y * 3)
+            same_col, same_row = a.cell[0] == b.cell[0], a.cell[1] == b.cell[1]
             assert same_col != same_row
             assert relation(a, b) in (("above", "below") if same_col else ("to the left of", "to the right of"))
 

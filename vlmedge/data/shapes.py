@@ -54,9 +54,14 @@ class Obj:
     y: float
 
     @property
+    def cell(self) -> tuple[int, int]:
+        """(column, row) of the 3 x 3 grid the centre falls in."""
+        return min(int(self.x * 3), 2), min(int(self.y * 3), 2)
+
+    @property
     def position(self) -> str:
-        h = _H[min(int(self.x * 3), 2)]
-        v = _V[min(int(self.y * 3), 2)]
+        col, row = self.cell
+        h, v = _H[col], _V[row]
         if h == "center" and v == "middle":
             return "center"
         if v == "middle":
@@ -96,7 +101,7 @@ def _sample_objects(rng: np.random.Generator, split: str, single: bool) -> list[
         col, row = (int(v) for v in rng.integers(3, size=2))
         if objs:
             other = objs[0]
-            other_col, other_row = min(int(other.x * 3), 2), min(int(other.y * 3), 2)
+            other_col, other_row = other.cell
             if (col == other_col) == (row == other_row):
                 continue  # the second object shares exactly one of row and column: one clear relation
             if colour == other.colour and shape == other.shape:
