@@ -76,31 +76,22 @@ def profile_export(folder: Path, runs: int = 50, threads: int | None = None) -> 
     Returns, per tower, rows {op_type, ms_per_run, share, nodes} sorted by time: what a speed push starts from
     (unfused subgraphs, fp32 islands between quantized ops, layout conversions show up here).
     """
-    import os
     import tempfile
 
-    from .stages.export import OnnxEncoder, open_session
+    from .stages.export import OnnxEncoder
     from .targets import sample_inputs
 
     if artifact_kind(folder) != "onnx":
         raise VlmedgeError(f"{folder}: --profile needs an export folder (manifest.json)")
-    folder = folder.resolve()  # ORT writes its profile into the working directory, which changes below
-    enc = OnnxEncoder(folder, threads=threads)
-    pixels, tokens = sample_inputs(enc.preprocess, enc.tokenize, 1)
-    feeds = {"image": {"pixel_values": pixels}, "text": tokens}
     out: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        cwd = os.getcwd()
-        os.chdir(tmp)
-        try:
-            for tower, name in enc.manifest["files"].items():
-                sess = open_session(folder / name, threads, profile=True)
-                for _ in range(runs):
-                    sess.run(None, feeds[tower])
-                events = json.loads(Path(sess.end_profiling()).read_text())
-                out[tower] = _op_table(events, runs)
-        finally:
-            os.chdir(cwd)
+        enc = OnnxEncoder(folder, threads=threads, profile=Path(tmp) / "ort")
+        pixels, tokens = sample_inputs(enc.preprocess, enc.tokenize, 1)
+        for tower, sess, feeds in (("image", enc.image_session, {"pixel_values": pixels}),
+                                   ("text", enc.text_session, tokens)):
+            for _ in range(runs):
+                sess.run(None, feeds)
+            out[tower] = _op_table(json.loads(Path(sess.end_profiling()).read_text()), runs)
     return out
 
 

@@ -54,7 +54,6 @@ class Variant:
     size_bytes: int | None = None
     flops: dict[str, int] | None = None
     error: str | None = None
-    notes: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     samples: dict[str, list[float]] = field(default_factory=lambda: {"image": [], "text": [], "pair": []})
 
@@ -280,7 +279,7 @@ def inc_pt_variant(model_name: str, folder: Path) -> Variant:
             return text_fn(ids, mask)
 
     return Variant(model_name, "INC PyTorch dynamic INT8 (compiled)", "inc", CompiledEncoder(vlm, image_fn, text_fn),
-                   image, text, notes="in-memory compiled graph; no file on disk to size")
+                   image, text)  # an in-memory compiled graph: no file on disk to size
 
 
 def onnx_variant(model_name: str, name: str, flow: str, folder: Path, threads: int) -> Variant:

@@ -191,8 +191,9 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def open_session(path: Path, threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 profile: bool = False):
-    """An ONNX Runtime session, with a one-line error for a missing or corrupted file."""
+                 profile: str | os.PathLike | None = None):
+    """An ONNX Runtime session, with a one-line error for a missing or corrupted file. `profile`: a file prefix;
+    when given, ONNX Runtime's profiler records every kernel into PREFIX_<time>.json (see `end_profiling`)."""
     import onnxruntime as ort
 
     if not path.is_file():
@@ -206,7 +207,9 @@ def open_session(path: Path, threads: int | None = None, providers: Sequence[str
     # No spin-waiting: with two sessions (image, text) on a 2-core CPU, one pool's spinning threads stalled the
     # other's run (measured: pair p90 4.7-5.7 ms with spinning, 1.2 ms without; p50 unchanged).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.enable_profiling = profile
+    if profile is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile)
     try:
         return ort.InferenceSession(str(path), opts, providers=list(providers))
     except Exception as e:  # ORT raises its own exception types for invalid models
@@ -217,7 +220,8 @@ class OnnxEncoder:
     """An export folder as an `Encoder` for the evaluator: the ONNX files run in ONNX Runtime."""
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",), batch_size: int = 64):
+                 providers: Sequence[str] = ("CPUExecutionProvider",), batch_size: int = 64,
+                 profile: str | os.PathLike | None = None):
         from ..models import Preprocess
 
         self.folder = Path(folder)
@@ -225,8 +229,9 @@ class OnnxEncoder:
         self.preprocess = Preprocess(**self.manifest["preprocess"])
         self.batch_size = batch_size
         files = self.manifest["files"]
-        self.image_session = open_session(self.folder / files["image"], threads, providers)
-        self.text_session = open_session(self.folder / files["text"], threads, providers)
+        prefix = {t: None if profile is None else f"{profile}-{t}" for t in ("image", "text")}
+        self.image_session = open_session(self.folder / files["image"], threads, providers, prefix["image"])
+        self.text_session = open_session(self.folder / files["text"], threads, providers, prefix["text"])
         self._tokenizer = None
 
     @property
