@@ -11,15 +11,27 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to `path` through a temporary file and an atomic rename."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
+    """An open file that becomes `path` by an atomic rename once the block ends without error. The temporary name is
+    unique per writer, so processes writing the same file at once (DDP ranks filling one cache) never collide."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to `path` through a temporary file and an atomic rename."""
+    with atomic_file(path) as f:
         json.dump(data, f, indent=2, sort_keys=False, default=_json_default)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def read_json(path: str | os.PathLike, missing: str) -> Any:
@@ -36,12 +48,8 @@ def read_json(path: str | os.PathLike, missing: str) -> Any:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_file(path) as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def _json_default(obj: Any) -> Any:

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .._io import cache_dir
+from .._io import atomic_file, cache_dir
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -286,10 +286,8 @@ def load_shapes(split: str = "train", count: int = 20000, resolution: int = 64, 
         iterator = track(iterator, description=f"rendering shapes/{split}", total=count, transient=True)
     for i in iterator:
         images[i] = render(objects[i], resolution, np.random.default_rng([base_seed, i, 1]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial.npz")
-    np.savez(tmp, images=images)
-    tmp.replace(path)
+    with atomic_file(path, "wb") as f:  # DDP ranks may render the same split at once
+        np.savez(f, images=images)
     return ShapesData(images, objects, split, seed)
 
 
