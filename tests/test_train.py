@@ -1,5 +1,7 @@
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -70,10 +72,22 @@ def test_two_process_gloo_matches_one_process(tmp_path):
             "--lr", "3e-3", "--warmup-steps", "1", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # --standalone: torchrun binds a free port itself (a port picked beforehand can be taken by the time it binds)
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "vlmedge", *args, "--out", str(tmp_path / "ddp")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    def torchrun(out):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "vlmedge", *args, "--out", str(out)], capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    ddp = torchrun(tmp_path / "ddp")
+    if ddp.returncode != 0 and "SIGABRT" in ddp.stderr:
+        # CI once saw a rank killed by gloo's C++ abort (not a Python error; never reproduced here, 20 runs, loaded
+        # and idle); one retry into a fresh folder keeps the test about DDP's arithmetic, a second abort still fails
+        print("first torchrun run aborted by a signal; retrying once:\n" + ddp.stderr[-1500:], file=sys.stderr)
+        shutil.rmtree(tmp_path / "ddp", ignore_errors=True)
+        ddp = torchrun(tmp_path / "ddp")
+    # torchrun's own traceback fills the tail; the ranks' first complaints (a C++ 'terminate ... what():', a Python
+    # error) come earlier, so show those too
+    cause = [line for line in ddp.stderr.splitlines() if re.search(r"terminate|what\(\)|Error|error:", line)][:12]
+    assert ddp.returncode == 0, "\n".join(cause) + "\n...\n" + ddp.stderr[-1500:]
     single = subprocess.run([sys.executable, "-m", "vlmedge", *args, "--out", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]

@@ -201,6 +201,17 @@ class Dist:
         parts[self.rank] = local
         return torch.cat(parts)
 
+    def close(self) -> None:
+        """Wait for every rank (rank 0 writes the model), then tear the process group down explicitly: a gloo group
+        left to the interpreter's exit can abort a rank whose peer has already gone."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def sum_gradients(self, params) -> None:
         if self.world == 1:
             return
@@ -420,6 +431,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
             vlm.save(tmp)
             write_json(tmp / "train_summary.json", summary)
         finish_model_folder(out / ".model.partial", out)
+    dist.close()
     return summary
 
 
