@@ -351,7 +351,7 @@ def _add_export(sub) -> None:
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="INT8 (dynamic or static QDQ) or FP16 with ONNX Runtime's quantizers",
                        description="Quantize an fp32 export folder. dynamic: the fast CPU default. static: QDQ with "
-                                   "calibration batches (MatMul/Gemm/Gather/Conv), the form TensorRT consumes. fp16: "
+                                   "calibration batches (MatMul/Gemm/Gather), the form TensorRT consumes. fp16: "
                                    "ORT's float16 converter. --max-drop makes it accuracy-aware: layer groups fall "
                                    "back to fp32 until the metric is within the tolerance.",
                        epilog="example: vlmedge quantize runs/onnx --out runs/int8 --mode dynamic --max-drop 0.01")
@@ -364,7 +364,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--calibration-batches", type=int, default=8)
     p.add_argument("--exclude-node", action="append", help="node name or regex kept in fp32 (repeatable)")
     p.add_argument("--op-type", action="append",
-                   help="op type to quantize (repeatable; default MatMul, Gemm, Gather, Conv)")
+                   help="op type to quantize (repeatable; default MatMul, Gemm, Gather)")
     p.add_argument("--exclude-op-type", action="append", help="op type kept in fp32 (repeatable)")
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
                    help="one weight scale per output channel (default: yes for static, no for dynamic)")

@@ -69,6 +69,55 @@ def _wrappers(model):
     return ImageEncoder().eval(), TextEncoder().eval()
 
 
+class _patchify_as_matmul:
+    """While exporting, compute each patch-embedding Conv (kernel == stride, no padding: the ViT and CLIP stems) as
+    patchify (Reshape + Transpose) and one MatMul. Same arithmetic; but ONNX Runtime's ConvInteger is a slow kernel
+    (measured: the `base` stem as ConvInteger took 4.4 ms of a 16 ms image tower, 53 GOP/s), while a MatMul quantizes
+    to the same fused integer GEMM as every other layer. The torch model is restored on exit."""
+
+    def __init__(self, model, image_size: int):
+        self.model, self.image_size, self.swapped = model, image_size, []
+
+    def __enter__(self):
+        import torch
+
+        for parent in list(self.model.modules()):
+            for name, conv in list(parent.named_children()):
+                if (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == conv.stride and conv.groups == 1
+                        and conv.padding == (0, 0) and conv.dilation == (1, 1)
+                        and self.image_size % conv.kernel_size[0] == 0 == self.image_size % conv.kernel_size[1]):
+                    setattr(parent, name, _PatchLinear(conv, self.image_size))
+                    self.swapped.append((parent, name, conv))
+        return self
+
+    def __exit__(self, *exc):
+        for parent, name, conv in self.swapped:
+            setattr(parent, name, conv)
+
+
+def _PatchLinear(conv, image_size: int):
+    import torch
+
+    class PatchLinear(torch.nn.Module):
+        """Conv2d(kernel == stride) as patchify + Linear; returns the Conv's [batch, out, h, w]."""
+
+        def __init__(self):
+            super().__init__()
+            (self.ph, self.pw), self.channels = conv.kernel_size, conv.in_channels
+            self.h, self.w = image_size // self.ph, image_size // self.pw
+            # `weight` keeps the Conv's name: the towers read `projection.weight.dtype`
+            self.weight = torch.nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1))
+            self.bias = conv.bias
+
+        def forward(self, x):
+            x = x.reshape(-1, self.channels, self.h, self.ph, self.w, self.pw).permute(0, 2, 4, 1, 3, 5)
+            y = torch.nn.functional.linear(x.reshape(-1, self.h * self.w, self.channels * self.ph * self.pw),
+                                           self.weight, self.bias)
+            return y.transpose(1, 2).reshape(-1, y.shape[-1], self.h, self.w)
+
+    return PatchLinear()
+
+
 def _random_inputs(vlm, n: int, seed: int):
     """Fresh inputs for parity: random pixels, random token ids with random padding."""
     rng = np.random.default_rng(seed)
@@ -97,7 +146,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
     pixels, ids, mask = _random_inputs(vlm, max(2, cfg.parity_samples), cfg.seed)
     large = count_parameters(vlm.model) * 4 > TWO_GB
     with atomic_dir(out) as tmp:
-        with torch.no_grad(), _quiet_export():
+        with torch.no_grad(), _quiet_export(), _patchify_as_matmul(vlm.model, vlm.preprocess.image_size):
             torch.onnx.export(image_enc, (torch.from_numpy(pixels[:1]),), str(tmp / TOWER_FILES["image"]),
                               input_names=["pixel_values"], output_names=["image_embeds"], opset_version=cfg.opset,
                               dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
@@ -192,26 +241,13 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
 
 def open_session(path: Path, threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",),
                  profile: str | os.PathLike | None = None):
-    """An ONNX Runtime session, with a one-line error for a missing or corrupted file. `profile`: a file prefix;
-    when given, ONNX Runtime's profiler records every kernel into PREFIX_<time>.json (see `end_profiling`)."""
-    import onnxruntime as ort
+    """`measure.ort_session` with a one-line error for a missing or corrupted file."""
+    from ..targets.measure import ort_session
 
     if not path.is_file():
         raise VlmedgeError(f"{path}: file not found")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    # No spin-waiting: with two sessions (image, text) on a 2-core CPU, one pool's spinning threads stalled the
-    # other's run (measured: pair p90 4.7-5.7 ms with spinning, 1.2 ms without; p50 unchanged).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if profile is not None:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(profile)
     try:
-        return ort.InferenceSession(str(path), opts, providers=list(providers))
+        return ort_session(path, threads, providers, profile)
     except Exception as e:  # ORT raises its own exception types for invalid models
         raise VlmedgeError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
 

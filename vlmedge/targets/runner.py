@@ -99,12 +99,7 @@ def run_ort(folder: Path, cfg: measure.MeasureConfig, providers: list[str] | Non
     manifest = json.loads((folder / "manifest.json").read_text())
     available = ort.get_available_providers()
     providers = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in available]
-    opts = ort.SessionOptions()
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see stages/export.py open_session
-    if cfg.threads:
-        opts.intra_op_num_threads = cfg.threads
-    img = ort.InferenceSession(str(folder / manifest["files"]["image"]), opts, providers=providers)
-    txt = ort.InferenceSession(str(folder / manifest["files"]["text"]), opts, providers=providers)
+    img, txt = (measure.ort_session(folder / manifest["files"][t], cfg.threads, providers) for t in ("image", "text"))
     pixels, tokens = _inputs(manifest, cfg.throughput_batch)
     text_embeds = txt.run(None, {k: v[:1].repeat(36, 0) for k, v in tokens.items()})[0]
 
