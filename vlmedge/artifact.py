@@ -51,8 +51,20 @@ class Artifact:
             return None
 
 
+# Bumped when a stage's output for the same configuration changes (a new graph form, a fix), so that a rerun into an
+# old run folder makes that step and every later one again instead of reusing what older code made. A stage at
+# revision 1 hashes as it always did.
+STAGE_REVISIONS = {
+    "export": 2,  # 2: patch embedding exported as patchify + MatMul
+    "quantize": 2,  # 2: no SkipLayerNormalization in the saved graph; Conv no longer a default op type
+}
+
+
 def artifact_id(parent: str | None, stage: str, config: Any) -> str:
-    blob = json.dumps({"parent": parent, "stage": stage, "config": config}, sort_keys=True, default=str)
+    record = {"parent": parent, "stage": stage, "config": config}
+    if STAGE_REVISIONS.get(stage, 1) > 1:
+        record["revision"] = STAGE_REVISIONS[stage]
+    blob = json.dumps(record, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

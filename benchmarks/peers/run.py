@@ -98,13 +98,16 @@ def final(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_and_quantize(model: Path, out: Path, log: str) -> tuple[Path, Path]:
+    from vlmedge.artifact import STAGE_REVISIONS
+
     fp32, int8 = out / "vlmedge-fp32", out / "vlmedge-int8"
-    stamp = out / "source.txt"  # artifacts made from another teacher (a retrained one) are made again
-    if not stamp.exists() or stamp.read_text() != str(model.resolve()):
+    # artifacts made from another teacher (a retrained one), or by an older export/quantize, are made again
+    stamp, source = out / "source.txt", f"{model.resolve()}\n{json.dumps(STAGE_REVISIONS, sort_keys=True)}"
+    if not stamp.exists() or stamp.read_text() != source:
         import shutil
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        stamp.write_text(str(model.resolve()))
+        stamp.write_text(source)
     if not (fp32 / "manifest.json").exists():
         vlmedge("export", str(model), "--out", str(fp32), "--no-eval", log=f"{log}-export")
     if not (int8 / "manifest.json").exists():
