@@ -47,3 +47,29 @@ def test_bench_profile_lists_kernel_time_per_op_type(tiny_export, tiny_model, tm
     assert "image: ORT kernel time by op" in capsys.readouterr().out
     assert main(["bench", str(tiny_model), "--profile"]) == 1
     assert "needs an export folder" in capsys.readouterr().err
+
+
+def test_device_runner_tunes_threads_when_the_artifact_was_tuned_elsewhere(tiny_export, tmp_path):
+    """The on-board runner re-tunes an artifact tuned on another machine, and measures with its own choice."""
+    import os
+    import shutil
+
+    import pytest
+
+    from vlmedge.targets.measure import MeasureConfig, machine_key
+    from vlmedge.targets.runner import run_ort
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("thread tuning needs at least 2 cores")
+    board = tmp_path / "bundle"
+    shutil.copytree(tiny_export, board)
+    manifest = json.loads((board / "manifest.json").read_text())
+    manifest["threads"] = {"image": 7, "text": 7, "tuned_on": {"cpu": "the build server", "cores": 64}}
+    (board / "manifest.json").write_text(json.dumps(manifest))
+    fast = MeasureConfig(warmup=1, min_runs=3, min_seconds=0.0, throughput_batch=2)
+    result = run_ort(board, fast, providers=["CPUExecutionProvider"])
+    tuning = result["thread_tuning"]
+    assert tuning["tuned_on"] == machine_key()
+    assert result["tower_threads"] == {"image": tuning["image"], "text": tuning["text"]}
+    assert run_ort(board, fast, providers=["CPUExecutionProvider"], tune=False)["tower_threads"] == \
+        {"image": os.cpu_count(), "text": os.cpu_count()}  # ORT's default, not the other machine's 7

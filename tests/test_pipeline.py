@@ -33,6 +33,10 @@ def test_compress_writes_the_report_with_every_step(tiny_run):
     for part in ("image", "text", "pair", "zero_shot"):
         assert lat[part]["p50_ms"] <= lat[part]["p90_ms"] <= lat[part]["p99_ms"]
     assert lat["threads"] >= 1 and lat["batch"] == 1 and lat["device"]
+    # the cpu target ran each tower on the thread count tuned into the artifact's manifest
+    manifest = json.loads(next(out.glob("04-quantize-*/onnx/manifest.json")).read_text())
+    if (os.cpu_count() or 1) > 1:
+        assert lat["tower_threads"] == {"image": manifest["threads"]["image"], "text": manifest["threads"]["text"]}
     assert final["speedup_vs_teacher"]["cpu"]["pair_p50"] > 0
     assert final["size_bytes"] < on_disk["steps"][3]["size_bytes"]
     assert final["retention"]["zero_shot.top1"] >= 0

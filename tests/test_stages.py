@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import numpy as np
@@ -176,3 +177,26 @@ def test_accuracy_aware_quantization_falls_back_until_within_tolerance(tiny_expo
     aa = r["accuracy_aware"]
     assert aa["within_tolerance"] and aa["steps"], aa
     assert sum(len(v) for v in r["kept_fp32"].values()) == len(aa["steps"])
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="thread tuning needs at least 2 cores")
+def test_thread_tuning_is_recorded_per_tower_and_used_only_on_the_same_machine(tiny_export, tmp_path):
+    from vlmedge.targets.measure import machine_key
+
+    tuning = json.loads((tiny_export / "manifest.json").read_text())["threads"]
+    counts = {int(n) for n in tuning["p50_ms"]["image"]}
+    assert {1, os.cpu_count()} <= counts and tuning["tuned_on"] == machine_key()
+    for tower in ("image", "text"):  # the recorded choice is the fastest measured count
+        assert tuning[tower] == min(counts, key=lambda n: tuning["p50_ms"][tower][str(n)])
+    assert OnnxEncoder(tiny_export).threads == {"image": tuning["image"], "text": tuning["text"]}
+    assert OnnxEncoder(tiny_export, threads=2).threads == {"image": 2, "text": 2}
+    # another machine: the tuning does not apply (ONNX Runtime's default)
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_export, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["threads"]["tuned_on"]["cpu"] = "another CPU"
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    assert OnnxEncoder(moved).threads == {"image": None, "text": None}
+    # a quantized folder gets its own tuning, or none when asked: never the fp32 export's
+    quantize(tiny_export, tmp_path / "q", QuantizeConfig(tune_threads=False))
+    assert "threads" not in json.loads((tmp_path / "q" / "manifest.json").read_text())

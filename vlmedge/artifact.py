@@ -55,8 +55,8 @@ class Artifact:
 # old run folder makes that step and every later one again instead of reusing what older code made. A stage at
 # revision 1 hashes as it always did.
 STAGE_REVISIONS = {
-    "export": 2,  # 2: patch embedding exported as patchify + MatMul
-    "quantize": 2,  # 2: no SkipLayerNormalization in the saved graph; Conv no longer a default op type
+    "export": 3,  # 2: patch embedding exported as patchify + MatMul; 3: tuned thread counts in the manifest
+    "quantize": 3,  # 2: no SkipLayerNormalization in the saved graph, Conv no longer a default op type; 3: threads
 }
 
 

@@ -124,10 +124,12 @@ def cmd_distill(args) -> int:
 def cmd_export(args) -> int:
     from .stages.export import ExportConfig, export
 
-    result = export(args.model, args.out, ExportConfig(opset=args.opset, zero_shot_labels=tuple(args.label or ())))
+    result = export(args.model, args.out, ExportConfig(opset=args.opset, zero_shot_labels=tuple(args.label or ()),
+                                                       tune_threads=args.tune_threads))
     for tower, p in result["parity"].items():
         print(f"{tower}: max abs diff {p['max_abs_diff']:.2e}, min cosine {p['cosine_min']:.7f}")
     print(f"{result['size_bytes'] / 1e6:.2f} MB of ONNX in {args.out}")
+    _say_threads(args.out)
     _eval_after(args.out, args)
     return 0
 
@@ -140,6 +142,7 @@ def cmd_quantize(args) -> int:
                          calibration_batches=args.calibration_batches, exclude_nodes=tuple(args.exclude_node or ()),
                          exclude_op_types=tuple(args.exclude_op_type or ()), max_drop=args.max_drop,
                          metric=args.metric, data=args.data, optimize=args.optimize, per_channel=args.per_channel,
+                         tune_threads=args.tune_threads,
                          **({"op_types": tuple(args.op_type)} if args.op_type else {}))
     eval_cfg = EvalConfig(data=args.data)
     result = quantize(args.onnx, args.out, cfg, evaluate_fn=lambda enc: flat_metrics(evaluate(enc, eval_cfg)))
@@ -148,6 +151,7 @@ def cmd_quantize(args) -> int:
           f"({result['why']}); cosine to fp32 >= {min(result['drift'].values()):.4f}")
     if any(result["kept_fp32"].values()):
         print(f"kept in fp32: {result['kept_fp32']}")
+    _say_threads(args.out)
     _eval_after(args.out, args)
     return 0
 
@@ -286,6 +290,21 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _add_tune_flag(p) -> None:
+    p.add_argument("--no-tune-threads", dest="tune_threads", action="store_false",
+                   help="do not time the towers at 1, 2, 4, ... threads to record the fastest in the manifest")
+
+
+def _say_threads(folder) -> None:
+    from .stages.export import read_manifest
+
+    tuning = read_manifest(folder).get("threads")
+    if tuning:
+        print("threads tuned on this CPU (batch-1 p50): " + "; ".join(
+            f"{t} {tuning[t]} (" + ", ".join(f"{n}: {ms:.2f} ms" for n, ms in tuning["p50_ms"][t].items()) + ")"
+            for t in ("image", "text")))
+
+
 def _add_eval_flags(p) -> None:
     p.add_argument("--data", default="shapes", help="data for calibration and evaluation (default: shapes)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluating the result")
@@ -344,6 +363,7 @@ def _add_export(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--label", action="append", help="zero-shot label caption to precompute (repeatable)")
+    _add_tune_flag(p)
     _add_eval_flags(p)
     p.set_defaults(func=cmd_export)
 
@@ -372,6 +392,7 @@ def _add_quantize(sub) -> None:
                    help="save ONNX Runtime's offline-optimized graph (auto: extended for dynamic, none otherwise)")
     p.add_argument("--max-drop", type=float, help="accuracy-aware: largest allowed drop of --metric")
     p.add_argument("--metric", default="zero_shot.top1")
+    _add_tune_flag(p)
     _add_eval_flags(p)
     p.set_defaults(func=cmd_quantize)
 
@@ -416,7 +437,8 @@ def _add_bench(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path")
     p.add_argument("--target", action="append", choices=sorted(TARGETS), help="repeatable (default: cpu)")
-    p.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: an export folder's per-tower counts "
+                                               "tuned on this CPU, from its manifest; else all cores)")
     p.add_argument("--warmup", type=int)
     p.add_argument("--min-runs", type=int)
     p.add_argument("--min-seconds", type=float)

@@ -37,6 +37,13 @@ REFERENCE = ("teacher", "torch")
 KEY_METRICS = ("zero_shot.top1", "zero_shot.top5", "retrieval.i2t_r5", "retrieval.t2i_r5", "hard_negatives.colour")
 
 
+def _threads(lat: dict[str, Any]) -> str:
+    """'2', or 'image 1, text 2' when the towers ran on different counts (tuned per tower)."""
+    from .targets.measure import threads_label
+
+    return threads_label(lat["tower_threads"]) if lat.get("tower_threads") else str(lat.get("threads"))
+
+
 def build(recipe, steps, bench: dict | None) -> dict[str, Any]:
     from .recipe import to_dict
 
@@ -116,7 +123,7 @@ def markdown(report: dict) -> str:
                   + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items())]
         for s in report["steps"]:
             for t, lat in s.get("latency", {}).items():
-                lines.append(f"- {s['name']} on {t}: {lat['device']}, {lat['runtime']}, {lat['threads']} threads, "
+                lines.append(f"- {s['name']} on {t}: {lat['device']}, {lat['runtime']}, {_threads(lat)} threads, "
                              f"{lat['precision']}, {lat['pair']['samples']} samples (pair), "
                              f"CV {lat['pair']['cv']:.2f}; throughput {lat['throughput']['images_per_s']:.0f} img/s "
                              f"at batch {lat['throughput']['batch']}")

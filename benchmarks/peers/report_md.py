@@ -16,7 +16,8 @@ def summarise(variants) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"model": v.model, "variant": v.name, "flow": v.flow, "error": v.error,
                                "size_bytes": v.size_bytes, "metrics": {k: v.metrics[k] for k in METRICS if k in v.metrics}}
         if v.error is None:
-            row["latency"] = {k: stats(s) for k, s in v.samples.items()}
+            row["latency"] = {k: stats(s) for k, s in v.samples.items() if s}
+            row["threads"] = v.threads
         if v.flops and "latency" in row:
             row["flops"] = v.flops
             row["image_gops"] = v.flops["image"] / (row["latency"]["image"]["p50_ms"] / 1e3) / 1e9
@@ -84,6 +85,9 @@ def comparisons(rows: list[dict[str, Any]]) -> list[str]:
             if a["metrics"] and b["metrics"]:
                 acc = (f"; top-1 {a['metrics']['zero_shot.top1']:.3f} vs {b['metrics']['zero_shot.top1']:.3f}, "
                        f"i2t R@5 {a['metrics']['retrieval.i2t_r5']:.3f} vs {b['metrics']['retrieval.i2t_r5']:.3f}")
+            if "pair_1t" in a["latency"] and "pair_1t" in b["latency"]:
+                one_a, one_b = a["latency"]["pair_1t"]["p90_ms"], b["latency"]["pair_1t"]["p90_ms"]
+                acc += f" (both on 1 thread: {one_a:.2f} vs {one_b:.2f} ms = {one_b / one_a:.2f}x)"
             out.append(f"- {model}: {ours} vs {peer}: pair p90 {a['latency']['pair']['p90_ms']:.2f} vs "
                        f"{b['latency']['pair']['p90_ms']:.2f} ms = **{speed:.2f}x**{acc}")
     return out
@@ -102,6 +106,8 @@ def peer_wins(rows: list[dict[str, Any]]) -> list[str]:
               ("image p50 ms", lambda r: r["latency"]["image"]["p50_ms"], False),
               ("text p50 ms", lambda r: r["latency"]["text"]["p50_ms"], False),
               ("pair p90 ms", lambda r: r["latency"]["pair"]["p90_ms"], False),
+              ("pair p90 ms with both on 1 thread",
+               lambda r: r["latency"]["pair_1t"]["p90_ms"] if "pair_1t" in r["latency"] else None, False),
               ("size MB", lambda r: r["size_bytes"] / 1e6 if r["size_bytes"] else None, False)]
     for model in dict.fromkeys(r["model"] for r in rows):
         ours = _find(rows, model, OURS[0])
@@ -119,6 +125,24 @@ def peer_wins(rows: list[dict[str, Any]]) -> list[str]:
                     out.append(f"- {model}: {peer} beats vlmedge's INT8 stage on {label}: {b:.3f} vs {a:.3f}")
     return out or ["- none in this run"]
 
+
+def thread_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Every ONNX variant's pair at the threads of the tables above and with both towers on 1 thread."""
+    lines = ["| model | variant | threads above | pair p50 / p90 ms there | pair p50 / p90 ms on 1 thread |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lat = r.get("latency", {})
+        if "pair_1t" not in lat:
+            continue
+        lines.append(f"| {r['model']} | {r['variant']} | {r['threads']} | {lat['pair']['p50_ms']:.2f} / "
+                     f"{lat['pair']['p90_ms']:.2f} | {lat['pair_1t']['p50_ms']:.2f} / {lat['pair_1t']['p90_ms']:.2f} |")
+    return lines
+
+
+THREADS = """vlmedge's export and quantize stages time each tower at 1, 2, 4, ... threads on the machine that makes them and
+record the fastest count in the manifest; its runners (and the rows above) use it. The peers' rows run at all
+cores, ONNX Runtime's default. The 1-thread column gives every ONNX variant the same setting: compare it to see
+how much of a difference is the graph and how much is the thread setting."""
 
 NOTES = """## How to read this
 
@@ -178,6 +202,8 @@ def render(results: dict[str, Any]) -> str:
         parts += [f"## {title}", "", table(rows, model, accuracy), ""]
     parts += ["## vlmedge INT8 against each peer's INT8 (same model, same run)", ""] + comparisons(rows) + [""]
     parts += ["## Where a peer wins", ""] + peer_wins(rows) + [""]
+    if any("pair_1t" in r.get("latency", {}) for r in rows):
+        parts += ["## Thread settings", "", THREADS, ""] + thread_table(rows) + [""]
     edge = _find(rows, "base", "vlmedge edge-cpu recipe")
     if edge and edge.get("image_gops"):
         parts += ["## The speed push (base, edge-cpu recipe)", "",

@@ -54,6 +54,10 @@ class Variant:
     size_bytes: int | None = None
     flops: dict[str, int] | None = None
     error: str | None = None
+    threads: str | None = None
+    """ONNX variants: the intra-op threads of the main timing ('1', 'image 1, text 2', ...)."""
+    one_thread: Callable[[], Any] | None = None
+    """ONNX variants: the pair again with both towers on 1 thread, timed in the same rounds ('pair_1t')."""
     metrics: dict[str, float] = field(default_factory=dict)
     samples: dict[str, list[float]] = field(default_factory=lambda: {"image": [], "text": [], "pair": []})
 
@@ -131,6 +135,7 @@ def wrap_onnx(files: dict[str, Path], like: Path, out: Path, precision: str) -> 
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json" or f.name == "vocab.txt":
             shutil.copyfile(f, out / f.name)
     manifest.update(precision=precision, source=str(files))
+    manifest.pop("threads", None)  # vlmedge's thread tuning of its own graphs: a peer's run at its default
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
 
@@ -285,14 +290,21 @@ def inc_pt_variant(model_name: str, folder: Path) -> Variant:
                    image, text)  # an in-memory compiled graph: no file on disk to size
 
 
-def onnx_variant(model_name: str, name: str, flow: str, folder: Path, threads: int) -> Variant:
+def onnx_variant(model_name: str, name: str, flow: str, folder: Path, threads: int | None) -> Variant:
+    """threads=None: the tuned per-tower counts of a vlmedge manifest (what vlmedge's runners use)."""
     from vlmedge.stages.export import OnnxEncoder, onnx_size
     from vlmedge.targets import sample_inputs
+    from vlmedge.targets.measure import threads_label
 
-    enc = OnnxEncoder(folder, threads=threads)
+    enc, single = OnnxEncoder(folder, threads=threads), OnnxEncoder(folder, threads=1)
     pixels, tokens = sample_inputs(enc.preprocess, enc.tokenize, 1)
+
+    def one_thread():
+        single.run_image(pixels)
+        single.run_text(tokens["input_ids"], tokens["attention_mask"])
     return Variant(model_name, name, flow, enc, lambda: enc.run_image(pixels),
-                   lambda: enc.run_text(tokens["input_ids"], tokens["attention_mask"]), size_bytes=onnx_size(folder))
+                   lambda: enc.run_text(tokens["input_ids"], tokens["attention_mask"]), size_bytes=onnx_size(folder),
+                   threads=threads_label(enc.threads), one_thread=one_thread)
 
 
 def attempt(variants: list[Variant], model_name: str, name: str, flow: str, build: Callable[[], Variant]) -> None:
@@ -316,7 +328,9 @@ def measure(variants: list[Variant], rounds: int, runs: int) -> None:
             def pair(v=v):
                 v.image()
                 v.text()
-            for kind, fn in (("image", v.image), ("text", v.text), ("pair", pair)):
+            timed = [("image", v.image), ("text", v.text), ("pair", pair)]
+            for kind, fn in timed + ([("pair_1t", v.one_thread)] if v.one_thread else []):
+                v.samples.setdefault(kind, [])
                 v.samples[kind] += time_fn(fn, cfg, keep_samples=True)["samples_ms"]
 
 
@@ -333,7 +347,6 @@ def evaluate_all(variants: list[Variant], eval_cfg) -> None:
 
 def ceilings(seconds: float = 3.0) -> dict[str, float]:
     """This machine's ONNX Runtime GEMM ceilings (2048^3, 2 threads): fp32 MatMul and u8s8 MatMulInteger."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -373,17 +386,17 @@ def common_flows(variants: list[Variant], model: str, folder: Path, out: Path, t
     fp32, int8 = export_and_quantize(folder, out, model)
     variants += [torch_variant(model, "PyTorch eager fp32", "torch", folder),
                  torch_variant(model, "torch.ao dynamic INT8", "torch.ao", folder, ao_int8=True),
-                 onnx_variant(model, "vlmedge export fp32 (ORT)", "vlmedge", fp32, threads),
-                 onnx_variant(model, "vlmedge INT8 stage alone", "vlmedge", int8, threads)]
+                 onnx_variant(model, "vlmedge export fp32 (ORT)", "vlmedge", fp32, None),
+                 onnx_variant(model, "vlmedge INT8 stage alone", "vlmedge", int8, None)]
     attempt(variants, model, "INC PyTorch dynamic INT8 (compiled)", "inc", lambda: inc_pt_variant(model, folder))
     attempt(variants, model, "INC ONNX dynamic INT8", "inc",
             lambda: onnx_variant(model, "INC ONNX dynamic INT8", "inc", inc_onnx_flow(fp32, out / "inc")[0], threads))
     return fp32
 
 
-def recipe_variant(variants: list[Variant], model: str, name: str, report: dict[str, Any], threads: int) -> None:
+def recipe_variant(variants: list[Variant], model: str, name: str, report: dict[str, Any]) -> None:
     """The last artifact of a vlmedge recipe run, with its FLOPs (for the GOP/s figure)."""
-    variants.append(onnx_variant(model, name, "vlmedge", ROOT / final(report)["path"], threads))
+    variants.append(onnx_variant(model, name, "vlmedge", ROOT / final(report)["path"], None))
     variants[-1].flops = final(report)["flops"]
 
 
@@ -396,7 +409,7 @@ def build_variants(quick: bool, threads: int) -> tuple[list[Variant], dict[str, 
     print("quickstart recipe (small dual encoder) ...", flush=True)
     qs = context["quickstart"] = compress("quickstart.yaml", WORK / "quickstart", train_quick, "quickstart")
     common_flows(variants, "small", ROOT / step(qs, "train")["path"], WORK / "small", threads)
-    recipe_variant(variants, "small", "vlmedge quickstart recipe", qs, threads)
+    recipe_variant(variants, "small", "vlmedge quickstart recipe", qs)
 
     # small, CLIPModel: trained with the same settings; Optimum's flow runs on this form
     print("small-clip teacher and recipe ...", flush=True)
@@ -417,7 +430,7 @@ def build_variants(quick: bool, threads: int) -> tuple[list[Variant], dict[str, 
     cr = context["clip-recipe"] = compress(str(Path(__file__).parent / "clip-small.yaml"), WORK / "clip-recipe",
                                            [f"model.path={clip}"] + (["stages.distill.steps=40"] if quick else []),
                                            "clip-recipe")
-    recipe_variant(variants, "small-clip", "vlmedge quickstart stages", cr, threads)
+    recipe_variant(variants, "small-clip", "vlmedge quickstart stages", cr)
 
     # base: latency and size only
     print("edge-cpu recipe (base, minimal teacher) ...", flush=True)
@@ -426,7 +439,7 @@ def build_variants(quick: bool, threads: int) -> tuple[list[Variant], dict[str, 
                       "eval.retrieval_pairs=64", "eval.hard_negative_pairs=16"]
     edge = context["edge-cpu"] = compress("edge-cpu.yaml", WORK / "edge-cpu", base_overrides, "edge-cpu")
     common_flows(variants, "base", ROOT / step(edge, "train")["path"], WORK / "base", threads)
-    recipe_variant(variants, "base", "vlmedge edge-cpu recipe", edge, threads)
+    recipe_variant(variants, "base", "vlmedge edge-cpu recipe", edge)
     return variants, context
 
 

@@ -37,6 +37,9 @@ class ExportConfig:
     parity_samples: int = 4
     zero_shot_labels: tuple[str, ...] = field(default_factory=tuple)
     """Captions whose normalised text embeddings are precomputed into the export (e.g. 'a red circle')."""
+    tune_threads: bool = True
+    """Time each tower at 1, 2, 4, ... threads on this machine and record the fastest in the manifest, which
+    vlmedge's runners use when no thread count is given."""
     seed: int = 0
 
     def __post_init__(self):
@@ -190,6 +193,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
             write_zero_shot(enc, tmp, cfg.zero_shot_labels)
             manifest["zero_shot"] = {"labels": "zero_shot_labels.json", "text_embeds": "zero_shot_text_embeds.npy"}
         write_json(tmp / MANIFEST, manifest)
+        record_thread_tuning(tmp, cfg.tune_threads)
     return {"parity": parity, "size_bytes": onnx_size(out)}
 
 
@@ -220,6 +224,18 @@ def _parity(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 def write_zero_shot(encoder: "OnnxEncoder", folder: Path, labels: Sequence[str]) -> None:
     np.save(folder / "zero_shot_text_embeds.npy", encoder.encode_texts(list(labels)).astype(np.float32))
     write_json(folder / "zero_shot_labels.json", list(labels))
+
+
+def record_thread_tuning(folder: Path, enabled: bool) -> None:
+    """Tune the towers' thread counts on this machine into the folder's manifest (or drop an inherited tuning)."""
+    from ..targets.measure import tune_threads
+
+    manifest = read_manifest(folder)
+    manifest.pop("threads", None)
+    tuning = tune_threads(folder) if enabled else None
+    if tuning:
+        manifest["threads"] = tuning
+    write_json(folder / MANIFEST, manifest)
 
 
 def onnx_size(folder: str | os.PathLike) -> int:
@@ -259,6 +275,7 @@ class OnnxEncoder:
                  providers: Sequence[str] = ("CPUExecutionProvider",), batch_size: int = 64,
                  profile: str | os.PathLike | None = None):
         from ..models import Preprocess
+        from ..targets.measure import tuned_threads
 
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
@@ -266,8 +283,11 @@ class OnnxEncoder:
         self.batch_size = batch_size
         files = self.manifest["files"]
         prefix = {t: None if profile is None else f"{profile}-{t}" for t in ("image", "text")}
-        self.image_session = open_session(self.folder / files["image"], threads, providers, prefix["image"])
-        self.text_session = open_session(self.folder / files["text"], threads, providers, prefix["text"])
+        # threads=None: the count each tower was tuned to on this machine (manifest), else ONNX Runtime's default
+        self.threads = {t: threads or tuned_threads(self.manifest, t) for t in ("image", "text")}
+        self.image_session = open_session(self.folder / files["image"], self.threads["image"], providers,
+                                          prefix["image"])
+        self.text_session = open_session(self.folder / files["text"], self.threads["text"], providers, prefix["text"])
         self._tokenizer = None
 
     @property

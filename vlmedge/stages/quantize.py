@@ -28,7 +28,7 @@ import numpy as np
 from .._io import atomic_dir, write_json
 from ..errors import VlmedgeError
 from ..targets.measure import SLOW_FUSIONS
-from .export import MANIFEST, OnnxEncoder, copy_support_files, onnx_size, read_manifest
+from .export import MANIFEST, OnnxEncoder, copy_support_files, onnx_size, read_manifest, record_thread_tuning
 
 MODES = ("dynamic", "static", "fp16")
 CALIBRATION = ("minmax", "entropy", "percentile")
@@ -65,6 +65,8 @@ class QuantizeConfig:
     max_drop: float | None = None
     """Accuracy-aware: the largest allowed drop of `metric` against the fp32 export; None disables."""
     metric: str = "zero_shot.top1"
+    tune_threads: bool = True
+    """Record the fastest thread count per tower on this machine in the manifest (see ExportConfig)."""
     data: str = "shapes"
     seed: int = 0
 
@@ -270,6 +272,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
             info["accuracy_aware"]["within_tolerance"] = reference[cfg.metric] - score <= cfg.max_drop
             _write_manifest(tmp, manifest, cfg, scheme, why, kept)
         info["drift"] = _drift(fp32, encoder, calib or calibration_batches(fp32, cfg))
+        record_thread_tuning(tmp, cfg.tune_threads)
     info.update({"mode": cfg.mode, "per_channel": cfg.channelwise, "weight_scheme": scheme, "why": why,
                  "kept_fp32": kept,
                  "size_bytes": onnx_size(out), "fp32_size_bytes": onnx_size(source)})

@@ -9,14 +9,13 @@ from typing import Any
 import numpy as np
 
 from . import sample_inputs
-from .measure import MeasureConfig, cpu_info, suite
+from .measure import MeasureConfig, cpu_info, suite, thread_record
 
 
 def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), **_: Any) -> dict[str, Any]:
     from ..stages.export import OnnxEncoder
 
-    threads = cfg.threads or os.cpu_count()
-    enc = OnnxEncoder(Path(path), threads=threads)
+    enc = OnnxEncoder(Path(path), threads=cfg.threads)  # None: each tower's tuned count (manifest), else ORT's
     pixels, tokens = sample_inputs(enc.preprocess, enc.tokenize, cfg.throughput_batch)
     text_embeds = enc.encode_texts(["a red circle", "a blue square", "a green triangle"] * 12)  # 36 classes
 
@@ -31,6 +30,6 @@ def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), **_
 
     import onnxruntime
 
-    record = {"target": "cpu", "device": cpu_info()[0], "threads": threads, "runtime": f"onnxruntime {onnxruntime.__version__}",
+    record = {"target": "cpu", "device": cpu_info()[0], **thread_record(enc.threads), "runtime": f"onnxruntime {onnxruntime.__version__}",
               "precision": enc.manifest.get("precision", "fp32")}
     return suite(image, text, zero_shot, cfg, record)

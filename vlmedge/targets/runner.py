@@ -4,16 +4,16 @@ Copied into a bundle next to `measure.py`, `parsers.py`, the ONNX files and `man
 
     python3 runner.py --json result.json [--threads N] [--trtexec /usr/src/tensorrt/bin/trtexec]
 
-It measures image, text, pair and zero-shot latency (batch 1) and batched throughput with the shared method, and
-records the device: `nvpmodel -q` mode, CPU clocks, and power and temperature sampled by `tegrastats` during the
-run when it exists.
+Without --threads it first tunes each tower's thread count on the board (unless the manifest already holds a tuning
+made on this CPU). It measures image, text, pair and zero-shot latency (batch 1) and batched throughput with the
+shared method, and records the device: `nvpmodel -q` mode, CPU clocks, and power and temperature sampled by
+`tegrastats` during the run when it exists.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -84,23 +84,19 @@ def device_info() -> dict:
     return info
 
 
-def _inputs(manifest: dict, batch: int, seed: int = 0) -> tuple[np.ndarray, dict]:
-    rng = np.random.default_rng(seed)
-    size = manifest["preprocess"]["image_size"]
-    pixels = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-    length = manifest["max_length"]
-    ids = rng.integers(5, manifest.get("vocab_size", 100), size=(batch, length)).astype(np.int64)
-    return pixels, {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-
-
-def run_ort(folder: Path, cfg: measure.MeasureConfig, providers: list[str] | None = None) -> dict:
+def run_ort(folder: Path, cfg: measure.MeasureConfig, providers: list[str] | None = None, tune: bool = True) -> dict:
+    """`tune`: with no thread count given and no tuning made on this machine in the manifest, tune the towers'
+    thread counts here first (a board is rarely the machine that made the artifact)."""
     import onnxruntime as ort
 
     manifest = json.loads((folder / "manifest.json").read_text())
+    if tune and not cfg.threads and measure.tuned_threads(manifest, "image") is None:
+        manifest["threads"] = measure.tune_threads(folder)
     available = ort.get_available_providers()
     providers = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in available]
-    img, txt = (measure.ort_session(folder / manifest["files"][t], cfg.threads, providers) for t in ("image", "text"))
-    pixels, tokens = _inputs(manifest, cfg.throughput_batch)
+    threads = {t: cfg.threads or measure.tuned_threads(manifest, t) for t in ("image", "text")}
+    img, txt = (measure.ort_session(folder / manifest["files"][t], threads[t], providers) for t in ("image", "text"))
+    pixels, tokens = measure.manifest_inputs(manifest, cfg.throughput_batch)
     text_embeds = txt.run(None, {k: v[:1].repeat(36, 0) for k, v in tokens.items()})[0]
 
     def image(b):
@@ -113,7 +109,7 @@ def run_ort(folder: Path, cfg: measure.MeasureConfig, providers: list[str] | Non
         return int(np.argmax(img.run(None, {"pixel_values": pixels[:1]})[0] @ text_embeds.T))
 
     record = {"runtime": f"onnxruntime {ort.__version__}", "providers": img.get_providers(),
-              "precision": manifest.get("precision", "fp32"), "threads": cfg.threads or os.cpu_count()}
+              "precision": manifest.get("precision", "fp32"), **measure.thread_record(threads), "thread_tuning": manifest.get("threads")}
     return measure.suite(image, text, zero_shot, cfg, record)
 
 
@@ -140,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--folder", default=str(Path(__file__).resolve().parent))
     p.add_argument("--json", required=True)
     p.add_argument("--threads", type=int)
+    p.add_argument("--no-tune-threads", dest="tune_threads", action="store_false",
+                   help="without --threads: use ONNX Runtime's default instead of tuning the towers' counts here")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--min-runs", type=int, default=50)
     p.add_argument("--min-seconds", type=float, default=1.0)
@@ -151,7 +149,7 @@ def main(argv=None) -> int:
     folder = Path(args.folder)
     stats = Tegrastats()
     try:
-        result = run_trtexec(folder, args.trtexec, cfg) if args.trtexec else run_ort(folder, cfg)
+        result = run_trtexec(folder, args.trtexec, cfg) if args.trtexec else run_ort(folder, cfg, tune=args.tune_threads)
     finally:
         power = stats.stop()
     result["device_info"] = device_info()
