@@ -9,6 +9,7 @@ This module needs only the standard library and numpy: the Jetson runner copies 
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -69,8 +70,6 @@ def tune_threads(folder: str | os.PathLike, rounds: int = 5, runs: int = 10) -> 
 
     Small towers run faster on fewer threads: waking a second thread for every operator costs more than it saves
     (measured here, 2 cores: the quickstart INT8 image tower 0.29 ms p50 on 1 thread, 0.42 ms on 2)."""
-    import json
-
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     cores = os.cpu_count() or 1
@@ -102,18 +101,18 @@ def tuned_threads(manifest: dict, tower: str) -> int | None:
     return tuning.get(tower)
 
 
-def threads_label(threads: dict[str, int | None]) -> str:
-    """How a report names per-tower thread counts: '2', or 'image 1, text 2' (None: all cores)."""
-    names = {t: str(n or os.cpu_count()) for t, n in threads.items()}
-    return next(iter(names.values())) if len(set(names.values())) == 1 else \
-        ", ".join(f"{t} {n}" for t, n in names.items())
-
-
 def thread_record(threads: dict[str, int | None]) -> dict[str, Any]:
     """A latency record's thread fields: `threads` (the largest count, an int, as before per-tower tuning) and
     `tower_threads` (each tower's count; None, ONNX Runtime's default, is recorded as all cores)."""
     counts = {t: n or os.cpu_count() or 1 for t, n in threads.items()}
     return {"threads": max(counts.values()), "tower_threads": counts}
+
+
+def threads_label(threads: dict[str, int | None]) -> str:
+    """How a report names per-tower thread counts: '2', or 'image 1, text 2' (None: all cores)."""
+    counts = thread_record(threads)["tower_threads"]
+    return str(next(iter(counts.values()))) if len(set(counts.values())) == 1 else \
+        ", ".join(f"{t} {n}" for t, n in counts.items())
 
 
 @dataclass(frozen=True)
