@@ -187,7 +187,8 @@ def render(results: dict[str, Any]) -> str:
         f"Measured ONNX Runtime GEMM ceilings (2048^3): fp32 {ceil['fp32_gflops']:.0f} GFLOP/s, int8 "
         f"MatMulInteger {ceil['int8_gops']:.0f} GOP/s.",
         "",
-        f"Latency: batch 1, {env.get('cores')} threads, {results['rounds']} interleaved rounds (every variant timed "
+        f"Latency: batch 1, {env.get('cores')} threads (vlmedge's ONNX rows: the per-tower counts tuned into their "
+        f"manifests, see 'Thread settings'), {results['rounds']} interleaved rounds (every variant timed "
         "once per round, so slow phases of this shared machine hit all alike); p50/p90 over all samples. "
         "Accuracy: vlmedge's evaluator on the held-out shapes split "
         f"({results['eval']['zero_shot_images']} zero-shot images, {results['eval']['retrieval_pairs']} retrieval "
