@@ -139,9 +139,9 @@ def thread_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-THREADS = """vlmedge's export and quantize stages time each tower at 1, 2, 4, ... threads on the machine that makes them and
-record the fastest count in the manifest; its runners (and the rows above) use it. The peers' rows run at all
-cores, ONNX Runtime's default. The 1-thread column gives every ONNX variant the same setting: compare it to see
+THREADS = """vlmedge's export and quantize stages time each tower at 1, 2, 4, ... threads on the machine that makes
+them and record the fastest count in the manifest; its runners (and the rows above) use it. The peers' rows run at
+all cores, ONNX Runtime's default. The 1-thread column gives every ONNX variant the same setting: compare it to see
 how much of a difference is the graph and how much is the thread setting."""
 
 NOTES = """## How to read this

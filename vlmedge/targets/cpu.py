@@ -30,6 +30,6 @@ def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), **_
 
     import onnxruntime
 
-    record = {"target": "cpu", "device": cpu_info()[0], **thread_record(enc.threads), "runtime": f"onnxruntime {onnxruntime.__version__}",
-              "precision": enc.manifest.get("precision", "fp32")}
+    record = {"target": "cpu", "device": cpu_info()[0], **thread_record(enc.threads),
+              "runtime": f"onnxruntime {onnxruntime.__version__}", "precision": enc.manifest.get("precision", "fp32")}
     return suite(image, text, zero_shot, cfg, record)

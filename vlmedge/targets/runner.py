@@ -109,7 +109,8 @@ def run_ort(folder: Path, cfg: measure.MeasureConfig, providers: list[str] | Non
         return int(np.argmax(img.run(None, {"pixel_values": pixels[:1]})[0] @ text_embeds.T))
 
     record = {"runtime": f"onnxruntime {ort.__version__}", "providers": img.get_providers(),
-              "precision": manifest.get("precision", "fp32"), **measure.thread_record(threads), "thread_tuning": manifest.get("threads")}
+              "precision": manifest.get("precision", "fp32"), **measure.thread_record(threads),
+              "thread_tuning": manifest.get("threads")}
     return measure.suite(image, text, zero_shot, cfg, record)
 
 
@@ -149,7 +150,8 @@ def main(argv=None) -> int:
     folder = Path(args.folder)
     stats = Tegrastats()
     try:
-        result = run_trtexec(folder, args.trtexec, cfg) if args.trtexec else run_ort(folder, cfg, tune=args.tune_threads)
+        result = (run_trtexec(folder, args.trtexec, cfg) if args.trtexec
+                  else run_ort(folder, cfg, tune=args.tune_threads))
     finally:
         power = stats.stop()
     result["device_info"] = device_info()
