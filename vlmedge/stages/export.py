@@ -89,7 +89,7 @@ class _patchify_as_matmul:
                 if (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == conv.stride and conv.groups == 1
                         and conv.padding == (0, 0) and conv.dilation == (1, 1)
                         and self.image_size % conv.kernel_size[0] == 0 == self.image_size % conv.kernel_size[1]):
-                    setattr(parent, name, _PatchLinear(conv, self.image_size))
+                    setattr(parent, name, _patch_linear(conv, self.image_size))
                     self.swapped.append((parent, name, conv))
         return self
 
@@ -98,7 +98,7 @@ class _patchify_as_matmul:
             setattr(parent, name, conv)
 
 
-def _PatchLinear(conv, image_size: int):
+def _patch_linear(conv, image_size: int):
     import torch
 
     class PatchLinear(torch.nn.Module):
