@@ -227,15 +227,12 @@ def write_zero_shot(encoder: "OnnxEncoder", folder: Path, labels: Sequence[str])
 
 
 def record_thread_tuning(folder: Path, enabled: bool) -> None:
-    """Tune the towers' thread counts on this machine into the folder's manifest (or drop an inherited tuning)."""
+    """Tune the towers' thread counts on this machine into the folder's manifest."""
     from ..targets.measure import tune_threads
 
-    manifest = read_manifest(folder)
-    manifest.pop("threads", None)
     tuning = tune_threads(folder) if enabled else None
     if tuning:
-        manifest["threads"] = tuning
-    write_json(folder / MANIFEST, manifest)
+        write_json(folder / MANIFEST, {**read_manifest(folder), "threads": tuning})
 
 
 def onnx_size(folder: str | os.PathLike) -> int:

@@ -281,6 +281,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
 
 def _write_manifest(folder: Path, manifest: dict, cfg: QuantizeConfig, scheme: str, why: str, kept) -> None:
     precision = "fp16" if cfg.mode == "fp16" else f"int8-{cfg.mode}"
+    manifest = {k: v for k, v in manifest.items() if k != "threads"}  # the fp32 graphs' tuning; tuned again after
     write_json(folder / MANIFEST, {**manifest, "precision": precision,
                                    "quantization": {**asdict(cfg), "per_channel": cfg.channelwise,
                                                     "weight_scheme": scheme, "why": why, "kept_fp32": kept}})
