@@ -25,7 +25,7 @@ def test_bench_refuses_a_target_that_cannot_run_the_artifact(tiny_model, capsys)
 def test_time_fn_reaches_min_runs_and_keeps_raw_samples_on_request():
     import time
 
-    from vlmedge.targets.measure import MeasureConfig, time_fn
+    from vlmedge.runtime.measure import MeasureConfig, time_fn
 
     calls = []
     r = time_fn(lambda: (calls.append(1), time.sleep(0.001)), MeasureConfig(warmup=2, min_runs=7, min_seconds=0.0),
@@ -56,7 +56,7 @@ def test_device_runner_tunes_threads_when_the_artifact_was_tuned_elsewhere(tiny_
 
     import pytest
 
-    from vlmedge.targets.measure import MeasureConfig, machine_key
+    from vlmedge.runtime.measure import MeasureConfig, machine_key
     from vlmedge.targets.runner import run_ort
 
     if (os.cpu_count() or 1) < 2:

@@ -12,7 +12,7 @@ import pytest
 
 from vlmedge.errors import VlmedgeError
 from vlmedge.targets.jetson import benchmark
-from vlmedge.targets.measure import MeasureConfig
+from vlmedge.runtime.measure import MeasureConfig
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 FAST = MeasureConfig(warmup=1, min_runs=3, min_seconds=0.01, throughput_batch=2)

@@ -1,10 +1,11 @@
 """Parsers against real published output (tests/fixtures/*/SOURCES.md says where each came from)."""
 
+import json
 from pathlib import Path
 
 import pytest
 
-from vlmedge.targets.parsers import parse_export_times, parse_tegrastats, parse_trtexec, trt_version
+from vlmedge.runtime.parsers import parse_export_times, parse_tegrastats, parse_trtexec, trt_version
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -69,21 +70,20 @@ def test_tegrastats_old_and_new():
 
 
 def test_tensorrt_precision_follows_the_export_per_version():
-    from vlmedge.errors import VlmedgeError
-    from vlmedge.targets.tensorrt import precision_flags
+    from vlmedge.runtime.trtexec import PrecisionError, precision_flags
 
     assert precision_flags((11, 0), "int8-static") == [] and precision_flags((11, 0), "fp16") == []
     assert precision_flags((10, 3), "fp16") == ["--stronglyTyped"]
     assert precision_flags((8, 6), "fp16") == ["--fp16"]
     assert precision_flags((8, 6), "int8-static") == ["--int8", "--fp16"]
-    with pytest.raises(VlmedgeError, match="no QDQ nodes"):
+    with pytest.raises(PrecisionError, match="no QDQ nodes"):
         precision_flags((8, 6), "int8-dynamic")
 
 
 def test_tensorrt_target_runs_trtexec_and_parses_it(tiny_export, tmp_path):
     """trtexec is replaced by a script that replays a real TensorRT 10 log: this checks our plumbing (command,
     version detection, parsing, result shape), not TensorRT itself, which is not installed here."""
-    from vlmedge.targets.measure import MeasureConfig
+    from vlmedge.runtime.measure import MeasureConfig
     from vlmedge.targets.tensorrt import benchmark
 
     log = FIX / "trtexec" / "trt10-performance-summary.log"
@@ -95,3 +95,9 @@ def test_tensorrt_target_runs_trtexec_and_parses_it(tiny_export, tmp_path):
     assert r["runtime"] == "TensorRT 10.3 (trtexec)" and r["image"]["p90_ms"] == 10.2996
     assert "--stronglyTyped" in r["command"] and "--exportTimes=" in r["command"]
     assert r["pair_estimate"]["p50_ms"] == pytest.approx(2 * 7.16092)
+    # the board runner builds the same engine: same precision flags and warm-up (only where files go differs)
+    from vlmedge.targets.runner import run_trtexec
+
+    board = run_trtexec(tiny_export, str(fake), MeasureConfig())
+    host = [a for a in json.loads(r["command"]) if not a.startswith(("--saveEngine", "--exportTimes"))]
+    assert board["command"] == host and board["runtime"] == "TensorRT 10.3 (trtexec)"

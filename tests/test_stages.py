@@ -8,7 +8,8 @@ import torch
 
 from vlmedge.errors import VlmedgeError
 from vlmedge.models import count_parameters, image_features, load_model, text_features
-from vlmedge.stages.export import ExportConfig, OnnxEncoder, export
+from vlmedge.runtime.onnx import OnnxEncoder
+from vlmedge.stages.export import ExportConfig, export
 from vlmedge.stages.prune import PruneConfig, prune
 from vlmedge.stages.quantize import QuantizeConfig, quantize
 
@@ -181,7 +182,7 @@ def test_accuracy_aware_quantization_falls_back_until_within_tolerance(tiny_expo
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="thread tuning needs at least 2 cores")
 def test_thread_tuning_is_recorded_per_tower_and_used_only_on_the_same_machine(tiny_export, tmp_path):
-    from vlmedge.targets.measure import machine_key
+    from vlmedge.runtime.measure import machine_key
 
     tuning = json.loads((tiny_export / "manifest.json").read_text())["threads"]
     counts = {int(n) for n in tuning["p50_ms"]["image"]}

@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import VlmedgeError
 from .targets import TARGET_KINDS, artifact_kind, get_target
-from .targets.measure import MeasureConfig, environment, time_fn
+from .runtime.measure import MeasureConfig, environment, time_fn
 
 
 def bench_path(path: Path, targets: list[str], cfg_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -39,8 +39,8 @@ def bench_path(path: Path, targets: list[str], cfg_kwargs: dict[str, Any]) -> di
 
 def bench_onnx_file(path: Path, cfg: MeasureConfig) -> dict[str, Any]:
     """One ONNX file with random inputs (dynamic dimensions: batch 1, sequence 16)."""
-    from .stages.export import open_session
-    from .targets.measure import cpu_info
+    from .runtime.onnx import open_session
+    from .runtime.measure import cpu_info
 
     sess = open_session(path, cfg.threads)
     rng = np.random.default_rng(0)
@@ -78,7 +78,7 @@ def profile_export(folder: Path, runs: int = 50, threads: int | None = None) -> 
     """
     import tempfile
 
-    from .stages.export import OnnxEncoder
+    from .runtime.onnx import OnnxEncoder
     from .targets import sample_inputs
 
     if artifact_kind(folder) != "onnx":

@@ -296,7 +296,7 @@ def _add_tune_flag(p) -> None:
 
 
 def _say_threads(folder) -> None:
-    from .stages.export import read_manifest
+    from .runtime.onnx import read_manifest
 
     tuning = read_manifest(folder).get("threads")
     if tuning:

@@ -169,7 +169,7 @@ def evaluate_folder(path: str | os.PathLike, cfg: EvalConfig = EvalConfig()) -> 
 
     path = Path(path)
     if (path / "manifest.json").is_file():
-        from .stages.export import OnnxEncoder
+        from .runtime.onnx import OnnxEncoder
         encoder = OnnxEncoder(path)
     else:
         encoder = TorchEncoder(load_model(path))

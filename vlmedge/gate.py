@@ -138,7 +138,7 @@ def _stable(rec: dict, q: str) -> bool:
 
 def _remeasure(report: dict, step: dict, rec: dict) -> dict:
     from .targets import get_target
-    from .targets.measure import MeasureConfig
+    from .runtime.measure import MeasureConfig
 
     cfg = MeasureConfig(**{**report.get("measure", {}), "threads": rec.get("threads")})
     return get_target(rec["target"])(step["path"], cfg)

@@ -225,7 +225,7 @@ def _bench(recipe: Recipe, steps: list[Artifact], out: Path, force: bool, consol
     import json
 
     from .targets import TARGET_KINDS, get_target
-    from .targets.measure import environment
+    from .runtime.measure import environment
 
     key = {"steps": [s.id for s in steps], "targets": recipe.targets, "measure": dataclasses.asdict(recipe.measure)}
     path = out / f"bench-{artifact_id(None, 'bench', key)}.json"

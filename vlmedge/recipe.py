@@ -261,7 +261,7 @@ def _stage_index(items: list, part: str) -> int | None:
 
 def parse_recipe(data: Any, where: _Where, source_file: str = "") -> Recipe:
     from .targets import TARGETS
-    from .targets.measure import MeasureConfig
+    from .runtime.measure import MeasureConfig
 
     if not isinstance(data, dict):
         raise where.error("", "a recipe is a mapping with keys: " + ", ".join(TOP_LEVEL))

@@ -39,7 +39,7 @@ KEY_METRICS = ("zero_shot.top1", "zero_shot.top5", "retrieval.i2t_r5", "retrieva
 
 def _threads(lat: dict[str, Any]) -> str:
     """'2', or 'image 1, text 2' when the towers ran on different counts (tuned per tower)."""
-    from .targets.measure import threads_label
+    from .runtime.measure import threads_label
 
     return threads_label(lat["tower_threads"]) if lat.get("tower_threads") else str(lat.get("threads"))
 

@@ -9,7 +9,7 @@ BASELINE = "PyTorch eager fp32"
 
 
 def summarise(variants) -> list[dict[str, Any]]:
-    from vlmedge.targets.measure import stats
+    from vlmedge.runtime.measure import stats
 
     rows = []
     for v in variants:

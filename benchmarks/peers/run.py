@@ -292,9 +292,9 @@ def inc_pt_variant(model_name: str, folder: Path) -> Variant:
 
 def onnx_variant(model_name: str, name: str, flow: str, folder: Path, threads: int | None) -> Variant:
     """threads=None: the tuned per-tower counts of a vlmedge manifest (what vlmedge's runners use)."""
-    from vlmedge.stages.export import OnnxEncoder, onnx_size
+    from vlmedge.runtime.onnx import OnnxEncoder, onnx_size
     from vlmedge.targets import sample_inputs
-    from vlmedge.targets.measure import threads_label
+    from vlmedge.runtime.measure import threads_label
 
     enc, single = OnnxEncoder(folder, threads=threads), OnnxEncoder(folder, threads=1)
     pixels, tokens = sample_inputs(enc.preprocess, enc.tokenize, 1)
@@ -318,7 +318,7 @@ def attempt(variants: list[Variant], model_name: str, name: str, flow: str, buil
 # --- measuring ------------------------------------------------------------------------------------------------------
 
 def measure(variants: list[Variant], rounds: int, runs: int) -> None:
-    from vlmedge.targets.measure import MeasureConfig, time_fn
+    from vlmedge.runtime.measure import MeasureConfig, time_fn
 
     live = [v for v in variants if v.error is None]
     cfg = MeasureConfig(warmup=3, min_runs=runs, min_seconds=0.0)
@@ -460,7 +460,7 @@ def main() -> int:
         return 0
     WORK.mkdir(parents=True, exist_ok=True)
     from vlmedge.evaluate import EvalConfig
-    from vlmedge.targets.measure import environment
+    from vlmedge.runtime.measure import environment
 
     threads = os.cpu_count() or 1
     import torch

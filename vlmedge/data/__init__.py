@@ -195,11 +195,11 @@ def _coco_items(path: Path) -> list[tuple[Path, list[str], str]]:
 def _decode(data: bytes | Path, resolution: int):
     from PIL import Image
 
-    from ..models import _resize_crop
+    from ..preprocess import resize_crop
 
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
         im.load()
-        return _resize_crop([im], resolution, resolution)[0]
+        return resize_crop([im], resolution, resolution)[0]
 
 
 def _load_pairs(items, resolution: int, skip_bad: bool) -> PairsDataset:

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._hf import quiet_transformers
 from ..errors import VlmedgeError
+from ..preprocess import Preprocess
 
 PRESET_DIR = Path(__file__).parent / "presets"
 SUPPORTED_ARCHITECTURES = ("VisionTextDualEncoderModel", "CLIPModel")
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def preset_names() -> list[str]:
@@ -32,59 +32,6 @@ def load_preset(name: str) -> dict[str, Any]:
 
     path = Path(name) if name.endswith(".json") else PRESET_DIR / f"{name}.json"
     return read_json(path, f"unknown preset {name!r}; available: {', '.join(preset_names())} (or a path to a .json)")
-
-
-@dataclass
-class Preprocess:
-    """How raw RGB images become pixel values; recorded with every model and every export."""
-
-    image_size: int
-    image_mean: list[float]
-    image_std: list[float]
-    resize: int | None = None  # shortest side before the centre crop; defaults to image_size
-
-    def to_hf(self) -> dict[str, Any]:
-        return {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
-                "size": {"shortest_edge": self.resize or self.image_size}, "do_center_crop": True,
-                "crop_size": {"height": self.image_size, "width": self.image_size}, "do_rescale": True,
-                "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": self.image_mean,
-                "image_std": self.image_std, "resample": 3, "do_convert_rgb": True}
-
-    @classmethod
-    def from_hf(cls, cfg: dict[str, Any], fallback_size: int) -> "Preprocess":
-        crop = cfg.get("crop_size", fallback_size)
-        crop = crop.get("height", fallback_size) if isinstance(crop, dict) else int(crop)
-        size = cfg.get("size", crop)
-        size = (size.get("shortest_edge") or size.get("height") or crop) if isinstance(size, dict) else int(size)
-        return cls(int(crop), list(cfg.get("image_mean", CLIP_MEAN)), list(cfg.get("image_std", CLIP_STD)), int(size))
-
-    def __call__(self, images):
-        """uint8 NHWC (or a list of PIL images) -> float32 NCHW pixel values."""
-        import numpy as np
-
-        arr = _resize_crop(images, self.resize or self.image_size, self.image_size)
-        x = arr.astype(np.float32) / 255.0
-        x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-
-
-def _resize_crop(images, short_side: int, crop: int):
-    import numpy as np
-    from PIL import Image
-
-    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1] == crop and images.shape[2] == crop:
-        return images  # already at the model's resolution (the shapes dataset renders there)
-    out = []
-    for im in images:
-        im = im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8))
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = short_side / min(w, h)
-        im = im.resize((max(crop, round(w * scale)), max(crop, round(h * scale))), Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - crop) // 2, (h - crop) // 2
-        out.append(np.asarray(im.crop((left, top, left + crop, top + crop)), dtype=np.uint8))
-    return np.stack(out)
 
 
 @dataclass
@@ -271,15 +218,6 @@ def check_model_folder(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def quiet_transformers() -> None:
-    """No network, no per-load progress bars or info logs."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def load_model(path: str | os.PathLike, *, attn_implementation: str = "sdpa") -> VLM:
     """Load a `VisionTextDualEncoderModel` or `CLIPModel` folder (and its tokenizer and preprocessing) offline."""
     folder = Path(path)
@@ -293,7 +231,7 @@ def load_model(path: str | os.PathLike, *, attn_implementation: str = "sdpa") ->
     plan = config.get("vlmedge_pruning")
     try:
         if plan:
-            from ..stages.prune import load_pruned
+            from .structure import load_pruned
             model = load_pruned(cls, folder, plan, attn_implementation)
         else:
             model = cls.from_pretrained(folder, local_files_only=True, attn_implementation=attn_implementation)

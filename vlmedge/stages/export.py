@@ -19,11 +19,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._io import atomic_dir, folder_size, write_json
+from .._io import atomic_dir, write_json
 from ..errors import VlmedgeError
+from ..runtime.onnx import MANIFEST, MANIFEST_FORMAT, OnnxEncoder, onnx_size, record_thread_tuning
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "vlmedge-onnx/1"
 TOWER_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx"}
 TWO_GB = 2 * 1024 ** 3
 
@@ -224,100 +223,6 @@ def _parity(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 def write_zero_shot(encoder: "OnnxEncoder", folder: Path, labels: Sequence[str]) -> None:
     np.save(folder / "zero_shot_text_embeds.npy", encoder.encode_texts(list(labels)).astype(np.float32))
     write_json(folder / "zero_shot_labels.json", list(labels))
-
-
-def record_thread_tuning(folder: Path, enabled: bool) -> None:
-    """Tune the towers' thread counts on this machine into the folder's manifest."""
-    from ..targets.measure import tune_threads
-
-    tuning = tune_threads(folder) if enabled else None
-    if tuning:
-        write_json(folder / MANIFEST, {**read_manifest(folder), "threads": tuning})
-
-
-def onnx_size(folder: str | os.PathLike) -> int:
-    """Bytes of the ONNX files (and their external data) of an export folder: what ships."""
-    folder = Path(folder)
-    return sum(folder_size(p) for p in folder.iterdir() if p.name.endswith((".onnx", ".onnx.data")))
-
-
-def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
-    from .._io import read_json
-
-    folder = Path(folder)
-    path = folder / MANIFEST
-    manifest = read_json(path, f"{folder}: no {MANIFEST}; not an export folder (run vlmedge export first)")
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise VlmedgeError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    return manifest
-
-
-def open_session(path: Path, threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 profile: str | os.PathLike | None = None):
-    """`measure.ort_session` with a one-line error for a missing or corrupted file."""
-    from ..targets.measure import ort_session
-
-    if not path.is_file():
-        raise VlmedgeError(f"{path}: file not found")
-    try:
-        return ort_session(path, threads, providers, profile)
-    except Exception as e:  # ORT raises its own exception types for invalid models
-        raise VlmedgeError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
-
-
-class OnnxEncoder:
-    """An export folder as an `Encoder` for the evaluator: the ONNX files run in ONNX Runtime."""
-
-    def __init__(self, folder: str | os.PathLike, threads: int | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",), batch_size: int = 64,
-                 profile: str | os.PathLike | None = None):
-        from ..models import Preprocess
-        from ..targets.measure import tuned_threads
-
-        self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
-        self.preprocess = Preprocess(**self.manifest["preprocess"])
-        self.batch_size = batch_size
-        files = self.manifest["files"]
-        prefix = {t: None if profile is None else f"{profile}-{t}" for t in ("image", "text")}
-        # threads=None: the count each tower was tuned to on this machine (manifest), else ONNX Runtime's default
-        self.threads = {t: threads or tuned_threads(self.manifest, t) for t in ("image", "text")}
-        self.image_session = open_session(self.folder / files["image"], self.threads["image"], providers,
-                                          prefix["image"])
-        self.text_session = open_session(self.folder / files["text"], self.threads["text"], providers, prefix["text"])
-        self._tokenizer = None
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            from ..models import quiet_transformers
-            quiet_transformers()
-            self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
-        return self._tokenizer
-
-    def run_image(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.image_session.run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
-
-    def run_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self.text_session.run(None, {"input_ids": input_ids.astype(np.int64),
-                                            "attention_mask": attention_mask.astype(np.int64)})[0]
-
-    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        return self.tokenizer(list(texts), padding="max_length", truncation=True,
-                              max_length=self.manifest["max_length"], return_tensors="np")
-
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        out = [self.run_image(pixel_values[i:i + self.batch_size]) for i in range(0, len(pixel_values), self.batch_size)]
-        return np.concatenate(out).astype(np.float32)
-
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            tok = self.tokenize(texts[i:i + self.batch_size])
-            out.append(self.run_text(tok["input_ids"], tok["attention_mask"]))
-        return np.concatenate(out).astype(np.float32)
 
 
 def copy_support_files(src: Path, dst: Path) -> None:

@@ -27,8 +27,9 @@ import numpy as np
 
 from .._io import atomic_dir, write_json
 from ..errors import VlmedgeError
-from ..targets.measure import SLOW_FUSIONS
-from .export import MANIFEST, OnnxEncoder, copy_support_files, onnx_size, read_manifest, record_thread_tuning
+from ..runtime.measure import SLOW_FUSIONS
+from ..runtime.onnx import MANIFEST, OnnxEncoder, onnx_size, open_session, read_manifest, record_thread_tuning
+from .export import copy_support_files
 
 MODES = ("dynamic", "static", "fp16")
 CALIBRATION = ("minmax", "entropy", "percentile")
@@ -92,7 +93,7 @@ def choose_weight_scheme(requested: str) -> tuple[str, str]:
     """(scheme, why). VNNI (AVX512-VNNI or AVX-VNNI) computes u8s8 dot products without 16-bit saturation."""
     if requested != "auto":
         return requested, "requested"
-    from ..targets.measure import cpu_info
+    from ..runtime.measure import cpu_info
 
     flags = cpu_info()[1]
     if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
@@ -305,7 +306,6 @@ def _drift(ref: OnnxEncoder, enc: OnnxEncoder, calib: dict[str, list]) -> dict[s
 
 def _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32) -> list[tuple[str, str]]:
     """Layer groups, most damaging first: each quantized alone, scored by embedding cosine to fp32."""
-    from .export import open_session
 
     calib = calib or calibration_batches(fp32, cfg)
     scores = []

@@ -1,4 +1,5 @@
-"""The `cpu` target: ONNX Runtime's CPU execution provider on an export folder."""
+"""The `cpu` target: ONNX Runtime's CPU execution provider on an export folder (the runner's timing path, with real
+preprocessed images and captions)."""
 
 from __future__ import annotations
 
@@ -6,30 +7,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from ..runtime.measure import MeasureConfig, cpu_info
 from . import sample_inputs
-from .measure import MeasureConfig, cpu_info, suite, thread_record
 
 
 def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), **_: Any) -> dict[str, Any]:
-    from ..stages.export import OnnxEncoder
+    from ..runtime.onnx import OnnxEncoder
+    from .runner import run_ort
 
-    enc = OnnxEncoder(Path(path), threads=cfg.threads)  # None: each tower's tuned count (manifest), else ORT's
-    pixels, tokens = sample_inputs(enc.preprocess, enc.tokenize, cfg.throughput_batch)
-    text_embeds = enc.encode_texts(["a red circle", "a blue square", "a green triangle"] * 12)  # 36 classes
-
-    def image(b):
-        return lambda: enc.run_image(pixels[:b])
-
-    def text(b):
-        return lambda: enc.run_text(tokens["input_ids"][:b], tokens["attention_mask"][:b])
-
-    def zero_shot():
-        return int(np.argmax(enc.run_image(pixels[:1]) @ text_embeds.T))
-
-    import onnxruntime
-
-    record = {"target": "cpu", "device": cpu_info()[0], **thread_record(enc.threads),
-              "runtime": f"onnxruntime {onnxruntime.__version__}", "precision": enc.manifest.get("precision", "fp32")}
-    return suite(image, text, zero_shot, cfg, record)
+    folder = Path(path)
+    enc = OnnxEncoder(folder, open_sessions=False)  # preprocessing and tokenizer only
+    inputs = sample_inputs(enc.preprocess, enc.tokenize, cfg.throughput_batch)
+    # threads: cfg.threads, else each tower's count tuned on this CPU (manifest), else ONNX Runtime's default
+    result = run_ort(folder, cfg, providers=["CPUExecutionProvider"], tune=False, inputs=inputs)
+    return {"target": "cpu", "device": cpu_info()[0], **result}

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VlmedgeError
-from .measure import MeasureConfig
+from ..runtime.measure import MeasureConfig
 
 
 def gpu_name() -> str | None:

@@ -1,7 +1,7 @@
 """The `jetson` target: a remote device over SSH.
 
-vlmedge packs a self-contained bundle (the export's ONNX files and manifest, `runner.py`, `measure.py`,
-`parsers.py`), streams it to the board over ssh (tar on stdin: no scp, no sftp needed), runs the runner there
+vlmedge packs a self-contained bundle (the export's ONNX files and manifest, `runner.py` with the runtime's
+`measure.py`, `parsers.py` and `trtexec.py`), streams it to the board over ssh (tar on stdin: no scp, no sftp needed), runs the runner there
 (ONNX Runtime, or `trtexec` as JetPack ships it at /usr/src/tensorrt/bin/trtexec), reads the result back and
 removes the bundle.
 
@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VlmedgeError
-from .measure import MeasureConfig
+from ..runtime.measure import MeasureConfig
 
-BUNDLE_CODE = ("runner.py", "measure.py", "parsers.py")
+# the runner and the board-safe runtime modules it imports (standard library, numpy, ONNX Runtime)
+BUNDLE_CODE = ("targets/runner.py", "runtime/measure.py", "runtime/parsers.py", "runtime/trtexec.py")
 JETPACK_TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
 
 
@@ -57,17 +58,17 @@ def _remote(base: list[str], command: str, *, stdin: bytes | None = None, timeou
 
 def make_bundle(export_folder: Path) -> bytes:
     """A tar of the export (ONNX, manifest, tokenizer files) and the runner code."""
-    from ..stages.export import read_manifest
+    from ..runtime.onnx import read_manifest
 
     read_manifest(export_folder)  # a clear error for anything but an export folder
     buf = io.BytesIO()
-    here = Path(__file__).parent
+    package = Path(__file__).resolve().parent.parent
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for f in sorted(export_folder.iterdir()):
             if f.is_file() and f.name != "eval.json":
                 tar.add(f, arcname=f.name)
         for name in BUNDLE_CODE:
-            tar.add(here / name, arcname=name)
+            tar.add(package / name, arcname=Path(name).name)
     return buf.getvalue()
 
 

@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 try:  # inside the package
-    from . import measure, parsers
+    from ..runtime import measure, parsers, trtexec
 except ImportError:  # in a bundle on the device
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import measure  # type: ignore[no-redef]
     import parsers  # type: ignore[no-redef]
+    import trtexec  # type: ignore[no-redef]
 
 
 class Tegrastats:
@@ -84,9 +85,15 @@ def device_info() -> dict:
     return info
 
 
-def run_ort(folder: Path, cfg: measure.MeasureConfig, providers: list[str] | None = None, tune: bool = True) -> dict:
-    """`tune`: with no thread count given and no tuning made on this machine in the manifest, tune the towers'
-    thread counts here first (a board is rarely the machine that made the artifact)."""
+def run_ort(folder: Path, cfg: measure.MeasureConfig, providers: list[str] | None = None, tune: bool = True,
+            inputs: tuple | None = None) -> dict:
+    """Image, text, pair and zero-shot latency of an export folder in ONNX Runtime: the one ORT timing path, for the
+    board and for the local `cpu` and `cuda` targets.
+
+    `tune`: with no thread count given and no tuning made on this machine in the manifest, tune the towers' thread
+    counts here first (a board is rarely the machine that made the artifact). `inputs`: (pixels, tokens) batches to
+    time with (the `cpu` target passes real preprocessed images and captions); else random ones of the manifest's
+    shapes."""
     import onnxruntime as ort
 
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -96,8 +103,8 @@ def run_ort(folder: Path, cfg: measure.MeasureConfig, providers: list[str] | Non
     providers = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in available]
     threads = {t: cfg.threads or measure.tuned_threads(manifest, t) for t in ("image", "text")}
     img, txt = (measure.ort_session(folder / manifest["files"][t], threads[t], providers) for t in ("image", "text"))
-    pixels, tokens = measure.manifest_inputs(manifest, cfg.throughput_batch)
-    text_embeds = txt.run(None, {k: v[:1].repeat(36, 0) for k, v in tokens.items()})[0]
+    pixels, tokens = inputs or measure.manifest_inputs(manifest, cfg.throughput_batch)
+    text_embeds = txt.run(None, {k: v[:1].repeat(36, 0) for k, v in tokens.items()})[0]  # 36 zero-shot classes
 
     def image(b):
         return lambda: img.run(None, {"pixel_values": pixels[:b]})
@@ -114,22 +121,24 @@ def run_ort(folder: Path, cfg: measure.MeasureConfig, providers: list[str] | Non
     return measure.suite(image, text, zero_shot, cfg, record)
 
 
-def run_trtexec(folder: Path, trtexec: str, cfg: measure.MeasureConfig) -> dict:
-    """Build an engine per tower with trtexec on the device and parse its performance summaries."""
+def run_trtexec(folder: Path, exe: str, cfg: measure.MeasureConfig) -> dict:
+    """Build an engine per tower with trtexec on the device (the `tensorrt` target's command) and parse it."""
     manifest = json.loads((folder / "manifest.json").read_text())
+    version = trtexec.version_of(exe)
+    if version is None:
+        raise RuntimeError(f"cannot tell the TensorRT version of {exe}")
     from_log = {}
-    for tower in ("image", "text"):
-        onnx = folder / manifest["files"][tower]
-        shapes = ("pixel_values:1x3x{0}x{0}".format(manifest["preprocess"]["image_size"]) if tower == "image" else
-                  "input_ids:1x{0},attention_mask:1x{0}".format(manifest["max_length"]))
-        cmd = [trtexec, f"--onnx={onnx}", f"--shapes={shapes}", f"--warmUp={cfg.warmup * 10}",
-               f"--iterations={cfg.min_runs}", f"--duration={max(1, int(cfg.min_seconds))}", "--percentile=50,90,99"]
+    for tower, name in manifest["files"].items():
+        cmd = trtexec.build_command(exe, folder / name, trtexec.fixed_shapes(manifest, tower), version,
+                                    manifest.get("precision", "fp32"), warmup=cfg.warmup, min_runs=cfg.min_runs,
+                                    min_seconds=cfg.min_seconds)
         log = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if log.returncode != 0:
-            raise RuntimeError(f"trtexec failed on {onnx.name}: {log.stdout[-500:]}{log.stderr[-500:]}")
+            raise RuntimeError(f"trtexec failed on {name}: {log.stdout[-500:]}{log.stderr[-500:]}")
         from_log[tower] = parsers.parse_trtexec(log.stdout)
-    return {"runtime": f"TensorRT {from_log['image'].get('version')} (trtexec)", "batch": 1,
-            "image": from_log["image"]["latency"], "text": from_log["text"]["latency"], "trtexec": from_log}
+    return {"runtime": f"TensorRT {version[0]}.{version[1]} (trtexec)", "batch": 1,
+            "image": from_log["image"]["latency"], "text": from_log["text"]["latency"], "trtexec": from_log,
+            "command": cmd}
 
 
 def main(argv=None) -> int:

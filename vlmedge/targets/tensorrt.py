@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VlmedgeError
-from .measure import MeasureConfig
-from .parsers import parse_trtexec, trt_version
+from ..runtime.measure import MeasureConfig
+from ..runtime.parsers import parse_trtexec
+from ..runtime.trtexec import PrecisionError, build_command, fixed_shapes, version_of
 
 DEFAULT_TRTEXEC = ("trtexec", "/usr/src/tensorrt/bin/trtexec")
 
@@ -39,41 +40,15 @@ def find_trtexec(explicit: str | None = None) -> str:
 
 
 def trtexec_version(trtexec: str) -> tuple[int, int]:
-    p = subprocess.run([trtexec, "--help"], capture_output=True, text=True, timeout=60)
-    version = trt_version(p.stdout + p.stderr)  # from the `&&&& RUNNING TensorRT.trtexec [TensorRT vNNNN]` header
+    version = version_of(trtexec)
     if not version:
         raise VlmedgeError(f"tensorrt target: cannot tell the TensorRT version of {trtexec}")
-    major, minor, _ = version.split(".")
-    return int(major), int(minor)
-
-
-def precision_flags(version: tuple[int, int], precision: str) -> list[str]:
-    """trtexec flags that make the engine's precision the export's precision (fp32, fp16, int8-static, ...)."""
-    if version[0] >= 11:
-        return []
-    if version >= (9, 1):
-        return ["--stronglyTyped"]
-    if precision == "fp16":
-        return ["--fp16"]
-    if precision.startswith("int8"):
-        if precision != "int8-static":
-            raise VlmedgeError(f"tensorrt target: {precision} exports have no QDQ nodes; use the static quantization "
-                               "stage (QDQ) for TensorRT INT8")
-        return ["--int8", "--fp16"]
-    return []
-
-
-def build_command(trtexec: str, onnx: Path, engine: Path, shapes: str, version: tuple[int, int], precision: str,
-                  cfg: MeasureConfig, times: Path) -> list[str]:
-    return [trtexec, f"--onnx={onnx}", f"--saveEngine={engine}", f"--shapes={shapes}",
-            *precision_flags(version, precision), f"--warmUp={max(200, cfg.warmup * 20)}",
-            f"--iterations={cfg.min_runs}", f"--duration={max(1, int(cfg.min_seconds))}", "--percentile=50,90,99",
-            f"--exportTimes={times}"]
+    return version
 
 
 def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), trtexec: str | None = None,
               **_: Any) -> dict[str, Any]:
-    from ..stages.export import read_manifest
+    from ..runtime.onnx import read_manifest
     from .cuda import gpu_name
 
     folder = Path(path)
@@ -83,13 +58,15 @@ def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), trt
     gpu = gpu_name() or "unknown GPU"
     cache = folder / "engines" / re.sub(r"[^\w.-]+", "_", f"trt{version[0]}.{version[1]}-{gpu}")
     cache.mkdir(parents=True, exist_ok=True)
-    size, length = manifest["preprocess"]["image_size"], manifest["max_length"]
-    shapes = {"image": f"pixel_values:1x3x{size}x{size}", "text": f"input_ids:1x{length},attention_mask:1x{length}"}
     towers = {}
-    for tower, shape in shapes.items():
-        times = cache / f"{tower}.times.json"
-        cmd = build_command(exe, folder / manifest["files"][tower], cache / f"{tower}.plan", shape, version,
-                            manifest.get("precision", "fp32"), cfg, times)
+    for tower in manifest["files"]:
+        try:
+            cmd = build_command(exe, folder / manifest["files"][tower], fixed_shapes(manifest, tower), version,
+                                manifest.get("precision", "fp32"), warmup=cfg.warmup, min_runs=cfg.min_runs,
+                                min_seconds=cfg.min_seconds, engine=cache / f"{tower}.plan",
+                                times=cache / f"{tower}.times.json")
+        except PrecisionError as e:
+            raise VlmedgeError(f"tensorrt target: {e}") from None
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if p.returncode != 0:
             raise VlmedgeError(f"tensorrt target: trtexec failed on {tower} ({p.stdout[-300:]}{p.stderr[-300:]})")

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from . import sample_inputs
-from .measure import MeasureConfig, suite
+from ..runtime.measure import MeasureConfig, suite
 
 
 def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), device: str = "cpu",
@@ -14,7 +14,7 @@ def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), dev
     import torch
 
     from ..models import image_features, load_model, text_features
-    from .measure import cpu_info
+    from ..runtime.measure import cpu_info
 
     threads = cfg.threads or os.cpu_count()
     torch.set_num_threads(threads)

@@ -1,0 +1,111 @@
+"""The runtime of exported artifacts: the manifest, ONNX Runtime sessions, the ONNX encoder, thread tuning.
+
+Stages write export folders, and evaluation, targets and bench read them through this module; it knows nothing of
+stages. An export folder holds its graphs (`manifest["files"]`: graph name -> ONNX file), `manifest.json` (format,
+family, precision, declared inputs, preprocessing, tokenizer files, parity, thread tuning) and what a device needs
+besides (tokenizer files, zero-shot data).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .._io import folder_size, read_json, write_json
+from ..errors import VlmedgeError
+from ..preprocess import Preprocess
+from .measure import ort_session, tune_threads, tuned_threads
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "vlmedge-onnx/1"
+
+
+def record_thread_tuning(folder: Path, enabled: bool) -> None:
+    """Tune the towers' thread counts on this machine into the folder's manifest."""
+    tuning = tune_threads(folder) if enabled else None
+    if tuning:
+        write_json(folder / MANIFEST, {**read_manifest(folder), "threads": tuning})
+
+
+def onnx_size(folder: str | os.PathLike) -> int:
+    """Bytes of the ONNX files (and their external data) of an export folder: what ships."""
+    folder = Path(folder)
+    return sum(folder_size(p) for p in folder.iterdir() if p.name.endswith((".onnx", ".onnx.data")))
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    manifest = read_json(path, f"{folder}: no {MANIFEST}; not an export folder (run vlmedge export first)")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise VlmedgeError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    return manifest
+
+
+def open_session(path: Path, threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 profile: str | os.PathLike | None = None):
+    """`measure.ort_session` with a one-line error for a missing or corrupted file."""
+    if not path.is_file():
+        raise VlmedgeError(f"{path}: file not found")
+    try:
+        return ort_session(path, threads, providers, profile)
+    except Exception as e:  # ORT raises its own exception types for invalid models
+        raise VlmedgeError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
+
+
+class OnnxEncoder:
+    """An export folder as an `Encoder` for the evaluator: the ONNX files run in ONNX Runtime."""
+
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",), batch_size: int = 64,
+                 profile: str | os.PathLike | None = None, open_sessions: bool = True):
+        """`open_sessions=False`: preprocessing and tokenizer only (a caller that runs the graphs its own way)."""
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.preprocess = Preprocess(**self.manifest["preprocess"])
+        self.batch_size = batch_size
+        files = self.manifest["files"]
+        prefix = {t: None if profile is None else f"{profile}-{t}" for t in ("image", "text")}
+        # threads=None: the count each tower was tuned to on this machine (manifest), else ONNX Runtime's default
+        self.threads = {t: threads or tuned_threads(self.manifest, t) for t in ("image", "text")}
+        self._tokenizer = None
+        if open_sessions:
+            self.image_session = open_session(self.folder / files["image"], self.threads["image"], providers,
+                                              prefix["image"])
+            self.text_session = open_session(self.folder / files["text"], self.threads["text"], providers,
+                                             prefix["text"])
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from .._hf import quiet_transformers
+            quiet_transformers()
+            self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+        return self._tokenizer
+
+    def run_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.image_session.run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
+
+    def run_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self.text_session.run(None, {"input_ids": input_ids.astype(np.int64),
+                                            "attention_mask": attention_mask.astype(np.int64)})[0]
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        return self.tokenizer(list(texts), padding="max_length", truncation=True,
+                              max_length=self.manifest["max_length"], return_tensors="np")
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        out = [self.run_image(pixel_values[i:i + self.batch_size]) for i in range(0, len(pixel_values), self.batch_size)]
+        return np.concatenate(out).astype(np.float32)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            tok = self.tokenize(texts[i:i + self.batch_size])
+            out.append(self.run_text(tok["input_ids"], tok["attention_mask"]))
+        return np.concatenate(out).astype(np.float32)
