@@ -46,11 +46,13 @@ def test_pruning_really_shrinks_and_reloads_identically(pruned):
 
 def test_pruned_model_equals_the_model_before_saving(tiny_model):
     """Surgery keeps the function of kept heads: zeroing the removed heads' weights gives the same output."""
-    from vlmedge.stages.prune import apply_plan, make_plan, tower_layers
+    from vlmedge import families
+    from vlmedge.models.structure import apply_plan, tower_layers
+    from vlmedge.stages.prune import make_plan
 
     vlm = load_model(tiny_model, attn_implementation="eager")
     cfg = PruneConfig(vision_heads=0.5, text_heads=0.5, importance="magnitude")
-    plan = make_plan(vlm.model, cfg)
+    plan = make_plan(families.get("dual_encoder"), vlm, cfg)
     masked = load_model(tiny_model, attn_implementation="eager")
     for tower in ("vision", "text"):
         for li, parts in enumerate(tower_layers(masked.model, tower)):

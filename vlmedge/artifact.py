@@ -27,6 +27,7 @@ class Artifact:
     kind: str
     """'model' (PyTorch model folder) or 'onnx' (export folder)."""
     path: str
+    """The product: a model folder or an export folder."""
     parent: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -36,6 +37,7 @@ class Artifact:
     size_bytes: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    family: str = ""
 
     def save(self, folder: Path) -> None:
         write_json(folder / RECORD, asdict(self))

@@ -49,28 +49,64 @@ def _metrics_table(metrics: dict, title: str) -> None:
 
 # --- handlers ------------------------------------------------------------------------------------------------------
 
-def cmd_train(args) -> int:
-    from .train import TrainConfig, train
+def _config(cls, args, rename: dict[str, str] | None = None, **fixed):
+    """A stage config from the flags `_add_config_flags` made for it (same names, same defaults)."""
+    import dataclasses
 
-    cfg = TrainConfig(preset=args.preset, init=args.init, data=args.data, steps=args.steps,
-                      batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                      grad_accum=args.grad_accum, hard_negatives=args.hard_negatives, precision=args.precision,
-                      data_count=args.data_count, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                      skip_bad=args.skip_bad)
-    summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
-    if summary.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+    rename = rename or {}
+    values = {}
+    for f in dataclasses.fields(cls):
+        dest = rename.get(f.name, f.name)
+        if f.name in fixed or not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        if value is None and f.default is not None:
+            continue  # a repeatable flag not given: the dataclass's default
+        values[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**{**values, **fixed})
+
+
+def _execute(config, args, parent: str | None, *, teacher: str | None = None, model=None, data=None,
+             evaluate: bool = True, resume: bool | None = False):
+    """Run one stage into --out through the same function the recipe pipeline calls; a rerun with the same input
+    and settings finds the recorded artifact and skips."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from .evaluate import EvalConfig
+    from .stages import Context, DataSpec, execute, input_artifact
+
+    data = data or DataSpec(source=args.data)
+    ctx = Context(data=data, eval=EvalConfig(data=data.source) if evaluate and not args.no_eval else None,
+                  model=model, teacher=input_artifact(teacher) if teacher else None, progress=not args.quiet,
+                  console=None if args.quiet else Console(), resume=resume)
+    return execute(config, input_artifact(parent) if parent else None, ctx, Path(args.out))
+
+
+def cmd_train(args) -> int:
+    from .stages import DataSpec, ModelSpec
+    from .train import TrainSchedule
+
+    model = ModelSpec(path=args.init) if args.init else ModelSpec(preset=args.preset)
+    data = DataSpec(source=args.data, count=args.data_count, skip_bad=args.skip_bad)
+    args.no_eval = True  # train has no evaluation of its own: `vlmedge eval OUT` (printed below)
+    art = _execute(_config(TrainSchedule, args), args, None, model=model, data=data, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    print(f"trained {summary['steps']} steps in {summary['seconds']} s ({summary['samples_per_s']} samples/s), "
-          f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}; model in {args.out}")
+    s = art.info
+    if s.get("steps"):
+        print(f"trained {s['steps']} steps in {s['seconds']} s ({s['samples_per_s']} samples/s), "
+              f"loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}; model in {args.out}")
     print(f"next: vlmedge eval {args.out} --data {args.data}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import EvalConfig, evaluate_folder
+    from .evaluate import EvalConfig
+    from .families import evaluate_folder
 
-    cfg = EvalConfig(data=args.data, zero_shot_images=args.zero_shot_images, retrieval_pairs=args.retrieval_pairs,
-                     hard_negative_pairs=args.hard_negative_pairs)
+    cfg = _config(EvalConfig, args)
     metrics = evaluate_folder(args.path, cfg)
     if args.json:
         _print_json(metrics)
@@ -80,79 +116,71 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _eval_after(path: str, args) -> None:
-    if getattr(args, "no_eval", False):
-        return
-    from .evaluate import EvalConfig, evaluate_folder
+def _report(art, out: str) -> None:
+    """The step's evaluation (eval.json), as the pipeline records it."""
+    import json
 
-    metrics = evaluate_folder(path, EvalConfig(data=args.data))
-    _metrics_table(metrics, f"{path} on {args.data}")
+    path = os.path.join(out, "eval.json")
+    if art.metrics and os.path.isfile(path):
+        with open(path) as f:
+            record = json.load(f)
+        _metrics_table(record["metrics"], f"{out} on {record['data']}")
+    print(f"recorded: {os.path.join(out, 'artifact.json')} (id {art.id}; a rerun with the same input and "
+          "settings skips)")
 
 
 def cmd_prune(args) -> int:
-    from .stages.prune import PruneConfig, prune
+    from .stages.prune import PruneConfig
 
-    def pick(tower, kind):
-        specific = getattr(args, f"{tower}_{kind}")
-        return specific if specific is not None else getattr(args, kind)
-
-    cfg = PruneConfig(**{f"{t}_{k}": pick(t, k) for t in ("vision", "text") for k in ("heads", "mlp", "layers")},
-                      importance=args.importance, calibration_batches=args.calibration_batches, data=args.data)
-    result = prune(args.model, args.out, cfg)
-    b, a = result["before"], result["after"]
+    for tower in ("vision", "text"):  # --heads/--mlp/--layers set both towers, --vision-*/--text-* override one
+        for kind in ("heads", "mlp", "layers"):
+            if getattr(args, f"{tower}_{kind}") is None:
+                setattr(args, f"{tower}_{kind}", getattr(args, kind))
+    art = _execute(_config(PruneConfig, args), args, args.model)
+    b, a = art.info["before"], art.info["after"]
     print(f"parameters {b['parameters'] / 1e6:.2f}M -> {a['parameters'] / 1e6:.2f}M; image GFLOPs "
           f"{b['flops']['image'] / 1e9:.3f} -> {a['flops']['image'] / 1e9:.3f}; text GFLOPs "
           f"{b['flops']['text'] / 1e9:.4f} -> {a['flops']['text'] / 1e9:.4f}; written {args.out}")
-    _eval_after(args.out, args)
+    _report(art, args.out)
     return 0
 
 
 def cmd_distill(args) -> int:
-    from .train import DistillLosses, TrainConfig, train
+    from .train import DistillStage
 
-    cfg = TrainConfig(init=args.student, data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      warmup_steps=args.warmup_steps, hard_negatives=args.hard_negatives, seed=args.seed,
-                      checkpoint_every=args.checkpoint_every)
-    summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet, teacher=args.teacher,
-                    losses_cfg=DistillLosses(args.contrastive, args.affinity, args.feature))
-    print(f"distilled {summary['steps']} steps in {summary['seconds']} s, loss {summary['first_loss']:.3f} -> "
-          f"{summary['final_loss']:.3f}; student in {args.out}")
-    _eval_after(args.out, args)
+    art = _execute(_config(DistillStage, args), args, args.student, teacher=args.teacher, resume=args.resume)
+    s = art.info
+    if s.get("steps"):
+        print(f"distilled {s['steps']} steps in {s['seconds']} s, loss {s['first_loss']:.3f} -> "
+              f"{s['final_loss']:.3f}; student in {args.out}")
+    _report(art, args.out)
     return 0
 
 
 def cmd_export(args) -> int:
-    from .stages.export import ExportConfig, export
+    from .stages.export import ExportConfig
 
-    result = export(args.model, args.out, ExportConfig(opset=args.opset, zero_shot_labels=tuple(args.label or ()),
-                                                       tune_threads=args.tune_threads))
-    for tower, p in result["parity"].items():
+    art = _execute(_config(ExportConfig, args, EXPORT_FLAGS), args, args.model)
+    for tower, p in art.info["parity"].items():
         print(f"{tower}: max abs diff {p['max_abs_diff']:.2e}, min cosine {p['cosine_min']:.7f}")
-    print(f"{result['size_bytes'] / 1e6:.2f} MB of ONNX in {args.out}")
+    print(f"{art.info['size_bytes'] / 1e6:.2f} MB of ONNX in {args.out}")
     _say_threads(args.out)
-    _eval_after(args.out, args)
+    _report(art, args.out)
     return 0
 
 
 def cmd_quantize(args) -> int:
-    from .evaluate import EvalConfig, evaluate, flat_metrics
-    from .stages.quantize import QuantizeConfig, quantize
+    from .stages.quantize import QuantizeConfig
 
-    cfg = QuantizeConfig(mode=args.mode, weight_scheme=args.weight_scheme, calibration=args.calibration,
-                         calibration_batches=args.calibration_batches, exclude_nodes=tuple(args.exclude_node or ()),
-                         exclude_op_types=tuple(args.exclude_op_type or ()), max_drop=args.max_drop,
-                         metric=args.metric, data=args.data, optimize=args.optimize, per_channel=args.per_channel,
-                         tune_threads=args.tune_threads,
-                         **({"op_types": tuple(args.op_type)} if args.op_type else {}))
-    eval_cfg = EvalConfig(data=args.data)
-    result = quantize(args.onnx, args.out, cfg, evaluate_fn=lambda enc: flat_metrics(evaluate(enc, eval_cfg)))
-    print(f"{args.mode}: {result['fp32_size_bytes'] / 1e6:.2f} MB -> {result['size_bytes'] / 1e6:.2f} MB "
-          f"({result['fp32_size_bytes'] / result['size_bytes']:.2f}x smaller); weights {result['weight_scheme']} "
-          f"({result['why']}); cosine to fp32 >= {min(result['drift'].values()):.4f}")
-    if any(result["kept_fp32"].values()):
-        print(f"kept in fp32: {result['kept_fp32']}")
+    art = _execute(_config(QuantizeConfig, args, QUANTIZE_FLAGS), args, args.onnx)
+    r = art.info
+    print(f"{r['mode']}: {r['fp32_size_bytes'] / 1e6:.2f} MB -> {r['size_bytes'] / 1e6:.2f} MB "
+          f"({r['fp32_size_bytes'] / r['size_bytes']:.2f}x smaller); weights {r['weight_scheme']} "
+          f"({r['why']}); cosine to fp32 >= {min(r['drift'].values()):.4f}")
+    if any(r["kept_fp32"].values()):
+        print(f"kept in fp32: {r['kept_fp32']}")
     _say_threads(args.out)
-    _eval_after(args.out, args)
+    _report(art, args.out)
     return 0
 
 
@@ -243,11 +271,69 @@ def cmd_bench(args) -> int:
 
 # --- parser --------------------------------------------------------------------------------------------------------
 
+def _field_docs(cls) -> dict[str, str]:
+    """A dataclass's attribute docstrings (the string under each field), its base classes' too: the flags' help."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):
+            continue
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _add_config_flags(p, cls, *, rename: dict[str, str] | None = None, skip: tuple[str, ...] = (),
+                      hidden: tuple[str, ...] = (), helps: dict[str, str] | None = None,
+                      choices: dict[str, Sequence[str]] | None = None) -> None:
+    """One flag per field of a stage config, named after it (or as `rename` says), with the dataclass's default and
+    its attribute docstring as help: the dataclass is the one source of both."""
+    import dataclasses
+    import typing
+
+    rename, helps, choices = rename or {}, helps or {}, choices or {}
+    docs = {**_field_docs(cls), **helps}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        dest = rename.get(f.name, f.name)
+        flag = "--" + dest.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = args[0] if typing.get_origin(tp) is not tuple and args else tp
+        shown = "" if default in (None, ()) else f" (default: {default})"
+        help_text = argparse.SUPPRESS if f.name in hidden else (docs.get(f.name, "") + shown).strip() or None
+        if base is bool:
+            p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif typing.get_origin(tp) is tuple:
+            p.add_argument(flag, dest=dest, action="append", default=None, help=help_text)
+        else:
+            p.add_argument(flag, dest=dest, type=base, default=default, choices=choices.get(f.name),
+                           help=help_text)
+
+
+EXPORT_FLAGS = {"zero_shot_labels": "label"}
+QUANTIZE_FLAGS = {"exclude_nodes": "exclude_node", "op_types": "op_type", "exclude_op_types": "exclude_op_type"}
+"""Config fields whose flag is named otherwise (the singular of a repeatable flag)."""
+
+
 def _add_train(sub) -> None:
+    from .train import PRECISIONS, TrainSchedule
+
     p = sub.add_parser("train", help="train a dual encoder (symmetric InfoNCE) and write its model folder",
                        description="Train the seed's dual encoder (ViT + BERT + projections, learnable temperature) "
                                    "with contrastive InfoNCE. Unset options take the preset's defaults. Runs under "
-                                   "torchrun for data parallelism (gloo on CPU, nccl on CUDA).",
+                                   "torchrun for data parallelism (gloo on CPU, nccl on CUDA). OUT records the "
+                                   "run (artifact.json): the same command again skips.",
                        epilog="example: vlmedge train --preset small --data shapes --out runs/teacher\n"
                               "resume:  vlmedge train --preset small --data shapes --out runs/teacher --resume\n"
                               "2 procs: torchrun --nproc_per_node 2 -m vlmedge train --preset tiny --out runs/ddp",
@@ -257,18 +343,8 @@ def _add_train(sub) -> None:
     p.add_argument("--data", default="shapes",
                    help="shapes[:COUNT] | image folder with metadata.jsonl | COCO captions .json | .tar shards")
     p.add_argument("--out", required=True, help="model folder to write")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int, help="global batch size")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (gradient accumulation)")
-    p.add_argument("--hard-negatives", type=float, default=0.25,
-                   help="fraction of each batch drawn as one-attribute neighbours (hard-negative mining; shapes)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: fp32 on CPU (bf16 is emulated there), bf16 on CUDA")
+    _add_config_flags(p, TrainSchedule, choices={"precision": PRECISIONS})
     p.add_argument("--data-count", type=int, help="images to generate/use (shapes default: preset's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable images instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -276,23 +352,18 @@ def _add_train(sub) -> None:
 
 
 def _add_eval(sub) -> None:
+    from .evaluate import EvalConfig
+
     p = sub.add_parser("eval", help="zero-shot, retrieval and hard-negative accuracy of a model or ONNX folder",
                        description="Evaluate a model folder (PyTorch) or an export folder (ONNX Runtime) and write "
                                    "PATH/eval.json. On shapes: zero-shot colour x shape top-1/top-5 on held-out "
                                    "single-object images (also split into seen and held-out combinations), "
-                                   "Recall@1/5/10 both ways, hard negatives with colour, shape or relation swapped.")
+                                   "Recall@1/5/10 both ways, hard negatives with colour, shape or relation swapped.",
+                       epilog="example: vlmedge eval runs/int8 --data shapes --retrieval-pairs 500")
     p.add_argument("path", help="model folder or ONNX export folder")
-    p.add_argument("--data", default="shapes")
-    p.add_argument("--zero-shot-images", type=int, default=1080)
-    p.add_argument("--retrieval-pairs", type=int, default=1000)
-    p.add_argument("--hard-negative-pairs", type=int, default=500)
+    _add_config_flags(p, EvalConfig)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_eval)
-
-
-def _add_tune_flag(p) -> None:
-    p.add_argument("--no-tune-threads", dest="tune_threads", action="store_false",
-                   help="do not time the towers at 1, 2, 4, ... threads to record the fastest in the manifest")
 
 
 def _say_threads(folder) -> None:
@@ -305,95 +376,83 @@ def _say_threads(folder) -> None:
             for t in ("image", "text")))
 
 
-def _add_eval_flags(p) -> None:
-    p.add_argument("--data", default="shapes", help="data for calibration and evaluation (default: shapes)")
+def _add_common(p, data_help: str = "data for calibration and evaluation") -> None:
+    p.add_argument("--out", required=True, help="folder to write (it records the step: the same command again skips)")
+    p.add_argument("--data", default="shapes", help=f"{data_help} (default: shapes)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluating the result")
+    p.add_argument("--quiet", action="store_true", help="no progress")
 
 
 def _add_prune(sub) -> None:
+    from .stages.prune import IMPORTANCE, PruneConfig
+
     p = sub.add_parser("prune", help="structured pruning: attention heads, MLP neurons, layers, both towers",
                        description="Remove the least important heads, MLP neurons and layers. Ratios are fractions "
                                    "removed per layer (heads, mlp) or per tower (layers); --heads/--mlp/--layers set "
                                    "both towers, --vision-*/--text-* override one. Importance: taylor (|w*grad| of "
                                    "the contrastive loss on calibration batches) or magnitude.",
                        epilog="example: vlmedge prune runs/teacher --out runs/pruned --heads 0.5 --mlp 0.5")
-    p.add_argument("model", help="model folder")
-    p.add_argument("--out", required=True)
+    p.add_argument("model", help="model folder (or the folder of an earlier command or run step)")
+    _add_common(p)
     for kind in ("heads", "mlp", "layers"):
         p.add_argument(f"--{kind}", type=float, default=0.0, help=f"fraction of {kind} to remove in both towers")
-        for tower in ("vision", "text"):
-            p.add_argument(f"--{tower}-{kind}", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--importance", default="taylor", choices=["taylor", "magnitude"])
-    p.add_argument("--calibration-batches", type=int, default=8)
-    _add_eval_flags(p)
+    per_tower = tuple(f"{t}_{k}" for t in ("vision", "text") for k in ("heads", "mlp", "layers"))
+    _add_config_flags(p, PruneConfig, skip=("data",), hidden=per_tower, choices={"importance": list(IMPORTANCE)})
+    for name in per_tower:  # None: the both-towers flag decides (cmd_prune)
+        p.set_defaults(**{name: None})
     p.set_defaults(func=cmd_prune)
 
 
 def _add_distill(sub) -> None:
+    from .train import PRECISIONS, DistillStage
+
     p = sub.add_parser("distill", help="distil a teacher into a student (contrastive + affinity + feature losses)",
                        description="Train the student (a pruned teacher, or any model folder) against a frozen "
                                    "teacher with weighted losses: its own InfoNCE, affinity mimicking (KL of the "
                                    "in-batch similarity distributions, TinyCLIP) and feature mimicry (cosine to the "
-                                   "teacher's embeddings, CLIP-KD).")
+                                   "teacher's embeddings, CLIP-KD).",
+                       epilog="example: vlmedge distill runs/pruned --teacher runs/teacher --out runs/student "
+                              "--steps 600")
     p.add_argument("student", help="student model folder (e.g. the output of vlmedge prune)")
     p.add_argument("--teacher", required=True, help="teacher model folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--contrastive", type=float, default=1.0, help="weight of the student's InfoNCE")
-    p.add_argument("--affinity", type=float, default=1.0, help="weight of affinity mimicking")
-    p.add_argument("--feature", type=float, default=1.0, help="weight of feature mimicry")
-    p.add_argument("--hard-negatives", type=float, default=0.25)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    _add_eval_flags(p)
+    _add_common(p, "training and evaluation data")
+    _add_config_flags(p, DistillStage, choices={"precision": PRECISIONS})
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last")
     p.set_defaults(func=cmd_distill)
 
 
 def _add_export(sub) -> None:
+    from .stages.export import ExportConfig
+
     p = sub.add_parser("export", help="export both towers to ONNX with a parity check and a manifest",
                        description="Write image_encoder.onnx and text_encoder.onnx (normalised embeddings, dynamic "
                                    "batch and sequence), check them with onnx.checker and against PyTorch on fresh "
-                                   "random inputs, and write manifest.json with preprocessing and tokenizer files.")
-    p.add_argument("model", help="model folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--label", action="append", help="zero-shot label caption to precompute (repeatable)")
-    _add_tune_flag(p)
-    _add_eval_flags(p)
+                                   "random inputs, and write manifest.json with preprocessing and tokenizer files.",
+                       epilog="example: vlmedge export runs/student --out runs/onnx --label 'a red circle'")
+    p.add_argument("model", help="model folder (or the folder of an earlier command or run step)")
+    _add_common(p, "evaluation data")
+    _add_config_flags(p, ExportConfig, rename=EXPORT_FLAGS,
+                      helps={"zero_shot_labels": "zero-shot label caption to precompute (repeatable)"})
     p.set_defaults(func=cmd_export)
 
 
 def _add_quantize(sub) -> None:
+    from .stages.quantize import CALIBRATION, MODES, OPTIMIZE, WEIGHT_SCHEMES, QuantizeConfig
+
     p = sub.add_parser("quantize", help="INT8 (dynamic or static QDQ) or FP16 with ONNX Runtime's quantizers",
                        description="Quantize an fp32 export folder. dynamic: the fast CPU default. static: QDQ with "
                                    "calibration batches (MatMul/Gemm/Gather), the form TensorRT consumes. fp16: "
                                    "ORT's float16 converter. --max-drop makes it accuracy-aware: layer groups fall "
                                    "back to fp32 until the metric is within the tolerance.",
                        epilog="example: vlmedge quantize runs/onnx --out runs/int8 --mode dynamic --max-drop 0.01")
-    p.add_argument("onnx", help="fp32 export folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--mode", default="dynamic", choices=["dynamic", "static", "fp16"])
-    p.add_argument("--weight-scheme", default="auto", choices=["auto", "u8s8", "reduce_range", "u8u8"],
-                   help="auto picks by the CPU's instruction set (VNNI or not)")
-    p.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"])
-    p.add_argument("--calibration-batches", type=int, default=8)
-    p.add_argument("--exclude-node", action="append", help="node name or regex kept in fp32 (repeatable)")
-    p.add_argument("--op-type", action="append",
-                   help="op type to quantize (repeatable; default MatMul, Gemm, Gather)")
-    p.add_argument("--exclude-op-type", action="append", help="op type kept in fp32 (repeatable)")
-    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
-                   help="one weight scale per output channel (default: yes for static, no for dynamic)")
-    p.add_argument("--optimize", default="auto", choices=["auto", "none", "basic", "extended"],
-                   help="save ONNX Runtime's offline-optimized graph (auto: extended for dynamic, none otherwise)")
-    p.add_argument("--max-drop", type=float, help="accuracy-aware: largest allowed drop of --metric")
-    p.add_argument("--metric", default="zero_shot.top1")
-    _add_tune_flag(p)
-    _add_eval_flags(p)
+    p.add_argument("onnx", help="fp32 export folder (or the folder of an earlier command or run step)")
+    _add_common(p)
+    _add_config_flags(p, QuantizeConfig, rename=QUANTIZE_FLAGS, skip=("data",),
+                      choices={"mode": MODES, "calibration": CALIBRATION, "weight_scheme": WEIGHT_SCHEMES,
+                               "optimize": OPTIMIZE},
+                      helps={"exclude_nodes": "node name or regex kept in fp32 (repeatable)",
+                             "op_types": "op type to quantize (repeatable; default MatMul, Gemm, Gather)",
+                             "exclude_op_types": "op type kept in fp32 (repeatable)"})
     p.set_defaults(func=cmd_quantize)
 
 

@@ -8,14 +8,11 @@ the one that is scored.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from ._io import write_json
 
 
 class Encoder(Protocol):
@@ -161,18 +158,3 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
                 if isinstance(v, float):
                     out[f"{group}.{k}"] = v
     return out
-
-
-def evaluate_folder(path: str | os.PathLike, cfg: EvalConfig = EvalConfig()) -> dict[str, Any]:
-    """Evaluate a model folder (PyTorch) or an ONNX export folder; writes eval.json into it."""
-    from .models import load_model
-
-    path = Path(path)
-    if (path / "manifest.json").is_file():
-        from .runtime.onnx import OnnxEncoder
-        encoder = OnnxEncoder(path)
-    else:
-        encoder = TorchEncoder(load_model(path))
-    metrics = evaluate(encoder, cfg)
-    write_json(path / "eval.json", {"data": cfg.data, "config": cfg.__dict__, "metrics": metrics})
-    return metrics

@@ -30,44 +30,7 @@ from typing import Any
 import yaml
 
 from .errors import VlmedgeError
-
-# Which artifact each stage reads and what it writes. "model" = a PyTorch model folder, "onnx" = an fp32 export.
-STAGE_IO = {"train": ("model", "model"), "prune": ("model", "model"), "distill": ("model", "model"),
-            "export": ("model", "onnx"), "quantize": ("onnx", "onnx-quantized")}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    preset: str | None = None
-    """A preset (tiny, small, base) to build and train; a recipe without a train stage uses it untrained."""
-    path: str | None = None
-    """A local model folder (VisionTextDualEncoderModel or CLIPModel) to start from."""
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    source: str = "shapes"
-    count: int | None = None
-    skip_bad: bool = False
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    data: str | None = None
-    """Defaults to data.source."""
-    zero_shot_images: int = 1080
-    retrieval_pairs: int = 1000
-    hard_negative_pairs: int = 500
-
-
-def _stage_types():
-    from .stages.export import ExportConfig
-    from .stages.prune import PruneConfig
-    from .stages.quantize import QuantizeConfig
-    from .train import DistillStage, TrainSchedule
-
-    return {"train": TrainSchedule, "prune": PruneConfig, "distill": DistillStage, "export": ExportConfig,
-            "quantize": QuantizeConfig}
+from .stages import DataSpec, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -82,7 +45,8 @@ class Recipe:
     name: str
     model: ModelSpec
     data: DataSpec
-    eval: EvalSpec
+    eval: Any
+    """An `EvalConfig` (its data defaults to data.source)."""
     stages: tuple[Stage, ...]
     targets: tuple[tuple[str, dict], ...]
     measure: Any
@@ -280,10 +244,14 @@ def parse_recipe(data: Any, where: _Where, source_file: str = "") -> Recipe:
         if model.preset not in preset_names() and not model.preset.endswith(".json"):
             raise where.error("model.preset", f"unknown preset {model.preset!r}; expected one of "
                                               f"{', '.join(preset_names())}")
+    from .evaluate import EvalConfig
+
     data_spec = build(DataSpec, data.get("data"), "data", where)
-    eval_spec = build(EvalSpec, data.get("eval"), "eval", where)
-    if eval_spec.data is None:
-        eval_spec = dataclasses.replace(eval_spec, data=data_spec.source)
+    raw_eval = data.get("eval") or {}
+    if isinstance(raw_eval, dict) and raw_eval.get("data") is None:
+        raw_eval = dict(raw_eval)
+        raw_eval["data"] = data_spec.source  # evaluate on the run's data unless told otherwise
+    eval_spec = build(EvalConfig, raw_eval, "eval", where)
     stages = _parse_stages(data["stages"], model, where)
     targets = []
     raw_targets = data.get("targets", ["torch", "cpu"])
@@ -313,7 +281,9 @@ def parse_recipe(data: Any, where: _Where, source_file: str = "") -> Recipe:
 
 
 def _parse_stages(items: Any, model: ModelSpec, where: _Where) -> list[Stage]:
-    types = _stage_types()
+    from .stages import recipe_kinds, spec_for_kind
+
+    kinds = recipe_kinds()
     if not isinstance(items, list):
         raise where.error("stages", "expected a list like [{train: {...}}, {export: {}}]")
     have = {"model"}  # a model path, or a preset (trained by a train stage, else used untrained)
@@ -324,8 +294,9 @@ def _parse_stages(items: Any, model: ModelSpec, where: _Where) -> list[Stage]:
         if not isinstance(item, dict) or len(item) != 1:
             raise where.error(f"stages.{i}", f"expected one stage as {{kind: {{config}}}}, got {item!r}")
         kind, cfg = next(iter(item.items()))
-        if kind not in types:
-            raise where.error(f"stages.{i}", f"unknown stage {kind!r}; expected one of: {', '.join(types)}")
+        if kind not in kinds:
+            raise where.error(f"stages.{i}", f"unknown stage {kind!r}; expected one of: {', '.join(kinds)}")
+        spec = spec_for_kind(kind)
         cfg = dict(cfg or {})
         name = str(cfg.pop("name", "")) or kind
         if kind == "quantize" and name == kind:
@@ -336,18 +307,18 @@ def _parse_stages(items: Any, model: ModelSpec, where: _Where) -> list[Stage]:
         names.add(name)
         if kind == "train" and stages:
             raise where.error(f"stages.{i}", "train must be the first stage (it makes the teacher)")
-        needs, makes = STAGE_IO[kind]
-        if needs == "onnx" and "onnx" not in have:
+        if spec.consumes == "onnx" and "onnx" not in have:
             raise where.error(f"stages.{i}", f"{kind} needs an fp32 ONNX export from an earlier stage; "
                                              "add an export stage before it")
-        have.add(makes)
-        stages.append(Stage(kind, name, build(types[kind], cfg, f"stages.{i}.{kind}", where)))
+        if spec.provides:
+            have.add(spec.provides)
+        stages.append(Stage(kind, name, build(spec.config, cfg, f"stages.{i}.{kind}", where)))
     return stages
 
 
 def recipes_dir() -> Path:
-    """The shipped recipes: the repository's recipes/ folder."""
-    return Path(__file__).resolve().parent.parent / "recipes"
+    """The shipped recipes: package data (the repository's recipes/ is a link to it), so a wheel has them too."""
+    return Path(__file__).resolve().parent / "recipes"
 
 
 def shipped_recipes() -> list[str]:

@@ -24,6 +24,7 @@ import numpy as np
 
 from ._io import atomic_dir, write_json
 from .errors import VlmedgeError
+from .families.dual_encoder import DistillLosses, contrastive_loss, distillation_loss
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learnable temperature at 1/100
 
@@ -46,6 +47,27 @@ class TrainSchedule:
     """auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (CUDA)."""
     seed: int = 0
     checkpoint_every: int = 100
+
+    def __post_init__(self):
+        """Every value set is checked at load (a recipe line, a flag), before any work; unset ones after the
+        preset's defaults are filled in (`TrainConfig.resolved`)."""
+        stage = "distill" if isinstance(self, DistillStage) else "train"
+        checks = [("steps", lambda v: v >= 1, "an integer >= 1"), ("batch_size", lambda v: v >= 2, ">= 2"),
+                  ("lr", lambda v: v > 0, "> 0"), ("warmup_steps", lambda v: v >= 0, ">= 0"),
+                  ("weight_decay", lambda v: v >= 0, ">= 0"), ("grad_accum", lambda v: v >= 1, ">= 1"),
+                  ("hard_negatives", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+                  ("precision", lambda v: v in PRECISIONS, ", ".join(PRECISIONS)),
+                  ("checkpoint_every", lambda v: v >= 1, ">= 1")]
+        for key, ok, expected in checks:
+            value = getattr(self, key)
+            if value is not None and not ok(value):
+                raise VlmedgeError(f"{stage}: {key}={value!r} is invalid; expected {expected}")
+        if self.batch_size is not None and self.batch_size % self.grad_accum:
+            raise VlmedgeError(f"{stage}: batch_size={self.batch_size} is invalid; expected a multiple of "
+                               f"grad_accum={self.grad_accum}")
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -72,62 +94,7 @@ class TrainConfig(TrainSchedule):
         fallback = {"steps": 1000, "batch_size": 64, "lr": 5e-4, "warmup_steps": 50, "data_count": 20000}
         values = {k: getattr(self, k) if getattr(self, k) is not None else defaults.get(k, v)
                   for k, v in fallback.items()}
-        cfg = TrainConfig(**{**asdict(self), **values})
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        checks = [(self.steps >= 1, "steps", "an integer >= 1"), (self.batch_size >= 2, "batch_size", ">= 2"),
-                  (self.lr > 0, "lr", "> 0"), (self.grad_accum >= 1, "grad_accum", ">= 1"),
-                  (0 <= self.hard_negatives < 1, "hard_negatives", "a fraction in [0, 1)"),
-                  (self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "auto, fp32, bf16 or fp16"),
-                  (self.grad_accum < 1 or self.batch_size % self.grad_accum == 0, "batch_size",
-                   "divisible by grad_accum")]
-        for ok, key, expected in checks:
-            if not ok:
-                raise VlmedgeError(f"train: {key}={getattr(self, key)!r} is invalid; expected {expected}")
-
-
-# --- the loss (shared with distillation) ---------------------------------------------------------------------------
-
-def contrastive_loss(image_emb, text_emb, logit_scale, match=None):
-    """Symmetric InfoNCE (CLIP's loss): each image's own caption is its target and vice versa.
-
-    `match[i, j]` (optional) says caption j also truthfully describes image i; such pairs are left out of both
-    softmaxes, so a duplicate ("a red circle" twice in a batch) is not pushed apart as a negative. (Spreading the
-    targets over all matches instead rewarded captions that match many images and collapsed the image tower: its
-    embeddings became identical and the loss stalled just under log(batch).)
-    """
-    import torch
-    import torch.nn.functional as F
-
-    image_emb = F.normalize(image_emb, dim=-1)
-    text_emb = F.normalize(text_emb, dim=-1)
-    logits = logit_scale.exp() * image_emb @ text_emb.t()
-    labels = torch.arange(len(logits), device=logits.device)
-    if match is not None:
-        eye = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
-        logits = logits.masked_fill((match.to(logits.device) > 0) & ~eye, float("-inf"))
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-
-
-@dataclass
-class DistillLosses:
-    """Weights of the distillation losses (teacher -> student); the student's own contrastive loss is one of them."""
-
-    contrastive: float = 1.0
-    """The student's InfoNCE on the batch."""
-    affinity: float = 1.0
-    """KL between teacher and student image->text and text->image similarity distributions (TinyCLIP)."""
-    feature: float = 1.0
-    """1 - cosine between student and teacher embeddings, both towers (feature mimicry, CLIP-KD)."""
-
-    def validate(self) -> None:
-        for k in ("contrastive", "affinity", "feature"):
-            if getattr(self, k) < 0:
-                raise VlmedgeError(f"distill: {k}={getattr(self, k)} must be >= 0")
-        if self.contrastive + self.affinity + self.feature <= 0:
-            raise VlmedgeError("distill: all loss weights are 0; nothing to learn")
+        return TrainConfig(**{**asdict(self), **values})  # validated again, every value now set
 
 
 @dataclass
@@ -142,33 +109,13 @@ class DistillStage(TrainSchedule):
     affinity: float = 1.0
     feature: float = 1.0
 
+    def __post_init__(self):
+        super().__post_init__()
+        self.losses.validate()
+
     @property
     def losses(self) -> DistillLosses:
         return DistillLosses(self.contrastive, self.affinity, self.feature)
-
-
-def distillation_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, match, w: DistillLosses):
-    """Weighted sum of contrastive, affinity-mimicking and feature-mimicry losses; returns (total, parts)."""
-    import torch.nn.functional as F
-
-    s_img, s_txt = F.normalize(s_img, dim=-1), F.normalize(s_txt, dim=-1)
-    t_img, t_txt = F.normalize(t_img, dim=-1), F.normalize(t_txt, dim=-1)
-    parts = {}
-    if w.contrastive:
-        parts["contrastive"] = contrastive_loss(s_img, s_txt, s_scale, match)
-    if w.affinity:
-        s_logits = s_scale.exp() * s_img @ s_txt.t()
-        t_logits = t_scale.exp() * t_img @ t_txt.t()
-        kl = lambda s, t: F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True,  # noqa: E731
-                                   reduction="batchmean")
-        parts["affinity"] = (kl(s_logits, t_logits) + kl(s_logits.t(), t_logits.t())) / 2
-    if w.feature:
-        if s_img.shape[-1] != t_img.shape[-1]:
-            raise VlmedgeError(f"distill: feature mimicry needs equal embedding sizes (student {s_img.shape[-1]}, "
-                               f"teacher {t_img.shape[-1]}); set feature weight to 0")
-        parts["feature"] = ((1 - (s_img * t_img).sum(-1)).mean() + (1 - (s_txt * t_txt).sum(-1)).mean()) / 2
-    total = sum(getattr(w, k) * v for k, v in parts.items())
-    return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
 # --- distributed helpers -------------------------------------------------------------------------------------------

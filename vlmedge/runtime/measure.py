@@ -54,14 +54,30 @@ def machine_key() -> dict[str, Any]:
     return {"cpu": cpu_info()[0], "cores": os.cpu_count()}
 
 
-def manifest_inputs(manifest: dict, batch: int, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Random pixels and full-length random token ids of the shapes an export folder's manifest declares."""
+def random_feeds(image_size: int, max_length: int, vocab_size: int, batch: int, seed: int = 0,
+                 pad_id: int | None = None, cls_id: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Random pixels and random token ids: the one generator of synthetic inputs (parity, tuning, board timing).
+
+    Full-length sequences by default (the latency worst case); with `pad_id`, each row has a random length and is
+    padded (the parity check then covers the attention mask); `cls_id` starts every row."""
     rng = np.random.default_rng(seed)
-    size = manifest["preprocess"]["image_size"]
-    pixels = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-    length = manifest["max_length"]
-    ids = rng.integers(5, manifest.get("vocab_size", 100), size=(batch, length)).astype(np.int64)
-    return pixels, {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    pixels = rng.standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
+    ids = rng.integers(5, max(vocab_size, 6), size=(batch, max_length)).astype(np.int64)
+    mask = np.ones_like(ids)
+    if pad_id is not None:
+        for i in range(batch):
+            length = int(rng.integers(3, max_length + 1))
+            ids[i, length:] = pad_id
+            mask[i, length:] = 0
+    if cls_id is not None:
+        ids[:, 0] = cls_id
+    return pixels, {"input_ids": ids, "attention_mask": mask}
+
+
+def manifest_inputs(manifest: dict, batch: int, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """`random_feeds` of the shapes an export folder's manifest declares."""
+    return random_feeds(manifest["preprocess"]["image_size"], manifest["max_length"], manifest.get("vocab_size", 100),
+                        batch, seed)
 
 
 def tune_threads(folder: str | os.PathLike, rounds: int = 5) -> dict[str, Any] | None:

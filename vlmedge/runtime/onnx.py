@@ -79,6 +79,11 @@ class OnnxEncoder:
                                              prefix["text"])
 
     @property
+    def sessions(self) -> dict[str, Any]:
+        """Graph name -> its ONNX Runtime session."""
+        return {"image": self.image_session, "text": self.text_session}
+
+    @property
     def tokenizer(self):
         if self._tokenizer is None:
             from transformers import AutoTokenizer

@@ -1,0 +1,235 @@
+"""The stage contract: every stage is `run(parent: Artifact | None, config, context) -> Artifact`.
+
+A stage module defines its config dataclass (the recipe schema of that stage, validated in `__post_init__`) and one
+`run` function, registered for that config type with `@register`. `execute` is the one way a stage runs, for the
+recipe pipeline and for the single-stage commands alike: it computes the step's id (a hash of the parent's id, the
+stage, its config and what else it reads), skips a step whose folder already records that id in `artifact.json`,
+runs the stage, measures what it made (size, parameters, FLOPs, and the family's evaluation on held-out data) and
+writes `artifact.json` last, so a folder without it is unfinished whatever else it holds.
+
+Stages ask the family of their input (`vlmedge.families.of`) for everything model-specific; they never branch on a
+family's name, and they know nothing of the CLI or the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .._io import folder_size, write_json
+from ..artifact import Artifact, artifact_id, library_versions
+from ..errors import VlmedgeError
+
+MODULES = ("source", "train", "prune", "distill", "export", "quantize")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    preset: str | None = None
+    """A preset (tiny, small, base, ...) to build and train; a recipe without a train stage uses it untrained."""
+    path: str | None = None
+    """A local model folder (any family's architecture) to start from."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str = "shapes"
+    """shapes, shapes:COUNT, an image folder with metadata.jsonl, a COCO captions .json or WebDataset .tar shards."""
+    count: int | None = None
+    """Images to generate or use for training (shapes default: the preset's)."""
+    skip_bad: bool = False
+    """Skip (and count) unreadable images instead of failing."""
+
+    def __post_init__(self):
+        if self.count is not None and self.count < 1:
+            raise VlmedgeError(f"data: count={self.count}; expected an integer >= 1")
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a stage may read besides its parent and its config. `out` and `artifact_id` are set per step."""
+
+    data: DataSpec = DataSpec()
+    eval: Any = None
+    """An `EvalConfig`; None: the step is not evaluated (`--no-eval`)."""
+    model: ModelSpec | None = None
+    """The recipe's starting model (the train and source stages read it)."""
+    teacher: Artifact | None = None
+    """The distillation teacher."""
+    console: Any = None
+    progress: bool = False
+    resume: bool | None = None
+    """Training: True continues from a checkpoint (an error without one), False never does, None does when one
+    exists (the pipeline: its step folders are keyed by config, so a checkpoint there is this step's)."""
+    force: bool = False
+    out: Path | None = None
+    artifact_id: str = ""
+    stage_kind: str = ""
+
+    def say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text)
+
+    def artifact(self, parent: Artifact | None, path: Path, info: dict[str, Any] | None = None) -> Artifact:
+        """The record of what this step made at `path` (measured and saved by `execute`)."""
+        spec = spec_for_kind(self.stage_kind)
+        return Artifact(self.artifact_id, self.stage_kind, self.stage_kind, spec.produces, str(path),
+                        parent=parent.id if parent else None, info=info or {})
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    kind: str
+    """The stage's key in a recipe (train, prune, ...)."""
+    config: type
+    run: Callable[[Artifact | None, Any, Context], Artifact]
+    consumes: str | None
+    """The artifact kind it reads: 'model', 'onnx' (an fp32 export), or None (it starts from nothing)."""
+    produces: str
+    """The artifact kind it writes: 'model' or 'onnx'."""
+    provides: str | None
+    """What later stages may consume from it ('model', 'onnx'), None if nothing (quantized graphs)."""
+    reads: tuple[str, ...] = ()
+    """Context fields that enter the step's id besides parent and config: data, model, teacher."""
+    product: str = "model"
+    """The product's subfolder in a run's step folder."""
+
+
+_BY_TYPE: dict[type, StageSpec] = {}
+_BY_KIND: dict[str, StageSpec] = {}
+
+
+def register(config: type, *, kind: str, consumes: str | None, produces: str, provides: str | None,
+             reads: tuple[str, ...] = ()):
+    """Register a stage's `run` for its config type (one verb, one config type)."""
+
+    def wrap(fn):
+        spec = StageSpec(kind, config, fn, consumes, produces, provides, reads, "onnx" if produces == "onnx" else "model")
+        _BY_TYPE[config] = _BY_KIND[kind] = spec
+        return fn
+
+    return wrap
+
+
+def _load_all() -> None:
+    for module in MODULES:
+        importlib.import_module(f".{module}", __name__)
+
+
+def spec_for_kind(kind: str) -> StageSpec:
+    _load_all()
+    if kind not in _BY_KIND:
+        raise VlmedgeError(f"unknown stage {kind!r}; expected one of: {', '.join(recipe_kinds())}")
+    return _BY_KIND[kind]
+
+
+def spec_for(config: Any) -> StageSpec:
+    _load_all()
+    return _BY_TYPE[type(config)]
+
+
+def recipe_kinds() -> list[str]:
+    """The stages a recipe's `stages:` list may name, in pipeline order."""
+    _load_all()
+    return [k for k in MODULES if k != "source"]
+
+
+# --- one step ------------------------------------------------------------------------------------------------------
+
+def step_id(config: Any, parent: Artifact | None, ctx: Context) -> str:
+    spec = spec_for(config)
+    key = {"stage": asdict(config), "eval": asdict(ctx.eval) if ctx.eval is not None else None,
+           "data": asdict(ctx.data) if "data" in spec.reads else None,
+           "teacher": ctx.teacher.id if "teacher" in spec.reads and ctx.teacher else None}
+    if "model" in spec.reads:
+        key["model"] = asdict(ctx.model) if ctx.model else None
+    return artifact_id(parent.id if parent else None, spec.kind, key)
+
+
+def execute(config: Any, parent: Artifact | None, ctx: Context, folder: Path, product: Path | None = None,
+            name: str | None = None) -> Artifact:
+    """Run one stage into `folder` (the record, eval.json) and `product` (what it makes; default: `folder`), or
+    return the record already there for the same id."""
+    spec = spec_for(config)
+    aid = step_id(config, parent, ctx)
+    name = name or spec.kind
+    folder = Path(folder)
+    product = Path(product) if product is not None else folder
+    done = None if ctx.force else Artifact.load(folder)
+    if done is not None and done.id == aid and Path(done.path).exists():
+        ctx.say(f"[dim]{name}: cached ({folder})[/]")
+        return done
+    ctx.say(f"[bold]{name}[/] ({spec.kind}{' <- ' + parent.name if parent else ''}) -> {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for partial in folder.glob(".*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+    t0 = time.perf_counter()
+    art = spec.run(parent, config, dataclasses.replace(ctx, out=product, artifact_id=aid, stage_kind=spec.kind))
+    art.name, art.config = name, {"stage": asdict(config)}
+    art.seconds["stage"] = round(time.perf_counter() - t0, 1)
+    if os.environ.get("RANK", "0") != "0":
+        return art  # data-parallel training: rank 0 describes and records the step
+    describe(art, folder, ctx, parent)
+    art.save(folder)
+    return art
+
+
+def describe(art: Artifact, folder: Path, ctx: Context, parent: Artifact | None) -> None:
+    """Fill in family, size, parameters and FLOPs of a finished step, evaluate it and write its eval.json."""
+    from .. import families
+    from ..evaluate import flat_metrics
+    from ..runtime.onnx import onnx_size
+
+    path = Path(art.path)
+    family = families.of(path)
+    art.family = family.name
+    if art.kind == "model":
+        model = family.load(path)
+        adapter = family.adapter(model) if ctx.eval is not None else None
+        art.parameters = family.parameters(model)
+        art.flops = family.flops(model)
+        art.size_bytes = sum(folder_size(p) for p in path.glob("*.safetensors"))
+    else:
+        from ..runtime.onnx import read_manifest
+
+        adapter = family.adapter(path) if ctx.eval is not None else None
+        art.parameters = read_manifest(path).get("parameters") or (parent.parameters if parent else None)
+        art.flops = parent.flops if parent else None
+        art.size_bytes = onnx_size(path)
+    if adapter is not None:
+        t0 = time.perf_counter()
+        metrics = family.evaluate(adapter, ctx.eval)
+        art.seconds["eval"] = round(time.perf_counter() - t0, 1)
+        write_json(folder / "eval.json", {"data": ctx.eval.data, "config": asdict(ctx.eval), "metrics": metrics})
+        art.metrics = flat_metrics(metrics)
+    art.versions = library_versions()
+
+
+def input_artifact(path: str | os.PathLike) -> Artifact:
+    """What a single-stage command reads: a folder a vlmedge command or a run step made (its `artifact.json`, whose
+    product may sit in a subfolder), or any model or export folder (a source artifact, its id from the files)."""
+    folder = Path(path)
+    made = Artifact.load(folder)
+    if made is not None and Path(made.path).exists():
+        return made
+    if not folder.exists():
+        raise VlmedgeError(f"not found: {folder}")
+    kind = "onnx" if (folder / "manifest.json").is_file() else "model"
+    return Artifact(_fingerprint(folder), folder.name, "source", kind, str(folder))
+
+
+def _fingerprint(folder: Path) -> str:
+    """An id for a folder vlmedge did not make: its resolved path and its files' names, sizes and times."""
+    h = hashlib.sha256(str(folder.resolve()).encode())
+    for p in sorted(folder.iterdir()) if folder.is_dir() else [folder]:
+        if p.is_file() and p.name not in ("artifact.json", "eval.json"):
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]

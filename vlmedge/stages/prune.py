@@ -9,14 +9,17 @@ records which heads and neurons were kept.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
 
+from ..artifact import Artifact
 from ..errors import VlmedgeError
-from ..models.structure import TOWERS, LayerParts, apply_plan, measure_flops, shape_of, tower_layers
+from ..models.structure import TOWERS, LayerParts
+from . import Context, register
+
+DEFAULT_DATA = "shapes"
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,8 @@ class PruneConfig:
     """magnitude (weights only) or taylor (|w * grad| of the contrastive loss on calibration batches)."""
     calibration_batches: int = 8
     batch_size: int = 64
-    data: str = "shapes"
+    data: str | None = None
+    """Calibration data for Taylor importance; None: the run's data (recipe `data.source`, the command's --data)."""
     seed: int = 0
 
     def __post_init__(self):
@@ -61,36 +65,29 @@ def _group_scores(parts: list[LayerParts], value: Callable[[Any], Any]) -> dict[
     return {"heads": heads, "neurons": neurons}
 
 
-def magnitude_importance(model, towers: dict[str, list[LayerParts]], cfg: PruneConfig, data) -> dict:
-    return {t: _group_scores(parts, lambda w: w.abs()) for t, parts in towers.items()}
+def magnitude_importance(family, model, parts: dict[str, list[LayerParts]], cfg: PruneConfig, data: str) -> dict:
+    return {t: _group_scores(layers, lambda w: w.abs()) for t, layers in parts.items()}
 
 
-def taylor_importance(model, towers: dict[str, list[LayerParts]], cfg: PruneConfig, data) -> dict:
-    """First-order Taylor: |w * dL/dw| summed over calibration batches of the contrastive loss."""
+def taylor_importance(family, model, parts: dict[str, list[LayerParts]], cfg: PruneConfig, data: str) -> dict:
+    """First-order Taylor: |w * dL/dw| summed over calibration batches of the family's training loss."""
     import torch
 
-    from ..models import image_features, text_features
-    from ..train import contrastive_loss
-
-    vlm, ds = data
-    model.zero_grad(set_to_none=True)
-    model.train()
+    draw = family.calibration_data(model, data, cfg.calibration_batches * cfg.batch_size * 2, cfg.seed)
+    net = model.model
+    net.zero_grad(set_to_none=True)
+    net.train()
     rng = np.random.default_rng(cfg.seed)
     for _ in range(cfg.calibration_batches):
-        idx = rng.integers(len(ds), size=cfg.batch_size).tolist()
-        texts, specs = ds.training_captions(idx, rng)
-        tok = vlm.tokenize(texts)
-        img = image_features(model, torch.from_numpy(vlm.preprocess(ds.images(idx))))
-        txt = text_features(model, torch.from_numpy(tok["input_ids"]), torch.from_numpy(tok["attention_mask"]))
-        contrastive_loss(img, txt, model.logit_scale, torch.from_numpy(ds.match(idx, specs))).backward()
-    model.eval()
+        family.loss(model, draw(cfg.batch_size, rng)).backward()
+    net.eval()
     scores = {}
-    for tower, parts in towers.items():
-        params = {id(m.weight): m.weight for p in parts for m in (p.q, p.k, p.v, p.o, p.up, p.down)}
-        params.update({id(m.bias): m.bias for p in parts for m in (p.q, p.k, p.v, p.up) if m.bias is not None})
+    for tower, layers in parts.items():
+        params = {id(m.weight): m.weight for p in layers for m in (p.q, p.k, p.v, p.o, p.up, p.down)}
+        params.update({id(m.bias): m.bias for p in layers for m in (p.q, p.k, p.v, p.up) if m.bias is not None})
         grads = {k: (w.detach() * w.grad).abs() if w.grad is not None else torch.zeros_like(w) for k, w in params.items()}
-        scores[tower] = _group_scores(parts, lambda w: grads[id(w)])
-    model.zero_grad(set_to_none=True)
+        scores[tower] = _group_scores(layers, lambda w: grads[id(w)])
+    net.zero_grad(set_to_none=True)
     return scores
 
 
@@ -106,21 +103,22 @@ def _keep_count(n: int, ratio: float, what: str) -> int:
 
 # --- the stage -----------------------------------------------------------------------------------------------------
 
-def make_plan(model, cfg: PruneConfig, data=None) -> dict[str, Any]:
-    towers = {t: tower_layers(model, t) for t in TOWERS}
-    scores = IMPORTANCE[cfg.importance](model, towers, cfg, data)
+def make_plan(family, model, cfg: PruneConfig, data: str = DEFAULT_DATA) -> dict[str, Any]:
+    """Kept layer, head and neuron indices per prunable part of `model` (a family's loaded model)."""
+    parts = family.prunable(model)
+    scores = IMPORTANCE[cfg.importance](family, model, parts, cfg, data)
     plan = {}
-    for tower, parts in towers.items():
+    for tower, layers_of in parts.items():
         s = scores[tower]
         # whole layers first: the least important by their heads' and neurons' share of the tower's total
         head_total = sum(x.sum() for x in s["heads"]) or 1.0
         neuron_total = sum(x.sum() for x in s["neurons"]) or 1.0
         layer_score = [h.sum() / head_total + n.sum() / neuron_total for h, n in zip(s["heads"], s["neurons"])]
-        n_layers = _keep_count(len(parts), getattr(cfg, f"{tower}_layers"), f"{tower} layers")
+        n_layers = _keep_count(len(layers_of), getattr(cfg, f"{tower}_layers"), f"{tower} layers")
         layers = sorted(np.argsort(layer_score)[::-1][:n_layers].tolist())
         heads, neurons = [], []
         for li in layers:
-            p = parts[li]
+            p = layers_of[li]
             keep_h = _keep_count(p.heads, getattr(cfg, f"{tower}_heads"), f"heads in {tower} layer {li}")
             keep_n = _keep_count(p.up.out_features, getattr(cfg, f"{tower}_mlp"), f"MLP neurons in {tower} layer {li}")
             heads.append(sorted(np.argsort(s["heads"][li])[::-1][:keep_h].tolist()))
@@ -129,26 +127,26 @@ def make_plan(model, cfg: PruneConfig, data=None) -> dict[str, Any]:
     return plan
 
 
-def prune(source: str | os.PathLike, out: str | os.PathLike, cfg: PruneConfig = PruneConfig(),
-          progress: bool = False) -> dict[str, Any]:
+def prune(source: str | os.PathLike, out: str | os.PathLike, cfg: PruneConfig = PruneConfig()) -> dict[str, Any]:
     """Prune a model folder into `out` (written atomically). Returns parameters and FLOPs before and after."""
+    from .. import families
     from .._io import atomic_dir, write_json
-    from ..models import count_parameters, load_model
 
-    vlm = load_model(source, attn_implementation="eager")
-    before = {"parameters": count_parameters(vlm.model), "flops": measure_flops(vlm)}
-    data = None
-    if cfg.importance == "taylor":
-        from ..data import open_dataset
-        data = (vlm, open_dataset(cfg.data, "train", resolution=vlm.preprocess.image_size,
-                                  count=cfg.calibration_batches * cfg.batch_size * 2, seed=cfg.seed))
-    plan = make_plan(vlm.model, cfg, data)
-    apply_plan(vlm.model, plan)
-    vlm.model.config.vlmedge_pruning = shape_of(vlm.model)
-    after = {"parameters": count_parameters(vlm.model), "flops": measure_flops(vlm)}
-    vlm.source = f"pruned:{source}"
+    family = families.of(source)
+    model = family.load(source, attn_implementation="eager")
+    before = {"parameters": family.parameters(model), "flops": family.flops(model)}
+    plan = make_plan(family, model, cfg, cfg.data or DEFAULT_DATA)
+    family.apply_plan(model, plan)
+    after = {"parameters": family.parameters(model), "flops": family.flops(model)}
+    model.source = f"pruned:{source}"
     with atomic_dir(out) as tmp:
-        vlm.save(tmp)
+        model.save(tmp)
         write_json(tmp / "pruning_plan.json", {"config": asdict(cfg), "kept": plan, "before": before,
                                                "after": after})
-    return {"before": before, "after": after, "plan_shape": shape_of(vlm.model)}
+    return {"before": before, "after": after, "kept": plan}
+
+
+@register(PruneConfig, kind="prune", consumes="model", produces="model", provides="model", reads=("data",))
+def run(parent: Artifact, cfg: PruneConfig, ctx: Context) -> Artifact:
+    cfg = replace(cfg, data=cfg.data or ctx.data.source)
+    return ctx.artifact(parent, ctx.out, prune(parent.path, ctx.out, cfg))

@@ -19,18 +19,21 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from .._io import atomic_dir, write_json
+from ..artifact import Artifact
 from ..errors import VlmedgeError
 from ..runtime.measure import SLOW_FUSIONS
-from ..runtime.onnx import MANIFEST, OnnxEncoder, onnx_size, open_session, read_manifest, record_thread_tuning
+from ..runtime.onnx import MANIFEST, onnx_size, open_session, read_manifest, record_thread_tuning
+from . import Context, register
 from .export import copy_support_files
 
+DEFAULT_DATA = "shapes"
 MODES = ("dynamic", "static", "fp16")
 CALIBRATION = ("minmax", "entropy", "percentile")
 WEIGHT_SCHEMES = ("auto", "u8s8", "reduce_range", "u8u8")
@@ -68,7 +71,9 @@ class QuantizeConfig:
     metric: str = "zero_shot.top1"
     tune_threads: bool = True
     """Record the fastest thread count per tower on this machine in the manifest (see ExportConfig)."""
-    data: str = "shapes"
+    data: str | None = None
+    """Calibration data (static mode, accuracy-aware mode, drift); None: the run's data (recipe `data.source`, the
+    command's --data)."""
     seed: int = 0
 
     @property
@@ -120,22 +125,12 @@ class _Calibration:
         self.pos = 0
 
 
-def calibration_batches(encoder: OnnxEncoder, cfg: QuantizeConfig) -> dict[str, list[dict[str, np.ndarray]]]:
-    from ..data import open_dataset
+def calibration_batches(encoder, cfg: QuantizeConfig) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Real preprocessed inputs per graph (the family makes them from `cfg.data`)."""
+    from .. import families
 
-    n = cfg.calibration_batches * cfg.batch_size
-    ds = open_dataset(cfg.data, "val", resolution=encoder.preprocess.image_size, count=n, seed=cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    out: dict[str, list] = {"image": [], "text": []}
-    for b in range(cfg.calibration_batches):
-        idx = list(range(b * cfg.batch_size, min((b + 1) * cfg.batch_size, len(ds))))
-        if not idx:
-            break
-        out["image"].append({"pixel_values": encoder.preprocess(ds.images(idx))})
-        tok = encoder.tokenize(ds.captions(idx, rng))
-        out["text"].append({"input_ids": tok["input_ids"].astype(np.int64),
-                            "attention_mask": tok["attention_mask"].astype(np.int64)})
-    return out
+    return families.of(encoder.folder).calibration_feeds(encoder, cfg.data or DEFAULT_DATA, cfg.calibration_batches,
+                                                         cfg.batch_size, cfg.seed)
 
 
 def _node_names(path: Path) -> list[tuple[str, str]]:
@@ -225,29 +220,32 @@ def _layer_groups(path: Path) -> dict[str, list[str]]:
 
 
 def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfig(),
-             evaluate_fn: Callable[[OnnxEncoder], dict[str, float]] | None = None) -> dict[str, Any]:
+             evaluate_fn: Callable[[Any], dict[str, float]] | None = None) -> dict[str, Any]:
     """Quantize an export folder into `out` (written atomically). Returns sizes, scheme and what was kept in fp32.
 
-    `evaluate_fn` (an encoder -> flat metrics) is needed for the accuracy-aware mode (`cfg.max_drop`).
+    `evaluate_fn` (the family's adapter of an export folder -> flat metrics) is needed for the accuracy-aware mode (`cfg.max_drop`).
     """
     source = Path(source)
     manifest = read_manifest(source)
     if manifest.get("precision", "fp32") != "fp32":
         raise VlmedgeError(f"{source}: already quantized ({manifest['precision']}); quantize the fp32 export")
+    from .. import families
+
+    family = families.of(source)
     scheme, why = choose_weight_scheme(cfg.weight_scheme) if cfg.mode != "fp16" else ("fp16", "fp16 mode")
-    fp32 = OnnxEncoder(source)
+    fp32 = family.adapter(source)
     calib = calibration_batches(fp32, cfg) if cfg.mode == "static" or cfg.max_drop is not None else None
     files = manifest["files"]
-    kept: dict[str, list[str]] = {"image": [], "text": []}
+    kept: dict[str, list[str]] = {graph: [] for graph in files}
     info: dict[str, Any] = {}
     with atomic_dir(out) as tmp:
         copy_support_files(source, tmp)
 
-        def build(keep: dict[str, list[str]]) -> OnnxEncoder:
+        def build(keep: dict[str, list[str]]):
             for tower, name in files.items():
                 extra = tuple(re.escape(n) for g in keep[tower] for n in groups[tower].get(g, []))
                 quantize_file(source / name, tmp / name, tower, cfg, scheme, calib, extra)
-            return OnnxEncoder(tmp)
+            return family.adapter(tmp)
 
         groups = {t: _layer_groups(source / n) for t, n in files.items()}
         _write_manifest(tmp, manifest, cfg, scheme, why, kept)
@@ -293,12 +291,11 @@ def _outputs(session, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
     return np.concatenate([session.run(None, b)[0] for b in batches])
 
 
-def _drift(ref: OnnxEncoder, enc: OnnxEncoder, calib: dict[str, list]) -> dict[str, float]:
-    """Cosine between fp32 and quantized embeddings on calibration inputs (1.0 = unchanged)."""
+def _drift(ref, enc, calib: dict[str, list]) -> dict[str, float]:
+    """Cosine between the fp32 and the quantized graphs' outputs on calibration inputs (1.0 = unchanged)."""
     out = {}
-    for tower, run_ref, run in (("image", ref.image_session, enc.image_session),
-                                ("text", ref.text_session, enc.text_session)):
-        a, b = _outputs(run_ref, calib[tower]), _outputs(run, calib[tower])
+    for tower, session in enc.sessions.items():
+        a, b = _outputs(ref.sessions[tower], calib[tower]), _outputs(session, calib[tower])
         out[f"{tower}_cosine_min"] = float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
                                            .min())
     return out
@@ -306,12 +303,10 @@ def _drift(ref: OnnxEncoder, enc: OnnxEncoder, calib: dict[str, list]) -> dict[s
 
 def _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32) -> list[tuple[str, str]]:
     """Layer groups, most damaging first: each quantized alone, scored by embedding cosine to fp32."""
-
     calib = calib or calibration_batches(fp32, cfg)
     scores = []
     for tower, name in files.items():
-        sess_ref = fp32.image_session if tower == "image" else fp32.text_session
-        ref = _outputs(sess_ref, calib[tower])
+        ref = _outputs(fp32.sessions[tower], calib[tower])
         for group in groups[tower]:
             others = tuple(re.escape(n) for g, nodes in groups[tower].items() if g != group for n in nodes)
             probe = Path(tmp) / f".probe-{name}"
@@ -320,3 +315,16 @@ def _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32) -> 
             probe.unlink()
             scores.append((float((ref * got).sum(1).mean()), tower, group))
     return [(t, g) for _, t, g in sorted(scores)]
+
+
+@register(QuantizeConfig, kind="quantize", consumes="onnx", produces="onnx", provides=None, reads=("data",))
+def run(parent: Artifact, cfg: QuantizeConfig, ctx: Context) -> Artifact:
+    from .. import families
+    from ..evaluate import EvalConfig, flat_metrics
+
+    cfg = replace(cfg, data=cfg.data or ctx.data.source)
+    family = families.of(parent.path)
+    eval_cfg = ctx.eval or EvalConfig(data=cfg.data)
+    info = quantize(parent.path, ctx.out, cfg,
+                    evaluate_fn=lambda adapter: flat_metrics(family.evaluate(adapter, eval_cfg)))
+    return ctx.artifact(parent, ctx.out, info)

@@ -1,0 +1,205 @@
+"""Model families: what the stages, the evaluator and the targets ask of a kind of model.
+
+A family is one module that registers one `Family`. Stages never branch on a family's name: they ask the family of
+their input (`of(path)`) to load it, count it, show its prunable structure, give its training loss and calibration
+inputs, declare the graphs it exports, open an exported artifact for evaluation and timing, and evaluate it. A model
+folder says its family through `config.json` (`architectures`), an export folder through `manifest.json`
+(`family`), a preset through its `family` key (default `dual_encoder`).
+
+Adding a family: write `families/<name>.py` with a `Family` subclass, `register(...)` an instance at the end of the
+module, add the module's name to `MODULES`, and ship its presets as JSON (`models/presets/`, with `"family"`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import VlmedgeError
+
+MODULES = ("dual_encoder",)
+DEFAULT = "dual_encoder"
+
+
+@dataclass
+class Graph:
+    """One ONNX graph a family exports: the module to trace, its inputs and outputs and their dynamic axes."""
+
+    name: str
+    """The graph's name in the manifest (`files`, `inputs`, `threads`): image, text, ..."""
+    file: str
+    module: Any
+    """A torch module whose forward takes the inputs in `input_names` order."""
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+    declared: dict[str, list[Any]] = field(default_factory=dict)
+    """Each input's shape as recorded in the manifest, named axes ('batch', 'sequence') for dynamic ones."""
+
+
+class Family:
+    """The interface. Each method says which stage asks for it; a family implements all of them."""
+
+    name: str = ""
+    architectures: tuple[str, ...] = ()
+    """Hugging Face `architectures` (config.json) of the folders this family loads."""
+    metrics: tuple[str, ...] = ()
+    """The flat metric names its evaluation reports (gates and retention use them)."""
+    default_metric: str = ""
+    """What the accuracy-aware quantization watches by default."""
+
+    # --- models (train, prune, distill, export, describe) ---
+    def build(self, spec: dict[str, Any], tokenizer, *, seed: int = 0, source: str = ""):
+        """A freshly initialised model of a preset's shape."""
+        raise NotImplementedError
+
+    def load(self, path: str | Path, *, attn_implementation: str = "sdpa"):
+        """A model folder, loaded offline (safetensors only)."""
+        raise NotImplementedError
+
+    def check_folder(self, path: str | Path) -> dict[str, Any]:
+        """Validate a model folder without building it; its config."""
+        raise NotImplementedError
+
+    def parameters(self, model) -> int:
+        raise NotImplementedError
+
+    def flops(self, model) -> dict[str, int]:
+        """FLOPs of one sample per part (batch 1)."""
+        raise NotImplementedError
+
+    # --- pruning ---
+    def prunable(self, model) -> dict[str, list]:
+        """Per part, its transformer layers as `models.structure.LayerParts` (heads, MLP neurons)."""
+        raise NotImplementedError
+
+    def apply_plan(self, model, plan: dict[str, Any]) -> None:
+        """Cut the model to the kept layers, heads and neurons, and record its shape so the folder reloads."""
+        raise NotImplementedError
+
+    def loss(self, model, batch) -> Any:
+        """The training loss on one calibration batch (`calibration_data` items): Taylor importance's gradient."""
+        raise NotImplementedError
+
+    def calibration_data(self, model, data: str, count: int, seed: int):
+        """An iterator factory `(batch_size, rng) -> batch` over the data, for `loss`."""
+        raise NotImplementedError
+
+    # --- export ---
+    def graphs(self, model) -> list[Graph]:
+        raise NotImplementedError
+
+    def tracing(self, model):
+        """A context manager around the export (graph-form rewrites such as the patchify MatMul)."""
+        raise NotImplementedError
+
+    def parity_inputs(self, model, n: int, seed: int) -> dict[str, dict[str, Any]]:
+        """Fresh random feeds per graph for the parity check (numpy)."""
+        raise NotImplementedError
+
+    def manifest_fields(self, model, reference: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """What the family records in an export's manifest besides files, inputs and parity (and the support files
+        it writes into `folder`: tokenizer, ...)."""
+        raise NotImplementedError
+
+    def export_extras(self, folder: Path, labels: Sequence[str]) -> dict[str, Any]:
+        """Precomputed data an export carries for a device (e.g. zero-shot label embeddings); manifest additions."""
+        raise NotImplementedError
+
+    # --- runtime, evaluation, latency ---
+    def adapter(self, path: str | Path, **options):
+        """The artifact (model folder or export folder) as the object evaluation and timing use."""
+        raise NotImplementedError
+
+    def evaluate(self, adapter, eval_cfg) -> dict[str, Any]:
+        """Every task that applies, as nested metrics; `flat_metrics` names them for gates."""
+        raise NotImplementedError
+
+    def calibration_feeds(self, adapter, data: str, batches: int, batch_size: int, seed: int
+                          ) -> dict[str, list[dict[str, Any]]]:
+        """Real preprocessed feeds per graph of an export folder, for static quantization and drift."""
+        raise NotImplementedError
+
+    def latency_inputs(self, adapter, batch: int) -> tuple[Any, ...]:
+        """Deployment-like inputs for the latency scenarios (the `cpu` and `torch` targets)."""
+        raise NotImplementedError
+
+    def torch_scenarios(self, model, inputs, device: str, dtype) -> dict[str, Callable]:
+        """The latency scenarios on the PyTorch model (the `torch` target): per scenario, a function of the batch size
+        returning one timed call, or a zero-argument call for batch-1-only scenarios."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    _REGISTRY[family.name] = family
+    return family
+
+
+def _load_all() -> None:
+    for module in MODULES:
+        importlib.import_module(f".{module}", __name__)
+
+
+def get(name: str) -> Family:
+    _load_all()
+    if name not in _REGISTRY:
+        raise VlmedgeError(f"unknown model family {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def for_config(config: dict[str, Any], where: str) -> Family:
+    """The family that loads a model folder with this `config.json`."""
+    _load_all()
+    archs = config.get("architectures") or []
+    for family in _REGISTRY.values():
+        if any(a in family.architectures for a in archs):
+            return family
+    supported = [a for f in _REGISTRY.values() for a in f.architectures]
+    raise VlmedgeError(f"{where}: unsupported architecture {archs or config.get('model_type')!r}; "
+                       f"vlmedge loads {' or '.join(supported)}")
+
+
+def for_preset(spec: dict[str, Any]) -> Family:
+    return get(spec.get("family", DEFAULT))
+
+
+def of(path: str | Path) -> Family:
+    """The family of an artifact: an export folder (manifest.json) or a model folder (config.json)."""
+    folder = Path(path)
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        try:
+            return get(json.loads(manifest.read_text()).get("family", DEFAULT))
+        except json.JSONDecodeError as e:
+            raise VlmedgeError(f"{manifest}: not valid JSON ({e})") from None
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            return for_config(json.loads(config.read_text()), str(config))
+        except json.JSONDecodeError as e:
+            raise VlmedgeError(f"{config}: not valid JSON ({e})") from None
+    return get(DEFAULT)  # its loader says what is wrong with the folder (missing, no config.json, ...)
+
+
+def evaluate_folder(path: str | Path, cfg) -> dict[str, Any]:
+    """Evaluate a model folder (PyTorch) or an export folder (ONNX Runtime) with its family's tasks; writes
+    PATH/eval.json."""
+    from dataclasses import asdict
+
+    from .._io import write_json
+
+    family = of(path)
+    metrics = family.evaluate(family.adapter(path), cfg)
+    write_json(Path(path) / "eval.json", {"data": cfg.data, "config": asdict(cfg), "metrics": metrics})
+    return metrics

@@ -1,0 +1,307 @@
+"""The contrastive dual encoder: the seed's ViT + BERT (`VisionTextDualEncoderModel`) and `CLIPModel`.
+
+One family with two architectures: both are two towers with projections to one embedding space, loaded, pruned,
+trained (symmetric InfoNCE), exported (one graph per tower) and evaluated (zero-shot, retrieval, hard negatives) by
+the same code; only the tower classes differ, and `models` hides that behind `image_features` / `text_features`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .._io import write_json
+from ..errors import VlmedgeError
+from . import Family, Graph, register
+
+GRAPH_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx"}
+
+
+# --- losses (training, distillation and Taylor importance) ----------------------------------------------------------
+
+def contrastive_loss(image_emb, text_emb, logit_scale, match=None):
+    """Symmetric InfoNCE (CLIP's loss): each image's own caption is its target and vice versa.
+
+    `match[i, j]` (optional) says caption j also truthfully describes image i; such pairs are left out of both
+    softmaxes, so a duplicate ("a red circle" twice in a batch) is not pushed apart as a negative. (Spreading the
+    targets over all matches instead rewarded captions that match many images and collapsed the image tower: its
+    embeddings became identical and the loss stalled just under log(batch).)
+    """
+    import torch
+    import torch.nn.functional as F
+
+    image_emb = F.normalize(image_emb, dim=-1)
+    text_emb = F.normalize(text_emb, dim=-1)
+    logits = logit_scale.exp() * image_emb @ text_emb.t()
+    labels = torch.arange(len(logits), device=logits.device)
+    if match is not None:
+        eye = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill((match.to(logits.device) > 0) & ~eye, float("-inf"))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+@dataclass
+class DistillLosses:
+    """Weights of the distillation losses (teacher -> student); the student's own contrastive loss is one of them."""
+
+    contrastive: float = 1.0
+    """The student's InfoNCE on the batch."""
+    affinity: float = 1.0
+    """KL between teacher and student image->text and text->image similarity distributions (TinyCLIP)."""
+    feature: float = 1.0
+    """1 - cosine between student and teacher embeddings, both towers (feature mimicry, CLIP-KD)."""
+
+    def validate(self) -> None:
+        for k in ("contrastive", "affinity", "feature"):
+            if getattr(self, k) < 0:
+                raise VlmedgeError(f"distill: {k}={getattr(self, k)} must be >= 0")
+        if self.contrastive + self.affinity + self.feature <= 0:
+            raise VlmedgeError("distill: all loss weights are 0; nothing to learn")
+
+
+def distillation_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, match, w: DistillLosses):
+    """Weighted sum of contrastive, affinity-mimicking and feature-mimicry losses; returns (total, parts)."""
+    import torch.nn.functional as F
+
+    s_img, s_txt = F.normalize(s_img, dim=-1), F.normalize(s_txt, dim=-1)
+    t_img, t_txt = F.normalize(t_img, dim=-1), F.normalize(t_txt, dim=-1)
+    parts = {}
+    if w.contrastive:
+        parts["contrastive"] = contrastive_loss(s_img, s_txt, s_scale, match)
+    if w.affinity:
+        s_logits = s_scale.exp() * s_img @ s_txt.t()
+        t_logits = t_scale.exp() * t_img @ t_txt.t()
+        kl = lambda s, t: F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True,  # noqa: E731
+                                   reduction="batchmean")
+        parts["affinity"] = (kl(s_logits, t_logits) + kl(s_logits.t(), t_logits.t())) / 2
+    if w.feature:
+        if s_img.shape[-1] != t_img.shape[-1]:
+            raise VlmedgeError(f"distill: feature mimicry needs equal embedding sizes (student {s_img.shape[-1]}, "
+                               f"teacher {t_img.shape[-1]}); set feature weight to 0")
+        parts["feature"] = ((1 - (s_img * t_img).sum(-1)).mean() + (1 - (s_txt * t_txt).sum(-1)).mean()) / 2
+    total = sum(getattr(w, k) * v for k, v in parts.items())
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+# --- the family -----------------------------------------------------------------------------------------------------
+
+def _tower_modules(model):
+    import torch
+    import torch.nn.functional as F
+
+    from ..models import image_features, text_features
+
+    class ImageEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return F.normalize(image_features(self.model, pixel_values), dim=-1)
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return F.normalize(text_features(self.model, input_ids, attention_mask), dim=-1)
+
+    return ImageEncoder().eval(), TextEncoder().eval()
+
+
+class DualEncoder(Family):
+    name = "dual_encoder"
+    architectures = ("VisionTextDualEncoderModel", "CLIPModel")
+    metrics = ("zero_shot.top1", "zero_shot.top5", "retrieval.i2t_r5", "retrieval.t2i_r5")
+    default_metric = "zero_shot.top1"
+
+    def build(self, spec, tokenizer, *, seed=0, source=""):
+        from ..models import build_from_preset
+
+        return build_from_preset(spec, tokenizer, seed=seed, source=source)
+
+    def load(self, path, *, attn_implementation="sdpa"):
+        from ..models import load_model
+
+        return load_model(path, attn_implementation=attn_implementation)
+
+    def check_folder(self, path):
+        from ..models import check_model_folder
+
+        return check_model_folder(path)
+
+    def parameters(self, model) -> int:
+        from ..models import count_parameters
+
+        return count_parameters(model.model)
+
+    def flops(self, model) -> dict[str, int]:
+        from ..models.structure import measure_flops
+
+        return measure_flops(model)
+
+    def prunable(self, model) -> dict[str, list]:
+        from ..models.structure import TOWERS, tower_layers
+
+        return {t: tower_layers(model.model, t) for t in TOWERS}
+
+    def apply_plan(self, model, plan) -> None:
+        from ..models.structure import apply_plan, shape_of
+
+        apply_plan(model.model, plan)
+        model.model.config.vlmedge_pruning = shape_of(model.model)
+
+    def calibration_data(self, model, data: str, count: int, seed: int):
+        from ..data import open_dataset
+
+        ds = open_dataset(data, "train", resolution=model.preprocess.image_size, count=count, seed=seed)
+
+        def draw(batch_size: int, rng: np.random.Generator):
+            idx = rng.integers(len(ds), size=batch_size).tolist()
+            texts, specs = ds.training_captions(idx, rng)
+            return ds, idx, texts, specs
+
+        return draw
+
+    def loss(self, model, batch):
+        import torch
+
+        from ..models import image_features, text_features
+
+        ds, idx, texts, specs = batch
+        tok = model.tokenize(texts)
+        img = image_features(model.model, torch.from_numpy(model.preprocess(ds.images(idx))))
+        txt = text_features(model.model, torch.from_numpy(tok["input_ids"]), torch.from_numpy(tok["attention_mask"]))
+        return contrastive_loss(img, txt, model.model.logit_scale, torch.from_numpy(ds.match(idx, specs)))
+
+    # --- export ---
+    def graphs(self, model) -> list[Graph]:
+        image, text = _tower_modules(model.model)
+        size = model.preprocess.image_size
+        return [Graph("image", GRAPH_FILES["image"], image, ("pixel_values",), ("image_embeds",),
+                      {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
+                      {"pixel_values": ["batch", 3, size, size]}),
+                Graph("text", GRAPH_FILES["text"], text, ("input_ids", "attention_mask"), ("text_embeds",),
+                      {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                       "text_embeds": {0: "batch"}},
+                      {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]})]
+
+    def tracing(self, model):
+        from ._export import patchify_as_matmul
+
+        return patchify_as_matmul(model.model, model.preprocess.image_size)
+
+    def parity_inputs(self, model, n: int, seed: int) -> dict[str, dict[str, Any]]:
+        """Random pixels; random token ids with random padding (the padding path is checked too)."""
+        from ..runtime.measure import random_feeds
+
+        tok = model.tokenizer
+        pixels, tokens = random_feeds(model.preprocess.image_size, model.max_length, len(tok), n, seed,
+                                      pad_id=tok.pad_token_id or 0, cls_id=tok.cls_token_id)
+        return {"image": {"pixel_values": pixels}, "text": tokens}
+
+    def manifest_fields(self, model, reference, folder: Path) -> dict[str, Any]:
+        from ._export import save_tokenizer
+
+        return {"embedding_dim": int(reference["image"].shape[-1]), "preprocess": asdict(model.preprocess),
+                "max_length": model.max_length, "tokenizer": save_tokenizer(model.tokenizer, folder),
+                "vocab_size": len(model.tokenizer), "source_architecture": model.architecture,
+                "logit_scale": float(model.model.logit_scale.detach().exp())}
+
+    def export_extras(self, folder: Path, labels: Sequence[str]) -> dict[str, Any]:
+        """Zero-shot label embeddings: a device can classify with the image graph alone."""
+        if not labels:
+            return {}
+        from ..runtime.onnx import OnnxEncoder
+
+        np.save(folder / "zero_shot_text_embeds.npy", OnnxEncoder(folder).encode_texts(list(labels)).astype(np.float32))
+        write_json(folder / "zero_shot_labels.json", list(labels))
+        return {"zero_shot": {"labels": "zero_shot_labels.json", "text_embeds": "zero_shot_text_embeds.npy"}}
+
+    # --- runtime, evaluation, latency ---
+    def adapter(self, path, **options):
+        """An export folder as an `OnnxEncoder` (options: threads, providers, profile), a model folder (or a loaded
+        model) as a `TorchEncoder`."""
+        from ..evaluate import TorchEncoder
+
+        if not isinstance(path, (str, Path)):
+            return TorchEncoder(path)
+        if (Path(path) / "manifest.json").is_file():
+            from ..runtime.onnx import OnnxEncoder
+
+            return OnnxEncoder(path, **options)
+        return TorchEncoder(self.load(path))
+
+    def evaluate(self, adapter, eval_cfg) -> dict[str, Any]:
+        from ..evaluate import evaluate
+
+        return evaluate(adapter, eval_cfg)
+
+    def calibration_feeds(self, adapter, data: str, batches: int, batch_size: int, seed: int):
+        from ..data import open_dataset
+
+        ds = open_dataset(data, "val", resolution=adapter.preprocess.image_size, count=batches * batch_size,
+                          seed=seed)
+        rng = np.random.default_rng(seed)
+        out: dict[str, list] = {"image": [], "text": []}
+        for b in range(batches):
+            idx = list(range(b * batch_size, min((b + 1) * batch_size, len(ds))))
+            if not idx:
+                break
+            out["image"].append({"pixel_values": adapter.preprocess(ds.images(idx))})
+            tok = adapter.tokenize(ds.captions(idx, rng))
+            out["text"].append({"input_ids": tok["input_ids"].astype(np.int64),
+                                "attention_mask": tok["attention_mask"].astype(np.int64)})
+        return out
+
+    def latency_inputs(self, adapter, batch: int, seed: int = 0):
+        """A deterministic synthetic image batch and caption batch, preprocessed and tokenised as in deployment."""
+        from ..data.shapes import load_shapes
+
+        data = load_shapes("val", max(batch, 16), adapter.preprocess.image_size, seed=seed)
+        pixels = adapter.preprocess(data.images[:batch])
+        rng = np.random.default_rng(seed)
+        tokens = adapter.tokenize(data.captions(range(batch), rng))
+        return pixels, {k: np.asarray(v, dtype=np.int64) for k, v in tokens.items()
+                        if k in ("input_ids", "attention_mask")}
+
+    def torch_scenarios(self, model, inputs, device: str, dtype):
+        """image(b), text(b) and zero_shot() on the PyTorch model (36 class embeddings, as the cpu target)."""
+        import torch
+
+        from ..models import image_features, text_features
+
+        pixels, tokens = inputs
+        net = model.model.to(device=device, dtype=dtype).eval()
+        px = torch.from_numpy(pixels).to(device=device, dtype=dtype)
+        ids = torch.from_numpy(tokens["input_ids"]).to(device)
+        mask = torch.from_numpy(tokens["attention_mask"]).to(device)
+        with torch.inference_mode():
+            classes = torch.nn.functional.normalize(
+                text_features(net, ids[:1].repeat(36, 1), mask[:1].repeat(36, 1)), dim=-1)
+
+        def image(b):
+            def run():
+                with torch.inference_mode():
+                    return image_features(net, px[:b])
+            return run
+
+        def text(b):
+            def run():
+                with torch.inference_mode():
+                    return text_features(net, ids[:b], mask[:b])
+            return run
+
+        def zero_shot():
+            with torch.inference_mode():
+                e = torch.nn.functional.normalize(image_features(net, px[:1]), dim=-1)
+                return int((e @ classes.T).argmax())
+
+        return {"image": image, "text": text, "zero_shot": zero_shot}
+
+
+register(DualEncoder())

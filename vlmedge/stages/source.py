@@ -1,0 +1,43 @@
+"""The source stage: the run's starting model when no train stage makes one — a user's folder, used in place, or a
+preset built untrained (for latency-only recipes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..artifact import Artifact
+from . import Context, ModelSpec, register
+
+
+@register(ModelSpec, kind="source", consumes=None, produces="model", provides="model", reads=("data",))
+def run(parent: Artifact | None, cfg: ModelSpec, ctx: Context) -> Artifact:
+    from .. import families
+
+    if cfg.path:
+        families.of(cfg.path).check_folder(cfg.path)
+        return ctx.artifact(None, Path(cfg.path).resolve(), {"source_mtime": _config_mtime(cfg.path)})
+    return ctx.artifact(None, _untrained_preset(cfg.preset, ctx))
+
+
+def _config_mtime(path: str) -> float | None:
+    config = Path(path, "config.json")
+    return config.stat().st_mtime if config.exists() else None
+
+
+def _untrained_preset(preset: str, ctx: Context) -> Path:
+    import numpy as np
+
+    from .. import families
+    from .._io import atomic_dir
+    from ..data import open_dataset
+    from ..models import load_preset, train_tokenizer
+
+    spec = load_preset(preset)
+    ds = open_dataset(ctx.data.source, "train", resolution=spec["preprocess"]["image_size"],
+                      count=min(ctx.data.count or 5000, 5000))
+    rng = np.random.default_rng(0)
+    tok = train_tokenizer(ds.captions(rng.integers(len(ds), size=min(3 * len(ds), 15000)), rng), spec["vocab_size"])
+    model = families.for_preset(spec).build(spec, tok, source=f"preset:{preset} (untrained)")
+    with atomic_dir(ctx.out) as tmp:
+        model.save(tmp)
+    return ctx.out
