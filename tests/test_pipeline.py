@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -37,19 +38,28 @@ def test_compress_writes_the_report_with_every_step(tiny_run):
     manifest = json.loads(next(out.glob("04-quantize-*/onnx/manifest.json")).read_text())
     if (os.cpu_count() or 1) > 1:
         assert lat["tower_threads"] == {"image": manifest["threads"]["image"], "text": manifest["threads"]["text"]}
-    assert final["speedup_vs_teacher"]["cpu"]["pair_p50"] > 0
+    speedup = final["speedup_vs_teacher"]["cpu"]["pair_p50"]
+    assert speedup == pytest.approx(teacher["latency"]["torch"]["pair"]["p50_ms"] / lat["pair"]["p50_ms"], rel=1e-3)
     assert final["size_bytes"] < on_disk["steps"][3]["size_bytes"]
-    assert final["retention"]["zero_shot.top1"] >= 0
-    assert all(g["passed"] for g in on_disk["gates"])
+    for metric, kept in final["retention"].items():  # retention is the INT8 figure over the teacher's
+        assert kept == pytest.approx(final["metrics"][metric] / teacher["metrics"][metric], rel=1e-6), metric
+    for gate in on_disk["gates"]:  # each gate's verdict is its recorded figure against its threshold
+        quantity, op, threshold = gate["budget"].split()
+        assert gate["passed"] == (gate["value"] <= float(threshold) if op == "<=" else gate["value"] >= float(threshold))
     assert "| quantize-dynamic |" in (out / "report.md").read_text()
+    # every step is the contract's record: artifact.json beside the product, its parent the step before
+    records = [json.loads(next(out.glob(f"{i:02d}-*/artifact.json")).read_text()) for i in range(5)]
+    assert [r["parent"] for r in records[1:]] == [records[i]["id"] for i in (0, 1, 2, 3)]
+    assert {r["family"] for r in records} == {"dual_encoder"}
 
 
 def test_rerun_is_cached_and_a_changed_stage_reruns_only_from_there(tiny_run):
     out, _ = tiny_run
+    records = {p: p.stat().st_mtime_ns for p in out.glob("*/artifact.json")}
     done = []
-    t0 = time.perf_counter()
     run(load_recipe(TINY_RECIPE), out, on_stage=done.append)
-    assert time.perf_counter() - t0 < 30
+    assert done == ["teacher", "prune", "distill", "export", "quantize-dynamic"]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/artifact.json")} == records  # nothing was made again
     before = {p.name for p in out.iterdir() if p.is_dir()}
     run(load_recipe(TINY_RECIPE, ["stages.quantize.per_channel=false"]), out)
     new = {p.name for p in out.iterdir() if p.is_dir()} - before
@@ -101,3 +111,35 @@ def test_a_failing_stage_stops_with_a_clear_message_and_keeps_earlier_steps(tmp_
     assert err.strip().startswith("error: stage prune failed") and len(err.strip().splitlines()) == 1
     assert list(out.glob("00-teacher-*/artifact.json"))
     assert not list(out.glob("01-prune-*/artifact.json"))
+
+
+def test_single_commands_record_skip_and_chain_to_the_recipes_int8(tiny_run, tmp_path, capsys):
+    """prune, distill, export and quantize from the recipe's teacher, one command each, with the tiny recipe's
+    settings: each writes artifact.json, a rerun skips, and the INT8 graphs are the recipe's, byte for byte."""
+    from vlmedge.cli import main
+
+    out, _ = tiny_run
+    teacher = next(out.glob("00-teacher-*"))  # a run's step folder is a command's input too
+    chain = tmp_path / "chain"
+    commands = [["prune", str(teacher), "--out", str(chain / "pruned"), "--heads", "0.5", "--mlp", "0.5",
+                 "--calibration-batches", "2", "--batch-size", "16"],
+                ["distill", str(chain / "pruned"), "--teacher", str(teacher), "--out", str(chain / "student"),
+                 "--steps", "4", "--batch-size", "32", "--data-count", "512"],
+                ["export", str(chain / "student"), "--out", str(chain / "onnx")],
+                ["quantize", str(chain / "onnx"), "--out", str(chain / "int8"), "--mode", "dynamic"]]
+    for args in commands:
+        assert main([*args, "--no-eval", "--quiet"]) == 0
+        record = json.loads((Path(args[args.index("--out") + 1]) / "artifact.json").read_text())
+        assert record["family"] == "dual_encoder" and record["parameters"] > 0
+    made = {p: p.stat().st_mtime_ns for p in chain.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    for args in commands:
+        assert main([*args, "--no-eval"]) == 0
+    assert " ".join(capsys.readouterr().out.split()).count(": cached (") == len(commands)
+    assert {p: p.stat().st_mtime_ns for p in chain.rglob("*") if p.is_file()} == made
+    recipe_int8 = Path(json.loads((out / "report.json").read_text())["steps"][-1]["path"])
+    for name in ("image_encoder.onnx", "text_encoder.onnx"):
+        assert (chain / "int8" / name).read_bytes() == (recipe_int8 / name).read_bytes(), name
+    # a changed setting is a new artifact: the folder is made again
+    assert main([*commands[3], "--mode", "fp16", "--no-eval", "--quiet"]) == 0
+    assert json.loads((chain / "int8" / "manifest.json").read_text())["precision"] == "fp16"

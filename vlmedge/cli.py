@@ -148,7 +148,10 @@ def cmd_prune(args) -> int:
 def cmd_distill(args) -> int:
     from .train import DistillStage
 
-    art = _execute(_config(DistillStage, args), args, args.student, teacher=args.teacher, resume=args.resume)
+    from .stages import DataSpec
+
+    art = _execute(_config(DistillStage, args), args, args.student, teacher=args.teacher, resume=args.resume,
+                   data=DataSpec(source=args.data, count=args.data_count))
     s = art.info
     if s.get("steps"):
         print(f"distilled {s['steps']} steps in {s['seconds']} s, loss {s['first_loss']:.3f} -> "
@@ -417,6 +420,7 @@ def _add_distill(sub) -> None:
     p.add_argument("--teacher", required=True, help="teacher model folder")
     _add_common(p, "training and evaluation data")
     _add_config_flags(p, DistillStage, choices={"precision": PRECISIONS})
+    p.add_argument("--data-count", type=int, help="images to generate/use for training (shapes default: 20000)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last")
     p.set_defaults(func=cmd_distill)
 
