@@ -16,6 +16,15 @@ def test_every_shipped_recipe_validates(name):
     assert text.startswith("#"), "each shipped recipe opens with a comment saying what it is for"
 
 
+def test_recipes_are_package_data_and_resolve_by_name():
+    import vlmedge
+
+    assert recipes_dir().parent == Path(vlmedge.__file__).parent  # inside the package: a wheel carries them
+    assert load_recipe("quickstart").name == "quickstart" and load_recipe("edge-cpu.yaml").name == "edge-cpu"
+    with pytest.raises(VlmedgeError, match="shipped recipes: .*quickstart.yaml"):
+        load_recipe("no-such-recipe")
+
+
 def test_shipped_recipes_exist():
     assert {"quickstart.yaml", "edge-cpu.yaml", "jetson-orin.yaml", "gpu-server.yaml",
             "from-clip-folder.yaml"} <= set(shipped_recipes())
@@ -46,6 +55,20 @@ stages:
     (BASE + "targets: [quantum]\n", r"targets.0: unknown target 'quantum'"),
     (BASE.replace("- export: {}", "- prune: {vision_heads: 1.5}"), r"stages.1.prune: prune: vision_heads=1.5"),
     (BASE + "gates: ['cpu.pair.p90 is fast']\n", r"gates.0: budget 'cpu.pair.p90 is fast'"),
+    # every stage config validates its values at load, naming the recipe line
+    (BASE.replace("{steps: 2}", "{batch_size: 1}"), r"r.yaml:4: stages.0.train: train: batch_size=1 is invalid"),
+    (BASE.replace("{steps: 2}", "{steps: 0}"), r"r.yaml:4: stages.0.train: train: steps=0 is invalid"),
+    (BASE.replace("{steps: 2}", "{batch_size: 30, grad_accum: 4}"), r"train: batch_size=30 .* multiple of grad_accum"),
+    (BASE.replace("- export: {}", "- distill: {steps: 0}"), r"r.yaml:5: stages.1.distill: distill: steps=0 is invalid"),
+    (BASE.replace("- export: {}", "- distill: {contrastive: 0, affinity: 0, feature: 0}"), r"all loss weights are 0"),
+    (BASE.replace("- export: {}", "- distill: {feature: -1}"), r"distill: feature=-1"),
+    (BASE.replace("- export: {}", "- prune: {importance: random}"), r"stages.1.prune: prune: importance='random'"),
+    (BASE.replace("- export: {}", "- export: {opset: 5}"), r"r.yaml:5: stages.1.export: export: opset=5"),
+    (BASE + "  - quantize: {mode: int3}\n", r"r.yaml:6: stages.2.quantize: quantize: mode='int3'"),
+    (BASE + "  - quantize: {calibration_batches: 0}\n", r"calibration_batches must be >= 1"),
+    (BASE + "data: {count: 0}\n", r"r.yaml:6: data: data: count=0"),
+    (BASE + "eval: {retrieval_pairs: 0}\n", r"r.yaml:6: eval: eval: retrieval_pairs=0"),
+    (BASE + "measure: {min_runs: 0}\n", r"r.yaml:6: measure: measure: min_runs=0"),
     ("model: [oops\n", r"invalid YAML"),
 ])
 def test_malformed_recipes_fail_before_any_work(tmp_path, text, message):

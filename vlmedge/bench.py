@@ -17,7 +17,10 @@ from .runtime.measure import MeasureConfig, environment, time_fn
 def bench_path(path: Path, targets: list[str], cfg_kwargs: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         raise VlmedgeError(f"{path}: not found")
-    cfg = MeasureConfig(**cfg_kwargs)
+    try:
+        cfg = MeasureConfig(**cfg_kwargs)
+    except ValueError as e:
+        raise VlmedgeError(str(e)) from None
     results: dict[str, dict[str, Any]] = {}
     if path.is_file() and path.suffix == ".onnx":
         results[path.name] = {"cpu": bench_onnx_file(path, cfg)}

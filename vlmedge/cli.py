@@ -136,7 +136,7 @@ def cmd_prune(args) -> int:
         for kind in ("heads", "mlp", "layers"):
             if getattr(args, f"{tower}_{kind}") is None:
                 setattr(args, f"{tower}_{kind}", getattr(args, kind))
-    art = _execute(_config(PruneConfig, args), args, args.model)
+    art = _execute(_config(PruneConfig, args, data=None), args, args.model)  # data: --data, the run's
     b, a = art.info["before"], art.info["after"]
     print(f"parameters {b['parameters'] / 1e6:.2f}M -> {a['parameters'] / 1e6:.2f}M; image GFLOPs "
           f"{b['flops']['image'] / 1e9:.3f} -> {a['flops']['image'] / 1e9:.3f}; text GFLOPs "
@@ -175,7 +175,7 @@ def cmd_export(args) -> int:
 def cmd_quantize(args) -> int:
     from .stages.quantize import QuantizeConfig
 
-    art = _execute(_config(QuantizeConfig, args, QUANTIZE_FLAGS), args, args.onnx)
+    art = _execute(_config(QuantizeConfig, args, QUANTIZE_FLAGS, data=None), args, args.onnx)
     r = art.info
     print(f"{r['mode']}: {r['fp32_size_bytes'] / 1e6:.2f} MB -> {r['size_bytes'] / 1e6:.2f} MB "
           f"({r['fp32_size_bytes'] / r['size_bytes']:.2f}x smaller); weights {r['weight_scheme']} "

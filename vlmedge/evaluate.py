@@ -13,6 +13,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from .errors import VlmedgeError
+
 
 
 class Encoder(Protocol):
@@ -63,11 +65,19 @@ class EvalConfig:
     """What to evaluate on. Sizes are per metric family."""
 
     data: str = "shapes"
+    """Held-out data: shapes (every task), or a captioned dataset (retrieval)."""
     zero_shot_images: int = 1080
     """Single-object held-out images for zero-shot colour x shape classification (36 classes)."""
     retrieval_pairs: int = 1000
+    """Image-caption pairs for Recall@K both ways."""
     hard_negative_pairs: int = 500
+    """Images per hard-negative test (colour, shape, relation swapped)."""
     seed: int = 0
+
+    def __post_init__(self):
+        for key in ("zero_shot_images", "retrieval_pairs", "hard_negative_pairs"):
+            if getattr(self, key) < 1:
+                raise VlmedgeError(f"eval: {key}={getattr(self, key)}; expected an integer >= 1")
 
 
 def _embed_images(encoder: Encoder, images: np.ndarray, batch: int = 256) -> np.ndarray:

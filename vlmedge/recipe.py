@@ -142,7 +142,7 @@ def build(cls, data: Any, path: str, where: _Where):
     kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k, where) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except VlmedgeError as e:
+    except (VlmedgeError, ValueError) as e:  # a config's own validation (`__post_init__`)
         raise where.error(path, str(e)) from None
 
 

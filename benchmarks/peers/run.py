@@ -102,20 +102,12 @@ def final(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_and_quantize(model: Path, out: Path, log: str) -> tuple[Path, Path]:
-    from vlmedge.artifact import STAGE_REVISIONS
-
+    """vlmedge's own export and INT8 of a model. Each command records its artifact (its id hashes the input's, the
+    settings and the stage's revision): a rerun with the same teacher and code skips, a retrained teacher or a
+    changed export or quantize stage is made again."""
     fp32, int8 = out / "vlmedge-fp32", out / "vlmedge-int8"
-    # artifacts made from another teacher (a retrained one), or by an older export/quantize, are made again
-    stamp, source = out / "source.txt", f"{model.resolve()}\n{json.dumps(STAGE_REVISIONS, sort_keys=True)}"
-    if not stamp.exists() or stamp.read_text() != source:
-        import shutil
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        stamp.write_text(source)
-    if not (fp32 / "manifest.json").exists():
-        vlmedge("export", str(model), "--out", str(fp32), "--no-eval", log=f"{log}-export")
-    if not (int8 / "manifest.json").exists():
-        vlmedge("quantize", str(fp32), "--out", str(int8), "--no-eval", log=f"{log}-quantize")
+    vlmedge("export", str(model), "--out", str(fp32), "--no-eval", "--quiet", log=f"{log}-export")
+    vlmedge("quantize", str(fp32), "--out", str(int8), "--no-eval", "--quiet", log=f"{log}-quantize")
     return fp32, int8
 
 

@@ -144,6 +144,15 @@ class MeasureConfig:
     """Intra-op threads; None = all cores of this machine."""
     max_cv: float = 0.25
 
+    def __post_init__(self):
+        # ValueError, not VlmedgeError: this module runs on boards without vlmedge (the recipe loader names the line)
+        for key, low in (("warmup", 0), ("min_runs", 1), ("max_runs", 1), ("throughput_batch", 1), ("threads", 1)):
+            value = getattr(self, key)
+            if value is not None and value < low:
+                raise ValueError(f"measure: {key}={value}; expected an integer >= {low}")
+        if self.min_seconds < 0 or self.max_cv <= 0:
+            raise ValueError(f"measure: min_seconds={self.min_seconds}, max_cv={self.max_cv}; expected >= 0 and > 0")
+
 
 def stats(samples_ms: list[float] | np.ndarray) -> dict[str, float]:
     s = np.asarray(samples_ms, dtype=np.float64)
