@@ -81,15 +81,15 @@ def profile_export(folder: Path, runs: int = 50, threads: int | None = None) -> 
     """
     import tempfile
 
-    from .runtime.onnx import OnnxEncoder
-    from .targets import sample_inputs
+    from . import families
 
     if artifact_kind(folder) != "onnx":
         raise VlmedgeError(f"{folder}: --profile needs an export folder (manifest.json)")
     out: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        enc = OnnxEncoder(folder, threads=threads, profile=Path(tmp) / "ort")
-        pixels, tokens = sample_inputs(enc.preprocess, enc.tokenize, 1)
+        family = families.of(folder)
+        enc = family.adapter(folder, threads=threads, profile=Path(tmp) / "ort")
+        pixels, tokens = family.latency_inputs(enc, 1)
         for tower, sess, feeds in (("image", enc.image_session, {"pixel_values": pixels}),
                                    ("text", enc.text_session, tokens)):
             for _ in range(runs):

@@ -35,6 +35,7 @@ class TorchEncoder:
     def __init__(self, vlm, batch_size: int = 256, device: str = "cpu"):
         self.vlm, self.batch_size, self.device = vlm, batch_size, device
         self.preprocess = vlm.preprocess
+        self.tokenize = vlm.tokenize
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         import torch

@@ -24,10 +24,8 @@ import numpy as np
 
 from ._io import atomic_dir, write_json
 from .errors import VlmedgeError
-from .families.dual_encoder import DistillLosses, contrastive_loss, distillation_loss
-
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learnable temperature at 1/100
-
+from .families import TrainBatch
+from .families.dual_encoder import DistillLosses
 
 @dataclass
 class TrainSchedule:
@@ -247,12 +245,13 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     """Train a model and write its folder to `out`. Returns a summary (losses, throughput, timings).
 
     With `teacher` (a model folder), this is distillation: the teacher is frozen in eval mode and the loss is
-    `distillation_loss` weighted by `losses_cfg`.
+    the family's distillation objective weighted by `losses_cfg`.
     """
     import torch
 
+    from . import families
     from .data import open_dataset
-    from .models import build_from_preset, load_model, load_preset, train_tokenizer
+    from .models import load_preset, train_tokenizer
 
     cfg = cfg.resolved()
     out = Path(out)
@@ -268,10 +267,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         raise VlmedgeError(f"{out}: already holds a trained model; choose another --out or remove it")
 
     if cfg.init:
-        vlm = load_model(cfg.init)
+        family = families.of(cfg.init)
+        vlm = family.load(cfg.init)
         resolution = vlm.preprocess.image_size
     else:
         spec = load_preset(cfg.preset)
+        family = families.for_preset(spec)
         resolution = spec["preprocess"]["image_size"]
     ds = open_dataset(cfg.data, "train", resolution=resolution, count=cfg.data_count, seed=cfg.seed,
                       skip_bad=cfg.skip_bad, progress=progress and dist.rank == 0)
@@ -283,14 +284,14 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
             rng = np.random.default_rng(cfg.seed)
             sample = rng.integers(len(ds), size=min(len(ds) * 3, 30000))
             tokenizer = train_tokenizer(ds.captions(sample, rng), spec["vocab_size"])
-        vlm = build_from_preset(spec, tokenizer, seed=cfg.seed, source=f"preset:{cfg.preset}")
+        vlm = family.build(spec, tokenizer, seed=cfg.seed, source=f"preset:{cfg.preset}")
 
     model = vlm.model.to(device).train()
     teacher_vlm = None
     if teacher:
         losses_cfg = losses_cfg or DistillLosses()
         losses_cfg.validate()
-        teacher_vlm = load_model(teacher)
+        teacher_vlm = families.of(teacher).load(teacher)
         teacher_vlm.model.to(device).eval().requires_grad_(False)
     optimizer, scheduler = make_optimizer(model, cfg, cfg.steps)
     start = load_checkpoint(ckpt, vlm, optimizer, scheduler) if resume else 0
@@ -300,8 +301,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         out.mkdir(parents=True, exist_ok=True)
         if not resume and log_path.exists():
             log_path.unlink()
-
-    from .models import image_features, text_features
 
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -319,32 +318,19 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
             step_loss = 0.0
             for m in range(cfg.grad_accum):
                 a, b = lo + m * micro, lo + (m + 1) * micro
-                pixels = torch.from_numpy(vlm.preprocess(ds.images(indices[a:b]))).to(device)
-                tokens = vlm.tokenize(captions[a:b])
-                with _autocast(precision, device):
-                    img = image_features(model, pixels)
-                    txt = text_features(model, torch.from_numpy(tokens["input_ids"]).to(device),
-                                        torch.from_numpy(tokens["attention_mask"]).to(device))
                 # micro-batch m of every rank forms one contrastive batch
                 rows = [j for r in range(dist.world) for j in range(r * per_rank + m * micro,
                                                                       r * per_rank + (m + 1) * micro)]
-                match = torch.from_numpy(ds.match([indices[j] for j in rows], [specs[j] for j in rows]))
-                if teacher_vlm is None:
-                    loss = contrastive_loss(dist.gather(img.float()), dist.gather(txt.float()), model.logit_scale,
-                                            match)
-                else:
-                    t_img, t_txt = _teacher_embeddings(teacher_vlm, ds.images(indices[a:b]), captions[a:b], device)
-                    loss, _ = distillation_loss(dist.gather(img.float()), dist.gather(txt.float()), model.logit_scale,
-                                                dist.gather(t_img), dist.gather(t_txt),
-                                                teacher_vlm.model.logit_scale, match, losses_cfg)
+                batch = TrainBatch(ds, indices, captions, specs, slice(a, b), rows, dist.gather, device,
+                                   lambda: _autocast(precision, device))
+                loss = family.training_loss(vlm, batch, teacher_vlm, losses_cfg)
                 (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
             dist.sum_gradients(model.parameters())
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            family.after_step(vlm)
             losses.append(step_loss)
             done = step + 1
             rate = len(indices) / (time.perf_counter() - t_step)
@@ -380,19 +366,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         finish_model_folder(out / ".model.partial", out)
     dist.close()
     return summary
-
-
-def _teacher_embeddings(teacher, images, captions, device):
-    import torch
-
-    from .models import image_features, text_features
-
-    with torch.no_grad():
-        tok = teacher.tokenize(captions)
-        img = image_features(teacher.model, torch.from_numpy(teacher.preprocess(images)).to(device))
-        txt = text_features(teacher.model, torch.from_numpy(tok["input_ids"]).to(device),
-                            torch.from_numpy(tok["attention_mask"]).to(device))
-    return img.float(), txt.float()
 
 
 def finish_model_folder(staged: Path, out: Path) -> None:

@@ -101,6 +101,13 @@ def final(report: dict[str, Any]) -> dict[str, Any]:
     return report["steps"][-1]
 
 
+def sample_inputs(model, batch: int):
+    """The latency inputs the targets use (shapes images and captions, preprocessed as the model says)."""
+    from vlmedge import families
+
+    return families.get("dual_encoder").latency_inputs(model, batch)
+
+
 def export_and_quantize(model: Path, out: Path, log: str) -> tuple[Path, Path]:
     """vlmedge's own export and INT8 of a model. Each command records its artifact (its id hashes the input's, the
     settings and the stage's revision): a rerun with the same teacher and code skips, a retrained teacher or a
@@ -180,14 +187,13 @@ def torch_variant(model_name: str, name: str, flow: str, folder: Path, ao_int8: 
 
     from vlmedge.evaluate import TorchEncoder
     from vlmedge.models import image_features, load_model, text_features
-    from vlmedge.targets import sample_inputs
 
     vlm = load_model(folder)
     if ao_int8:
         vlm.model = torch.ao.quantization.quantize_dynamic(vlm.model, {torch.nn.Linear}, dtype=torch.qint8)
     buf = io.BytesIO()
     torch.save(vlm.model.state_dict(), buf)  # size of the weights as PyTorch would store them (written, never loaded)
-    pixels, tokens = sample_inputs(vlm.preprocess, vlm.tokenize, 1)
+    pixels, tokens = sample_inputs(vlm, 1)
     px, ids, mask = (torch.from_numpy(a) for a in (pixels, tokens["input_ids"], tokens["attention_mask"]))
 
     def image():
@@ -235,7 +241,6 @@ def inc_pt_variant(model_name: str, folder: Path) -> Variant:
     from torch._inductor import config as inductor_config
 
     from vlmedge.models import image_features, load_model, text_features
-    from vlmedge.targets import sample_inputs
 
     vlm = load_model(folder)
     model = vlm.model.eval()
@@ -256,7 +261,7 @@ def inc_pt_variant(model_name: str, folder: Path) -> Variant:
         def forward(self, ids, mask):
             return text_features(self.m, ids, mask)
 
-    pixels, tokens = sample_inputs(vlm.preprocess, vlm.tokenize, 1)
+    pixels, tokens = sample_inputs(vlm, 1)
     px, ids, mask = (torch.from_numpy(a) for a in (pixels, tokens["input_ids"], tokens["attention_mask"]))
     inductor_config.freezing = True
     compiled = []
@@ -285,11 +290,10 @@ def inc_pt_variant(model_name: str, folder: Path) -> Variant:
 def onnx_variant(model_name: str, name: str, flow: str, folder: Path, threads: int | None) -> Variant:
     """threads=None: the tuned per-tower counts of a vlmedge manifest (what vlmedge's runners use)."""
     from vlmedge.runtime.onnx import OnnxEncoder, onnx_size
-    from vlmedge.targets import sample_inputs
     from vlmedge.runtime.measure import threads_label
 
     enc, single = OnnxEncoder(folder, threads=threads), OnnxEncoder(folder, threads=1)
-    pixels, tokens = sample_inputs(enc.preprocess, enc.tokenize, 1)
+    pixels, tokens = sample_inputs(enc, 1)
 
     def one_thread():
         single.run_image(pixels)

@@ -40,6 +40,24 @@ class Graph:
     """Each input's shape as recorded in the manifest, named axes ('batch', 'sequence') for dynamic ones."""
 
 
+@dataclass
+class TrainBatch:
+    """One micro-batch of the training loop: this rank's rows `local` of the global batch (`indices`, with the
+    captions drawn for them), and `rows`, every rank's rows of the same micro-batch (what a contrastive loss
+    contrasts against, through `gather`)."""
+
+    data: Any
+    indices: list[int]
+    captions: list[str]
+    specs: list[Any]
+    local: slice
+    rows: list[int]
+    gather: Callable[[Any], Any]
+    device: str
+    autocast: Callable[[], Any]
+    """A context manager for the forward pass (mixed precision on CUDA, a no-op in fp32)."""
+
+
 class Family:
     """The interface. Each method says which stage asks for it; a family implements all of them."""
 
@@ -79,6 +97,14 @@ class Family:
     def apply_plan(self, model, plan: dict[str, Any]) -> None:
         """Cut the model to the kept layers, heads and neurons, and record its shape so the folder reloads."""
         raise NotImplementedError
+
+    def training_loss(self, model, batch: TrainBatch, teacher=None, weights=None):
+        """The loss of one micro-batch (the one training loop calls it): the family's own objective, or with a
+        frozen `teacher` the distillation objective weighted by `weights`."""
+        raise NotImplementedError
+
+    def after_step(self, model) -> None:
+        """After each optimizer step (e.g. clamping a learnable temperature)."""
 
     def loss(self, model, batch) -> Any:
         """The training loss on one calibration batch (`calibration_data` items): Taylor importance's gradient."""

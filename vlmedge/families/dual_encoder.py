@@ -7,6 +7,7 @@ the same code; only the tower classes differ, and `models` hides that behind `im
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +19,7 @@ from ..errors import VlmedgeError
 from . import Family, Graph, register
 
 GRAPH_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx"}
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learnable temperature at 1/100
 
 
 # --- losses (training, distillation and Taylor importance) ----------------------------------------------------------
@@ -177,6 +179,37 @@ class DualEncoder(Family):
         img = image_features(model.model, torch.from_numpy(model.preprocess(ds.images(idx))))
         txt = text_features(model.model, torch.from_numpy(tok["input_ids"]), torch.from_numpy(tok["attention_mask"]))
         return contrastive_loss(img, txt, model.model.logit_scale, torch.from_numpy(ds.match(idx, specs)))
+
+    def training_loss(self, model, batch, teacher=None, weights=None):
+        import torch
+
+        from ..models import image_features, text_features
+
+        b, net = batch, model.model
+        images, captions = b.data.images(b.indices[b.local]), b.captions[b.local]
+        pixels = torch.from_numpy(model.preprocess(images)).to(b.device)
+        tokens = model.tokenize(captions)
+        with b.autocast():
+            img = image_features(net, pixels)
+            txt = text_features(net, torch.from_numpy(tokens["input_ids"]).to(b.device),
+                                torch.from_numpy(tokens["attention_mask"]).to(b.device))
+        match = torch.from_numpy(b.data.match([b.indices[j] for j in b.rows], [b.specs[j] for j in b.rows]))
+        if teacher is None:
+            return contrastive_loss(b.gather(img.float()), b.gather(txt.float()), net.logit_scale, match)
+        with torch.no_grad():
+            tok = teacher.tokenize(captions)
+            t_img = image_features(teacher.model, torch.from_numpy(teacher.preprocess(images)).to(b.device)).float()
+            t_txt = text_features(teacher.model, torch.from_numpy(tok["input_ids"]).to(b.device),
+                                  torch.from_numpy(tok["attention_mask"]).to(b.device)).float()
+        loss, _ = distillation_loss(b.gather(img.float()), b.gather(txt.float()), net.logit_scale, b.gather(t_img),
+                                    b.gather(t_txt), teacher.model.logit_scale, match, weights)
+        return loss
+
+    def after_step(self, model) -> None:
+        import torch
+
+        with torch.no_grad():
+            model.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
     # --- export ---
     def graphs(self, model) -> list[Graph]:

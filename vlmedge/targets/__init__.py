@@ -15,8 +15,6 @@ import importlib
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from ..errors import VlmedgeError
 
 TARGETS = {"cpu": "cpu", "torch": "torch_", "cuda": "cuda", "tensorrt": "tensorrt", "jetson": "jetson"}
@@ -28,17 +26,6 @@ def get_target(name: str) -> Callable[..., dict[str, Any]]:
     if name not in TARGETS:
         raise VlmedgeError(f"unknown target {name!r}; available: {', '.join(TARGETS)}")
     return importlib.import_module(f".{TARGETS[name]}", __name__).benchmark
-
-
-def sample_inputs(preprocess, tokenize, batch: int, seed: int = 0):
-    """A deterministic synthetic image batch and caption batch, preprocessed and tokenised as in deployment."""
-    from ..data.shapes import load_shapes
-
-    data = load_shapes("val", max(batch, 16), preprocess.image_size, seed=seed)
-    pixels = preprocess(data.images[:batch])
-    rng = np.random.default_rng(seed)
-    tokens = tokenize(data.captions(range(batch), rng))
-    return pixels, {k: np.asarray(v, dtype=np.int64) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
 
 
 def artifact_kind(path: Path) -> str:

@@ -5,47 +5,22 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import sample_inputs
-from ..runtime.measure import MeasureConfig, suite
+from ..runtime.measure import MeasureConfig, cpu_info, suite
 
 
 def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), device: str = "cpu",
               dtype: str = "fp32", **_: Any) -> dict[str, Any]:
     import torch
 
-    from ..models import image_features, load_model, text_features
-    from ..runtime.measure import cpu_info
+    from .. import families
 
     threads = cfg.threads or os.cpu_count()
     torch.set_num_threads(threads)
-    vlm = load_model(path)
+    family = families.of(path)
+    model = family.load(path)
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    model = vlm.model.to(device=device, dtype=torch_dtype).eval()
-    pixels, tokens = sample_inputs(vlm.preprocess, vlm.tokenize, cfg.throughput_batch)
-    px = torch.from_numpy(pixels).to(device=device, dtype=torch_dtype)
-    ids = torch.from_numpy(tokens["input_ids"]).to(device)
-    mask = torch.from_numpy(tokens["attention_mask"]).to(device)
-    with torch.inference_mode():
-        text_embeds = torch.nn.functional.normalize(text_features(model, ids[:1].repeat(36, 1), mask[:1].repeat(36, 1)),
-                                                    dim=-1)
-
-    def image(b):
-        def run():
-            with torch.inference_mode():
-                return image_features(model, px[:b])
-        return run
-
-    def text(b):
-        def run():
-            with torch.inference_mode():
-                return text_features(model, ids[:b], mask[:b])
-        return run
-
-    def zero_shot():
-        with torch.inference_mode():
-            e = torch.nn.functional.normalize(image_features(model, px[:1]), dim=-1)
-            return int((e @ text_embeds.T).argmax())
-
+    scenarios = family.torch_scenarios(model, family.latency_inputs(family.adapter(model), cfg.throughput_batch),
+                                       device, torch_dtype)
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else None
 
@@ -59,4 +34,5 @@ def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), dev
 
     record = {"target": "torch", "device": torch.cuda.get_device_name() if cuda else cpu_info()[0],
               "threads": threads, "runtime": f"torch {torch.__version__} eager", "precision": dtype}
-    return suite(image, text, zero_shot, cfg, record, timer=cuda_timer if cuda else None, sync=sync)
+    return suite(scenarios["image"], scenarios["text"], scenarios["zero_shot"], cfg, record,
+                 timer=cuda_timer if cuda else None, sync=sync)
