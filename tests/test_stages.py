@@ -203,3 +203,20 @@ def test_thread_tuning_is_recorded_per_tower_and_used_only_on_the_same_machine(t
     # a quantized folder gets its own tuning, or none when asked: never the fp32 export's
     quantize(tiny_export, tmp_path / "q", QuantizeConfig(tune_threads=False))
     assert "threads" not in json.loads((tmp_path / "q" / "manifest.json").read_text())
+
+
+def test_a_stage_keeps_its_own_data_and_takes_the_runs_otherwise(tiny_model, tmp_path):
+    """prune.data / quantize.data given in a recipe are used, not replaced by the run's data; unset, they are the
+    run's (and the step id says which)."""
+    from vlmedge.stages import Context, DataSpec, execute, input_artifact, step_id
+
+    parent = input_artifact(tiny_model)
+    ctx = Context(data=DataSpec(source="shapes"))
+    own = PruneConfig(vision_heads=0.5, calibration_batches=1, batch_size=8, data="shapes:256")
+    art = execute(own, parent, ctx, tmp_path / "own")
+    assert json.loads((tmp_path / "own" / "pruning_plan.json").read_text())["config"]["data"] == "shapes:256"
+    assert art.parent == parent.id and (tmp_path / "own" / "artifact.json").is_file() and art.metrics == {}
+    runs = PruneConfig(vision_heads=0.5, calibration_batches=1, batch_size=8)
+    execute(runs, parent, ctx, tmp_path / "runs")
+    assert json.loads((tmp_path / "runs" / "pruning_plan.json").read_text())["config"]["data"] == "shapes"
+    assert step_id(runs, parent, ctx) != step_id(runs, parent, Context(data=DataSpec(source="shapes:256")))

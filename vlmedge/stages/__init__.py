@@ -150,6 +150,8 @@ def step_id(config: Any, parent: Artifact | None, ctx: Context) -> str:
            "teacher": ctx.teacher.id if "teacher" in spec.reads and ctx.teacher else None}
     if "model" in spec.reads:
         key["model"] = asdict(ctx.model) if ctx.model else None
+        if ctx.model and ctx.model.path and Path(ctx.model.path).is_dir():
+            key["model_files"] = _fingerprint(Path(ctx.model.path))  # a user's folder, edited in place, is new
     return artifact_id(parent.id if parent else None, spec.kind, key)
 
 

@@ -9,19 +9,14 @@ from ..artifact import Artifact
 from . import Context, ModelSpec, register
 
 
-@register(ModelSpec, kind="source", consumes=None, produces="model", provides="model", reads=("data",))
+@register(ModelSpec, kind="source", consumes=None, produces="model", provides="model", reads=("data", "model"))
 def run(parent: Artifact | None, cfg: ModelSpec, ctx: Context) -> Artifact:
     from .. import families
 
     if cfg.path:
         families.of(cfg.path).check_folder(cfg.path)
-        return ctx.artifact(None, Path(cfg.path).resolve(), {"source_mtime": _config_mtime(cfg.path)})
+        return ctx.artifact(None, Path(cfg.path).resolve())
     return ctx.artifact(None, _untrained_preset(cfg.preset, ctx))
-
-
-def _config_mtime(path: str) -> float | None:
-    config = Path(path, "config.json")
-    return config.stat().st_mtime if config.exists() else None
 
 
 def _untrained_preset(preset: str, ctx: Context) -> Path:
