@@ -12,12 +12,12 @@ module, add the module's name to `MODULES`, and ship its presets as JSON (`model
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .._registry import Registry
 from ..errors import VlmedgeError
 
 MODULES = ("dual_encoder",)
@@ -159,39 +159,24 @@ class Family:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, Family] = {}
+_REGISTRY: Registry[Family] = Registry(__name__, MODULES, "model family")
 
 
 def register(family: Family) -> Family:
-    _REGISTRY[family.name] = family
-    return family
-
-
-def _load_all() -> None:
-    for module in MODULES:
-        importlib.import_module(f".{module}", __name__)
+    return _REGISTRY.add(family.name, family)
 
 
 def get(name: str) -> Family:
-    _load_all()
-    if name not in _REGISTRY:
-        raise VlmedgeError(f"unknown model family {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def names() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
+    return _REGISTRY.get(name)
 
 
 def for_config(config: dict[str, Any], where: str) -> Family:
     """The family that loads a model folder with this `config.json`."""
-    _load_all()
     archs = config.get("architectures") or []
-    for family in _REGISTRY.values():
+    for family in _REGISTRY.all().values():
         if any(a in family.architectures for a in archs):
             return family
-    supported = [a for f in _REGISTRY.values() for a in f.architectures]
+    supported = [a for f in _REGISTRY.all().values() for a in f.architectures]
     raise VlmedgeError(f"{where}: unsupported architecture {archs or config.get('model_type')!r}; "
                        f"vlmedge loads {' or '.join(supported)}")
 

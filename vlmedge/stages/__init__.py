@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import os
 import shutil
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .._io import folder_size, write_json
+from .._registry import Registry
 from ..artifact import Artifact, artifact_id, library_versions
 from ..errors import VlmedgeError
 
@@ -102,8 +102,7 @@ class StageSpec:
     """The product's subfolder in a run's step folder."""
 
 
-_BY_TYPE: dict[type, StageSpec] = {}
-_BY_KIND: dict[str, StageSpec] = {}
+_REGISTRY: Registry[StageSpec] = Registry(__name__, MODULES, "stage")
 
 
 def register(config: type, *, kind: str, consumes: str | None, produces: str, provides: str | None,
@@ -111,34 +110,25 @@ def register(config: type, *, kind: str, consumes: str | None, produces: str, pr
     """Register a stage's `run` for its config type (one verb, one config type)."""
 
     def wrap(fn):
-        spec = StageSpec(kind, config, fn, consumes, produces, provides, reads, "onnx" if produces == "onnx" else "model")
-        _BY_TYPE[config] = _BY_KIND[kind] = spec
+        _REGISTRY.add(kind, StageSpec(kind, config, fn, consumes, produces, provides, reads,
+                                       "onnx" if produces == "onnx" else "model"))
         return fn
 
     return wrap
 
 
-def _load_all() -> None:
-    for module in MODULES:
-        importlib.import_module(f".{module}", __name__)
-
-
 def spec_for_kind(kind: str) -> StageSpec:
-    _load_all()
-    if kind not in _BY_KIND:
-        raise VlmedgeError(f"unknown stage {kind!r}; expected one of: {', '.join(recipe_kinds())}")
-    return _BY_KIND[kind]
+    return _REGISTRY.get(kind, shown=recipe_kinds())
 
 
 def spec_for(config: Any) -> StageSpec:
-    _load_all()
-    return _BY_TYPE[type(config)]
+    """The stage registered for this config's type (one verb, one config type)."""
+    return next(s for s in _REGISTRY.all().values() if type(config) is s.config)
 
 
 def recipe_kinds() -> list[str]:
     """The stages a recipe's `stages:` list may name, in pipeline order."""
-    _load_all()
-    return [k for k in MODULES if k != "source"]
+    return [k for k in _REGISTRY.all() if k != "source"]
 
 
 # --- one step ------------------------------------------------------------------------------------------------------
