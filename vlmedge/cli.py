@@ -78,7 +78,8 @@ def _execute(config, args, parent: str | None, *, teacher: str | None = None, mo
     from .stages import Context, DataSpec, execute, input_artifact
 
     data = data or DataSpec(source=args.data)
-    ctx = Context(data=data, eval=EvalConfig(data=data.source) if evaluate and not args.no_eval else None,
+    evaluate = evaluate and not getattr(args, "no_eval", False)
+    ctx = Context(data=data, eval=EvalConfig(data=data.source) if evaluate else None,
                   model=model, teacher=input_artifact(teacher) if teacher else None, progress=not args.quiet,
                   console=None if args.quiet else Console(), resume=resume)
     return execute(config, input_artifact(parent) if parent else None, ctx, Path(args.out))
@@ -90,8 +91,9 @@ def cmd_train(args) -> int:
 
     model = ModelSpec(path=args.init) if args.init else ModelSpec(preset=args.preset)
     data = DataSpec(source=args.data, count=args.data_count, skip_bad=args.skip_bad)
-    args.no_eval = True  # train has no evaluation of its own: `vlmedge eval OUT` (printed below)
-    art = _execute(_config(TrainSchedule, args), args, None, model=model, data=data, resume=args.resume)
+    # no evaluation here (as before): `vlmedge eval OUT`, printed below
+    art = _execute(_config(TrainSchedule, args), args, None, model=model, data=data, evaluate=False,
+                   resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     s = art.info
@@ -146,9 +148,8 @@ def cmd_prune(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from .train import DistillStage
-
     from .stages import DataSpec
+    from .train import DistillStage
 
     art = _execute(_config(DistillStage, args), args, args.student, teacher=args.teacher, resume=args.resume,
                    data=DataSpec(source=args.data, count=args.data_count))

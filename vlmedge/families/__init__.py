@@ -64,10 +64,6 @@ class Family:
     name: str = ""
     architectures: tuple[str, ...] = ()
     """Hugging Face `architectures` (config.json) of the folders this family loads."""
-    metrics: tuple[str, ...] = ()
-    """The flat metric names its evaluation reports (gates and retention use them)."""
-    default_metric: str = ""
-    """What the accuracy-aware quantization watches by default."""
 
     # --- models (train, prune, distill, export, describe) ---
     def build(self, spec: dict[str, Any], tokenizer, *, seed: int = 0, source: str = ""):
@@ -106,12 +102,9 @@ class Family:
     def after_step(self, model) -> None:
         """After each optimizer step (e.g. clamping a learnable temperature)."""
 
-    def loss(self, model, batch) -> Any:
-        """The training loss on one calibration batch (`calibration_data` items): Taylor importance's gradient."""
-        raise NotImplementedError
-
-    def calibration_data(self, model, data: str, count: int, seed: int):
-        """An iterator factory `(batch_size, rng) -> batch` over the data, for `loss`."""
+    def calibration_data(self, model, data: str, count: int, seed: int) -> Callable[[int, Any], TrainBatch]:
+        """A batch drawer `(batch_size, rng) -> TrainBatch` over the data: Taylor importance takes the gradient of
+        `training_loss` on such batches."""
         raise NotImplementedError
 
     # --- export ---

@@ -16,7 +16,7 @@ import numpy as np
 
 from .._io import write_json
 from ..errors import VlmedgeError
-from . import Family, Graph, register
+from . import Family, Graph, TrainBatch, register
 
 GRAPH_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx"}
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learnable temperature at 1/100
@@ -118,8 +118,6 @@ def _tower_modules(model):
 class DualEncoder(Family):
     name = "dual_encoder"
     architectures = ("VisionTextDualEncoderModel", "CLIPModel")
-    metrics = ("zero_shot.top1", "zero_shot.top5", "retrieval.i2t_r5", "retrieval.t2i_r5")
-    default_metric = "zero_shot.top1"
 
     def build(self, spec, tokenizer, *, seed=0, source=""):
         from ..models import build_from_preset
@@ -158,27 +156,19 @@ class DualEncoder(Family):
         model.model.config.vlmedge_pruning = shape_of(model.model)
 
     def calibration_data(self, model, data: str, count: int, seed: int):
+        import contextlib
+
         from ..data import open_dataset
 
         ds = open_dataset(data, "train", resolution=model.preprocess.image_size, count=count, seed=seed)
 
-        def draw(batch_size: int, rng: np.random.Generator):
+        def draw(batch_size: int, rng: np.random.Generator) -> TrainBatch:
             idx = rng.integers(len(ds), size=batch_size).tolist()
             texts, specs = ds.training_captions(idx, rng)
-            return ds, idx, texts, specs
+            return TrainBatch(ds, idx, texts, specs, slice(0, batch_size), list(range(batch_size)),
+                              gather=lambda x: x, device="cpu", autocast=contextlib.nullcontext)
 
         return draw
-
-    def loss(self, model, batch):
-        import torch
-
-        from ..models import image_features, text_features
-
-        ds, idx, texts, specs = batch
-        tok = model.tokenize(texts)
-        img = image_features(model.model, torch.from_numpy(model.preprocess(ds.images(idx))))
-        txt = text_features(model.model, torch.from_numpy(tok["input_ids"]), torch.from_numpy(tok["attention_mask"]))
-        return contrastive_loss(img, txt, model.model.logit_scale, torch.from_numpy(ds.match(idx, specs)))
 
     def training_loss(self, model, batch, teacher=None, weights=None):
         import torch

@@ -79,7 +79,7 @@ def taylor_importance(family, model, parts: dict[str, list[LayerParts]], cfg: Pr
     net.train()
     rng = np.random.default_rng(cfg.seed)
     for _ in range(cfg.calibration_batches):
-        family.loss(model, draw(cfg.batch_size, rng)).backward()
+        family.training_loss(model, draw(cfg.batch_size, rng)).backward()
     net.eval()
     scores = {}
     for tower, layers in parts.items():
