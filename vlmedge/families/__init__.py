@@ -12,11 +12,11 @@ module, add the module's name to `MODULES`, and ship its presets as JSON (`model
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .._io import read_json, write_json
 from .._registry import Registry
 from ..errors import VlmedgeError
 
@@ -181,29 +181,26 @@ def for_preset(spec: dict[str, Any]) -> Family:
 def of(path: str | Path) -> Family:
     """The family of an artifact: an export folder (manifest.json) or a model folder (config.json)."""
     folder = Path(path)
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        try:
-            return get(json.loads(manifest.read_text()).get("family", DEFAULT))
-        except json.JSONDecodeError as e:
-            raise VlmedgeError(f"{manifest}: not valid JSON ({e})") from None
-    config = folder / "config.json"
-    if config.is_file():
-        try:
-            return for_config(json.loads(config.read_text()), str(config))
-        except json.JSONDecodeError as e:
-            raise VlmedgeError(f"{config}: not valid JSON ({e})") from None
+    for name in ("manifest.json", "config.json"):
+        if (folder / name).is_file():
+            record = read_json(folder / name, "")
+            record = record if isinstance(record, dict) else {}
+            return get(record.get("family", DEFAULT)) if name == "manifest.json" else \
+                for_config(record, str(folder / name))
     return get(DEFAULT)  # its loader says what is wrong with the folder (missing, no config.json, ...)
 
 
 def evaluate_folder(path: str | Path, cfg) -> dict[str, Any]:
     """Evaluate a model folder (PyTorch) or an export folder (ONNX Runtime) with its family's tasks; writes
     PATH/eval.json."""
-    from dataclasses import asdict
-
-    from .._io import write_json
-
     family = of(path)
     metrics = family.evaluate(family.adapter(path), cfg)
-    write_json(Path(path) / "eval.json", {"data": cfg.data, "config": asdict(cfg), "metrics": metrics})
+    write_eval(Path(path), cfg, metrics)
     return metrics
+
+
+def write_eval(folder: Path, cfg, metrics: dict[str, Any]) -> None:
+    """`eval.json`: the data, the evaluation settings and every metric."""
+    from dataclasses import asdict
+
+    write_json(folder / "eval.json", {"data": cfg.data, "config": asdict(cfg), "metrics": metrics})

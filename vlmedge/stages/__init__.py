@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .._io import folder_size, write_json
+from .._io import folder_size
 from .._registry import Registry
 from ..artifact import Artifact, artifact_id, library_versions
 from ..errors import VlmedgeError
@@ -199,7 +199,7 @@ def describe(art: Artifact, folder: Path, ctx: Context, parent: Artifact | None)
         t0 = time.perf_counter()
         metrics = family.evaluate(adapter, ctx.eval)
         art.seconds["eval"] = round(time.perf_counter() - t0, 1)
-        write_json(folder / "eval.json", {"data": ctx.eval.data, "config": asdict(ctx.eval), "metrics": metrics})
+        families.write_eval(folder, ctx.eval, metrics)
         art.metrics = flat_metrics(metrics)
     art.versions = library_versions()
 
