@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from typing import Callable, Sequence
 
 from .errors import VlmedgeError
@@ -105,15 +106,23 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from . import families
     from .evaluate import EvalConfig
-    from .families import evaluate_folder
 
     cfg = _config(EvalConfig, args)
-    metrics = evaluate_folder(args.path, cfg)
-    if args.json:
+    family = families.of(args.path)
+    metrics = family.evaluate(family.adapter(args.path), cfg)
+    if args.json:  # the results first: a folder that cannot take eval.json loses nothing
         _print_json(metrics)
     else:
         _metrics_table(metrics, f"{args.path} on {args.data}")
+    try:
+        families.write_eval(Path(args.path), cfg, metrics)
+    except OSError as e:
+        raise VlmedgeError(f"{args.path}: cannot write eval.json ({e.strerror or e}); the metrics are above") from None
+    if not args.json:
         print(f"written: {os.path.join(args.path, 'eval.json')}")
     return 0
 
@@ -540,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "vision-language dual encoders for CPUs, GPUs and Jetson boards.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"vlmedge {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (anywhere on the line; VLMEDGE_DEBUG=1 too)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in PARSER_BUILDERS:
         add(sub)
@@ -547,8 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The error boundary: a known failure is one line naming the culprit (exit 1, 130 for Ctrl-C); an unexpected
+    one is one line too, with the way to see its traceback (`--debug`, or VLMEDGE_DEBUG=1)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("VLMEDGE_DEBUG") == "1"  # anywhere on the line, any command
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args([a for a in argv if a != "--debug"])
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -558,11 +573,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except VlmedgeError as e:
+        if debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001  (the boundary: never a bare traceback without --debug)
+        if debug:
+            raise
+        where = next((f"{fr.filename}:{fr.lineno}" for fr in reversed(traceback.extract_tb(e.__traceback__))
+                      if "vlmedge" in fr.filename), "")
+        message = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"error: unexpected {type(e).__name__}: {message} ({where}); rerun with --debug for the traceback",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -76,6 +76,10 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self):
+        from .data import is_shapes, shapes_count
+
+        if is_shapes(self.data):
+            shapes_count(self.data)
         for key in ("zero_shot_images", "retrieval_pairs", "hard_negative_pairs"):
             if getattr(self, key) < 1:
                 raise VlmedgeError(f"eval: {key}={getattr(self, key)}; expected an integer >= 1")
@@ -96,8 +100,10 @@ def recall_at_k(sim: np.ndarray, query_keys: Sequence[str], item_keys: Sequence[
 
 def evaluate(encoder: Encoder, cfg: EvalConfig = EvalConfig(), progress: bool = False) -> dict[str, Any]:
     """All metrics the data supports, as a nested dict of fractions in [0, 1]."""
+    from .data import is_shapes
+
     resolution = encoder.preprocess.image_size
-    if cfg.data.startswith("shapes"):
+    if is_shapes(cfg.data):
         return _evaluate_shapes(encoder, cfg, resolution)
     from .data import open_dataset
 

@@ -45,12 +45,12 @@ def parse_budget(text: str) -> Budget:
 
 
 def load_budgets(path: str | Path) -> list[Budget]:
-    import yaml
+    from ._io import read_yaml
 
     path = Path(path)
     if not path.is_file():
         raise VlmedgeError(f"budgets file not found: {path}")
-    data = yaml.safe_load(path.read_text())
+    data = read_yaml(path)
     items = data.get("gates", data.get("budgets")) if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise VlmedgeError(f"{path}: expected a list of budgets (or a mapping with 'gates:')")

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import yaml
 
-from ._io import write_json, write_text
+from ._io import claim_output, write_json, write_text
 from .artifact import Artifact, artifact_id
 from .errors import VlmedgeError
 from .recipe import Recipe, to_dict
@@ -34,8 +34,8 @@ def run(recipe: Recipe, out: str | Path, *, force: bool = False, console=None,
     from .report import write_report
     from .stages import Context, execute, spec_for, step_id
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    sources = (recipe.model.path, recipe.data.source, recipe.eval.data)
+    out = claim_output(out, "compress", tuple(s for s in sources if s and Path(s).exists()))
     write_text(out / "recipe.resolved.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
     context = Context(data=recipe.data, eval=recipe.eval, model=recipe.model, console=console,
                       progress=console is not None, resume=None, force=force)

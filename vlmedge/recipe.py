@@ -22,6 +22,7 @@ file, the key path and, where known, the line; all of it is checked before any w
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,11 +160,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             path = shipped
         else:
             raise VlmedgeError(f"recipe not found: {path} (shipped recipes: {', '.join(shipped_recipes())})")
-    text = path.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise VlmedgeError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    from ._io import read_yaml
+
+    text = path.read_text(errors="replace")
+    data = read_yaml(path, text)  # bounded: no aliases, so the line map below walks the file as written
     where = _Where(str(path), text)
     for item in overrides:
         data = apply_override(data, item, where)
@@ -275,9 +275,17 @@ def parse_recipe(data: Any, where: _Where, source_file: str = "") -> Recipe:
             parse_budget(g)
         except VlmedgeError as e:
             raise where.error(f"gates.{i}", str(e)) from None
-    name = data.get("name") or Path(source_file).stem or "recipe"
-    return Recipe(str(name), model, data_spec, eval_spec, tuple(stages), tuple(targets), measure, tuple(gates),
-                  data.get("output"), str(data.get("description", "")), source_file, data)
+    name = str(data.get("name") or Path(source_file).stem or "recipe")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name:
+        raise where.error("name", f"{name!r}: a run name is letters, digits, '.', '_' and '-' (it names the run "
+                                  "folder runs/NAME: no separators, no '..')")
+    output = data.get("output")
+    if output is not None and (not isinstance(output, str) or Path(output).is_absolute()
+                               or ".." in Path(output).parts):
+        raise where.error("output", f"{output!r}: a relative folder inside the working directory (no '..'); "
+                                    "pass --out for anywhere else")
+    return Recipe(name, model, data_spec, eval_spec, tuple(stages), tuple(targets), measure, tuple(gates),
+                  output, str(data.get("description", "")), source_file, data)
 
 
 def _parse_stages(items: Any, model: ModelSpec, where: _Where) -> list[Stage]:

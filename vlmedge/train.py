@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ._io import atomic_dir, write_json
-from .errors import VlmedgeError
+from .errors import Interrupted, VlmedgeError
 from .families import TrainBatch
 from .families.dual_encoder import DistillLosses
 
@@ -347,7 +347,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         if dist.rank == 0 and done > start:
             save_checkpoint(ckpt, vlm, optimizer, scheduler, done, asdict(cfg))
             bar.close()
-            raise VlmedgeError(f"interrupted after step {done}; checkpoint saved; continue with --resume") from None
+            raise Interrupted(f"interrupted after step {done}; checkpoint saved; continue with --resume") from None
         raise
     finally:
         bar.close()

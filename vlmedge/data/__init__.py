@@ -27,6 +27,17 @@ from ..errors import VlmedgeError
 from .shapes import COLOURS, SHAPES, ShapesData, load_shapes, relation
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000; a larger image is refused before it is decoded (a decompression bomb)
+MAX_CAPTION_CHARS = 2000
+
+
+def _caption(value, where: str) -> str:
+    """A caption as given, or a one-line error naming where it is: empty, null or non-text captions are not data."""
+    if not isinstance(value, str) or not value.strip():
+        raise VlmedgeError(f"{where}: caption {value!r} is empty or not text")
+    if len(value) > MAX_CAPTION_CHARS:
+        raise VlmedgeError(f"{where}: caption of {len(value)} characters; at most {MAX_CAPTION_CHARS}")
+    return value
 
 
 class ShapesDataset:
@@ -122,16 +133,29 @@ class PairsDataset:
         return np.array([[sp in o for sp in specs] for o in own], dtype=np.float32)
 
 
+def shapes_count(source: str) -> int | None:
+    """COUNT of a `shapes:COUNT` source (None for plain `shapes`); an error for any other `shapes...` spelling.
+    Every command and the recipe loader check a source with it, so `shapes:abc` fails the same way everywhere."""
+    if source == "shapes":
+        return None
+    try:
+        n = int(source.split(":", 1)[1])
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise VlmedgeError(f"data source {source!r}: expected shapes or shapes:COUNT (a positive integer)")
+    return n
+
+
+def is_shapes(source: str) -> bool:
+    return source == "shapes" or source.startswith("shapes:")
+
+
 def open_dataset(source: str, split: str = "train", *, resolution: int, count: int | None = None,
                  skip_bad: bool = False, single_object: bool = False, seed: int = 0, progress: bool = False):
     """Open a dataset by its source string; see the module docstring."""
-    if source == "shapes" or source.startswith("shapes:"):
-        n = count
-        if ":" in source:
-            try:
-                n = int(source.split(":", 1)[1])
-            except ValueError:
-                raise VlmedgeError(f"data source {source!r}: expected shapes or shapes:COUNT") from None
+    if is_shapes(source):
+        n = shapes_count(source) or count
         return ShapesDataset(load_shapes(split, n or 20000, resolution, seed=seed, single_object=single_object,
                                          progress=progress))
     path = Path(source)
@@ -171,7 +195,9 @@ def _imagefolder_items(root: Path) -> list[tuple[Path, list[str], str]]:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise VlmedgeError(f"{meta}:{lineno}: expected a JSON object with file_name and text ({e})") from None
         texts = text if isinstance(text, list) else [text]
-        items.append((_inside(root, name, f"{meta}:{lineno}"), [str(t) for t in texts], name))
+        if not texts:
+            raise VlmedgeError(f"{meta}:{lineno}: no caption")
+        items.append((_inside(root, name, f"{meta}:{lineno}"), [_caption(t, f"{meta}:{lineno}") for t in texts], name))
     if not items:
         raise VlmedgeError(f"{meta}: no records")
     return items
@@ -186,8 +212,18 @@ def _coco_items(path: Path) -> list[tuple[Path, list[str], str]]:
         raise VlmedgeError(f"{path}: not a COCO captions file (images, annotations with image_id/caption): {e}") \
             from None
     texts: dict[int, list[str]] = {}
-    for ann in annotations:
-        texts.setdefault(ann["image_id"], []).append(ann["caption"])
+    for k, ann in enumerate(annotations):
+        if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
+            raise VlmedgeError(f"{path}: annotations[{k}] needs image_id and caption, got {str(ann)[:80]}")
+        texts.setdefault(ann["image_id"], []).append(_caption(ann["caption"], f"{path}: annotations[{k}]"))
+    dangling = [i for i in texts if i not in images]
+    if dangling and len(dangling) == len(texts):
+        raise VlmedgeError(f"{path}: no annotation's image_id is among the images' ids (e.g. {dangling[0]!r})")
+    if dangling:
+        import sys
+
+        print(f"warning: {path}: {len(dangling)} image_id(s) with captions but no image entry (e.g. "
+              f"{dangling[0]!r}); their captions are skipped", file=sys.stderr)
     root = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
     return [(_inside(root, images[i], str(path)), caps, images[i]) for i, caps in texts.items() if i in images]
 
@@ -197,9 +233,14 @@ def _decode(data: bytes | Path, resolution: int):
 
     from ..preprocess import resize_crop
 
-    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-        im.load()
-        return resize_crop([im], resolution, resolution)[0]
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:  # checked from the header, before decoding
+                raise ValueError(f"{im.width} x {im.height} pixels, more than the {MAX_IMAGE_PIXELS} allowed")
+            im.load()
+            return resize_crop([im], resolution, resolution)[0]
+    except Image.DecompressionBombError as e:  # PIL's own limit (not an OSError): skippable like any bad image
+        raise ValueError(str(e)) from None
 
 
 def _load_pairs(items, resolution: int, skip_bad: bool) -> PairsDataset:
@@ -216,7 +257,8 @@ def _load_pairs(items, resolution: int, skip_bad: bool) -> PairsDataset:
         texts.append(caps)
         names.append(name)
     if not images:
-        raise VlmedgeError("dataset has no readable images")
+        where = f" ({items[0][0].parent})" if items else ""
+        raise VlmedgeError(f"dataset{where} has no readable images ({len(skipped)} skipped as unreadable)")
     return PairsDataset(np.stack(images), texts, names, skipped)
 
 
@@ -242,6 +284,7 @@ def _load_webdataset(path: Path, resolution: int, count: int | None, skip_bad: b
             image_ext = next((e for e in parts if f".{e}" in IMAGE_SUFFIXES), None)
             if image_ext is None or "txt" not in parts:
                 continue
+            caption = _caption(parts["txt"].decode("utf-8", "replace").strip(), f"{shard}: {stem}.txt")
             try:
                 images.append(_decode(parts[image_ext], resolution))
             except (OSError, ValueError) as e:
@@ -250,7 +293,7 @@ def _load_webdataset(path: Path, resolution: int, count: int | None, skip_bad: b
                                        "use --skip-bad to skip and count such files") from None
                 skipped.append(f"{shard.name}:{stem}")
                 continue
-            texts.append([parts["txt"].decode("utf-8", "replace").strip()])
+            texts.append([caption])
             names.append(f"{shard.name}:{stem}")
             if count and len(texts) >= count:
                 return PairsDataset(np.stack(images), texts, names, skipped)

@@ -133,6 +133,11 @@ class Family:
         """The artifact (model folder or export folder) as the object evaluation and timing use."""
         raise NotImplementedError
 
+    def sanity_check(self, adapter) -> None:
+        """Raise a VlmedgeError naming the likely cause when distinct real inputs all give one output (a collapsed
+        tower evaluates at chance without a word); export and evaluation call it."""
+        raise NotImplementedError
+
     def evaluate(self, adapter, eval_cfg) -> dict[str, Any]:
         """Every task that applies, as nested metrics; `flat_metrics` names them for gates."""
         raise NotImplementedError
@@ -187,16 +192,10 @@ def of(path: str | Path) -> Family:
             record = record if isinstance(record, dict) else {}
             return get(record.get("family", DEFAULT)) if name == "manifest.json" else \
                 for_config(record, str(folder / name))
+    if folder.is_dir() and any(folder.glob("*.onnx")):
+        raise VlmedgeError(f"{folder}: ONNX files but no manifest.json; not a vlmedge export folder (make one with "
+                           "vlmedge export; a single graph: vlmedge bench FILE.onnx)")
     return get(DEFAULT)  # its loader says what is wrong with the folder (missing, no config.json, ...)
-
-
-def evaluate_folder(path: str | Path, cfg) -> dict[str, Any]:
-    """Evaluate a model folder (PyTorch) or an export folder (ONNX Runtime) with its family's tasks; writes
-    PATH/eval.json."""
-    family = of(path)
-    metrics = family.evaluate(family.adapter(path), cfg)
-    write_eval(Path(path), cfg, metrics)
-    return metrics
 
 
 def write_eval(folder: Path, cfg, metrics: dict[str, Any]) -> None:

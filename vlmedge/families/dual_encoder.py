@@ -223,6 +223,8 @@ class DualEncoder(Family):
         from ..runtime.measure import random_feeds
 
         tok = model.tokenizer
+        if len(tok) < 8:
+            raise VlmedgeError(f"{model.source}: the tokenizer has {len(tok)} tokens; not a usable text tokenizer")
         pixels, tokens = random_feeds(model.preprocess.image_size, model.max_length, len(tok), n, seed,
                                       pad_id=tok.pad_token_id or 0, cls_id=tok.cls_token_id)
         return {"image": {"pixel_values": pixels}, "text": tokens}
@@ -262,7 +264,23 @@ class DualEncoder(Family):
     def evaluate(self, adapter, eval_cfg) -> dict[str, Any]:
         from ..evaluate import evaluate
 
+        self.sanity_check(adapter)
         return evaluate(adapter, eval_cfg)
+
+    def sanity_check(self, adapter) -> None:
+        """Distinct captions (and images) must not all get one embedding: such a tower scores at chance, silently.
+        The usual cause is a folder whose tokenizer and config disagree on the special tokens CLIP pools at."""
+        where = getattr(adapter, "folder", None) or getattr(getattr(adapter, "vlm", None), "source", "the model")
+        captions = ["a red circle", "a blue square on the left", "two green triangles", "a small yellow cross"]
+        if np.ptp(adapter.encode_texts(captions), axis=0).max() < 1e-6:
+            raise VlmedgeError(f"{where}: the text tower gives every caption the same embedding; likely cause: the "
+                               "tokenizer and config.json disagree on the pad/end-of-text token ids (CLIP pools at "
+                               "eos_token_id) or the text is truncated to nothing (max_length)")
+        size = adapter.preprocess.image_size
+        images = np.random.default_rng(0).integers(0, 256, size=(4, size, size, 3), dtype=np.uint8)
+        if np.ptp(adapter.encode_images(adapter.preprocess(images)), axis=0).max() < 1e-6:
+            raise VlmedgeError(f"{where}: the image tower gives every image the same embedding; check the vision "
+                               "weights and preprocessor_config.json")
 
     def calibration_feeds(self, adapter, data: str, batches: int, batch_size: int, seed: int):
         from ..data import open_dataset

@@ -8,7 +8,6 @@ A model pruned by vlmedge carries its pruning plan in `config.json` (`vlmedge_pr
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,12 +244,27 @@ def load_model(path: str | os.PathLike, *, attn_implementation: str = "sdpa") ->
         raise VlmedgeError(f"{folder}: no usable tokenizer ({str(e).splitlines()[0][:160]})") from None
     vision_size = int(getattr(model.config.vision_config, "image_size", 224))
     pre_path = folder / "preprocessor_config.json"
-    pre_cfg = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
-    preprocess = Preprocess.from_hf(pre_cfg, vision_size)
+    pre_cfg = _mapping(pre_path)
+    try:
+        preprocess = Preprocess.from_hf(pre_cfg, vision_size)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise VlmedgeError(f"{pre_path}: not a usable image processor config ({e})") from None
     meta_path = folder / "vlmedge.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = _mapping(meta_path)
     max_length = int(meta.get("max_length") or min(getattr(model.config.text_config, "max_position_embeddings", 77), 77))
     return VLM(model.eval(), tokenizer, preprocess, max_length, str(folder))
+
+
+def _mapping(path: Path) -> dict[str, Any]:
+    """An optional JSON object of a model folder ({} when absent); malformed, a one-line error naming the file."""
+    from .._io import read_json
+
+    if not path.is_file():
+        return {}
+    data = read_json(path, "")
+    if not isinstance(data, dict):
+        raise VlmedgeError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def count_parameters(model) -> int:

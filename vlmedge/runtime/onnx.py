@@ -56,6 +56,30 @@ def open_session(path: Path, threads: int | None = None, providers: Sequence[str
         raise VlmedgeError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
 
 
+def graph_inputs(path: Path) -> dict[str, list[Any]]:
+    """A graph's inputs and their shapes (names for dynamic axes), read without its weights."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:  # onnx raises its own decode errors for a corrupted file
+        raise VlmedgeError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:160]})") from None
+    return {i.name: [d.dim_value if d.HasField("dim_value") else d.dim_param
+                     for d in i.type.tensor_type.shape.dim] for i in graph.input}
+
+
+def check_inputs(path: Path, graph: dict[str, list[Any]], declared: dict[str, list[Any]]) -> None:
+    """The manifest's declared inputs must be what the graph takes (a fixed size that differs would be an ONNX
+    Runtime shape error at the first run): a one-line error naming the file."""
+    for name, dims in declared.items():
+        if name not in graph:
+            raise VlmedgeError(f"{path}: the manifest declares input {name!r}, the graph has {sorted(graph)}")
+        for axis, (want, have) in enumerate(zip(dims, graph[name])):
+            if isinstance(want, int) and isinstance(have, int) and want != have:
+                raise VlmedgeError(f"{path}: input {name} axis {axis} is {have} in the graph but {want} in "
+                                   f"{MANIFEST} (the manifest was edited, or belongs to another export)")
+
+
 class OnnxEncoder:
     """An export folder as an `Encoder` for the evaluator: the ONNX files run in ONNX Runtime."""
 
@@ -72,6 +96,11 @@ class OnnxEncoder:
         # threads=None: the count each tower was tuned to on this machine (manifest), else ONNX Runtime's default
         self.threads = {t: threads or tuned_threads(self.manifest, t) for t in ("image", "text")}
         self._tokenizer = None
+        size = self.preprocess.image_size
+        declared = {**self.manifest.get("inputs", {}), "image": {"pixel_values": ["batch", 3, size, size]}}
+        for graph, name in files.items():  # preprocessing and declared inputs match the graphs
+            if (self.folder / name).is_file():
+                check_inputs(self.folder / name, graph_inputs(self.folder / name), declared.get(graph, {}))
         if open_sessions:
             self.image_session = open_session(self.folder / files["image"], self.threads["image"], providers,
                                               prefix["image"])

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .._io import folder_size
+from .._io import OUTPUT_MARK, RECORD_FILES, claim_output, folder_size, write_json
 from .._registry import Registry
 from ..artifact import Artifact, artifact_id, library_versions
 from ..errors import VlmedgeError
@@ -48,6 +48,10 @@ class DataSpec:
     """Skip (and count) unreadable images instead of failing."""
 
     def __post_init__(self):
+        from ..data import is_shapes, shapes_count
+
+        if is_shapes(self.source):
+            shapes_count(self.source)
         if self.count is not None and self.count < 1:
             raise VlmedgeError(f"data: count={self.count}; expected an integer >= 1")
 
@@ -147,13 +151,20 @@ def step_id(config: Any, parent: Artifact | None, ctx: Context) -> str:
 
 def execute(config: Any, parent: Artifact | None, ctx: Context, folder: Path, product: Path | None = None,
             name: str | None = None) -> Artifact:
-    """Run one stage into `folder` (the record, eval.json) and `product` (what it makes; default: `folder`), or
-    return the record already there for the same id."""
+    """Run one stage into `folder` (the record, eval.json) and `product` (what it makes; default: `folder`, as the
+    single-stage commands do), or return the record already there for the same id.
+
+    A folder that is its own product is claimed first (`_io.claim_output`): it must be new, empty or this stage's
+    earlier output, and neither an input nor above one; a run's step folders sit in a run folder claimed whole."""
     spec = spec_for(config)
     aid = step_id(config, parent, ctx)
     name = name or spec.kind
     folder = Path(folder)
     product = Path(product) if product is not None else folder
+    if product == folder:
+        data = ctx.data.source if ctx.data and Path(ctx.data.source).exists() else None
+        claim_output(folder, spec.kind, (parent.path if parent else None, ctx.teacher.path if ctx.teacher else None,
+                                         ctx.model.path if ctx.model else None, data))
     done = None if ctx.force else Artifact.load(folder)
     if done is not None and done.id == aid and Path(done.path).exists():
         ctx.say(f"[dim]{name}: cached ({folder})[/]")
@@ -164,6 +175,8 @@ def execute(config: Any, parent: Artifact | None, ctx: Context, folder: Path, pr
         shutil.rmtree(partial, ignore_errors=True)
     t0 = time.perf_counter()
     art = spec.run(parent, config, dataclasses.replace(ctx, out=product, artifact_id=aid, stage_kind=spec.kind))
+    if product == folder:
+        write_json(folder / OUTPUT_MARK, {"command": spec.kind})  # the product replaced the folder: mark it again
     art.name, art.config = name, {"stage": asdict(config)}
     art.seconds["stage"] = round(time.perf_counter() - t0, 1)
     if os.environ.get("RANK", "0") != "0":
@@ -221,7 +234,7 @@ def _fingerprint(folder: Path) -> str:
     """An id for a folder vlmedge did not make: its resolved path and its files' names, sizes and times."""
     h = hashlib.sha256(str(folder.resolve()).encode())
     for p in sorted(folder.iterdir()) if folder.is_dir() else [folder]:
-        if p.is_file() and p.name not in ("artifact.json", "eval.json"):
+        if p.is_file() and p.name not in RECORD_FILES:
             st = p.stat()
             h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:12]

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_dir, write_json
+from .._io import RECORD_FILES, atomic_dir, write_json
 from ..artifact import Artifact
 from ..errors import VlmedgeError
 from ..runtime.onnx import MANIFEST, MANIFEST_FORMAT, onnx_size, open_session, record_thread_tuning
@@ -76,6 +76,11 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
         with torch.no_grad():
             reference = {g.name: g.module(*(torch.from_numpy(feeds[g.name][k]) for k in g.input_names)).numpy()
                          for g in graphs}
+        for name, outputs in reference.items():  # a collapsed graph would pass parity and score at chance
+            if len(outputs) > 1 and np.ptp(outputs, axis=0).max() < 1e-7:
+                raise VlmedgeError(f"export: {source}: the {name} graph gives one output for {len(outputs)} different "
+                                   "random inputs (a collapsed tower: check the tokenizer's special token ids "
+                                   "against config.json)")
         manifest = {"format": MANIFEST_FORMAT, "family": family.name, "precision": "fp32",
                     "files": {g.name: g.file for g in graphs}, "opset": cfg.opset,
                     "inputs": {g.name: g.declared for g in graphs}, **family.manifest_fields(model, reference, tmp),
@@ -88,6 +93,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
                 raise VlmedgeError(f"export: {name} graph parity failed (max abs diff {p['max_abs_diff']:.2e} > "
                                    f"{cfg.max_abs_diff:.0e} or cosine {p['cosine_min']:.6f} < {cfg.min_cosine})")
         manifest["parity"] = parity
+        family.sanity_check(family.adapter(tmp))  # real inputs: what random token ids cannot show
         manifest.update(family.export_extras(tmp, cfg.zero_shot_labels))
         write_json(tmp / MANIFEST, manifest)
         record_thread_tuning(tmp, cfg.tune_threads)
@@ -102,7 +108,7 @@ def _parity(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 def copy_support_files(src: Path, dst: Path) -> None:
     """Copy everything of an export folder except the ONNX files (manifest, tokenizer, zero-shot data)."""
     for p in src.iterdir():
-        if p.is_file() and not p.name.endswith((".onnx", ".onnx.data")) and p.name != "eval.json":
+        if p.is_file() and not p.name.endswith((".onnx", ".onnx.data")) and p.name not in RECORD_FILES:
             shutil.copy2(p, dst / p.name)
 
 

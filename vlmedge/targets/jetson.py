@@ -21,6 +21,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from .._io import RECORD_FILES
 from ..errors import VlmedgeError
 from ..runtime.measure import MeasureConfig
 
@@ -65,7 +66,7 @@ def make_bundle(export_folder: Path) -> bytes:
     package = Path(__file__).resolve().parent.parent
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for f in sorted(export_folder.iterdir()):
-            if f.is_file() and f.name != "eval.json":
+            if f.is_file() and f.name not in RECORD_FILES:
                 tar.add(f, arcname=f.name)
         for name in BUNDLE_CODE:
             tar.add(package / name, arcname=Path(name).name)
