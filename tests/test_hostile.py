@@ -54,8 +54,12 @@ def test_out_never_replaces_what_vlmedge_did_not_make(tiny_model, tmp_path, caps
     for out, why in cases:
         code = main(["prune", str(model), "--out", str(out), "--heads", "0.5", "--no-eval", "--quiet"])
         _one_line_error(capsys, code, why)
+    # the pipeline's run folder follows the same policy, --force included
+    for args in (["--out", str(documents)], ["--out", str(documents), "--force"], ["--out", str(a_file)]):
+        _one_line_error(capsys, main(["compress", str(TINY_RECIPE), "--quiet", *args]), "--out")
     assert _tree(model) == before
     assert a_file.read_text() == "mine" and (documents / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in documents.iterdir()) == ["thesis.tex"]
     # the folder of another command is not this command's either
     pruned = tmp_path / "pruned"
     assert main(["prune", str(model), "--out", str(pruned), "--heads", "0.5", "--importance", "magnitude",

@@ -31,10 +31,13 @@ TWO_GB = 2 * 1024 ** 3
 @dataclass(frozen=True)
 class ExportConfig:
     opset: int = 17
+    """ONNX opset (11..21)."""
     max_abs_diff: float = 1e-4
     """Parity: largest allowed |onnx - torch| on any embedding element."""
     min_cosine: float = 0.9999
+    """Parity: smallest allowed cosine between ONNX and PyTorch outputs."""
     parity_samples: int = 4
+    """Fresh random inputs per graph for the parity check."""
     zero_shot_labels: tuple[str, ...] = field(default_factory=tuple)
     """Captions whose normalised text embeddings are precomputed into the export (e.g. 'a red circle')."""
     tune_threads: bool = True

@@ -35,7 +35,9 @@ class PruneConfig:
     importance: str = "taylor"
     """magnitude (weights only) or taylor (|w * grad| of the contrastive loss on calibration batches)."""
     calibration_batches: int = 8
+    """Batches of the training loss whose gradients Taylor importance sums."""
     batch_size: int = 64
+    """Images per calibration batch."""
     data: str | None = None
     """Calibration data for Taylor importance; None: the run's data (recipe `data.source`, the command's --data)."""
     seed: int = 0
