@@ -68,6 +68,11 @@ def test_out_never_replaces_what_vlmedge_did_not_make(tiny_model, tmp_path, caps
     _one_line_error(capsys, main(["export", str(model), "--out", str(pruned), "--no-eval", "--quiet"]),
                     "holds the output of vlmedge prune")
     assert _tree(pruned) == made
+    # a command that fails before writing anything leaves no folder behind
+    code = main(["prune", str(model), "--out", str(tmp_path / "never"), "--heads", "0.99", "--importance",
+                 "magnitude", "--no-eval", "--quiet"])
+    _one_line_error(capsys, code, "leaves none")
+    assert not (tmp_path / "never").exists()
     # train --out FILE: refused before any data is loaded
     _one_line_error(capsys, main(["train", "--preset", "tiny", "--out", str(a_file), "--quiet"]), "is a file")
     assert a_file.read_text() == "mine"

@@ -161,6 +161,7 @@ def execute(config: Any, parent: Artifact | None, ctx: Context, folder: Path, pr
     name = name or spec.kind
     folder = Path(folder)
     product = Path(product) if product is not None else folder
+    created = not folder.exists()
     if product == folder:
         data = ctx.data.source if ctx.data and Path(ctx.data.source).exists() else None
         claim_output(folder, spec.kind, (parent.path if parent else None, ctx.teacher.path if ctx.teacher else None,
@@ -174,7 +175,12 @@ def execute(config: Any, parent: Artifact | None, ctx: Context, folder: Path, pr
     for partial in folder.glob(".*.partial"):
         shutil.rmtree(partial, ignore_errors=True)
     t0 = time.perf_counter()
-    art = spec.run(parent, config, dataclasses.replace(ctx, out=product, artifact_id=aid, stage_kind=spec.kind))
+    try:
+        art = spec.run(parent, config, dataclasses.replace(ctx, out=product, artifact_id=aid, stage_kind=spec.kind))
+    except BaseException:
+        if created and {p.name for p in folder.iterdir()} <= {OUTPUT_MARK}:
+            shutil.rmtree(folder, ignore_errors=True)  # failed before writing anything: leave no empty folder behind
+        raise
     if product == folder:
         write_json(folder / OUTPUT_MARK, {"command": spec.kind})  # the product replaced the folder: mark it again
     art.name, art.config = name, {"stage": asdict(config)}
