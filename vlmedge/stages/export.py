@@ -79,11 +79,6 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
         with torch.no_grad():
             reference = {g.name: g.module(*(torch.from_numpy(feeds[g.name][k]) for k in g.input_names)).numpy()
                          for g in graphs}
-        for name, outputs in reference.items():  # a collapsed graph would pass parity and score at chance
-            if len(outputs) > 1 and np.ptp(outputs, axis=0).max() < 1e-7:
-                raise VlmedgeError(f"export: {source}: the {name} graph gives one output for {len(outputs)} different "
-                                   "random inputs (a collapsed tower: check the tokenizer's special token ids "
-                                   "against config.json)")
         manifest = {"format": MANIFEST_FORMAT, "family": family.name, "precision": "fp32",
                     "files": {g.name: g.file for g in graphs}, "opset": cfg.opset,
                     "inputs": {g.name: g.declared for g in graphs}, **family.manifest_fields(model, reference, tmp),
@@ -96,7 +91,9 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
                 raise VlmedgeError(f"export: {name} graph parity failed (max abs diff {p['max_abs_diff']:.2e} > "
                                    f"{cfg.max_abs_diff:.0e} or cosine {p['cosine_min']:.6f} < {cfg.min_cosine})")
         manifest["parity"] = parity
-        family.sanity_check(family.adapter(tmp))  # real inputs: what random token ids cannot show
+        # real inputs: random token ids cannot show a collapsed text tower (a CLIP tower pools at its end-of-text
+        # id, which random ids lack, so a healthy one gives them all one output)
+        family.sanity_check(family.adapter(tmp))
         manifest.update(family.export_extras(tmp, cfg.zero_shot_labels))
         write_json(tmp / MANIFEST, manifest)
         record_thread_tuning(tmp, cfg.tune_threads)
