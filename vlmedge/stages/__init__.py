@@ -178,7 +178,7 @@ def execute(config: Any, parent: Artifact | None, ctx: Context, folder: Path, pr
     try:
         art = spec.run(parent, config, dataclasses.replace(ctx, out=product, artifact_id=aid, stage_kind=spec.kind))
     except BaseException:
-        if created and {p.name for p in folder.iterdir()} <= {OUTPUT_MARK}:
+        if created and folder.is_dir() and {p.name for p in folder.iterdir()} <= {OUTPUT_MARK}:
             shutil.rmtree(folder, ignore_errors=True)  # failed before writing anything: leave no empty folder behind
         raise
     if product == folder:
