@@ -8,6 +8,7 @@ from conftest import run_cli
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_quickstart_recipe_keeps_what_its_teacher_learned(tmp_path):
     out = tmp_path / "quickstart"
     code, _, err = run_cli("compress", "quickstart", "--out", str(out), "--quiet")
