@@ -1,10 +1,7 @@
 """The `tensorrt` target: build an engine per tower from the ONNX files and time it with trtexec.
 
-TensorRT versions differ in how precision is chosen, and vlmedge follows the ONNX it exported:
-* TensorRT 11 builds strongly typed networks and removed `--fp16/--int8/--best`: no precision flag is passed;
-  FP16 comes from the FP16 export, INT8 from the QDQ nodes of the static quantization stage.
-* TensorRT 9.1-10 support `--stronglyTyped`, which gives the same behaviour: it is passed.
-* TensorRT 8.x needs `--fp16` for an FP16 export and `--int8` (with `--fp16`) for a QDQ export.
+The command comes from `runtime/trtexec.py` (shared with the board runner): the precision follows the export, with
+the flags each TensorRT version needs (none on 11, `--stronglyTyped` on 9.1-10, `--fp16`/`--int8` on 8.x).
 Engines do not move between TensorRT versions or GPUs: each result records both, and engines are cached per
 (version, GPU) next to the export.
 
