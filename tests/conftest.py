@@ -63,10 +63,10 @@ def tiny_clip(tmp_path_factory, tiny_model) -> Path:
     return out
 
 
-def run_cli(*args: str) -> tuple[int, str, str]:
+def run_cli(*args: str, timeout: float = 600) -> tuple[int, str, str]:
     """Run `vlmedge ARGS` in a subprocess (to see real exit codes and stderr)."""
     import subprocess
 
     p = subprocess.run([sys.executable, "-m", "vlmedge", *args], capture_output=True, text=True, cwd=REPO,
-                       env={**os.environ}, timeout=600)
+                       env={**os.environ}, timeout=timeout)
     return p.returncode, p.stdout, p.stderr

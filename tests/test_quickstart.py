@@ -11,7 +11,7 @@ from conftest import run_cli
 @pytest.mark.timeout(2400)
 def test_quickstart_recipe_keeps_what_its_teacher_learned(tmp_path):
     out = tmp_path / "quickstart"
-    code, _, err = run_cli("compress", "quickstart", "--out", str(out), "--quiet")
+    code, _, err = run_cli("compress", "quickstart", "--out", str(out), "--quiet", timeout=2300)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     steps = {s["name"]: s for s in report["steps"]}
