@@ -98,9 +98,9 @@ def test_corrupted_onnx_and_wrong_folder(tiny_export, tiny_model, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_export, broken)
     (broken / "image_encoder.onnx").write_bytes(b"garbage")
-    with pytest.raises(VlmedgeError, match="image_encoder.onnx: not a readable ONNX file"):
+    with pytest.raises(VlmedgeError, match="image_encoder.onnx: ONNX Runtime cannot load it"):
         OnnxEncoder(broken)
-    with pytest.raises(VlmedgeError, match="image_encoder.onnx: not a readable ONNX file"):
+    with pytest.raises(VlmedgeError, match="cannot load"):
         quantize(broken, tmp_path / "q")
     assert not (tmp_path / "q").exists()
     with pytest.raises(VlmedgeError, match="not an export folder"):

@@ -96,16 +96,20 @@ class OnnxEncoder:
         # threads=None: the count each tower was tuned to on this machine (manifest), else ONNX Runtime's default
         self.threads = {t: threads or tuned_threads(self.manifest, t) for t in ("image", "text")}
         self._tokenizer = None
-        size = self.preprocess.image_size
-        declared = {**self.manifest.get("inputs", {}), "image": {"pixel_values": ["batch", 3, size, size]}}
-        for graph, name in files.items():  # preprocessing and declared inputs match the graphs
-            if (self.folder / name).is_file():
-                check_inputs(self.folder / name, graph_inputs(self.folder / name), declared.get(graph, {}))
         if open_sessions:
             self.image_session = open_session(self.folder / files["image"], self.threads["image"], providers,
                                               prefix["image"])
             self.text_session = open_session(self.folder / files["text"], self.threads["text"], providers,
                                              prefix["text"])
+        size = self.preprocess.image_size
+        declared = {**self.manifest.get("inputs", {}), "image": {"pixel_values": ["batch", 3, size, size]}}
+        for graph, name in files.items():  # preprocessing and declared inputs match the graphs
+            path = self.folder / name
+            if open_sessions:  # the sessions know their inputs; parsing the file again would cost a full read
+                check_inputs(path, {i.name: i.shape for i in self.sessions[graph].get_inputs()},
+                             declared.get(graph, {}))
+            elif path.is_file():
+                check_inputs(path, graph_inputs(path), declared.get(graph, {}))
 
     @property
     def sessions(self) -> dict[str, Any]:
