@@ -124,13 +124,16 @@ class Family:
         it writes into `folder`: tokenizer, ...)."""
         raise NotImplementedError
 
-    def export_extras(self, folder: Path, labels: Sequence[str]) -> dict[str, Any]:
-        """Precomputed data an export carries for a device (e.g. zero-shot label embeddings); manifest additions."""
+    def export_extras(self, folder: Path, labels: Sequence[str], adapter) -> dict[str, Any]:
+        """Precomputed data an export carries for a device (e.g. zero-shot label embeddings), computed with the
+        export's `adapter`; manifest additions."""
         raise NotImplementedError
 
     # --- runtime, evaluation, latency ---
     def adapter(self, path: str | Path, **options):
-        """The artifact (model folder or export folder) as the object evaluation and timing use."""
+        """The artifact (model folder or export folder) as the object evaluation and timing use; for an export folder
+        it has `folder` and `sessions` (graph name -> ONNX Runtime session), which export parity and quantization
+        run."""
         raise NotImplementedError
 
     def sanity_check(self, adapter) -> None:

@@ -237,13 +237,11 @@ class DualEncoder(Family):
                 "vocab_size": len(model.tokenizer), "source_architecture": model.architecture,
                 "logit_scale": float(model.model.logit_scale.detach().exp())}
 
-    def export_extras(self, folder: Path, labels: Sequence[str]) -> dict[str, Any]:
+    def export_extras(self, folder: Path, labels: Sequence[str], adapter) -> dict[str, Any]:
         """Zero-shot label embeddings: a device can classify with the image graph alone."""
         if not labels:
             return {}
-        from ..runtime.onnx import OnnxEncoder
-
-        np.save(folder / "zero_shot_text_embeds.npy", OnnxEncoder(folder).encode_texts(list(labels)).astype(np.float32))
+        np.save(folder / "zero_shot_text_embeds.npy", adapter.encode_texts(list(labels)).astype(np.float32))
         write_json(folder / "zero_shot_labels.json", list(labels))
         return {"zero_shot": {"labels": "zero_shot_labels.json", "text_embeds": "zero_shot_text_embeds.npy"}}
 

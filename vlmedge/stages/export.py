@@ -22,7 +22,7 @@ import numpy as np
 from .._io import RECORD_FILES, atomic_dir, write_json
 from ..artifact import Artifact
 from ..errors import VlmedgeError
-from ..runtime.onnx import MANIFEST, MANIFEST_FORMAT, onnx_size, open_session, record_thread_tuning
+from ..runtime.onnx import MANIFEST, MANIFEST_FORMAT, onnx_size, record_thread_tuning
 from . import Context, register
 
 TWO_GB = 2 * 1024 ** 3
@@ -84,7 +84,8 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
                     "inputs": {g.name: g.declared for g in graphs}, **family.manifest_fields(model, reference, tmp),
                     "source_model": str(source), "parameters": parameters}
         write_json(tmp / MANIFEST, manifest)
-        parity = {g.name: _parity(open_session(tmp / g.file).run(None, feeds[g.name])[0], reference[g.name])
+        adapter = family.adapter(tmp)  # one set of sessions for parity, the sanity check and the extras
+        parity = {g.name: _parity(adapter.sessions[g.name].run(None, feeds[g.name])[0], reference[g.name])
                   for g in graphs}
         for name, p in parity.items():
             if p["max_abs_diff"] > cfg.max_abs_diff or p["cosine_min"] < cfg.min_cosine:
@@ -93,8 +94,9 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
         manifest["parity"] = parity
         # real inputs: random token ids cannot show a collapsed text tower (a CLIP tower pools at its end-of-text
         # id, which random ids lack, so a healthy one gives them all one output)
-        family.sanity_check(family.adapter(tmp))
-        manifest.update(family.export_extras(tmp, cfg.zero_shot_labels))
+        family.sanity_check(adapter)
+        manifest.update(family.export_extras(tmp, cfg.zero_shot_labels, adapter))
+        del adapter  # its sessions close before the thread tuning opens its own
         write_json(tmp / MANIFEST, manifest)
         record_thread_tuning(tmp, cfg.tune_threads)
     return {"parity": parity, "size_bytes": onnx_size(out)}
