@@ -41,10 +41,10 @@ def test_stage_flags_have_the_stage_configs_defaults():
     from vlmedge.stages.export import ExportConfig
     from vlmedge.stages.prune import PruneConfig
     from vlmedge.stages.quantize import QuantizeConfig
-    from vlmedge.train import DistillStage, TrainSchedule
+    from vlmedge.train import DistillStage, TrainStage
 
     run_data = {"data": None}  # prune's and quantize's data: the command's --data, given to the stage as the run's
-    cases = [(["train", "--out", "o"], TrainSchedule, {}, {}),
+    cases = [(["train", "--out", "o"], TrainStage, {}, {}),
              (["distill", "s", "--teacher", "t", "--out", "o"], DistillStage, {}, {}),
              (["eval", "p"], EvalConfig, {}, {}), (["export", "m", "--out", "o"], ExportConfig, EXPORT_FLAGS, {}),
              (["quantize", "m", "--out", "o"], QuantizeConfig, QUANTIZE_FLAGS, run_data),

@@ -14,6 +14,17 @@ from .targets import TARGET_KINDS, artifact_kind, get_target
 from .runtime.measure import MeasureConfig, environment, time_fn
 
 
+def bench_paths(paths: list[Path], targets: list[str], cfg_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Several artifacts in one run (e.g. a model folder on `torch` and its export on `cpu`), one after the other on
+    the same machine; results keyed by artifact name."""
+    runs = [bench_path(p, targets, cfg_kwargs) for p in paths]
+    merged = runs[0]
+    for r in runs[1:]:
+        for name, per_target in r["results"].items():
+            merged["results"].setdefault(name, {}).update(per_target)
+    return merged
+
+
 def bench_path(path: Path, targets: list[str], cfg_kwargs: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         raise VlmedgeError(f"{path}: not found")
@@ -65,7 +76,7 @@ def print_bench(results: dict[str, Any]) -> None:
         table.add_column(col, justify="left" if col in ("artifact", "target", "part") else "right")
     for name, per_target in results["results"].items():
         for target, rec in per_target.items():
-            for part in ("image", "text", "pair", "zero_shot", "model"):
+            for part in ("image", "text", "pair", "zero_shot", "model", "vision", "ttft", "decode", "answer"):
                 s = rec.get(part)
                 if s:
                     table.add_row(name, target, part, f"{s['p50_ms']:.2f}", f"{s['p90_ms']:.2f}", f"{s['p99_ms']:.2f}",

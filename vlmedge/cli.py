@@ -88,12 +88,12 @@ def _execute(config, args, parent: str | None, *, teacher: str | None = None, mo
 
 def cmd_train(args) -> int:
     from .stages import DataSpec, ModelSpec
-    from .train import TrainSchedule
+    from .train import TrainStage
 
     model = ModelSpec(path=args.init) if args.init else ModelSpec(preset=args.preset)
     data = DataSpec(source=args.data, count=args.data_count, skip_bad=args.skip_bad)
     # no evaluation here (as before): `vlmedge eval OUT`, printed below
-    art = _execute(_config(TrainSchedule, args), args, None, model=model, data=data, evaluate=False,
+    art = _execute(_config(TrainStage, args), args, None, model=model, data=data, evaluate=False,
                    resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -260,11 +260,14 @@ def cmd_bench(args) -> int:
     from pathlib import Path
 
     from ._io import write_json
-    from .bench import bench_path, print_bench
+    from .bench import bench_paths, print_bench
 
     if args.profile:
         from .bench import print_profile, profile_export
 
+        if len(args.path) > 1:
+            raise VlmedgeError("bench --profile: one export folder at a time")
+        args.path = args.path[0]
         profile = profile_export(Path(args.path), runs=args.min_runs or 50, threads=args.threads)
         print_profile(profile)
         out = Path(args.json) if args.json else Path(args.path) / "profile.json"
@@ -273,10 +276,11 @@ def cmd_bench(args) -> int:
         return 0
     cfg_kwargs = {k: v for k, v in (("threads", args.threads), ("min_runs", args.min_runs),
                                     ("warmup", args.warmup), ("min_seconds", args.min_seconds)) if v is not None}
-    results = bench_path(Path(args.path), args.target or ["cpu"], cfg_kwargs)
+    targets = args.target or (["cpu"] if len(args.path) == 1 else ["cpu", "torch"])
+    results = bench_paths([Path(p) for p in args.path], targets, cfg_kwargs)
     print_bench(results)
-    out = Path(args.json) if args.json else (Path(args.path) if Path(args.path).is_dir() else
-                                             Path(args.path).parent) / "bench.json"
+    first = Path(args.path[0])
+    out = Path(args.json) if args.json else (first if first.is_dir() else first.parent) / "bench.json"
     write_json(out, results)
     print(f"written: {out}")
     return 0
@@ -340,23 +344,33 @@ QUANTIZE_FLAGS = {"exclude_nodes": "exclude_node", "op_types": "op_type", "exclu
 
 
 def _add_train(sub) -> None:
-    from .train import PRECISIONS, TrainSchedule
+    from .train import PRECISIONS, TrainStage
 
-    p = sub.add_parser("train", help="train a dual encoder (symmetric InfoNCE) and write its model folder",
-                       description="Train the seed's dual encoder (ViT + BERT + projections, learnable temperature) "
-                                   "with contrastive InfoNCE. Unset options take the preset's defaults. Runs under "
-                                   "torchrun for data parallelism (gloo on CPU, nccl on CUDA). OUT records the "
-                                   "run (artifact.json): the same command again skips.",
+    from .models import preset_names
+
+    p = sub.add_parser("train", help="train a model (a dual encoder, or a generative VLM) and write its folder",
+                       description="Train a preset from scratch or fine-tune a folder with the model family's own "
+                                   "objective: the seed's dual encoder (ViT + BERT + projections) with contrastive "
+                                   "InfoNCE; a generative VLM (SmolVLM architecture: vqa-tiny, vqa-small) with the "
+                                   "NLL of the answer tokens, its vision encoder optionally started from a "
+                                   "contrastively trained tower (--vision-init, two-stage training). Unset options "
+                                   "take the preset's defaults. Runs under torchrun for data parallelism (gloo on CPU, "
+                                   "nccl on CUDA). OUT records the run (artifact.json): the same command again skips.",
                        epilog="example: vlmedge train --preset small --data shapes --out runs/teacher\n"
                               "resume:  vlmedge train --preset small --data shapes --out runs/teacher --resume\n"
-                              "2 procs: torchrun --nproc_per_node 2 -m vlmedge train --preset tiny --out runs/ddp",
+                              "2 procs: torchrun --nproc_per_node 2 -m vlmedge train --preset tiny --out runs/ddp\n"
+                              "VQA:     vlmedge train --preset vqa-small --data shapes --vision-init runs/teacher "
+                              "--out runs/vqa",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small", help="tiny | small | base | path to a preset .json (default: small)")
-    p.add_argument("--init", help="start from this model folder (VisionTextDualEncoder or CLIP) instead of a preset")
+    p.add_argument("--preset", default="small",
+                   help=f"{' | '.join(preset_names())} | path to a preset .json (default: small)")
+    p.add_argument("--init", help="start from this model folder (a dual encoder, CLIP or SmolVLM folder) instead of "
+                                  "a preset")
     p.add_argument("--data", default="shapes",
-                   help="shapes[:COUNT] | image folder with metadata.jsonl | COCO captions .json | .tar shards")
+                   help="shapes[:COUNT] | image folder with metadata.jsonl (text, or question + answer rows) | COCO "
+                        "captions .json | .tar shards | a VQA v2 pair Q.json+A.json")
     p.add_argument("--out", required=True, help="model folder to write")
-    _add_config_flags(p, TrainSchedule, choices={"precision": PRECISIONS})
+    _add_config_flags(p, TrainStage, choices={"precision": PRECISIONS})
     p.add_argument("--data-count", type=int, help="images to generate/use (shapes default: preset's)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable images instead of failing")
@@ -367,12 +381,17 @@ def _add_train(sub) -> None:
 def _add_eval(sub) -> None:
     from .evaluate import EvalConfig
 
-    p = sub.add_parser("eval", help="zero-shot, retrieval and hard-negative accuracy of a model or ONNX folder",
+    p = sub.add_parser("eval", help="accuracy of a model or ONNX folder (the tasks of its family)",
                        description="Evaluate a model folder (PyTorch) or an export folder (ONNX Runtime) and write "
-                                   "PATH/eval.json. On shapes: zero-shot colour x shape top-1/top-5 on held-out "
-                                   "single-object images (also split into seen and held-out combinations), "
-                                   "Recall@1/5/10 both ways, hard negatives with colour, shape or relation swapped.",
-                       epilog="example: vlmedge eval runs/int8 --data shapes --retrieval-pairs 500")
+                                   "PATH/eval.json; the tasks come from the folder's model family. A dual encoder on "
+                                   "shapes: zero-shot colour x shape top-1/top-5 on held-out single-object images "
+                                   "(also split into seen and held-out combinations), Recall@1/5/10 both ways, hard "
+                                   "negatives with colour, shape or relation swapped. A generative VLM: VQA accuracy "
+                                   "(VQA v2's answer normalisation; per question type and on held-out colour x shape "
+                                   "combinations) and captioning BLEU-4, ROUGE-L, CIDEr and caption-truth, greedy.",
+                       epilog="example: vlmedge eval runs/int8 --data shapes --retrieval-pairs 500\n"
+                              "VQA:     vlmedge eval runs/vqa --data shapes --vqa-questions 800",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="model folder or ONNX export folder")
     _add_config_flags(p, EvalConfig)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -386,7 +405,7 @@ def _say_threads(folder) -> None:
     if tuning:
         print("threads tuned on this CPU (batch-1 p50): " + "; ".join(
             f"{t} {tuning[t]} (" + ", ".join(f"{n}: {ms:.2f} ms" for n, ms in tuning["p50_ms"][t].items()) + ")"
-            for t in ("image", "text")))
+            for t in tuning["p50_ms"]))
 
 
 def _add_common(p, data_help: str = "data for calibration and evaluation") -> None:
@@ -501,14 +520,20 @@ def _add_bench(sub) -> None:
     from .targets import TARGETS
 
     p = sub.add_parser("bench", help="latency of a run, an artifact folder or an ONNX file on one or more targets",
-                       description="Measure p50/p90/p99 (and mean, min, max, CV) of the image tower, the text tower, "
-                                   "the image+text pair and zero-shot classification at batch 1, plus batched "
-                                   "throughput. PATH is a run folder (every step on every target it can run on), "
-                                   "a model folder (torch), an export folder (cpu) or a single .onnx file (cpu).",
+                       description="Measure p50/p90/p99 (and mean, min, max, CV) at batch 1 of the scenarios of the "
+                                   "artifact's model family. A dual encoder: the image tower, the text tower, the "
+                                   "image+text pair and zero-shot classification, plus batched throughput. A "
+                                   "generative VLM: vision encode, time to first token (ttft), one decode step with "
+                                   "the KV cache (decode), a whole 16-token answer (answer), tokens/s and peak RSS. "
+                                   "PATH is a run folder (every step on every target it can run on), a model folder "
+                                   "(torch), an export folder (cpu) or a single .onnx file (cpu); several PATHs are "
+                                   "measured in one run (default target: cpu; for several PATHs cpu and torch, each "
+                                   "PATH on the one it can run on).",
                        epilog="example: vlmedge bench runs/quickstart --target cpu --target torch\n"
-                              "profile: vlmedge bench runs/quickstart/04-quantize-dynamic-*/onnx --profile",
+                              "profile: vlmedge bench runs/quickstart/04-quantize-dynamic-*/onnx --profile\n"
+                              "VQA:     vlmedge bench runs/vqa runs/vqa-onnx   (torch on the folder, cpu on the export)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path")
+    p.add_argument("path", nargs="+")
     p.add_argument("--target", action="append", choices=sorted(TARGETS), help="repeatable (default: cpu)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: an export folder's per-tower counts "
                                                "tuned on this CPU, from its manifest; else all cores)")

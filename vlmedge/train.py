@@ -69,13 +69,30 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
-class TrainConfig(TrainSchedule):
+class TrainStage(TrainSchedule):
+    """A recipe's train stage (and `vlmedge train`'s flags): the schedule and the two-stage start of a generative
+    model."""
+
+    vision_init: str | None = None
+    """A generative preset's vision encoder starts from this folder's image tower (a vlmedge dual encoder's ViT or a
+    SigLIP folder): two-stage training."""
+    freeze_vision_steps: int | None = None
+    """Keep the vision encoder frozen for this many first steps (default: the preset's, else 0)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.freeze_vision_steps is not None and self.freeze_vision_steps < 0:
+            raise VlmedgeError(f"train: freeze_vision_steps={self.freeze_vision_steps!r} is invalid; expected >= 0")
+
+
+@dataclass
+class TrainConfig(TrainStage):
     """Training settings: the schedule plus what to train on. Unset values (None) take the preset's defaults."""
 
     preset: str = "small"
     """Model preset name (tiny, small, base) or a path to a preset JSON."""
     init: str | None = None
-    """Start from this model folder (VisionTextDualEncoder or CLIP) instead of a fresh preset."""
+    """Start from this model folder (any family vlmedge loads) instead of a fresh preset."""
     data: str = "shapes"
     """Data source: shapes, shapes:COUNT, an image folder with metadata.jsonl, a COCO .json or .tar shards."""
     data_count: int | None = None
@@ -83,13 +100,16 @@ class TrainConfig(TrainSchedule):
 
     @classmethod
     def from_schedule(cls, schedule: TrainSchedule, **where) -> "TrainConfig":
-        return cls(**{f.name: getattr(schedule, f.name) for f in fields(TrainSchedule)}, **where)
+        """A stage's schedule (train or distill) with what to train on."""
+        return cls(**{f.name: getattr(schedule, f.name) for f in fields(schedule) if f.name in
+                      {g.name for g in fields(TrainStage)}}, **where)
 
     def resolved(self) -> "TrainConfig":
         from .models import load_preset
 
         defaults = load_preset(self.preset).get("train", {}) if not self.init else {}
-        fallback = {"steps": 1000, "batch_size": 64, "lr": 5e-4, "warmup_steps": 50, "data_count": 20000}
+        fallback = {"steps": 1000, "batch_size": 64, "lr": 5e-4, "warmup_steps": 50, "data_count": 20000,
+                    "freeze_vision_steps": 0}
         values = {k: getattr(self, k) if getattr(self, k) is not None else defaults.get(k, v)
                   for k, v in fallback.items()}
         return TrainConfig(**{**asdict(self), **values})  # validated again, every value now set
@@ -250,8 +270,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     import torch
 
     from . import families
-    from .data import open_dataset
-    from .models import load_preset, train_tokenizer
+    from .models import load_preset
 
     cfg = cfg.resolved()
     out = Path(out)
@@ -274,17 +293,19 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         spec = load_preset(cfg.preset)
         family = families.for_preset(spec)
         resolution = spec["preprocess"]["image_size"]
-    ds = open_dataset(cfg.data, "train", resolution=resolution, count=cfg.data_count, seed=cfg.seed,
-                      skip_bad=cfg.skip_bad, progress=progress and dist.rank == 0)
+    if cfg.vision_init and cfg.init:
+        raise VlmedgeError("train: --vision-init starts a preset's vision encoder; with --init the whole model "
+                           "comes from that folder")
+    ds = family.open_data(cfg.data, "train", resolution=resolution, count=cfg.data_count, seed=cfg.seed,
+                          skip_bad=cfg.skip_bad, progress=progress and dist.rank == 0)
     if not cfg.init:
         if resume:
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
         else:
-            rng = np.random.default_rng(cfg.seed)
-            sample = rng.integers(len(ds), size=min(len(ds) * 3, 30000))
-            tokenizer = train_tokenizer(ds.captions(sample, rng), spec["vocab_size"])
-        vlm = family.build(spec, tokenizer, seed=cfg.seed, source=f"preset:{cfg.preset}")
+            tokenizer = family.tokenizer(spec, ds, np.random.default_rng(cfg.seed))
+        vlm = family.build(spec, tokenizer, seed=cfg.seed, source=f"preset:{cfg.preset}",
+                           vision_init=None if resume else cfg.vision_init)
 
     model = vlm.model.to(device).train()
     teacher_vlm = None
@@ -315,6 +336,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
             lo = dist.rank * per_rank
             micro = per_rank // cfg.grad_accum
             optimizer.zero_grad(set_to_none=True)
+            family.before_step(vlm, step, cfg)
             step_loss = 0.0
             for m in range(cfg.grad_accum):
                 a, b = lo + m * micro, lo + (m + 1) * micro

@@ -20,7 +20,7 @@ from .._io import read_json, write_json
 from .._registry import Registry
 from ..errors import VlmedgeError
 
-MODULES = ("dual_encoder",)
+MODULES = ("dual_encoder", "generative")
 DEFAULT = "dual_encoder"
 
 
@@ -66,8 +66,18 @@ class Family:
     """Hugging Face `architectures` (config.json) of the folders this family loads."""
 
     # --- models (train, prune, distill, export, describe) ---
-    def build(self, spec: dict[str, Any], tokenizer, *, seed: int = 0, source: str = ""):
-        """A freshly initialised model of a preset's shape."""
+    def build(self, spec: dict[str, Any], tokenizer, *, seed: int = 0, source: str = "",
+              vision_init: str | None = None):
+        """A freshly initialised model of a preset's shape (`vision_init`: a model folder whose image tower starts
+        this model's, for the families that take one)."""
+        raise NotImplementedError
+
+    def tokenizer(self, spec: dict[str, Any], ds, rng):
+        """A tokenizer learnt from the training data `ds` (what a preset trained from scratch uses)."""
+        raise NotImplementedError
+
+    def open_data(self, source: str, split: str, **options):
+        """The dataset the training loop draws from (`data.open_dataset`'s options)."""
         raise NotImplementedError
 
     def load(self, path: str | Path, *, attn_implementation: str = "sdpa"):
@@ -99,6 +109,9 @@ class Family:
         frozen `teacher` the distillation objective weighted by `weights`."""
         raise NotImplementedError
 
+    def before_step(self, model, step: int, cfg) -> None:
+        """Before each optimizer step (e.g. a tower frozen for the first steps of a two-stage schedule)."""
+
     def after_step(self, model) -> None:
         """After each optimizer step (e.g. clamping a learnable temperature)."""
 
@@ -129,6 +142,12 @@ class Family:
         export's `adapter`; manifest additions."""
         raise NotImplementedError
 
+    def verify_export(self, model, adapter, questions: int) -> dict[str, Any]:
+        """Checks of the exported files beyond per-graph parity, run by export on the open `adapter` (e.g. greedy
+        answers to `questions` held-out questions token-identical to PyTorch); raises a VlmedgeError on failure;
+        manifest additions."""
+        return {}
+
     # --- runtime, evaluation, latency ---
     def adapter(self, path: str | Path, **options):
         """The artifact (model folder or export folder) as the object evaluation and timing use; for an export folder
@@ -155,8 +174,16 @@ class Family:
         raise NotImplementedError
 
     def torch_scenarios(self, model, inputs, device: str, dtype) -> dict[str, Callable]:
-        """The latency scenarios on the PyTorch model (the `torch` target): per scenario, a function of the batch size
-        returning one timed call, or a zero-argument call for batch-1-only scenarios."""
+        """The latency scenarios on the PyTorch model (the `torch` target), as `time_scenarios` takes them."""
+        raise NotImplementedError
+
+    def time_scenarios(self, scenarios: dict[str, Callable], cfg, record: dict[str, Any], timer=None, sync=None
+                       ) -> dict[str, Any]:
+        """Time the scenarios with the shared method (`runtime.measure.time_fn`): the latency record."""
+        raise NotImplementedError
+
+    def onnx_latency(self, folder: Path, cfg, providers: list[str]) -> dict[str, Any]:
+        """The same scenarios on an export folder in ONNX Runtime (the `cpu` and `cuda` targets)."""
         raise NotImplementedError
 
 

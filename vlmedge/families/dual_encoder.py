@@ -119,10 +119,24 @@ class DualEncoder(Family):
     name = "dual_encoder"
     architectures = ("VisionTextDualEncoderModel", "CLIPModel")
 
-    def build(self, spec, tokenizer, *, seed=0, source=""):
+    def build(self, spec, tokenizer, *, seed=0, source="", vision_init=None):
         from ..models import build_from_preset
 
+        if vision_init:
+            raise VlmedgeError("--vision-init starts a generative model's vision encoder; a dual encoder preset "
+                               "trains both towers from scratch (or start from a folder: --init)")
         return build_from_preset(spec, tokenizer, seed=seed, source=source)
+
+    def tokenizer(self, spec, ds, rng):
+        from ..models import train_tokenizer
+
+        sample = rng.integers(len(ds), size=min(len(ds) * 3, 30000))
+        return train_tokenizer(ds.captions(sample, rng), spec["vocab_size"])
+
+    def open_data(self, source, split, **options):
+        from ..data import open_dataset
+
+        return open_dataset(source, split, **options)
 
     def load(self, path, *, attn_implementation="sdpa"):
         from ..models import load_model
@@ -307,6 +321,20 @@ class DualEncoder(Family):
         tokens = adapter.tokenize(data.captions(range(batch), rng))
         return pixels, {k: np.asarray(v, dtype=np.int64) for k, v in tokens.items()
                         if k in ("input_ids", "attention_mask")}
+
+    def onnx_latency(self, folder, cfg, providers):
+        """The board runner's ORT timing path, with real preprocessed images and captions."""
+        from ..runtime.measure import run_ort
+
+        inputs = self.latency_inputs(self.adapter(folder, open_sessions=False), cfg.throughput_batch)
+        # threads: cfg.threads, else each tower's count tuned on this CPU (manifest), else ONNX Runtime's default
+        return run_ort(Path(folder), cfg, providers=providers, tune=False, inputs=inputs)
+
+    def time_scenarios(self, scenarios, cfg, record, timer=None, sync=None):
+        from ..runtime.measure import suite
+
+        return suite(scenarios["image"], scenarios["text"], scenarios["zero_shot"], cfg, record, timer=timer,
+                     sync=sync)
 
     def torch_scenarios(self, model, inputs, device: str, dtype):
         """image(b), text(b) and zero_shot() on the PyTorch model (36 class embeddings, as the cpu target)."""

@@ -182,8 +182,10 @@ def train_tokenizer(texts, vocab_size: int):
 
 # --- loading -------------------------------------------------------------------------------------------------------
 
-def check_model_folder(path: str | os.PathLike) -> dict[str, Any]:
-    """Validate a model folder without building it; returns its config. Every failure is one line."""
+def check_model_folder(path: str | os.PathLike, architectures: tuple[str, ...] = SUPPORTED_ARCHITECTURES
+                       ) -> dict[str, Any]:
+    """Validate a model folder of one of `architectures` without building it; returns its config. Every failure is
+    one line."""
     folder = Path(path)
     if not folder.exists():
         raise VlmedgeError(f"model folder not found: {folder}")
@@ -194,9 +196,9 @@ def check_model_folder(path: str | os.PathLike) -> dict[str, Any]:
     cfg_path = folder / "config.json"
     config = read_json(cfg_path, f"{folder}: no config.json; not a saved model folder")
     archs = config.get("architectures") or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+    if not any(a in architectures for a in archs):
         raise VlmedgeError(f"{cfg_path}: unsupported architecture {archs or config.get('model_type')!r}; "
-                           f"vlmedge loads {' or '.join(SUPPORTED_ARCHITECTURES)}")
+                           f"expected {' or '.join(architectures)}")
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]

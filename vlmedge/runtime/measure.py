@@ -80,10 +80,12 @@ def manifest_inputs(manifest: dict, batch: int, seed: int = 0) -> tuple[np.ndarr
                         batch, seed)
 
 
-def tune_threads(folder: str | os.PathLike, rounds: int = 5) -> dict[str, Any] | None:
+def tune_threads(folder: str | os.PathLike, rounds: int = 5, feeds: dict[str, dict[str, np.ndarray]] | None = None
+                 ) -> dict[str, Any] | None:
     """Batch-1 p50 of each tower of an export folder at 1, 2, 4, ... threads (up to all cores), timed in interleaved
     rounds (at least 5 runs and 50 ms per count and round), and the fastest count per tower on this machine; None on
-    a 1-core machine. One tower's sessions are open at a time.
+    a 1-core machine. One tower's sessions are open at a time. `feeds`: batch-1 inputs per graph (default: random
+    image and text inputs of the manifest's shapes).
 
     Small towers run faster on fewer threads: waking a second thread for every operator costs more than it saves
     (measured here, 2 cores: the quickstart INT8 image tower 0.29 ms p50 on 1 thread, 0.42 ms on 2)."""
@@ -93,10 +95,12 @@ def tune_threads(folder: str | os.PathLike, rounds: int = 5) -> dict[str, Any] |
     counts = sorted({1, cores, *(2 ** k for k in range(1, cores.bit_length()) if 2 ** k < cores)})
     if len(counts) < 2:
         return None
-    pixels, tokens = manifest_inputs(manifest, 1)
+    if feeds is None:
+        pixels, tokens = manifest_inputs(manifest, 1)
+        feeds = {"image": {"pixel_values": pixels}, "text": tokens}
     cfg = MeasureConfig(warmup=2, min_runs=5, min_seconds=0.05)
     result: dict[str, Any] = {"p50_ms": {}}
-    for tower, feed in (("image", {"pixel_values": pixels}), ("text", tokens)):
+    for tower, feed in feeds.items():
         sessions = {n: ort_session(folder / manifest["files"][tower], n) for n in counts}
         samples: dict[int, list[float]] = {n: [] for n in counts}
         for _ in range(rounds):
@@ -244,3 +248,39 @@ def suite(image: Callable[[int], Callable[[], Any]], text: Callable[[int], Calla
     result["throughput"] = {"batch": b, "images_per_s": b / (batched["p50_ms"] / 1e3), "p50_ms": batched["p50_ms"]}
     result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+def run_ort(folder: Path, cfg: MeasureConfig, providers: list[str] | None = None, tune: bool = True,
+            inputs: tuple | None = None) -> dict:
+    """Image, text, pair and zero-shot latency of an export folder in ONNX Runtime: the one ORT timing path, for the
+    board and for the local `cpu` and `cuda` targets.
+
+    `tune`: with no thread count given and no tuning made on this machine in the manifest, tune the towers' thread
+    counts here first (a board is rarely the machine that made the artifact). `inputs`: (pixels, tokens) batches to
+    time with (the `cpu` target passes real preprocessed images and captions); else random ones of the manifest's
+    shapes."""
+    import onnxruntime as ort
+
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    if tune and not cfg.threads and tuned_threads(manifest, "image") is None:
+        manifest["threads"] = tune_threads(folder)
+    available = ort.get_available_providers()
+    providers = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in available]
+    threads = {t: cfg.threads or tuned_threads(manifest, t) for t in ("image", "text")}
+    img, txt = (ort_session(Path(folder) / manifest["files"][t], threads[t], providers) for t in ("image", "text"))
+    pixels, tokens = inputs or manifest_inputs(manifest, cfg.throughput_batch)
+    text_embeds = txt.run(None, {k: v[:1].repeat(36, 0) for k, v in tokens.items()})[0]  # 36 zero-shot classes
+
+    def image(b):
+        return lambda: img.run(None, {"pixel_values": pixels[:b]})
+
+    def text(b):
+        return lambda: txt.run(None, {k: v[:b] for k, v in tokens.items()})
+
+    def zero_shot():
+        return int(np.argmax(img.run(None, {"pixel_values": pixels[:1]})[0] @ text_embeds.T))
+
+    record = {"runtime": f"onnxruntime {ort.__version__}", "providers": img.get_providers(),
+              "precision": manifest.get("precision", "fp32"), **thread_record(threads),
+              "thread_tuning": manifest.get("threads")}
+    return suite(image, text, zero_shot, cfg, record)

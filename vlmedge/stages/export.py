@@ -38,6 +38,9 @@ class ExportConfig:
     """Parity: smallest allowed cosine between ONNX and PyTorch outputs."""
     parity_samples: int = 4
     """Fresh random inputs per graph for the parity check."""
+    parity_questions: int = 100
+    """Generative models: held-out questions whose greedy answers from the ONNX files must be token-identical to
+    PyTorch generate's (at most one may differ)."""
     zero_shot_labels: tuple[str, ...] = field(default_factory=tuple)
     """Captions whose normalised text embeddings are precomputed into the export (e.g. 'a red circle')."""
     tune_threads: bool = True
@@ -48,6 +51,8 @@ class ExportConfig:
     def __post_init__(self):
         if not 11 <= self.opset <= 21:
             raise VlmedgeError(f"export: opset={self.opset}; expected 11..21")
+        if self.parity_questions < 1 or self.parity_samples < 1:
+            raise VlmedgeError("export: parity_samples and parity_questions must be >= 1")
 
 
 def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig = ExportConfig()) -> dict[str, Any]:
@@ -76,8 +81,8 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
                 onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True,
                                 location=f"{g.file}.data")
             onnx.checker.check_model(str(path), full_check=True)
-        with torch.no_grad():
-            reference = {g.name: g.module(*(torch.from_numpy(feeds[g.name][k]) for k in g.input_names)).numpy()
+        with torch.no_grad():  # a graph's first output is the one compared (embeddings, features, logits)
+            reference = {g.name: _first(g.module(*(torch.from_numpy(feeds[g.name][k]) for k in g.input_names)))
                          for g in graphs}
         manifest = {"format": MANIFEST_FORMAT, "family": family.name, "precision": "fp32",
                     "files": {g.name: g.file for g in graphs}, "opset": cfg.opset,
@@ -95,11 +100,16 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
         # real inputs: random token ids cannot show a collapsed text tower (a CLIP tower pools at its end-of-text
         # id, which random ids lack, so a healthy one gives them all one output)
         family.sanity_check(adapter)
+        manifest.update(family.verify_export(model, adapter, cfg.parity_questions))
         manifest.update(family.export_extras(tmp, cfg.zero_shot_labels, adapter))
         del adapter  # its sessions close before the thread tuning opens its own
         write_json(tmp / MANIFEST, manifest)
-        record_thread_tuning(tmp, cfg.tune_threads)
+        record_thread_tuning(tmp, cfg.tune_threads, {g: {k: v[:1] for k, v in f.items()} for g, f in feeds.items()})
     return {"parity": parity, "size_bytes": onnx_size(out)}
+
+
+def _first(out):
+    return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
 
 
 def _parity(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:

@@ -24,15 +24,14 @@ def _untrained_preset(preset: str, ctx: Context) -> Path:
 
     from .. import families
     from .._io import atomic_dir
-    from ..data import open_dataset
-    from ..models import load_preset, train_tokenizer
+    from ..models import load_preset
 
     spec = load_preset(preset)
-    ds = open_dataset(ctx.data.source, "train", resolution=spec["preprocess"]["image_size"],
-                      count=min(ctx.data.count or 5000, 5000))
-    rng = np.random.default_rng(0)
-    tok = train_tokenizer(ds.captions(rng.integers(len(ds), size=min(3 * len(ds), 15000)), rng), spec["vocab_size"])
-    model = families.for_preset(spec).build(spec, tok, source=f"preset:{preset} (untrained)")
+    family = families.for_preset(spec)
+    ds = family.open_data(ctx.data.source, "train", resolution=spec["preprocess"]["image_size"],
+                          count=min(ctx.data.count or 5000, 5000))
+    tok = family.tokenizer(spec, ds, np.random.default_rng(0))
+    model = family.build(spec, tok, source=f"preset:{preset} (untrained)")
     with atomic_dir(ctx.out) as tmp:
         model.save(tmp)
     return ctx.out

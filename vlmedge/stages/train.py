@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..artifact import Artifact
-from ..train import TrainConfig, TrainSchedule, train
+from ..train import TrainConfig, TrainStage, train
 from . import Context, register
 
 
-@register(TrainSchedule, kind="train", consumes=None, produces="model", provides="model", reads=("data", "model"))
-def run(parent: Artifact | None, cfg: TrainSchedule, ctx: Context) -> Artifact:
+@register(TrainStage, kind="train", consumes=None, produces="model", provides="model", reads=("data", "model"))
+def run(parent: Artifact | None, cfg: TrainStage, ctx: Context) -> Artifact:
     model = ctx.model
     init = parent.path if parent is not None else (model.path if model else None)
     config = TrainConfig.from_schedule(cfg, preset=(model.preset if model else None) or "small", init=init,

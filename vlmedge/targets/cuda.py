@@ -28,12 +28,12 @@ def gpu_name() -> str | None:
 def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), **_: Any) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from .runner import run_ort
+    from .. import families
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise VlmedgeError("cuda target: this onnxruntime has no CUDAExecutionProvider; pip install vlmedge[gpu] "
                            "(onnxruntime-gpu), or use the torch target with {device: cuda}")
-    result = run_ort(Path(path), cfg, providers=["CUDAExecutionProvider"], tune=False)  # CPU thread tuning: moot
+    result = families.of(path).onnx_latency(Path(path), cfg, ["CUDAExecutionProvider"])
     if result["providers"][0] != "CUDAExecutionProvider":
         raise VlmedgeError(f"cuda target: ONNX Runtime fell back to {result['providers']}; is a GPU visible?")
     result.update({"target": "cuda", "device": gpu_name() or "CUDA GPU"})

@@ -85,40 +85,7 @@ def device_info() -> dict:
     return info
 
 
-def run_ort(folder: Path, cfg: measure.MeasureConfig, providers: list[str] | None = None, tune: bool = True,
-            inputs: tuple | None = None) -> dict:
-    """Image, text, pair and zero-shot latency of an export folder in ONNX Runtime: the one ORT timing path, for the
-    board and for the local `cpu` and `cuda` targets.
-
-    `tune`: with no thread count given and no tuning made on this machine in the manifest, tune the towers' thread
-    counts here first (a board is rarely the machine that made the artifact). `inputs`: (pixels, tokens) batches to
-    time with (the `cpu` target passes real preprocessed images and captions); else random ones of the manifest's
-    shapes."""
-    import onnxruntime as ort
-
-    manifest = json.loads((folder / "manifest.json").read_text())
-    if tune and not cfg.threads and measure.tuned_threads(manifest, "image") is None:
-        manifest["threads"] = measure.tune_threads(folder)
-    available = ort.get_available_providers()
-    providers = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in available]
-    threads = {t: cfg.threads or measure.tuned_threads(manifest, t) for t in ("image", "text")}
-    img, txt = (measure.ort_session(folder / manifest["files"][t], threads[t], providers) for t in ("image", "text"))
-    pixels, tokens = inputs or measure.manifest_inputs(manifest, cfg.throughput_batch)
-    text_embeds = txt.run(None, {k: v[:1].repeat(36, 0) for k, v in tokens.items()})[0]  # 36 zero-shot classes
-
-    def image(b):
-        return lambda: img.run(None, {"pixel_values": pixels[:b]})
-
-    def text(b):
-        return lambda: txt.run(None, {k: v[:b] for k, v in tokens.items()})
-
-    def zero_shot():
-        return int(np.argmax(img.run(None, {"pixel_values": pixels[:1]})[0] @ text_embeds.T))
-
-    record = {"runtime": f"onnxruntime {ort.__version__}", "providers": img.get_providers(),
-              "precision": manifest.get("precision", "fp32"), **measure.thread_record(threads),
-              "thread_tuning": manifest.get("threads")}
-    return measure.suite(image, text, zero_shot, cfg, record)
+run_ort = measure.run_ort  # the one ORT timing path lives with the shared method
 
 
 def run_trtexec(folder: Path, exe: str, cfg: measure.MeasureConfig) -> dict:

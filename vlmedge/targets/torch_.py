@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..runtime.measure import MeasureConfig, cpu_info, suite
+from ..runtime.measure import MeasureConfig, cpu_info
 
 
 def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), device: str = "cpu",
@@ -34,5 +34,4 @@ def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), dev
 
     record = {"target": "torch", "device": torch.cuda.get_device_name() if cuda else cpu_info()[0],
               "threads": threads, "runtime": f"torch {torch.__version__} eager", "precision": dtype}
-    return suite(scenarios["image"], scenarios["text"], scenarios["zero_shot"], cfg, record,
-                 timer=cuda_timer if cuda else None, sync=sync)
+    return family.time_scenarios(scenarios, cfg, record, timer=cuda_timer if cuda else None, sync=sync)

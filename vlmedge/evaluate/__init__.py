@@ -13,7 +13,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from .errors import VlmedgeError
+from ..errors import VlmedgeError
 
 
 
@@ -40,7 +40,7 @@ class TorchEncoder:
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         import torch
 
-        from .models import image_features
+        from ..models import image_features
 
         with torch.no_grad():
             out = [image_features(self.vlm.model, torch.from_numpy(pixel_values[i:i + self.batch_size]).to(self.device))
@@ -50,7 +50,7 @@ class TorchEncoder:
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         import torch
 
-        from .models import text_features
+        from ..models import text_features
 
         out = []
         with torch.no_grad():
@@ -73,14 +73,18 @@ class EvalConfig:
     """Image-caption pairs for Recall@K both ways."""
     hard_negative_pairs: int = 500
     """Images per hard-negative test (colour, shape, relation swapped)."""
+    vqa_questions: int = 800
+    """Questions for a generative model (every type in turn: VQA accuracy per type, captions for 'describe')."""
+    max_new_tokens: int = 24
+    """Longest answer a generative model may write (greedy decoding)."""
     seed: int = 0
 
     def __post_init__(self):
-        from .data import is_shapes, shapes_count
+        from ..data import is_shapes, shapes_count
 
         if is_shapes(self.data):
             shapes_count(self.data)
-        for key in ("zero_shot_images", "retrieval_pairs", "hard_negative_pairs"):
+        for key in ("zero_shot_images", "retrieval_pairs", "hard_negative_pairs", "vqa_questions", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise VlmedgeError(f"eval: {key}={getattr(self, key)}; expected an integer >= 1")
 
@@ -100,12 +104,12 @@ def recall_at_k(sim: np.ndarray, query_keys: Sequence[str], item_keys: Sequence[
 
 def evaluate(encoder: Encoder, cfg: EvalConfig = EvalConfig(), progress: bool = False) -> dict[str, Any]:
     """All metrics the data supports, as a nested dict of fractions in [0, 1]."""
-    from .data import is_shapes
+    from ..data import is_shapes
 
     resolution = encoder.preprocess.image_size
     if is_shapes(cfg.data):
         return _evaluate_shapes(encoder, cfg, resolution)
-    from .data import open_dataset
+    from ..data import open_dataset
 
     ds = open_dataset(cfg.data, "test", resolution=resolution, count=cfg.retrieval_pairs)
     return {"retrieval": _retrieval(encoder, ds, cfg.seed)}
@@ -123,8 +127,8 @@ def _retrieval(encoder: Encoder, ds, seed: int) -> dict[str, Any]:
 
 
 def _evaluate_shapes(encoder: Encoder, cfg: EvalConfig, resolution: int) -> dict[str, Any]:
-    from .data import ShapesDataset
-    from .data.shapes import HELD_OUT, load_shapes, swapped_caption, zero_shot_classes, zero_shot_prompts
+    from ..data import ShapesDataset
+    from ..data.shapes import HELD_OUT, load_shapes, swapped_caption, zero_shot_classes, zero_shot_prompts
 
     single = load_shapes("test", cfg.zero_shot_images, resolution, seed=cfg.seed, single_object=True)
     classes = zero_shot_classes()

@@ -1,0 +1,438 @@
+"""The generative VLM family: SmolVLM's architecture (image tokens into a Llama decoder that writes the answer),
+trained with the NLL of the answer tokens, evaluated by VQA accuracy and captioning metrics, exported as the three
+graphs edge runtimes load (vision encoder, token embedding, decoder with its KV cache) and timed per phase
+(vision encode, time to first token, decode per token, whole answer).
+
+Pruning, distillation and quantization of this family are not built yet: those stages say so in one line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import VlmedgeError
+from ..runtime.generate import FILES
+from . import Family, Graph, register
+
+class TorchGenerator:
+    """A PyTorch `GenerativeVLM` as a `Generator`: Hugging Face `generate` (greedy, with its KV cache)."""
+
+    def __init__(self, vlm):
+        self.vlm, self.preprocess, self.prompt_ids = vlm, vlm.preprocess, vlm.prompt_ids
+
+    def generate_ids(self, pixel_values: np.ndarray, prompt: list[int], max_new_tokens: int) -> list[int]:
+        import torch
+
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            out = self.vlm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                          pixel_values=torch.from_numpy(pixel_values[:1])[:, None],
+                                          max_new_tokens=max_new_tokens, do_sample=False,
+                                          eos_token_id=self.vlm.eos_id, pad_token_id=self.vlm.tokenizer.pad_token_id)
+        return out[0, len(prompt):].tolist()
+
+    def answer(self, pixel_values, question, max_new_tokens):
+        return self.vlm.decode_answer(self.generate_ids(pixel_values, self.vlm.prompt_ids(question), max_new_tokens))
+
+
+class OnnxGenerator:
+    """An export folder as a `Generator` (the runtime's greedy loop, with the folder's tokenizer)."""
+
+    def __init__(self, folder, threads: int | None = None, providers=None, open_sessions: bool = True, **_):
+        from transformers import AutoTokenizer
+
+        from ..preprocess import Preprocess
+        from ..runtime.generate import Generator
+        from ..runtime.onnx import read_manifest
+        from ..runtime.measure import ort_session
+
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.preprocess = Preprocess(**self.manifest["preprocess"])
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+        self.sessions = {}
+        if open_sessions:
+            self.sessions = {k: ort_session(self.folder / self.manifest["files"][k], threads,
+                                            providers or ["CPUExecutionProvider"]) for k in FILES}
+            self.runtime = Generator(self.sessions, self.manifest)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.manifest["generation"]["eos_token_id"])
+
+    def prompt_ids(self, question: str) -> list[int]:
+        from ..models.generative import prompt_ids
+
+        return prompt_ids(self.tokenizer, question, int(self.manifest["generation"]["image_tokens"]),
+                          int(self.manifest["max_length"]), str(self.folder))
+
+    def generate_ids(self, pixel_values, prompt, max_new_tokens) -> list[int]:
+        return self.runtime.generate(pixel_values, prompt, max_new_tokens).ids
+
+    def answer(self, pixel_values, question, max_new_tokens):
+        from ..models.generative import decode_answer
+
+        return decode_answer(self.tokenizer, self.generate_ids(pixel_values, self.prompt_ids(question), max_new_tokens),
+                             self.eos_id)
+
+
+def _modules(model):
+    import torch
+
+    from ..models.generative import decode, vision_features
+
+    layers = model.config.text_config.num_hidden_layers
+
+    class Vision(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return vision_features(self.model, pixel_values)
+
+    class Embed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = model.model.text_model.get_input_embeddings()
+
+        def forward(self, input_ids):
+            return self.embed(input_ids)
+
+    class Decoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+            logits, presents = decode(self.model, inputs_embeds, attention_mask, position_ids,
+                                      [(past[2 * i], past[2 * i + 1]) for i in range(layers)])
+            return (logits, *[t for kv in presents for t in kv])
+
+    return Vision().eval(), Embed().eval(), Decoder().eval()
+
+
+def _kv_shape(model) -> tuple[int, int, int]:
+    cfg = model.config.text_config
+    return (cfg.num_hidden_layers, cfg.num_key_value_heads,
+            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+class Generative(Family):
+    name = "generative"
+    architectures = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration")
+
+    # --- models ---
+    def build(self, spec, tokenizer, *, seed=0, source="", vision_init=None):
+        from ..models.generative import build
+
+        return build(spec, tokenizer, seed=seed, source=source, vision_init=vision_init)
+
+    def tokenizer(self, spec, ds, rng):
+        from ..models.generative import train_tokenizer
+
+        sample = rng.integers(len(ds), size=min(len(ds) * 4, 40000))
+        pairs, _ = ds.training_captions(sample, rng)
+        return train_tokenizer([t for qa in pairs for t in qa])
+
+    def open_data(self, source, split, **kw):
+        from ..data.vqa import open_vqa
+
+        return open_vqa(source, split, **kw)
+
+    def load(self, path, *, attn_implementation="sdpa"):
+        from ..models.generative import load
+
+        return load(path, attn_implementation=attn_implementation)
+
+    def check_folder(self, path):
+        from ..models import check_model_folder
+
+        return check_model_folder(path, self.architectures)
+
+    def parameters(self, model) -> int:
+        return sum(p.numel() for p in model.model.parameters())
+
+    def flops(self, model) -> dict[str, int]:
+        """Multiply-adds x 2 of the matmuls per sample: the vision encoder over its patches (attention included),
+        the decoder over one image prompt (the image tokens and 16 text tokens)."""
+        v, t = model.model.config.vision_config, model.model.config.text_config
+        patches = (v.image_size // v.patch_size) ** 2
+        vision_params = sum(p.numel() for n, p in model.model.model.vision_model.named_parameters() if p.dim() == 2)
+        conv = model.model.model.vision_model.embeddings.patch_embedding.weight.numel()
+        vision = 2 * patches * (vision_params + conv) + 4 * patches * patches * v.hidden_size * v.num_hidden_layers
+        prompt = model.image_tokens + 16
+        decoder_params = sum(p.numel() for n, p in model.model.model.text_model.layers.named_parameters()
+                             if p.dim() == 2)
+        decoder = 2 * prompt * (decoder_params + t.hidden_size * t.vocab_size) \
+            + 4 * prompt * prompt * t.hidden_size * t.num_hidden_layers
+        connector = 2 * model.image_tokens * model.model.model.connector.modality_projection.proj.weight.numel()
+        return {"vision": int(vision + connector), "decoder": int(decoder)}
+
+    # --- pruning (the next issue) ---
+    def prunable(self, model):
+        raise VlmedgeError("prune: the generative family cannot be pruned yet (decoder layers, grouped-query heads "
+                           "and gated MLP neurons are the next piece of work)")
+
+    def apply_plan(self, model, plan):
+        self.prunable(model)
+
+    def calibration_data(self, model, data, count, seed):
+        self.prunable(model)
+
+    # --- training ---
+    def training_loss(self, model, batch, teacher=None, weights=None):
+        import torch
+        import torch.nn.functional as F
+
+        from ..models.generative import decode, empty_past, make_batch, merge, vision_encode
+
+        if teacher is not None:
+            raise VlmedgeError("distill: the generative family cannot be distilled yet (token-level KL on the "
+                               "answers is the next piece of work)")
+        b, net = batch, model.model
+        rows = b.indices[b.local]
+        pixels = torch.from_numpy(model.preprocess(b.data.images(rows))).to(b.device)
+        ids, mask, labels = (torch.from_numpy(a).to(b.device) for a in make_batch(model, b.captions[b.local]))
+        with b.autocast():
+            frozen = not any(p.requires_grad for p in net.model.vision_model.parameters())
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):  # a frozen tower keeps no graph
+                encoded = vision_encode(net, pixels)
+            feats = net.model.connector(encoded)
+            embeds = merge(net, ids, feats)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits, _ = decode(net, embeds, mask, positions, empty_past(net, len(rows), embeds.dtype))
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+
+    def before_step(self, model, step: int, cfg) -> None:
+        """The two-stage schedule: the vision tower frozen for the first `freeze_vision_steps` steps."""
+        frozen = step < (cfg.freeze_vision_steps or 0)
+        for p in model.model.model.vision_model.parameters():
+            p.requires_grad_(not frozen)
+
+    # --- export ---
+    def graphs(self, model) -> list[Graph]:
+        vision, embed, decoder = _modules(model.model)
+        layers, _, _ = _kv_shape(model.model)
+        size = model.preprocess.image_size
+        past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        dynamic = {"inputs_embeds": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+                   "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"},
+                   **{p: {0: "batch", 2: "past_sequence"} for p in past},
+                   **{p: {0: "batch", 2: "total_sequence"} for p in present}}
+        return [Graph("vision", FILES["vision"], vision, ("pixel_values",), ("image_features",),
+                      {"pixel_values": {0: "batch"}, "image_features": {0: "batch"}},
+                      {"pixel_values": ["batch", 3, size, size]}),
+                Graph("embed", FILES["embed"], embed, ("input_ids",), ("inputs_embeds",),
+                      {"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}},
+                      {"input_ids": ["batch", "sequence"]}),
+                Graph("decoder", FILES["decoder"], decoder, ("inputs_embeds", "attention_mask", "position_ids", *past),
+                      ("logits", *present), dynamic,
+                      {"inputs_embeds": ["batch", "sequence", model.model.config.text_config.hidden_size],
+                       "attention_mask": ["batch", "total_sequence"], "position_ids": ["batch", "sequence"]})]
+
+    def tracing(self, model):
+        from ._export import patchify_as_matmul
+
+        return patchify_as_matmul(model.model, model.preprocess.image_size)
+
+    def parity_inputs(self, model, n: int, seed: int) -> dict[str, dict[str, Any]]:
+        """Random pixels and token ids; for the decoder random embeddings after a random cache of 5 positions."""
+        rng = np.random.default_rng(seed)
+        cfg = model.model.config.text_config
+        layers, kv, head_dim = _kv_shape(model.model)
+        size, s, p = model.preprocess.image_size, 7, 5
+        dec = {"inputs_embeds": rng.standard_normal((n, s, cfg.hidden_size)).astype(np.float32) * 0.05,
+               "attention_mask": np.ones((n, p + s), dtype=np.int64),
+               "position_ids": np.tile(np.arange(p, p + s, dtype=np.int64), (n, 1))}
+        for i in range(layers):
+            for name in ("key", "value"):
+                dec[f"past_key_values.{i}.{name}"] = rng.standard_normal((n, kv, p, head_dim)).astype(np.float32)
+        return {"vision": {"pixel_values": rng.uniform(-1, 1, (n, 3, size, size)).astype(np.float32)},
+                "embed": {"input_ids": rng.integers(0, cfg.vocab_size, (n, 12)).astype(np.int64)},
+                "decoder": dec}
+
+    def manifest_fields(self, model, reference, folder: Path) -> dict[str, Any]:
+        from ..models.generative import SPECIAL
+        from ._export import save_tokenizer
+
+        layers, kv, head_dim = _kv_shape(model.model)
+        tok = model.tokenizer
+        return {"preprocess": asdict(model.preprocess), "max_length": model.max_length,
+                "tokenizer": save_tokenizer(tok, folder), "vocab_size": len(tok),
+                "source_architecture": model.architecture,
+                "chat_template": getattr(tok, "chat_template", None),
+                "generation": {"image_token_id": model.image_token_id, "image_tokens": model.image_tokens,
+                               "eos_token_id": model.eos_id, "pad_token_id": tok.pad_token_id,
+                               "special_tokens": {k: int(tok.convert_tokens_to_ids(v)) for k, v in SPECIAL.items()},
+                               "decoding": "greedy", "layers": layers, "kv_heads": kv, "head_dim": head_dim,
+                               "hidden_size": model.model.config.text_config.hidden_size}}
+
+    def export_extras(self, folder, labels, adapter):
+        return {}
+
+    def verify_export(self, model, adapter, questions: int = 100) -> dict[str, Any]:
+        """Greedy answers of the ONNX files against PyTorch `generate` on held-out shapes questions (images rendered
+        at most 64 px, resized by the model's preprocessing): at most one may differ (a tie between two logits can
+        flip on the last bit)."""
+        from ..data.vqa import open_vqa
+
+        ds = open_vqa(f"shapes:{max(questions, 16)}", "val", resolution=min(model.preprocess.image_size, 64))
+        torch_gen = TorchGenerator(model)
+        same, first_diff = 0, None
+        items = ds.eval_items(questions)
+        for it in items:
+            pixels = model.preprocess(ds.images([it.index]))
+            prompt = model.prompt_ids(it.question)
+            a, b = torch_gen.generate_ids(pixels, prompt, 24), adapter.generate_ids(pixels, prompt, 24)
+            same += a == b
+            if a != b and first_diff is None:
+                first_diff = {"question": it.question, "torch": model.decode_answer(a),
+                              "onnx": model.decode_answer(b)}
+        if same < len(items) - 1:
+            raise VlmedgeError(f"export: greedy answers from the ONNX files differ from PyTorch generate on "
+                               f"{len(items) - same} of {len(items)} questions (e.g. {first_diff})")
+        return {"generation_parity": {"questions": len(items), "identical": same, "first_difference": first_diff}}
+
+    # --- runtime, evaluation, latency ---
+    def adapter(self, path, **options):
+        if not isinstance(path, (str, Path)):
+            return TorchGenerator(path)
+        if (Path(path) / "manifest.json").is_file():
+            return OnnxGenerator(path, **options)
+        return TorchGenerator(self.load(path))
+
+    def sanity_check(self, adapter) -> None:
+        where = getattr(adapter, "folder", None) or getattr(getattr(adapter, "vlm", None), "source", "the model")
+        size = adapter.preprocess.image_size
+        images = np.random.default_rng(0).integers(0, 256, size=(2, size, size, 3), dtype=np.uint8)
+        pixels = adapter.preprocess(images)
+        feats = [self._features(adapter, pixels[i:i + 1]) for i in range(2)]
+        if np.abs(feats[0] - feats[1]).max() < 1e-6:
+            raise VlmedgeError(f"{where}: the vision encoder gives every image the same features; check the vision "
+                               "weights and preprocessor_config.json")
+
+    @staticmethod
+    def _features(adapter, pixels):
+        if isinstance(adapter, OnnxGenerator):
+            return adapter.runtime.image_features(pixels)
+        import torch
+
+        from ..models.generative import vision_features
+
+        with torch.inference_mode():
+            return vision_features(adapter.vlm.model, torch.from_numpy(pixels)).numpy()
+
+    def evaluate(self, adapter, eval_cfg) -> dict[str, Any]:
+        from ..data.vqa import open_vqa
+        from ..evaluate.vqa import evaluate_generator
+
+        self.sanity_check(adapter)
+        ds = open_vqa(eval_cfg.data, "val", resolution=adapter.preprocess.image_size, count=eval_cfg.vqa_questions,
+                      seed=eval_cfg.seed)
+        items = ds.eval_items(eval_cfg.vqa_questions, eval_cfg.seed)
+        return evaluate_generator(adapter, ds, items, eval_cfg.max_new_tokens)
+
+    def calibration_feeds(self, adapter, data, batches, batch_size, seed):
+        raise VlmedgeError("quantize: static calibration of the generative family is not built yet")
+
+    def latency_inputs(self, adapter, batch: int, seed: int = 0):
+        """One held-out shapes image and a question, preprocessed and tokenised as in deployment."""
+        from ..data.vqa import open_vqa
+
+        ds = open_vqa("shapes:16", "val", resolution=adapter.preprocess.image_size, seed=seed)
+        item = ds.eval_items(1, seed)[0]
+        return adapter.preprocess(ds.images([item.index])), adapter.prompt_ids(item.question)
+
+    def torch_scenarios(self, model, inputs, device: str, dtype):
+        """Hugging Face's own path (`generate`, its DynamicCache), batch 1: vision (encode one image), ttft (image +
+        prompt -> first token), decode (one cached step at the prompt's length; the cache is cropped back after each
+        call) and answer (a whole greedy answer of ANSWER_TOKENS tokens, EOS ignored)."""
+        import torch
+        from transformers import DynamicCache
+
+        from ..models.generative import vision_features
+
+        pixels, prompt = inputs
+        net = model.model.to(device=device, dtype=dtype).eval()
+        px = torch.from_numpy(pixels).to(device=device, dtype=dtype)
+        ids = torch.tensor([prompt], device=device)
+        pad = model.tokenizer.pad_token_id
+
+        def gen(n):
+            with torch.inference_mode():
+                return net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px[:, None],
+                                    max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
+
+        with torch.inference_mode():
+            cache = DynamicCache(config=net.config.text_config)
+            first = net(input_ids=ids, pixel_values=px[:, None], cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        step_mask = torch.ones(1, len(prompt) + 1, dtype=torch.long, device=device)
+
+        def decode():
+            with torch.inference_mode():
+                net(input_ids=first, attention_mask=step_mask, cache=cache, use_cache=True)
+                cache.crop(-1)  # back to the prompt
+
+        def vision():
+            with torch.inference_mode():
+                return vision_features(net, px)
+
+        return {"vision": vision, "ttft": lambda: gen(1), "decode": decode, "answer": lambda: gen(ANSWER_TOKENS)}
+
+    def onnx_latency(self, folder, cfg, providers):
+        """The same scenarios on the export with the runtime's greedy loop (the cache kept as OrtValues)."""
+        import onnxruntime as ort
+
+        from ..runtime.measure import tuned_threads
+
+        from ..runtime.onnx import read_manifest
+
+        # threads: cfg.threads, else the decoder's count tuned on this CPU (manifest), else ONNX Runtime's default
+        threads = cfg.threads or tuned_threads(read_manifest(folder), "decoder")
+        adapter = OnnxGenerator(folder, threads=threads, providers=providers)
+        pixels, prompt = self.latency_inputs(adapter, 1)
+        rt = adapter.runtime
+        first, past = rt.step(rt.prefill_embeds(rt.image_features(pixels), prompt), None, 0)
+        step_embeds = rt.embed.run(None, {"input_ids": np.array([[first]], dtype=np.int64)})[0]
+        scenarios = {"vision": lambda: rt.image_features(pixels),
+                     "ttft": lambda: rt.step(rt.prefill_embeds(rt.image_features(pixels), prompt), None, 0),
+                     "decode": lambda: rt.step(step_embeds, past, len(prompt)),
+                     "answer": lambda: _forced(rt, pixels, prompt, ANSWER_TOKENS)}
+        record = {"runtime": f"onnxruntime {ort.__version__}", "providers": rt.decoder.get_providers(),
+                  "precision": adapter.manifest.get("precision", "fp32"), "threads": threads or os.cpu_count()}
+        return self.time_scenarios(scenarios, cfg, record)
+
+    def time_scenarios(self, scenarios, cfg, record, timer=None, sync=None):
+        from ..runtime.measure import peak_rss_mb, time_fn
+
+        result = {**record, "batch": 1, "answer_tokens": ANSWER_TOKENS, "prompt_tokens": None,
+                  "measure": {k: getattr(cfg, k) for k in ("warmup", "min_runs", "min_seconds")}}
+        for name, fn in scenarios.items():
+            result[name] = time_fn(fn, cfg, sync=sync, timer=timer)
+        result["tokens_per_s"] = ANSWER_TOKENS / (result["answer"]["p50_ms"] / 1e3)
+        result["peak_rss_mb"] = peak_rss_mb()
+        return result
+
+
+ANSWER_TOKENS = 16
+"""Tokens in the latency scenarios' whole answer (EOS ignored, so every artifact writes the same count)."""
+
+
+def _forced(rt, pixels, prompt, n):
+    """A greedy answer of exactly n tokens through the runtime (its loop, without stopping at EOS)."""
+    token, past = rt.step(rt.prefill_embeds(rt.image_features(pixels), prompt), None, 0)
+    for k in range(n - 1):
+        embeds = rt.embed.run(None, {"input_ids": np.array([[token]], dtype=np.int64)})[0]
+        token, past = rt.step(embeds, past, len(prompt) + k)
+    return token
+
+
+register(Generative())

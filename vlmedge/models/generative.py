@@ -1,0 +1,362 @@
+"""The generative VLM: SmolVLM's architecture (`SmolVLMForConditionalGeneration`, Idefics3's design) as
+transformers implements it — a SigLIP-style vision transformer, a pixel-shuffle connector that cuts the image tokens
+by scale_factor², and a Llama decoder with grouped-query attention.
+
+A model is a Hugging Face folder (config, safetensors, tokenizer, `preprocessor_config.json`, chat template) like
+SmolVLM-256M-Instruct's. Prompts follow SmolVLM's chat template with one global image (image splitting off):
+
+    <|im_start|>User:<fake_token_around_image><global-img><image>...<image><fake_token_around_image>QUESTION<end_of_utterance>\nAssistant:
+
+and the answer ends with `<end_of_utterance>`. Three functions compute the model the way every consumer uses it
+(training, generation, export): `vision_features` (pixels -> image tokens after the connector), `merge` (token
+embeddings with the image tokens in their placeholders) and `decode` (the decoder with an explicit KV cache, written
+with the model's own modules so that the ONNX export traces one graph for prefill and decode).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .._hf import quiet_transformers
+from ..errors import VlmedgeError
+from ..preprocess import Preprocess
+
+ARCHITECTURES = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration")
+SPECIAL = {"pad": "<pad>", "unk": "<unk>", "start": "<|im_start|>", "end": "<end_of_utterance>",
+           "around": "<fake_token_around_image>", "global": "<global-img>", "image": "<image>"}
+
+
+@dataclass
+class GenerativeVLM:
+    """A loaded generative model with its tokenizer, preprocessing and prompt format."""
+
+    model: Any  # SmolVLMForConditionalGeneration | Idefics3ForConditionalGeneration
+    tokenizer: Any
+    preprocess: Preprocess
+    max_length: int
+    source: str
+
+    @property
+    def architecture(self) -> str:
+        return type(self.model).__name__
+
+    @property
+    def image_tokens(self) -> int:
+        v = self.model.config.vision_config
+        return (v.image_size // v.patch_size) ** 2 // self.model.config.scale_factor ** 2
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids(SPECIAL["end"]))
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return prompt_ids(self.tokenizer, question, self.image_tokens, self.max_length, self.source)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [self.eos_id]
+
+    def decode_answer(self, ids: Sequence[int]) -> str:
+        return decode_answer(self.tokenizer, ids, self.eos_id)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        from .._io import write_json
+
+        folder = Path(folder)
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        write_json(folder / "preprocessor_config.json", {**self.preprocess.to_hf(), "do_image_splitting": False})
+        write_json(folder / "vlmedge.json", {"max_length": self.max_length, "source": self.source})
+
+
+def prompt_text(question: str, image_tokens: int) -> str:
+    image = SPECIAL["around"] + SPECIAL["global"] + SPECIAL["image"] * image_tokens + SPECIAL["around"]
+    return f"{SPECIAL['start']}User:{image}{question}{SPECIAL['end']}\nAssistant:"
+
+
+def prompt_ids(tokenizer, question: str, image_tokens: int, max_length: int, where: str = "") -> list[int]:
+    """The token ids of a question's prompt; a one-line error when it does not fit the model's context."""
+    ids = tokenizer(prompt_text(question, image_tokens), add_special_tokens=False)["input_ids"]
+    if len(ids) >= max_length:
+        raise VlmedgeError(f"{where or 'prompt'}: the prompt is {len(ids)} tokens ({image_tokens} of them the image); "
+                           f"the model's context is {max_length} (question: {question[:60]!r})")
+    return ids
+
+
+def decode_answer(tokenizer, ids: Sequence[int], eos_id: int) -> str:
+    ids = list(ids)
+    if eos_id in ids:
+        ids = ids[:ids.index(eos_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def train_tokenizer(texts: Sequence[str]):
+    """A word-level tokenizer for the training texts (questions and answers) plus SmolVLM's special tokens;
+    deterministic (same texts, same ids)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer, pre = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t))})
+    words += sorted({w for w, _ in pre.pre_tokenize_str("user : assistant :")} - set(words))
+    special = list(SPECIAL.values())
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(special + words)}, unk_token=SPECIAL["unk"]))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.WordPiece(prefix="##")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=SPECIAL["unk"], pad_token=SPECIAL["pad"],
+                                   eos_token=SPECIAL["end"], bos_token=SPECIAL["start"])
+    fast.add_special_tokens({"additional_special_tokens": [SPECIAL[k] for k in ("around", "global", "image")]})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+# SmolVLM-256M-Instruct's template (its messages' content lists of {"type": "image"} / {"type": "text"})
+CHAT_TEMPLATE = ("<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+                 "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+                 "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+                 "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+                 "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+# --- building ------------------------------------------------------------------------------------------------------
+
+def build(spec: dict[str, Any], tokenizer, *, seed: int = 0, source: str = "", vision_init: str | None = None):
+    import torch
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    quiet_transformers()
+    ids = {k: int(tokenizer.convert_tokens_to_ids(v)) for k, v in SPECIAL.items()}
+    text = {**spec["text"], "vocab_size": len(tokenizer), "pad_token_id": ids["pad"], "bos_token_id": ids["start"],
+            "eos_token_id": ids["end"], "tie_word_embeddings": True}
+    vision = dict(spec["vision"])
+    config = SmolVLMConfig(vision_config=vision, text_config={"model_type": "llama", **text},
+                           scale_factor=int(spec["scale_factor"]), image_token_id=ids["image"],
+                           pad_token_id=ids["pad"], tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = SmolVLMForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["end"]
+    model.generation_config.pad_token_id = ids["pad"]
+    if vision_init:
+        init_vision(model, vision_init)
+    pre = Preprocess(**spec["preprocess"])
+    return GenerativeVLM(model.eval(), tokenizer, pre, int(spec["max_length"]), source or "preset")
+
+
+def init_vision(model, folder: str | os.PathLike) -> dict[str, Any]:
+    """Start the vision transformer from a contrastively trained image tower (two-stage training): the `ViT` of a
+    vlmedge dual encoder (`VisionTextDualEncoderModel`), mapped weight by weight (its class token and pooler are
+    dropped: SmolVLM's encoder has neither and reads every patch), or a SigLIP vision tower (`SiglipModel` /
+    `SiglipVisionModel`: the same classes, copied as they are). Shapes must agree with the preset's vision config."""
+    from safetensors.torch import load_file
+
+    from . import check_model_folder
+    from .._io import read_json
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise VlmedgeError(f"--vision-init {folder}: not a model folder (no config.json)")
+    config = read_json(folder / "config.json", "")
+    archs = config.get("architectures") or []
+    target = model.model.vision_model
+    tcfg = model.config.vision_config
+    if "VisionTextDualEncoderModel" in archs:
+        check_model_folder(folder)
+        if config.get("vlmedge_pruning"):
+            raise VlmedgeError(f"--vision-init {folder}: a pruned dual encoder; start from the unpruned teacher")
+        vc = config.get("vision_config", {})
+        if vc.get("model_type") != "vit":
+            raise VlmedgeError(f"--vision-init {folder}: its vision tower is {vc.get('model_type')!r}; expected vit")
+        weights = {k[len("vision_model."):]: v for k, v in _weights(folder, load_file).items()
+                   if k.startswith("vision_model.")}
+        state = _vit_to_siglip(weights, tcfg.num_hidden_layers)
+        source_cfg = vc
+    elif any(a in ("SiglipModel", "SiglipVisionModel") for a in archs):
+        prefix = "vision_model."
+        weights = _weights(folder, load_file)
+        state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix) and ".head." not in k
+                 and not k.startswith(prefix + "head.")}
+        source_cfg = config.get("vision_config", config)
+    else:
+        raise VlmedgeError(f"--vision-init {folder}: {archs or config.get('model_type')!r} has no vision tower vlmedge "
+                           "can map; expected a vlmedge dual encoder (ViT) or a SigLIP folder (a CLIP tower normalises "
+                           "before its first layer, which SmolVLM's encoder has no place for)")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
+                "image_size"):
+        want, got = getattr(tcfg, key), source_cfg.get(key)
+        if got is not None and got != want:
+            raise VlmedgeError(f"--vision-init {folder}: vision {key}={got}, the preset's is {want}; use a tower of the "
+                               "same shape (the `small` dual encoder for vqa-small, `tiny` for vqa-tiny)")
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise VlmedgeError(f"--vision-init {folder}: weights do not map ({len(missing)} missing, e.g. "
+                           f"{(missing or unexpected)[0]})")
+    return {"vision_init": str(folder), "mapped": len(state)}
+
+
+def _weights(folder: Path, load_file) -> dict[str, Any]:
+    out = {}
+    for w in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(w)))
+    return out
+
+
+def _vit_to_siglip(w: dict[str, Any], layers: int) -> dict[str, Any]:
+    """HF ViT weight names -> SmolVLM (SigLIP) vision weight names."""
+    state = {"embeddings.patch_embedding.weight": w["embeddings.patch_embeddings.projection.weight"],
+             "embeddings.patch_embedding.bias": w["embeddings.patch_embeddings.projection.bias"],
+             "embeddings.position_embedding.weight": w["embeddings.position_embeddings"][0, 1:],  # class slot dropped
+             "post_layernorm.weight": w["layernorm.weight"], "post_layernorm.bias": w["layernorm.bias"]}
+    names = {"attention.attention.query": "self_attn.q_proj", "attention.attention.key": "self_attn.k_proj",
+             "attention.attention.value": "self_attn.v_proj", "attention.output.dense": "self_attn.out_proj",
+             "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2", "layernorm_before": "layer_norm1",
+             "layernorm_after": "layer_norm2"}
+    for i in range(layers):
+        for src, dst in names.items():
+            for p in ("weight", "bias"):
+                state[f"encoder.layers.{i}.{dst}.{p}"] = w[f"encoder.layer.{i}.{src}.{p}"]
+    return state
+
+
+# --- loading -------------------------------------------------------------------------------------------------------
+
+def load(path: str | os.PathLike, *, attn_implementation: str = "sdpa") -> GenerativeVLM:
+    from . import _mapping, check_model_folder
+
+    folder = Path(path)
+    config = check_model_folder(folder, ARCHITECTURES)
+    quiet_transformers()
+    import transformers
+    from transformers import AutoTokenizer
+
+    arch = next(a for a in config["architectures"] if a in ARCHITECTURES)
+    try:
+        model = getattr(transformers, arch).from_pretrained(folder, local_files_only=True,
+                                                            attn_implementation=attn_implementation)
+    except Exception as e:
+        raise VlmedgeError(f"{folder}: could not load {arch}: {str(e).splitlines()[0][:200]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        raise VlmedgeError(f"{folder}: no usable tokenizer ({str(e).splitlines()[0][:160]})") from None
+    for name in SPECIAL.values():
+        if name not in ("<pad>", "<unk>") and tokenizer.convert_tokens_to_ids(name) in (None, tokenizer.unk_token_id):
+            raise VlmedgeError(f"{folder}: the tokenizer has no {name} token; not a SmolVLM-style tokenizer")
+    pre_path = folder / "preprocessor_config.json"
+    pre_cfg = _mapping(pre_path)
+    size = int(model.config.vision_config.image_size)
+    if pre_cfg.get("do_image_splitting"):
+        import sys
+
+        print(f"warning: {pre_path}: do_image_splitting is true; vlmedge does no image splitting and feeds the global "
+              f"image only ({size} px, as with do_image_splitting false): answers that need the tiles' detail may "
+              "differ from the splitting processor's", file=sys.stderr)
+    try:
+        preprocess = Preprocess.from_hf({k: v for k, v in pre_cfg.items() if k != "size"}, size)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise VlmedgeError(f"{pre_path}: not a usable image processor config ({e})") from None
+    meta = _mapping(folder / "vlmedge.json")
+    max_length = int(meta.get("max_length") or min(model.config.text_config.max_position_embeddings, 2048))
+    if model.generation_config.eos_token_id is None:
+        model.generation_config.eos_token_id = int(tokenizer.convert_tokens_to_ids(SPECIAL["end"]))
+    return GenerativeVLM(model.eval(), tokenizer, preprocess, max_length, str(folder))
+
+
+# --- the forward pieces (training, generation and export use these) ------------------------------------------------
+
+def vision_encode(model, pixel_values):
+    """(N, 3, H, W) pixels of full, unpadded images -> the vision transformer's patch outputs (N, patches, width):
+    SmolVLM's vision model for one global image each (every patch real, so the patch positions are 0..P-1), written
+    without its padding logic so the graph stays static."""
+    vm = model.model.vision_model
+    emb = vm.embeddings
+    x = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+    x = x + emb.position_embedding.weight[None]
+    return vm.post_layernorm(vm.encoder(inputs_embeds=x, attention_mask=None).last_hidden_state)
+
+
+def vision_features(model, pixel_values):
+    """Pixels -> image tokens after the connector (N, image tokens, text hidden size): `get_image_features`."""
+    return model.model.connector(vision_encode(model, pixel_values))
+
+
+def merge(model, input_ids, image_features):
+    """Token embeddings with each row's image placeholders replaced by its image features (in order)."""
+    embeds = model.model.text_model.get_input_embeddings()(input_ids)
+    mask = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    return embeds.masked_scatter(mask, image_features.to(embeds.dtype))
+
+
+def decode(model, inputs_embeds, attention_mask, position_ids, past: Sequence[tuple[Any, Any]]):
+    """The Llama decoder with an explicit cache: `past` holds per layer (key, value) of shape (B, kv heads, P, d)
+    (P may be 0: prefill); returns logits (B, S, V) and the presents (past + this call's keys and values).
+
+    The model's own modules (norms, rotary embedding, projections, MLP) computed in plain tensor ops, so one traced
+    graph serves every past length; equal to transformers' forward with a DynamicCache (tested).
+    """
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lm = model.model.text_model
+    cfg = lm.config
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    b, s, _ = inputs_embeds.shape
+    past_len = past[0][0].shape[2]
+    cos, sin = lm.rotary_emb(inputs_embeds, position_ids)
+    q_pos = torch.arange(s, device=inputs_embeds.device) + past_len
+    k_pos = torch.arange(attention_mask.shape[1], device=inputs_embeds.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+    bias = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device).masked_fill(
+        ~allowed, torch.finfo(inputs_embeds.dtype).min)
+    h = inputs_embeds
+    presents = []
+    for layer, (pk, pv) in zip(lm.layers, past):
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(b, s, heads, head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, s, kv, head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, s, kv, head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        presents.append((k, v))
+        rep = heads // kv
+        kr = k[:, :, None].expand(b, kv, rep, k.shape[2], head_dim).reshape(b, heads, k.shape[2], head_dim)
+        vr = v[:, :, None].expand(b, kv, rep, v.shape[2], head_dim).reshape(b, heads, v.shape[2], head_dim)
+        scores = q @ kr.transpose(-1, -2) * attn.scaling + bias
+        out = (torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vr).transpose(1, 2).reshape(b, s, heads * head_dim)
+        h = h + attn.o_proj(out)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.lm_head(lm.norm(h)), presents
+
+
+def empty_past(model, batch: int = 1, dtype=None):
+    import torch
+
+    cfg = model.model.text_model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    z = torch.zeros(batch, cfg.num_key_value_heads, 0, head_dim, dtype=dtype or model.dtype)
+    return [(z, z) for _ in range(cfg.num_hidden_layers)]
+
+
+def make_batch(vlm: GenerativeVLM, pairs: Sequence[tuple[str, str]]):
+    """Right-padded input ids, attention mask and labels (-100 on the prompt, image tokens and padding: the loss is
+    the NLL of the answer tokens only) for (question, answer) pairs."""
+    rows = [(vlm.prompt_ids(q), vlm.answer_ids(a)) for q, a in pairs]
+    width = min(max(len(p) + len(a) for p, a in rows), vlm.max_length)
+    pad = vlm.tokenizer.pad_token_id
+    ids = np.full((len(rows), width), pad, dtype=np.int64)
+    labels = np.full((len(rows), width), -100, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for r, (p, a) in enumerate(rows):
+        seq = (p + a)[:width]
+        ids[r, :len(seq)] = seq
+        mask[r, :len(seq)] = 1
+        labels[r, len(p):len(seq)] = a[:len(seq) - len(p)]
+    return ids, mask, labels

@@ -1,0 +1,97 @@
+"""Greedy generation from a generative VLM's ONNX export with ONNX Runtime; needs only numpy and onnxruntime, so a
+board runner can carry it.
+
+The export's three graphs (the layout onnx-community publishes for SmolVLM and transformers.js loads):
+
+    vision_encoder.onnx        pixel_values (B,3,H,W) -> image_features (B, image tokens, hidden)
+    embed_tokens.onnx          input_ids (B,S) -> inputs_embeds (B,S,hidden)
+    decoder_model_merged.onnx  inputs_embeds, attention_mask (B,P+S), position_ids (B,S),
+                               past_key_values.N.key / .value (B,kv heads,P,head dim)
+                               -> logits (B,S,vocab), present.N.key / .value (B,kv heads,P+S,head dim)
+
+One decoder graph serves the prefill (P = 0) and every decode step. The cache stays in ONNX Runtime: each step's
+`present` OrtValues are fed back as the next step's `past` (no copy of the whole cache into numpy per token).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+FILES = {"vision": "vision_encoder.onnx", "embed": "embed_tokens.onnx", "decoder": "decoder_model_merged.onnx"}
+
+
+@dataclass
+class Generation:
+    """The generated ids and where the time went (ms): vision, prefill (first token), each decode step."""
+
+    ids: list[int]
+    vision_ms: float = 0.0
+    first_token_ms: float = 0.0
+    decode_ms: list[float] = field(default_factory=list)
+
+
+class Generator:
+    """Batch-1 greedy decoding over three ONNX Runtime sessions (`sessions`: vision, embed, decoder)."""
+
+    def __init__(self, sessions: dict, manifest: dict):
+        self.vision, self.embed, self.decoder = (sessions[k] for k in ("vision", "embed", "decoder"))
+        gen = manifest["generation"]
+        self.image_token_id = int(gen["image_token_id"])
+        self.eos_id = int(gen["eos_token_id"])
+        self.layers, self.kv_heads, self.head_dim = (int(gen[k]) for k in ("layers", "kv_heads", "head_dim"))
+        self.max_length = int(manifest["max_length"])
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        self._empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self._past_dtype())
+
+    def _past_dtype(self):
+        t = next(i.type for i in self.decoder.get_inputs() if i.name == self.past_names[0])
+        return np.float16 if "float16" in t else np.float32
+
+    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.vision.run(None, {"pixel_values": pixel_values})[0]
+
+    def prefill_embeds(self, features: np.ndarray, prompt: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(prompt, dtype=np.int64)[None]
+        embeds = self.embed.run(None, {"input_ids": ids})[0]
+        slots = ids[0] == self.image_token_id
+        if slots.sum() != features.shape[1]:
+            raise ValueError(f"the prompt has {int(slots.sum())} image tokens; the image gives {features.shape[1]}")
+        embeds[0, slots] = features[0].astype(embeds.dtype)
+        return embeds
+
+    def step(self, embeds: np.ndarray, past: list | None, start: int):
+        """One decoder call on `embeds` at positions start..; returns (next token id, presents as OrtValues)."""
+        import onnxruntime as ort
+
+        s = embeds.shape[1]
+        feeds = {"inputs_embeds": ort.OrtValue.ortvalue_from_numpy(embeds),
+                 "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.ones((1, start + s), dtype=np.int64)),
+                 "position_ids": ort.OrtValue.ortvalue_from_numpy(np.arange(start, start + s, dtype=np.int64)[None])}
+        for k, name in enumerate(self.past_names):
+            feeds[name] = past[k] if past is not None else ort.OrtValue.ortvalue_from_numpy(self._empty)
+        out = self.decoder.run_with_ort_values(["logits", *self.present_names], feeds)
+        logits = out[0].numpy()
+        return int(np.argmax(logits[0, -1])), out[1:]
+
+    def generate(self, pixel_values: np.ndarray, prompt: Sequence[int], max_new_tokens: int,
+                 clock: Callable[[], float] = time.perf_counter) -> Generation:
+        t0 = clock()
+        features = self.image_features(pixel_values[:1])
+        t1 = clock()
+        token, past = self.step(self.prefill_embeds(features, prompt), None, 0)
+        t2 = clock()
+        result = Generation([token], (t1 - t0) * 1e3, (t2 - t0) * 1e3)
+        position = len(prompt)
+        while token != self.eos_id and len(result.ids) < max_new_tokens and position + 1 < self.max_length:
+            t = clock()
+            embeds = self.embed.run(None, {"input_ids": np.array([[token]], dtype=np.int64)})[0]
+            token, past = self.step(embeds, past, position)
+            position += 1
+            result.ids.append(token)
+            result.decode_ms.append((clock() - t) * 1e3)
+        return result
