@@ -79,7 +79,9 @@ class Generator:
         return int(np.argmax(logits[0, -1])), out[1:]
 
     def generate(self, pixel_values: np.ndarray, prompt: Sequence[int], max_new_tokens: int,
-                 clock: Callable[[], float] = time.perf_counter) -> Generation:
+                 stop_at_eos: bool = True, clock: Callable[[], float] = time.perf_counter) -> Generation:
+        """Greedy ids after the prompt: until EOS (kept) or `max_new_tokens` or the context's end; with
+        `stop_at_eos=False` exactly `max_new_tokens` (what latency scenarios time)."""
         t0 = clock()
         features = self.image_features(pixel_values[:1])
         t1 = clock()
@@ -87,7 +89,8 @@ class Generator:
         t2 = clock()
         result = Generation([token], (t1 - t0) * 1e3, (t2 - t0) * 1e3)
         position = len(prompt)
-        while token != self.eos_id and len(result.ids) < max_new_tokens and position + 1 < self.max_length:
+        while (token != self.eos_id or not stop_at_eos) and len(result.ids) < max_new_tokens \
+                and position + 1 < self.max_length:
             t = clock()
             embeds = self.embed.run(None, {"input_ids": np.array([[token]], dtype=np.int64)})[0]
             token, past = self.step(embeds, past, position)
