@@ -45,6 +45,7 @@ class Item:
 
 
 def _name(o: Obj, rng: np.random.Generator) -> str:
+    """'the red circle', or a quarter of the time 'the circle' (a lone object needs no colour to be named)."""
     return str(rng.choice([f"the {o.colour} {o.shape}", f"the {o.shape}"])) if rng.random() < 0.5 \
         else f"the {o.colour} {o.shape}"
 
@@ -94,14 +95,15 @@ def shapes_question(objs: Sequence[Obj], kind: str, rng: np.random.Generator) ->
     raise ValueError(kind)
 
 
-RELATION_WEIGHT = 3.0
-"""How much more often a two-object image is asked its relation in training than any other type: relations are
-asked of two-object images only (30 % of them), so at an even mix they were 4 % of the questions."""
+TYPE_WEIGHTS = {"relation": 3.0}
+"""How much more often a type is asked in training than the others. Relations are asked of two-object images only
+(30 % of them), so at an even mix they were 4 % of the questions. (Weighting yes/no 3x as well, measured on
+vqa-small: yes/no 0.55 -> 0.67, relation 0.54 -> 0.40, overall 0.790 -> 0.777; not kept.)"""
 
 
 def _types_for(objs: Sequence[Obj]) -> tuple[tuple[str, ...], np.ndarray]:
     types = QUESTION_TYPES if len(objs) == 2 else tuple(t for t in QUESTION_TYPES if t != "relation")
-    weights = np.array([RELATION_WEIGHT if t == "relation" else 1.0 for t in types])
+    weights = np.array([TYPE_WEIGHTS.get(t, 1.0) for t in types])
     return types, weights / weights.sum()
 
 
