@@ -288,3 +288,13 @@ def test_a_smolvlm_256m_shaped_folder_loads_exports_and_benches(tmp_path):
     code, out, err = run_cli("bench", str(tmp_path / "onnx"), "--min-runs", "3", "--min-seconds", "0.01",
                              "--warmup", "1")
     assert code == 0 and "answer" in out, err
+
+
+def test_parity_counts_two_zero_rows_as_equal():
+    """A padding token's embedding is all zeros in both runtimes: equal, not a cosine of 0 (which failed the export
+    of a SmolVLM-256M-shaped folder whose random parity ids hit the pad id)."""
+    from vlmedge.stages.export import _parity
+
+    zeros = np.zeros((2, 8), dtype=np.float32)
+    assert _parity(zeros, zeros) == {"max_abs_diff": 0.0, "cosine_min": 1.0}
+    assert _parity(zeros + 1, -(zeros + 1))["cosine_min"] == pytest.approx(-1.0)

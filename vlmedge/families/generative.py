@@ -259,7 +259,7 @@ class Generative(Family):
             for name in ("key", "value"):
                 dec[f"past_key_values.{i}.{name}"] = rng.standard_normal((n, kv, p, head_dim)).astype(np.float32)
         return {"vision": {"pixel_values": rng.uniform(-1, 1, (n, 3, size, size)).astype(np.float32)},
-                "embed": {"input_ids": rng.integers(0, cfg.vocab_size, (n, 12)).astype(np.int64)},
+                "embed": {"input_ids": rng.integers(0, cfg.vocab_size, (n, 12)).astype(np.int64)},  # pad included
                 "decoder": dec}
 
     def manifest_fields(self, model, reference, folder: Path) -> dict[str, Any]:

@@ -113,7 +113,9 @@ def _first(out):
 
 
 def _parity(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-12)
+    a, b = np.linalg.norm(got, axis=-1), np.linalg.norm(ref, axis=-1)
+    cos = (got * ref).sum(-1) / (a * b + 1e-12)
+    cos = np.where((a < 1e-12) & (b < 1e-12), 1.0, cos)  # both zero (a padding token's embedding): equal
     return {"max_abs_diff": float(np.abs(got - ref).max()), "cosine_min": float(cos.min())}
 
 
