@@ -324,7 +324,7 @@ def open_vqa(source: str, split: str = "train", *, resolution: int, count: int |
     holding `*questions*.json` and `*annotations*.json` beside the images), an image folder with metadata.jsonl
     (question/answer or text rows), or any caption source of `open_dataset` (COCO .json, .tar shards) asked as
     "describe the image"."""
-    from . import _decode, is_shapes, open_dataset
+    from . import _load_pairs, is_shapes, open_dataset
 
     if is_shapes(source):
         return ShapesVQA(open_dataset(source, split, resolution=resolution, count=count, seed=seed,
@@ -346,16 +346,5 @@ def open_vqa(source: str, split: str = "train", *, resolution: int, count: int |
             return UserVQA(ds.images_array, rows, True)
     if count:
         items = items[:count]
-    images, rows = [], []
-    for path, item_rows, name in items:
-        try:
-            images.append(_decode(path, resolution))
-        except (OSError, ValueError) as e:
-            if not skip_bad:
-                raise VlmedgeError(f"{path}: cannot read image ({type(e).__name__}: {e}); "
-                                   "use --skip-bad to skip and count such files") from None
-            continue
-        rows.append(item_rows)
-    if not images:
-        raise VlmedgeError(f"{source}: no readable images")
-    return UserVQA(np.stack(images), rows, captions)
+    loaded = _load_pairs(items, resolution, skip_bad)  # each item's payload (its question rows) rides along
+    return UserVQA(loaded.images_array, loaded.texts, captions)

@@ -25,6 +25,7 @@ import numpy as np
 from .._hf import quiet_transformers
 from ..errors import VlmedgeError
 from ..preprocess import Preprocess
+from . import VLM
 
 ARCHITECTURES = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration")
 SPECIAL = {"pad": "<pad>", "unk": "<unk>", "start": "<|im_start|>", "end": "<end_of_utterance>",
@@ -32,18 +33,9 @@ SPECIAL = {"pad": "<pad>", "unk": "<unk>", "start": "<|im_start|>", "end": "<end
 
 
 @dataclass
-class GenerativeVLM:
-    """A loaded generative model with its tokenizer, preprocessing and prompt format."""
-
-    model: Any  # SmolVLMForConditionalGeneration | Idefics3ForConditionalGeneration
-    tokenizer: Any
-    preprocess: Preprocess
-    max_length: int
-    source: str
-
-    @property
-    def architecture(self) -> str:
-        return type(self.model).__name__
+class GenerativeVLM(VLM):
+    """A loaded generative model (SmolVLMForConditionalGeneration | Idefics3ForConditionalGeneration) with its
+    tokenizer, preprocessing and prompt format."""
 
     @property
     def image_tokens(self) -> int:
