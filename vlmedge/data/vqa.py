@@ -124,7 +124,7 @@ class ShapesVQA:
         return self.base.neighbours(index, rng)
 
     def captions(self, indices, rng):
-        return [caption(self.objects[i], rng)[0] for i in indices]
+        return self.base.captions(indices, rng)
 
     def training_captions(self, indices, rng):
         pairs, kinds = [], []
@@ -278,11 +278,12 @@ def _vqa_v2(questions_path: Path, annotations_path: Path, root: Path) -> list[tu
         by_image.setdefault(image_id, []).append((question, answers, kind))
     out = []
     for image_id, rows in by_image.items():
-        name = f"COCO_{image_id:012d}.jpg" if isinstance(image_id, int) else str(image_id)
-        matches_ = [p for p in (root / name,) if p.is_file()] or sorted(root.glob(f"*{image_id:012d}.*")
-                                                                       if isinstance(image_id, int) else [])
-        path = matches_[0] if matches_ else root / name
-        out.append((_inside(root, path.name, str(annotations_path)), rows, path.name))
+        name = str(image_id)
+        if isinstance(image_id, int):  # COCO's file names end in the 12-digit id (COCO_train2014_000000000001.jpg)
+            exact = f"COCO_{image_id:012d}.jpg"
+            found = [exact] if (root / exact).is_file() else sorted(p.name for p in root.glob(f"*{image_id:012d}.*"))
+            name = found[0] if found else exact
+        out.append((_inside(root, name, str(annotations_path)), rows, name))
     return out
 
 

@@ -75,7 +75,7 @@ class OnnxGenerator:
                           int(self.manifest["max_length"]), str(self.folder))
 
     def generate_ids(self, pixel_values, prompt, max_new_tokens) -> list[int]:
-        return self.runtime.generate(pixel_values, prompt, max_new_tokens).ids
+        return self.runtime.generate(pixel_values, prompt, max_new_tokens)
 
     def answer(self, pixel_values, question, max_new_tokens):
         from ..models.generative import decode_answer

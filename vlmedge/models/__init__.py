@@ -225,7 +225,6 @@ def load_model(path: str | os.PathLike, *, attn_implementation: str = "sdpa") ->
     config = check_model_folder(folder)
     quiet_transformers()
     import transformers
-    from transformers import AutoTokenizer
 
     arch = next(a for a in config["architectures"] if a in SUPPORTED_ARCHITECTURES)
     cls = getattr(transformers, arch)
@@ -240,21 +239,33 @@ def load_model(path: str | os.PathLike, *, attn_implementation: str = "sdpa") ->
         raise
     except Exception as e:
         raise VlmedgeError(f"{folder}: could not load {arch}: {str(e).splitlines()[0][:200]}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:
-        raise VlmedgeError(f"{folder}: no usable tokenizer ({str(e).splitlines()[0][:160]})") from None
+    tokenizer = load_tokenizer(folder)
     vision_size = int(getattr(model.config.vision_config, "image_size", 224))
     pre_path = folder / "preprocessor_config.json"
     pre_cfg = _mapping(pre_path)
-    try:
-        preprocess = Preprocess.from_hf(pre_cfg, vision_size)
-    except (TypeError, ValueError, AttributeError) as e:
-        raise VlmedgeError(f"{pre_path}: not a usable image processor config ({e})") from None
+    preprocess = read_preprocess(pre_path, pre_cfg, vision_size)
     meta_path = folder / "vlmedge.json"
     meta = _mapping(meta_path)
     max_length = int(meta.get("max_length") or min(getattr(model.config.text_config, "max_position_embeddings", 77), 77))
     return VLM(model.eval(), tokenizer, preprocess, max_length, str(folder))
+
+
+def load_tokenizer(folder: Path):
+    """A model folder's tokenizer, offline; a one-line error naming the folder when it has none usable."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        raise VlmedgeError(f"{folder}: no usable tokenizer ({str(e).splitlines()[0][:160]})") from None
+
+
+def read_preprocess(path: Path, cfg: dict[str, Any], size: int) -> Preprocess:
+    """`Preprocess` from a folder's image processor config (`path`, read as `cfg`) at the vision size `size`."""
+    try:
+        return Preprocess.from_hf(cfg, size)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise VlmedgeError(f"{path}: not a usable image processor config ({e})") from None
 
 
 def _mapping(path: Path) -> dict[str, Any]:

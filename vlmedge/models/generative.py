@@ -219,13 +219,12 @@ def _vit_to_siglip(w: dict[str, Any], layers: int) -> dict[str, Any]:
 # --- loading -------------------------------------------------------------------------------------------------------
 
 def load(path: str | os.PathLike, *, attn_implementation: str = "sdpa") -> GenerativeVLM:
-    from . import _mapping, check_model_folder
+    from . import _mapping, check_model_folder, load_tokenizer, read_preprocess
 
     folder = Path(path)
     config = check_model_folder(folder, ARCHITECTURES)
     quiet_transformers()
     import transformers
-    from transformers import AutoTokenizer
 
     arch = next(a for a in config["architectures"] if a in ARCHITECTURES)
     try:
@@ -233,10 +232,7 @@ def load(path: str | os.PathLike, *, attn_implementation: str = "sdpa") -> Gener
                                                             attn_implementation=attn_implementation)
     except Exception as e:
         raise VlmedgeError(f"{folder}: could not load {arch}: {str(e).splitlines()[0][:200]}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:
-        raise VlmedgeError(f"{folder}: no usable tokenizer ({str(e).splitlines()[0][:160]})") from None
+    tokenizer = load_tokenizer(folder)
     for name in SPECIAL.values():
         if name not in ("<pad>", "<unk>") and tokenizer.convert_tokens_to_ids(name) in (None, tokenizer.unk_token_id):
             raise VlmedgeError(f"{folder}: the tokenizer has no {name} token; not a SmolVLM-style tokenizer")
@@ -249,10 +245,8 @@ def load(path: str | os.PathLike, *, attn_implementation: str = "sdpa") -> Gener
         print(f"warning: {pre_path}: do_image_splitting is true; vlmedge does no image splitting and feeds the global "
               f"image only ({size} px, as with do_image_splitting false): answers that need the tiles' detail may "
               "differ from the splitting processor's", file=sys.stderr)
-    try:
-        preprocess = Preprocess.from_hf({k: v for k, v in pre_cfg.items() if k != "size"}, size)
-    except (TypeError, ValueError, AttributeError) as e:
-        raise VlmedgeError(f"{pre_path}: not a usable image processor config ({e})") from None
+    # SmolVLM's `size` is the longest edge before splitting, not the encoder's input: the encoder's size is used
+    preprocess = read_preprocess(pre_path, {k: v for k, v in pre_cfg.items() if k != "size"}, size)
     meta = _mapping(folder / "vlmedge.json")
     max_length = int(meta.get("max_length") or min(model.config.text_config.max_position_embeddings, 2048))
     if model.generation_config.eos_token_id is None:

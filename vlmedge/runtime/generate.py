@@ -15,23 +15,11 @@ One decoder graph serves the prefill (P = 0) and every decode step. The cache st
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 FILES = {"vision": "vision_encoder.onnx", "embed": "embed_tokens.onnx", "decoder": "decoder_model_merged.onnx"}
-
-
-@dataclass
-class Generation:
-    """The generated ids and where the time went (ms): vision, prefill (first token), each decode step."""
-
-    ids: list[int]
-    vision_ms: float = 0.0
-    first_token_ms: float = 0.0
-    decode_ms: list[float] = field(default_factory=list)
 
 
 class Generator:
@@ -79,22 +67,16 @@ class Generator:
         return int(np.argmax(logits[0, -1])), out[1:]
 
     def generate(self, pixel_values: np.ndarray, prompt: Sequence[int], max_new_tokens: int,
-                 stop_at_eos: bool = True, clock: Callable[[], float] = time.perf_counter) -> Generation:
+                 stop_at_eos: bool = True) -> list[int]:
         """Greedy ids after the prompt: until EOS (kept) or `max_new_tokens` or the context's end; with
         `stop_at_eos=False` exactly `max_new_tokens` (what latency scenarios time)."""
-        t0 = clock()
-        features = self.image_features(pixel_values[:1])
-        t1 = clock()
-        token, past = self.step(self.prefill_embeds(features, prompt), None, 0)
-        t2 = clock()
-        result = Generation([token], (t1 - t0) * 1e3, (t2 - t0) * 1e3)
+        token, past = self.step(self.prefill_embeds(self.image_features(pixel_values[:1]), prompt), None, 0)
+        ids = [token]
         position = len(prompt)
-        while (token != self.eos_id or not stop_at_eos) and len(result.ids) < max_new_tokens \
+        while (token != self.eos_id or not stop_at_eos) and len(ids) < max_new_tokens \
                 and position + 1 < self.max_length:
-            t = clock()
             embeds = self.embed.run(None, {"input_ids": np.array([[token]], dtype=np.int64)})[0]
             token, past = self.step(embeds, past, position)
             position += 1
-            result.ids.append(token)
-            result.decode_ms.append((clock() - t) * 1e3)
-        return result
+            ids.append(token)
+        return ids
