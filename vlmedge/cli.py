@@ -113,7 +113,7 @@ def cmd_eval(args) -> int:
 
     cfg = _config(EvalConfig, args)
     family = families.of(args.path)
-    metrics = family.evaluate(family.adapter(args.path), cfg)
+    metrics = family.evaluate(family.adapter(args.path), cfg, progress=not args.quiet)
     if args.json:  # the results first: a folder that cannot take eval.json loses nothing
         _print_json(metrics)
     else:
@@ -367,14 +367,15 @@ def _add_train(sub) -> None:
     p.add_argument("--init", help="start from this model folder (a dual encoder, CLIP or SmolVLM folder) instead of "
                                   "a preset")
     p.add_argument("--data", default="shapes",
-                   help="shapes[:COUNT] | image folder with metadata.jsonl (text, or question + answer rows) | COCO "
-                        "captions .json | .tar shards | a VQA v2 pair Q.json+A.json")
+                   help="shapes[:COUNT] | image folder with metadata.jsonl (text and/or label, or question + answer "
+                        "rows) | class folders root/<class>/*.jpg (captions from templates) | COCO captions .json | "
+                        ".tar shards | a VQA v2 pair Q.json+A.json")
     p.add_argument("--out", required=True, help="model folder to write")
     _add_config_flags(p, TrainStage, choices={"precision": PRECISIONS})
     p.add_argument("--data-count", type=int, help="images to generate/use (shapes default: preset's)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable images instead of failing")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress (on a terminal a bar; in logs and CI a plain line about every 10 %%)")
     p.set_defaults(func=cmd_train)
 
 
@@ -386,15 +387,21 @@ def _add_eval(sub) -> None:
                                    "PATH/eval.json; the tasks come from the folder's model family. A dual encoder on "
                                    "shapes: zero-shot colour x shape top-1/top-5 on held-out single-object images "
                                    "(also split into seen and held-out combinations), Recall@1/5/10 both ways, hard "
-                                   "negatives with colour, shape or relation swapped. A generative VLM: VQA accuracy "
+                                   "negatives with colour, shape or relation swapped. A dual encoder on your data: "
+                                   "Recall@K (image->text also over distinct captions) and, where the data has labels "
+                                   "(a label column, class folders), zero-shot top-1/top-5 over its classes (or "
+                                   "--classes FILE) with --templates' prompts. A generative VLM: VQA accuracy "
                                    "(VQA v2's answer normalisation; per question type and on held-out colour x shape "
                                    "combinations) and captioning BLEU-4, ROUGE-L, CIDEr and caption-truth, greedy.",
                        epilog="example: vlmedge eval runs/int8 --data shapes --retrieval-pairs 500\n"
+                              "labels:  vlmedge eval runs/pets --data photos/ --classes classes.txt "
+                              "--templates 'a photo of a {}.|a blurry photo of a {}.'\n"
                               "VQA:     vlmedge eval runs/vqa --data shapes --vqa-questions 800",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="model folder or ONNX export folder")
     _add_config_flags(p, EvalConfig)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress (on a terminal a bar; in logs and CI a plain line about every 10 %%)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -412,7 +419,7 @@ def _add_common(p, data_help: str = "data for calibration and evaluation") -> No
     p.add_argument("--out", required=True, help="folder to write (it records the step: the same command again skips)")
     p.add_argument("--data", default="shapes", help=f"{data_help} (default: shapes)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluating the result")
-    p.add_argument("--quiet", action="store_true", help="no progress")
+    p.add_argument("--quiet", action="store_true", help="no progress (on a terminal a bar; in logs and CI a plain line about every 10 %%)")
 
 
 def _add_prune(sub) -> None:
@@ -507,7 +514,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
                    help="override a recipe field, e.g. --set stages.train.steps=100 (repeatable)")
     p.add_argument("--force", action="store_true", help="rerun every stage even if finished")
-    p.add_argument("--quiet", action="store_true", help="no progress, only the final table")
+    p.add_argument("--quiet", action="store_true", help="no progress (on a terminal a bar; in logs and CI a plain line about every 10 %%); only the final table")
     p.set_defaults(func=cmd_compress)
 
 

@@ -17,6 +17,7 @@ last checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -83,13 +84,13 @@ def _bench(recipe: Recipe, steps: list[Artifact], out: Path, force: bool, consol
             console.print(f"[dim]bench: cached ({path.name})[/]")
         return json.loads(path.read_text())
     results: dict[str, dict[str, Any]] = {}
-    for s in steps:
-        for target, options in recipe.targets:
-            if TARGET_KINDS[target] != s.kind:
-                continue
-            if console is not None:
-                console.print(f"bench {s.name} on {target}")
-            results.setdefault(s.name, {})[target] = get_target(target)(s.path, recipe.measure, **options)
+    runs = [(s, target, options) for s in steps for target, options in recipe.targets if TARGET_KINDS[target] == s.kind]
+    t0 = time.perf_counter()
+    for k, (s, target, options) in enumerate(runs):
+        if console is not None:
+            console.print(f"bench {s.name} on {target} ({k + 1}/{len(runs)}; "
+                          f"elapsed {time.perf_counter() - t0:.0f} s)")
+        results.setdefault(s.name, {})[target] = get_target(target)(s.path, recipe.measure, **options)
     bench = {"environment": environment(), "measure": dataclasses.asdict(recipe.measure), "results": results}
     write_json(path, bench)
     return bench

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ._io import atomic_dir, write_json
+from ._progress import Progress
 from .errors import Interrupted, VlmedgeError
 from .families import TrainBatch
 from .families.dual_encoder import DistillLosses
@@ -41,6 +42,10 @@ class TrainSchedule:
     """Split each batch into this many micro-batches; each contrasts within itself (saves memory, not negatives)."""
     hard_negatives: float = 0.25
     """Fraction of each batch drawn as neighbours of the rest (one attribute changed): hard-negative mining."""
+    text_negatives: float | None = None
+    """Fraction of each batch's images that also get a false caption one edit from a true one (an object's colour,
+    shape, size or position changed, two objects swapped) as an extra negative (NegCLIP); data that cannot write
+    such captions (only shapes can) ignores it. Default: the preset's, else 0."""
     precision: str = "auto"
     """auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (CUDA)."""
     seed: int = 0
@@ -54,6 +59,7 @@ class TrainSchedule:
                   ("lr", lambda v: v > 0, "> 0"), ("warmup_steps", lambda v: v >= 0, ">= 0"),
                   ("weight_decay", lambda v: v >= 0, ">= 0"), ("grad_accum", lambda v: v >= 1, ">= 1"),
                   ("hard_negatives", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+                  ("text_negatives", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
                   ("precision", lambda v: v in PRECISIONS, ", ".join(PRECISIONS)),
                   ("checkpoint_every", lambda v: v >= 1, ">= 1")]
         for key, ok, expected in checks:
@@ -109,7 +115,7 @@ class TrainConfig(TrainStage):
 
         defaults = load_preset(self.preset).get("train", {}) if not self.init else {}
         fallback = {"steps": 1000, "batch_size": 64, "lr": 5e-4, "warmup_steps": 50, "data_count": 20000,
-                    "freeze_vision_steps": 0}
+                    "freeze_vision_steps": 0, "text_negatives": 0.0}
         values = {k: getattr(self, k) if getattr(self, k) is not None else defaults.get(k, v)
                   for k, v in fallback.items()}
         return TrainConfig(**{**asdict(self), **values})  # validated again, every value now set
@@ -230,6 +236,20 @@ def _batch_indices(ds, step: int, cfg: TrainConfig) -> list[int]:
     return anchors + [ds.neighbours(anchors[k % len(anchors)], rng) for k in range(n_hard)]
 
 
+def _negatives(ds, indices: list[int], micro: int, cfg: TrainConfig, rng: np.random.Generator):
+    """(texts, specs) of false captions for the first `text_negatives` of every rank's micro-batch rows (None for
+    the other rows), or None: every micro-batch of every rank gets the same count, so they all-gather evenly."""
+    n = round(micro * cfg.text_negatives)
+    if not n or not hasattr(ds, "negative_captions"):
+        return None
+    chosen = [j for j in range(len(indices)) if j % micro < n]
+    texts, specs = ds.negative_captions([indices[j] for j in chosen], rng)
+    out_t, out_s = [None] * len(indices), [None] * len(indices)
+    for j, t, sp in zip(chosen, texts, specs):
+        out_t[j], out_s[j] = t, sp
+    return out_t, out_s
+
+
 def make_optimizer(model, cfg: TrainConfig, total_steps: int):
     import torch
 
@@ -325,7 +345,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
 
     losses: list[float] = []
     t0 = time.perf_counter()
-    bar = _progress(progress and dist.rank == 0, cfg.steps, start)
+    bar = Progress("distill" if teacher else "train", cfg.steps, enabled=progress and dist.rank == 0, start=start,
+                   unit="samples")
     done = start  # steps whose update has been applied
     try:
         for step in range(start, cfg.steps):
@@ -335,6 +356,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
             per_rank = len(indices) // dist.world
             lo = dist.rank * per_rank
             micro = per_rank // cfg.grad_accum
+            negatives = _negatives(ds, indices, micro, cfg, np.random.default_rng([cfg.seed, step, 13]))
             optimizer.zero_grad(set_to_none=True)
             family.before_step(vlm, step, cfg)
             step_loss = 0.0
@@ -344,7 +366,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
                 rows = [j for r in range(dist.world) for j in range(r * per_rank + m * micro,
                                                                       r * per_rank + (m + 1) * micro)]
                 batch = TrainBatch(ds, indices, captions, specs, slice(a, b), rows, dist.gather, device,
-                                   lambda: _autocast(precision, device))
+                                   lambda: _autocast(precision, device), negatives)
                 loss = family.training_loss(vlm, batch, teacher_vlm, losses_cfg)
                 (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
@@ -362,7 +384,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"step": step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
                                         "samples_per_s": round(rate, 1)}) + "\n")
-                bar.update(step + 1, step_loss, rate)
+                bar.update(step + 1, loss=step_loss, rate=rate)
                 if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                     save_checkpoint(ckpt, vlm, optimizer, scheduler, step + 1, asdict(cfg))
     except KeyboardInterrupt:
@@ -396,26 +418,3 @@ def finish_model_folder(staged: Path, out: Path) -> None:
     for f in files:
         os.replace(f, out / f.name)
     staged.rmdir()
-
-
-class _progress:
-    """A rich progress bar with loss and samples/s, or nothing."""
-
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.progress = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-            self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.0f} samples/s"),
-                                     TimeRemainingColumn(), transient=False)
-            self.task = self.progress.add_task("train", total=total, completed=start, loss=float("nan"), rate=0.0)
-            self.progress.start()
-
-    def update(self, completed: int, loss: float, rate: float) -> None:
-        if self.progress:
-            self.progress.update(self.task, completed=completed, loss=loss, rate=rate)
-
-    def close(self) -> None:
-        if self.progress:
-            self.progress.stop()
-            self.progress = None

@@ -8,8 +8,11 @@
   which caption truthfully describes which image (so duplicates are not treated as negatives);
 * ``ds.neighbours(index, rng)`` (optional) -> an index whose caption differs in one attribute (hard negatives).
 
-Sources: ``shapes`` (optionally ``shapes:COUNT``), an image folder with ``metadata.jsonl``, a COCO captions JSON,
-or WebDataset ``.tar`` shards (one file, or a folder of them).
+A dataset with class labels (``ds.labels``, one per image, or None) also serves zero-shot classification.
+
+Sources: ``shapes`` (optionally ``shapes:COUNT``), an image folder with ``metadata.jsonl`` (``file_name`` and
+``text`` and/or ``label``), a class-folder tree (``root/<class>/*.jpg``, torchvision's ImageFolder layout; captions
+from `CAPTION_TEMPLATES`), a COCO captions JSON, or WebDataset ``.tar`` shards (one file, or a folder of them).
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ from .shapes import COLOURS, SHAPES, ShapesData, load_shapes, relation
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000; a larger image is refused before it is decoded (a decompression bomb)
 MAX_CAPTION_CHARS = 2000
+CAPTION_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.")
+"""Captions of a labelled image without text (class folders, metadata.jsonl rows with only a label)."""
+
+
+def class_name(label: str) -> str:
+    """A label as words for a prompt: folder names write spaces as _ or -."""
+    return label.replace("_", " ").replace("-", " ").strip()
 
 
 def _caption(value, where: str) -> str:
@@ -42,6 +52,9 @@ def _caption(value, where: str) -> str:
 
 class ShapesDataset:
     """`ShapesData` with the dataset interface and attribute-level hard negatives."""
+
+    match_is_content = True
+    """`match` says whether a caption truly describes an image (not only whether it is one of its listed captions)."""
 
     def __init__(self, data: ShapesData):
         self.data = data
@@ -67,6 +80,9 @@ class ShapesDataset:
 
     def match(self, indices, specs):
         return self.data.match(indices, specs)
+
+    def negative_captions(self, indices, rng):
+        return self.data.negative_captions(indices, rng)
 
     def neighbours(self, index: int, rng: np.random.Generator) -> int:
         """An image whose true caption differs from `index`'s in one thing: hard-negative mining.
@@ -114,6 +130,8 @@ class PairsDataset:
     texts: list[list[str]]
     names: list[str]
     skipped: list[str] = field(default_factory=list)
+    labels: list[str] | None = None
+    """One class label per image where the source has them (a label column, class folders)."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -164,15 +182,18 @@ def open_dataset(source: str, split: str = "train", *, resolution: int, count: i
                            "metadata.jsonl, a COCO captions .json or WebDataset .tar shards)")
     if path.is_dir() and (path / "metadata.jsonl").is_file():
         items = _imagefolder_items(path)
+    elif path.is_dir() and _class_folders(path):
+        items = _class_folder_items(path)
     elif path.suffix == ".json":
         items = _coco_items(path)
     elif path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar"))):
         return _load_webdataset(path, resolution, count, skip_bad)
     else:
-        raise VlmedgeError(f"{source}: unrecognised dataset (no metadata.jsonl, not a .json or .tar)")
+        raise VlmedgeError(f"{source}: unrecognised dataset (no metadata.jsonl, no class folders of images, not a "
+                           ".json or .tar)")
     if count:
         items = items[:count]
-    return _load_pairs(items, resolution, skip_bad)
+    return _load_pairs(items, resolution, skip_bad, progress)
 
 
 def _inside(root: Path, name: str, where: str) -> Path:
@@ -183,24 +204,63 @@ def _inside(root: Path, name: str, where: str) -> Path:
     return candidate
 
 
-def _imagefolder_items(root: Path) -> list[tuple[Path, list[str], str]]:
+def _label(value, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise VlmedgeError(f"{where}: label {value!r} is empty or not a string or integer")
+    return str(value).strip()
+
+
+def _templated(label: str) -> list[str]:
+    return [t.format(class_name(label)) for t in CAPTION_TEMPLATES]
+
+
+def _imagefolder_items(root: Path) -> list[tuple]:
+    """(path, captions, name[, label]) per metadata.jsonl record; a record with a label and no text is captioned
+    from `CAPTION_TEMPLATES`."""
     meta = root / "metadata.jsonl"
     items = []
     for lineno, line in enumerate(meta.read_text().splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{meta}:{lineno}"
         try:
             rec = json.loads(line)
-            name, text = rec["file_name"], rec["text"]
+            name = rec["file_name"]
+            if "text" not in rec and "label" not in rec:
+                raise KeyError("text")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise VlmedgeError(f"{meta}:{lineno}: expected a JSON object with file_name and text ({e})") from None
+            raise VlmedgeError(f"{where}: expected a JSON object with file_name and text or label ({e})") from None
+        label = _label(rec["label"], where) if "label" in rec else None
+        text = rec.get("text", _templated(label) if label else None)
         texts = text if isinstance(text, list) else [text]
         if not texts:
-            raise VlmedgeError(f"{meta}:{lineno}: no caption")
-        items.append((_inside(root, name, f"{meta}:{lineno}"), [_caption(t, f"{meta}:{lineno}") for t in texts], name))
+            raise VlmedgeError(f"{where}: no caption")
+        items.append((_inside(root, name, where), [_caption(t, where) for t in texts], name, label))
     if not items:
         raise VlmedgeError(f"{meta}: no records")
-    return items
+    labelled = sum(it[3] is not None for it in items)
+    if 0 < labelled < len(items):
+        first = next(i for i, it in enumerate(items) if it[3] is None)
+        raise VlmedgeError(f"{meta}: {len(items) - labelled} of {len(items)} records have no label (e.g. "
+                           f"{items[first][2]!r}); label every record or none")
+    return items if labelled else [it[:3] for it in items]
+
+
+def _class_folders(root: Path) -> list[Path]:
+    """Subfolders of `root` holding images (the ImageFolder layout), sorted by name; hidden folders skipped."""
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                  and any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir() if f.is_file()))
+
+
+def _class_folder_items(root: Path) -> list[tuple]:
+    """`root/<class>/<image>`: the class is the label, captions come from templates. Items interleave the classes
+    (one of each in turn, files sorted), so any prefix (`count`) holds every class in proportion."""
+    per_class = []
+    for d in _class_folders(root):
+        files = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        per_class.append([(_inside(root, f"{d.name}/{f.name}", str(root)), _templated(d.name), f"{d.name}/{f.name}",
+                           d.name) for f in files])
+    return [group[k] for k in range(max(map(len, per_class))) for group in per_class if k < len(group)]
 
 
 def _coco_items(path: Path) -> list[tuple[Path, list[str], str]]:
@@ -243,9 +303,14 @@ def _decode(data: bytes | Path, resolution: int):
         raise ValueError(str(e)) from None
 
 
-def _load_pairs(items, resolution: int, skip_bad: bool) -> PairsDataset:
-    images, texts, names, skipped = [], [], [], []
-    for path, caps, name in items:
+def _load_pairs(items, resolution: int, skip_bad: bool, progress: bool = False) -> PairsDataset:
+    """Items are (path, captions, name) or (path, captions, name, label)."""
+    from .._progress import Progress
+
+    images, texts, names, labels, skipped = [], [], [], [], []
+    bar = Progress("decoding images", len(items), enabled=progress and len(items) >= 4096, unit="images")
+    for k, (path, caps, name, *label) in enumerate(items):
+        bar.update(k + 1)
         try:
             images.append(_decode(path, resolution))
         except (OSError, ValueError) as e:
@@ -256,10 +321,12 @@ def _load_pairs(items, resolution: int, skip_bad: bool) -> PairsDataset:
             continue
         texts.append(caps)
         names.append(name)
+        labels += label
+    bar.close()
     if not images:
         where = f" ({items[0][0].parent})" if items else ""
         raise VlmedgeError(f"dataset{where} has no readable images ({len(skipped)} skipped as unreadable)")
-    return PairsDataset(np.stack(images), texts, names, skipped)
+    return PairsDataset(np.stack(images), texts, names, skipped, labels if labels else None)
 
 
 def _load_webdataset(path: Path, resolution: int, count: int | None, skip_bad: bool) -> PairsDataset:

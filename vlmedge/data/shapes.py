@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from .._io import atomic_file, cache_dir
+from .._progress import Progress
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -227,6 +228,29 @@ def matches(objs: Sequence[Obj], spec: tuple) -> bool:
     return any(_has(x, *a) and _has(y, *b) and relation(x, y) == rel for x, y in (objs, objs[::-1]))
 
 
+def negative_caption(objs: Sequence[Obj], rng: np.random.Generator) -> tuple[str, tuple]:
+    """A caption (and its spec) that is false for these objects and true for a scene one edit away: the two objects
+    swapped (so the relation reads backwards), or the one object's colour, shape, size or position changed. The
+    text-side hard negative of NegCLIP (Yuksekgonul et al., 2023): the contrastive loss sees it beside the true
+    caption, so the text tower must encode the word that changed."""
+    if len(objs) == 2:
+        a, b = objs
+        scenes = [[Obj(b.colour, b.shape, b.size, a.x, a.y), Obj(a.colour, a.shape, a.size, b.x, b.y)]]
+    else:
+        o = objs[0]
+        cells = [(c, r) for c in range(3) for r in range(3) if (c, r) != o.cell]
+        c, r = cells[rng.integers(len(cells))]
+        scenes = [[Obj(str(rng.choice([k for k in COLOURS if k != o.colour])), o.shape, o.size, o.x, o.y)],
+                  [Obj(o.colour, str(rng.choice([k for k in SHAPES if k != o.shape])), o.size, o.x, o.y)],
+                  [Obj(o.colour, o.shape, "large" if o.size == "small" else "small", o.x, o.y)],
+                  [Obj(o.colour, o.shape, o.size, CELL_CENTRES[c], CELL_CENTRES[r])]]
+    for _ in range(16):  # a template that does not name the changed attribute would be true: draw again
+        text, spec = caption(scenes[rng.integers(len(scenes))], rng)
+        if not matches(objs, spec):
+            return text, spec
+    return text, spec  # unreachable for shapes' templates (each scene changes an attribute most templates name)
+
+
 # --- the dataset ---------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -248,6 +272,11 @@ class ShapesData:
     def training_captions(self, indices: Sequence[int], rng: np.random.Generator):
         """Captions with their specs (for `match`)."""
         texts, specs = zip(*(caption(self.objects[i], rng) for i in indices))
+        return list(texts), list(specs)
+
+    def negative_captions(self, indices: Sequence[int], rng: np.random.Generator):
+        """One false caption per image that differs from a true one in one thing (`negative_caption`), with specs."""
+        texts, specs = zip(*(negative_caption(self.objects[i], rng) for i in indices))
         return list(texts), list(specs)
 
     def match(self, indices: Sequence[int], specs: Sequence[tuple]) -> np.ndarray:
@@ -280,12 +309,10 @@ def load_shapes(split: str = "train", count: int = 20000, resolution: int = 64, 
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache file is regenerated
     images = np.empty((count, resolution, resolution, 3), dtype=np.uint8)
-    iterator = range(count)
-    if progress:
-        from rich.progress import track
-        iterator = track(iterator, description=f"rendering shapes/{split}", total=count, transient=True)
-    for i in iterator:
-        images[i] = render(objects[i], resolution, np.random.default_rng([base_seed, i, 1]))
+    with Progress(f"rendering shapes/{split}", count, enabled=progress, unit="images") as bar:
+        for i in range(count):
+            images[i] = render(objects[i], resolution, np.random.default_rng([base_seed, i, 1]))
+            bar.update(i + 1)
     with atomic_file(path, "wb") as f:  # DDP ranks may render the same split at once
         np.savez(f, images=images)
     return ShapesData(images, objects, split, seed)

@@ -77,6 +77,13 @@ class EvalConfig:
     """Questions for a generative model (every type in turn: VQA accuracy per type, captions for 'describe')."""
     max_new_tokens: int = 24
     """Longest answer a generative model may write (greedy decoding)."""
+    classes: str | None = None
+    """Zero-shot on labelled data (a label column, class folders): a text file of the class labels, one per line
+    (default: the labels found in the data); every label of the data must be among them."""
+    templates: str | None = None
+    """Zero-shot prompts: a text file with one template per line, or the templates themselves separated by '|',
+    each with {} where the class name goes (default: CLIP's 'a photo of a {}.'); a class's embedding is the mean
+    over its prompts, as CLIP's evaluation does."""
     seed: int = 0
 
     def __post_init__(self):
@@ -87,19 +94,75 @@ class EvalConfig:
         for key in ("zero_shot_images", "retrieval_pairs", "hard_negative_pairs", "vqa_questions", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise VlmedgeError(f"eval: {key}={getattr(self, key)}; expected an integer >= 1")
+        self.class_list(), self.template_list()  # bad files fail at load, before any work
+
+    def class_list(self) -> list[str] | None:
+        """The --classes file's labels (None: take them from the data)."""
+        if self.classes is None:
+            return None
+        lines = _lines(self.classes, "classes")
+        if len(set(lines)) != len(lines):
+            dup = next(x for x in lines if lines.count(x) > 1)
+            raise VlmedgeError(f"eval: classes file {self.classes}: {dup!r} is listed twice")
+        return lines
+
+    def template_list(self) -> list[str]:
+        if self.templates is None:
+            return list(DEFAULT_TEMPLATES)
+        from pathlib import Path
+
+        inline = "{}" in self.templates and not Path(self.templates).is_file()
+        found = [t.strip() for t in self.templates.split("|") if t.strip()] if inline else \
+            _lines(self.templates, "templates")
+        for t in found:
+            if t.count("{}") != 1:
+                raise VlmedgeError(f"eval: template {t!r} ({self.templates}) needs exactly one {{}} for the class "
+                                   "name")
+        return found
 
 
-def _embed_images(encoder: Encoder, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    return np.concatenate([encoder.encode_images(encoder.preprocess(images[i:i + batch]))
-                           for i in range(0, len(images), batch)])
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def _lines(path: str, key: str) -> list[str]:
+    from pathlib import Path
+
+    try:
+        lines = [x.strip() for x in Path(path).read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise VlmedgeError(f"eval: {key} file {path}: cannot read ({type(e).__name__}: {e})") from None
+    lines = [x for x in lines if x and not x.startswith("#")]
+    if not lines:
+        raise VlmedgeError(f"eval: {key} file {path} lists nothing")
+    return lines
+
+
+LARGE_SET = 4096
+"""Image sets at least this large report their embedding progress (`evaluate(progress=True)`)."""
+
+
+def _embed_images(encoder: Encoder, images: np.ndarray, batch: int = 256, progress: bool = False) -> np.ndarray:
+    from .._progress import Progress
+
+    out = []
+    with Progress("eval: images", len(images), enabled=progress and len(images) >= LARGE_SET, unit="images") as bar:
+        for i in range(0, len(images), batch):
+            out.append(encoder.encode_images(encoder.preprocess(images[i:i + batch])))
+            bar.update(min(i + batch, len(images)))
+    return np.concatenate(out)
 
 
 def recall_at_k(sim: np.ndarray, query_keys: Sequence[str], item_keys: Sequence[str], ks=(1, 5, 10)) -> dict:
     """Fraction of queries with a matching item (same caption text) among the top k."""
-    order = np.argsort(-sim, axis=1)
     item_keys = np.asarray(item_keys, dtype=object)
-    hits = item_keys[order] == np.asarray(query_keys, dtype=object)[:, None]
-    return {f"r{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
+    return recall_from_hits(sim, item_keys[None, :] == np.asarray(query_keys, dtype=object)[:, None], ks)
+
+
+def recall_from_hits(sim: np.ndarray, hit: np.ndarray, ks=(1, 5, 10)) -> dict:
+    """Fraction of queries (rows) with a hit (`hit[q, i]`) among their top k items by similarity."""
+    order = np.argsort(-sim, axis=1, kind="stable")
+    ranked = np.take_along_axis(hit, order, axis=1)
+    return {f"r{k}": float(ranked[:, :k].any(axis=1).mean()) for k in ks}
 
 
 def evaluate(encoder: Encoder, cfg: EvalConfig = EvalConfig(), progress: bool = False) -> dict[str, Any]:
@@ -111,19 +174,94 @@ def evaluate(encoder: Encoder, cfg: EvalConfig = EvalConfig(), progress: bool = 
         return _evaluate_shapes(encoder, cfg, resolution)
     from ..data import open_dataset
 
-    ds = open_dataset(cfg.data, "test", resolution=resolution, count=cfg.retrieval_pairs)
-    return {"retrieval": _retrieval(encoder, ds, cfg.seed)}
+    ds = open_dataset(cfg.data, "test", resolution=resolution, count=max(cfg.retrieval_pairs, cfg.zero_shot_images),
+                      progress=progress)
+    out: dict[str, Any] = {"retrieval": _retrieval(encoder, ds, cfg.seed, cfg.retrieval_pairs, progress)}
+    if ds.labels is not None:
+        n = min(len(ds), cfg.zero_shot_images)
+        classes = user_classes(ds.labels[:n], cfg)
+        truth = np.array([[c for c, _ in classes].index(label) for label in ds.labels[:n]])
+        out["zero_shot"] = zero_shot(encoder, ds.images(range(n)), truth, [p for _, p in classes], progress)
+        out["zero_shot"].pop("predicted")
+    return out
 
 
-def _retrieval(encoder: Encoder, ds, seed: int) -> dict[str, Any]:
-    idx = list(range(len(ds)))
-    captions = ds.captions(idx, np.random.default_rng([seed, 3]))
-    img = _embed_images(encoder, ds.images(idx))
+def user_classes(labels: Sequence[str], cfg: EvalConfig) -> list[tuple[str, list[str]]]:
+    """(label, prompts) per zero-shot class of labelled data: the --classes file's, else the labels' sorted."""
+    from ..data import class_name
+
+    names = cfg.class_list()
+    if names is None:
+        names = sorted(set(labels))
+    else:
+        missing = sorted(set(labels) - set(names))
+        if missing:
+            raise VlmedgeError(f"eval: label {missing[0]!r} of {cfg.data} is not in the classes file {cfg.classes} "
+                               f"({len(missing)} label(s) missing)")
+    if len(names) < 2:
+        raise VlmedgeError(f"eval: zero-shot needs at least 2 classes; {cfg.data} has {names}")
+    templates = cfg.template_list()
+    return [(n, [t.format(class_name(n)) for t in templates]) for n in names]
+
+
+def zero_shot_classes(cfg: EvalConfig, resolution: int) -> list[tuple[str, list[str]]] | None:
+    """The classes (label, prompts) zero-shot evaluation scores on `cfg.data`, or None where it has no labels: what
+    an export precomputes as its label embeddings."""
+    from ..data import is_shapes, open_dataset
+
+    if is_shapes(cfg.data):
+        from ..data.shapes import zero_shot_classes as shapes_classes, zero_shot_prompts
+
+        return [(f"{c} {s}", zero_shot_prompts(c, s)) for c, s in shapes_classes()]
+    ds = open_dataset(cfg.data, "test", resolution=resolution, count=cfg.zero_shot_images)
+    return None if ds.labels is None else user_classes(ds.labels, cfg)
+
+
+def class_embeddings(encoder: Encoder, prompts: Sequence[Sequence[str]]) -> np.ndarray:
+    """One L2-normalised embedding per class: the mean of its prompts' embeddings (CLIP's prompt ensembling)."""
+    flat = [p for ps in prompts for p in ps]
+    emb = encoder.encode_texts(flat)
+    bounds = np.cumsum([0] + [len(ps) for ps in prompts])
+    return _normalise(np.stack([emb[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])]))
+
+
+def zero_shot(encoder: Encoder, images: np.ndarray, truth: np.ndarray, prompts: Sequence[Sequence[str]],
+              progress: bool = False) -> dict:
+    """Top-1 / top-5 of classifying `images` (true class indices `truth`) by their nearest class embedding."""
+    scores = _embed_images(encoder, images, progress=progress) @ class_embeddings(encoder, prompts).T
+    top5 = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+    return {"n": len(truth), "classes": len(prompts), "top1": float((top5[:, 0] == truth).mean()),
+            "top5": float((top5 == truth[:, None]).any(1).mean()), "predicted": top5[:, 0]}
+
+
+def _retrieval(encoder: Encoder, ds, seed: int, count: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Recall@K both ways. Image->text three ways where they differ:
+
+    * ``i2t_rK``: over every image's drawn caption, a hit = a caption identical to the image's own (copies of one
+      caption crowd the top k: with 10 classes x 4 templates R@5 cannot exceed R@1);
+    * ``i2t_distinct_rK``: over the distinct captions, each once, a hit = one of the image's captions (the drawn
+      one, or any the data lists for it);
+    * ``i2t_true_rK`` (data whose match matrix is about content, shapes): over the distinct captions, a hit = a
+      caption that truly describes the image.
+    """
+    idx = list(range(min(len(ds), count or len(ds))))
+    captions, specs = ds.training_captions(idx, np.random.default_rng([seed, 3]))
+    img = _embed_images(encoder, ds.images(idx), progress=progress)
     txt = encoder.encode_texts(captions)
     sim = img @ txt.T
     i2t = recall_at_k(sim, captions, captions)
     t2i = recall_at_k(sim.T, captions, captions)
-    return {"n": len(idx), **{f"i2t_{k}": v for k, v in i2t.items()}, **{f"t2i_{k}": v for k, v in t2i.items()}}
+    first = {c: j for j, c in reversed(list(enumerate(captions)))}
+    distinct = sorted(first.values())
+    matched = ds.match(idx, [specs[j] for j in distinct]) > 0
+    identical = np.asarray(captions, dtype=object)[:, None] == np.asarray(captions, dtype=object)[distinct][None, :]
+    content = getattr(ds, "match_is_content", False)
+    out = {"n": len(idx), "distinct_captions": len(distinct), **{f"i2t_{k}": v for k, v in i2t.items()},
+           **{f"i2t_distinct_{k}": v for k, v in
+              recall_from_hits(sim[:, distinct], identical if content else identical | matched).items()}}
+    if content:
+        out.update({f"i2t_true_{k}": v for k, v in recall_from_hits(sim[:, distinct], matched).items()})
+    return {**out, **{f"t2i_{k}": v for k, v in t2i.items()}}
 
 
 def _evaluate_shapes(encoder: Encoder, cfg: EvalConfig, resolution: int) -> dict[str, Any]:
@@ -132,23 +270,16 @@ def _evaluate_shapes(encoder: Encoder, cfg: EvalConfig, resolution: int) -> dict
 
     single = load_shapes("test", cfg.zero_shot_images, resolution, seed=cfg.seed, single_object=True)
     classes = zero_shot_classes()
-    prompts = [p for c, s in classes for p in zero_shot_prompts(c, s)]
-    per_class = len(prompts) // len(classes)
-    class_emb = _normalise(encoder.encode_texts(prompts).reshape(len(classes), per_class, -1).mean(1))
-    img = _embed_images(encoder, single.images)
-    scores = img @ class_emb.T
     truth = np.array([classes.index((o[0].colour, o[0].shape)) for o in single.objects])
-    top5 = np.argsort(-scores, axis=1)[:, :5]
-    top1 = top5[:, 0]
+    zs = zero_shot(encoder, single.images, truth, [zero_shot_prompts(c, s) for c, s in classes])
+    top1 = zs.pop("predicted")
     held = np.array([classes[t] in HELD_OUT for t in truth])
     pred = [classes[p] for p in top1]
-    zero_shot = {
-        "n": len(truth), "classes": len(classes),
-        "top1": float((top1 == truth).mean()), "top5": float((top5 == truth[:, None]).any(1).mean()),
+    zs.update({
         "top1_seen": float((top1 == truth)[~held].mean()), "top1_heldout": float((top1 == truth)[held].mean()),
         "colour": float(np.mean([p[0] == classes[t][0] for p, t in zip(pred, truth)])),
         "shape": float(np.mean([p[1] == classes[t][1] for p, t in zip(pred, truth)])),
-    }
+    })
 
     mixed = load_shapes("test", cfg.retrieval_pairs, resolution, seed=cfg.seed)
     retrieval = _retrieval(encoder, ShapesDataset(mixed), cfg.seed)
@@ -167,7 +298,7 @@ def _evaluate_shapes(encoder: Encoder, cfg: EvalConfig, resolution: int) -> dict
         t, f = encoder.encode_texts(list(true)), encoder.encode_texts(list(false))
         hard[kind] = float(((e * t).sum(1) > (e * f).sum(1)).mean())
     hard["n"] = {"colour": min(cfg.hard_negative_pairs, len(single)), "relation": len(pairs)}
-    return {"zero_shot": zero_shot, "retrieval": retrieval, "hard_negatives": hard}
+    return {"zero_shot": zs, "retrieval": retrieval, "hard_negatives": hard}
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:

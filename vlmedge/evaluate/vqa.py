@@ -61,13 +61,16 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
     return {"bleu4": float(bleu), "rouge_l": rouge, "cider": float(cider)}
 
 
-def evaluate_generator(generator: Generator, ds, items, max_new_tokens: int = 24, progress=None) -> dict[str, Any]:
+def evaluate_generator(generator: Generator, ds, items, max_new_tokens: int = 24, progress: bool = False
+                       ) -> dict[str, Any]:
     """VQA accuracy (all questions but captions; per type; on held-out combinations) and captioning metrics."""
+    from .._progress import Progress
+
     answers: list[str] = []
-    for k, it in enumerate(items):
-        answers.append(generator.answer(generator.preprocess(ds.images([it.index])), it.question, max_new_tokens))
-        if progress:
-            progress(k + 1, len(items))
+    with Progress("eval", len(items), enabled=progress, unit="questions") as bar:
+        for k, it in enumerate(items):
+            answers.append(generator.answer(generator.preprocess(ds.images([it.index])), it.question, max_new_tokens))
+            bar.update(k + 1)
     vqa = [(it, vqa_score(a, it.answers)) for it, a in zip(items, answers) if it.type != "describe"]
     out: dict[str, Any] = {}
     if vqa:

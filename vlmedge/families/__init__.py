@@ -56,6 +56,9 @@ class TrainBatch:
     device: str
     autocast: Callable[[], Any]
     """A context manager for the forward pass (mixed precision on CUDA, a no-op in fp32)."""
+    negatives: tuple[list, list] | None = None
+    """(texts, specs) per row of `indices`: a false caption one edit from a true one, or None where a row has none
+    (text-side hard negatives, NegCLIP)."""
 
 
 class Family:
@@ -137,9 +140,9 @@ class Family:
         it writes into `folder`: tokenizer, ...)."""
         raise NotImplementedError
 
-    def export_extras(self, folder: Path, labels: Sequence[str], adapter) -> dict[str, Any]:
-        """Precomputed data an export carries for a device (e.g. zero-shot label embeddings), computed with the
-        export's `adapter`; manifest additions."""
+    def export_extras(self, folder: Path, adapter, labels: Sequence[str] = (), eval_cfg=None) -> dict[str, Any]:
+        """Precomputed data an export carries for a device (e.g. zero-shot label embeddings: of `labels` given, else
+        of the classes `eval_cfg`'s evaluation scores), computed with the export's `adapter`; manifest additions."""
         raise NotImplementedError
 
     def verify_export(self, model, adapter, questions: int) -> dict[str, Any]:
@@ -160,8 +163,9 @@ class Family:
         tower evaluates at chance without a word); export and evaluation call it."""
         raise NotImplementedError
 
-    def evaluate(self, adapter, eval_cfg) -> dict[str, Any]:
-        """Every task that applies, as nested metrics; `flat_metrics` names them for gates."""
+    def evaluate(self, adapter, eval_cfg, progress: bool = False) -> dict[str, Any]:
+        """Every task that applies, as nested metrics; `flat_metrics` names them for gates. `progress`: report the
+        long parts (`vlmedge._progress`)."""
         raise NotImplementedError
 
     def calibration_feeds(self, adapter, data: str, batches: int, batch_size: int, seed: int

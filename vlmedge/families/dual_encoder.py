@@ -1,8 +1,9 @@
-"""The contrastive dual encoder: the seed's ViT + BERT (`VisionTextDualEncoderModel`) and `CLIPModel`.
+"""The contrastive dual encoder: the seed's ViT + BERT (`VisionTextDualEncoderModel`), `CLIPModel`, `SiglipModel`.
 
-One family with two architectures: both are two towers with projections to one embedding space, loaded, pruned,
-trained (symmetric InfoNCE), exported (one graph per tower) and evaluated (zero-shot, retrieval, hard negatives) by
-the same code; only the tower classes differ, and `models` hides that behind `image_features` / `text_features`.
+One family with three architectures: all are two towers with projections to one embedding space, loaded, pruned,
+trained (symmetric InfoNCE; SigLIP its pairwise sigmoid loss), exported (one graph per tower) and evaluated
+(zero-shot, retrieval, hard negatives) by the same code; only the tower classes differ, and `models` hides that
+behind `image_features` / `text_features`.
 """
 
 from __future__ import annotations
@@ -24,25 +25,55 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learnable temperature at 1/
 
 # --- losses (training, distillation and Taylor importance) ----------------------------------------------------------
 
-def contrastive_loss(image_emb, text_emb, logit_scale, match=None):
+def contrastive_loss(image_emb, text_emb, logit_scale, match=None, negatives=None, negative_match=None,
+                     logit_bias=None):
     """Symmetric InfoNCE (CLIP's loss): each image's own caption is its target and vice versa.
 
     `match[i, j]` (optional) says caption j also truthfully describes image i; such pairs are left out of both
     softmaxes, so a duplicate ("a red circle" twice in a batch) is not pushed apart as a negative. (Spreading the
     targets over all matches instead rewarded captions that match many images and collapsed the image tower: its
     embeddings became identical and the loss stalled just under log(batch).)
+
+    `negatives` (optional, with `negative_match[i, k]`: negative k truly describes image i after all) are extra
+    captions in the image->text softmax only (NegCLIP's text-side hard negatives).
+
+    With `logit_bias` (SigLIP) the loss is SigLIP's instead: every image-caption pair is a binary decision,
+    -log sigmoid(z * (t * cos + b)) with z = +1 for the own caption and -1 otherwise, summed over captions (the
+    negatives included) and averaged over images; pairs `match` marks as also true are left out.
     """
     import torch
     import torch.nn.functional as F
 
     image_emb = F.normalize(image_emb, dim=-1)
     text_emb = F.normalize(text_emb, dim=-1)
+    if logit_bias is not None:
+        return _sigmoid_loss(image_emb, text_emb, logit_scale, logit_bias, match, negatives, negative_match)
     logits = logit_scale.exp() * image_emb @ text_emb.t()
     labels = torch.arange(len(logits), device=logits.device)
     if match is not None:
         eye = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
         logits = logits.masked_fill((match.to(logits.device) > 0) & ~eye, float("-inf"))
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    i2t = logits
+    if negatives is not None and len(negatives):
+        extra = logit_scale.exp() * image_emb @ F.normalize(negatives, dim=-1).t()
+        i2t = torch.cat([logits, extra.masked_fill(negative_match.to(extra.device) > 0, float("-inf"))], dim=1)
+    return (F.cross_entropy(i2t, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def _sigmoid_loss(image_emb, text_emb, logit_scale, logit_bias, match, negatives, negative_match):
+    import torch
+    import torch.nn.functional as F
+
+    n = len(image_emb)
+    eye = torch.eye(n, device=image_emb.device)
+    texts, labels = text_emb, 2 * eye - 1
+    skip = (match.to(eye.device) > 0).float() * (1 - eye) if match is not None else torch.zeros_like(eye)
+    if negatives is not None and len(negatives):
+        texts = torch.cat([text_emb, F.normalize(negatives, dim=-1)])
+        labels = torch.cat([labels, -torch.ones(n, len(negatives), device=eye.device)], dim=1)
+        skip = torch.cat([skip, (negative_match.to(eye.device) > 0).float()], dim=1)
+    logits = logit_scale.exp() * image_emb @ texts.t() + logit_bias
+    return -(F.logsigmoid(labels * logits) * (1 - skip)).sum() / n
 
 
 @dataclass
@@ -64,15 +95,17 @@ class DistillLosses:
             raise VlmedgeError("distill: all loss weights are 0; nothing to learn")
 
 
-def distillation_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, match, w: DistillLosses):
-    """Weighted sum of contrastive, affinity-mimicking and feature-mimicry losses; returns (total, parts)."""
+def distillation_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, match, w: DistillLosses, negatives=(None, None),
+                      s_bias=None):
+    """Weighted sum of contrastive, affinity-mimicking and feature-mimicry losses; returns (total, parts).
+    `negatives` (embeddings, match) and `s_bias` (a SigLIP student's) go to the student's own contrastive loss."""
     import torch.nn.functional as F
 
     s_img, s_txt = F.normalize(s_img, dim=-1), F.normalize(s_txt, dim=-1)
     t_img, t_txt = F.normalize(t_img, dim=-1), F.normalize(t_txt, dim=-1)
     parts = {}
     if w.contrastive:
-        parts["contrastive"] = contrastive_loss(s_img, s_txt, s_scale, match)
+        parts["contrastive"] = contrastive_loss(s_img, s_txt, s_scale, match, *negatives, logit_bias=s_bias)
     if w.affinity:
         s_logits = s_scale.exp() * s_img @ s_txt.t()
         t_logits = t_scale.exp() * t_img @ t_txt.t()
@@ -117,7 +150,7 @@ def _tower_modules(model):
 
 class DualEncoder(Family):
     name = "dual_encoder"
-    architectures = ("VisionTextDualEncoderModel", "CLIPModel")
+    architectures = ("VisionTextDualEncoderModel", "CLIPModel", "SiglipModel")
 
     def build(self, spec, tokenizer, *, seed=0, source="", vision_init=None):
         from ..models import build_from_preset
@@ -192,21 +225,33 @@ class DualEncoder(Family):
         b, net = batch, model.model
         images, captions = b.data.images(b.indices[b.local]), b.captions[b.local]
         pixels = torch.from_numpy(model.preprocess(images)).to(b.device)
-        tokens = model.tokenize(captions)
+
+        def encode_texts(vlm, texts):
+            tok = vlm.tokenize(texts)
+            return text_features(vlm.model, torch.from_numpy(tok["input_ids"]).to(b.device),
+                                 torch.from_numpy(tok["attention_mask"]).to(b.device))
+
         with b.autocast():
             img = image_features(net, pixels)
-            txt = text_features(net, torch.from_numpy(tokens["input_ids"]).to(b.device),
-                                torch.from_numpy(tokens["attention_mask"]).to(b.device))
-        match = torch.from_numpy(b.data.match([b.indices[j] for j in b.rows], [b.specs[j] for j in b.rows]))
+            txt = encode_texts(model, captions)
+        rows = [b.indices[j] for j in b.rows]
+        match = torch.from_numpy(b.data.match(rows, [b.specs[j] for j in b.rows]))
+        negatives = (None, None)
+        if b.negatives is not None:  # text-side hard negatives: the same count on every rank
+            texts, specs = b.negatives
+            local = [texts[j] for j in range(b.local.start, b.local.stop) if texts[j] is not None]
+            with b.autocast():
+                neg = b.gather(encode_texts(model, local).float())
+            negatives = (neg, torch.from_numpy(b.data.match(rows, [specs[j] for j in b.rows if specs[j] is not None])))
         if teacher is None:
-            return contrastive_loss(b.gather(img.float()), b.gather(txt.float()), net.logit_scale, match)
+            return contrastive_loss(b.gather(img.float()), b.gather(txt.float()), net.logit_scale, match, *negatives,
+                                    logit_bias=getattr(net, "logit_bias", None))
         with torch.no_grad():
-            tok = teacher.tokenize(captions)
             t_img = image_features(teacher.model, torch.from_numpy(teacher.preprocess(images)).to(b.device)).float()
-            t_txt = text_features(teacher.model, torch.from_numpy(tok["input_ids"]).to(b.device),
-                                  torch.from_numpy(tok["attention_mask"]).to(b.device)).float()
+            t_txt = encode_texts(teacher, captions).float()
         loss, _ = distillation_loss(b.gather(img.float()), b.gather(txt.float()), net.logit_scale, b.gather(t_img),
-                                    b.gather(t_txt), teacher.model.logit_scale, match, weights)
+                                    b.gather(t_txt), teacher.model.logit_scale, match, weights, negatives,
+                                    getattr(net, "logit_bias", None))
         return loss
 
     def after_step(self, model) -> None:
@@ -249,15 +294,25 @@ class DualEncoder(Family):
         return {"embedding_dim": int(reference["image"].shape[-1]), "preprocess": asdict(model.preprocess),
                 "max_length": model.max_length, "tokenizer": save_tokenizer(model.tokenizer, folder),
                 "vocab_size": len(model.tokenizer), "source_architecture": model.architecture,
-                "logit_scale": float(model.model.logit_scale.detach().exp())}
+                "logit_scale": float(model.model.logit_scale.detach().exp()),
+                **({"logit_bias": float(model.model.logit_bias.detach())}
+                   if hasattr(model.model, "logit_bias") else {})}
 
-    def export_extras(self, folder: Path, labels: Sequence[str], adapter) -> dict[str, Any]:
-        """Zero-shot label embeddings: a device can classify with the image graph alone."""
-        if not labels:
+    def export_extras(self, folder: Path, adapter, labels: Sequence[str] = (), eval_cfg=None) -> dict[str, Any]:
+        """Zero-shot class embeddings, so a device can classify with the image graph alone: of `labels` (captions,
+        each its own prompt), else of the classes zero-shot evaluation scores on `eval_cfg.data` (shapes' colour x
+        shape, or the user's labels with the --templates prompts, averaged as evaluation averages them)."""
+        from ..evaluate import class_embeddings, zero_shot_classes
+
+        classes = [(label, [label]) for label in labels] or \
+            (zero_shot_classes(eval_cfg, adapter.preprocess.image_size) if eval_cfg is not None else None)
+        if not classes:
             return {}
-        np.save(folder / "zero_shot_text_embeds.npy", adapter.encode_texts(list(labels)).astype(np.float32))
-        write_json(folder / "zero_shot_labels.json", list(labels))
-        return {"zero_shot": {"labels": "zero_shot_labels.json", "text_embeds": "zero_shot_text_embeds.npy"}}
+        embeds = class_embeddings(adapter, [prompts for _, prompts in classes]).astype(np.float32)
+        np.save(folder / "zero_shot_text_embeds.npy", embeds)
+        write_json(folder / "zero_shot_labels.json", [label for label, _ in classes])
+        return {"zero_shot": {"labels": "zero_shot_labels.json", "text_embeds": "zero_shot_text_embeds.npy",
+                              "prompts": {label: prompts for label, prompts in classes}}}
 
     # --- runtime, evaluation, latency ---
     def adapter(self, path, **options):
@@ -273,11 +328,11 @@ class DualEncoder(Family):
             return OnnxEncoder(path, **options)
         return TorchEncoder(self.load(path))
 
-    def evaluate(self, adapter, eval_cfg) -> dict[str, Any]:
+    def evaluate(self, adapter, eval_cfg, progress: bool = False) -> dict[str, Any]:
         from ..evaluate import evaluate
 
         self.sanity_check(adapter)
-        return evaluate(adapter, eval_cfg)
+        return evaluate(adapter, eval_cfg, progress)
 
     def sanity_check(self, adapter) -> None:
         """Distinct captions (and images) must not all get one embedding: such a tower scores at chance, silently.

@@ -278,7 +278,7 @@ class Generative(Family):
                                "decoding": "greedy", "layers": layers, "kv_heads": kv, "head_dim": head_dim,
                                "hidden_size": model.model.config.text_config.hidden_size}}
 
-    def export_extras(self, folder, labels, adapter):
+    def export_extras(self, folder, adapter, labels=(), eval_cfg=None):
         return {}
 
     def verify_export(self, model, adapter, questions: int = 100) -> dict[str, Any]:
@@ -333,7 +333,7 @@ class Generative(Family):
         with torch.inference_mode():
             return vision_features(adapter.vlm.model, torch.from_numpy(pixels)).numpy()
 
-    def evaluate(self, adapter, eval_cfg) -> dict[str, Any]:
+    def evaluate(self, adapter, eval_cfg, progress: bool = False) -> dict[str, Any]:
         from ..data.vqa import open_vqa
         from ..evaluate.vqa import evaluate_generator
 
@@ -341,7 +341,7 @@ class Generative(Family):
         ds = open_vqa(eval_cfg.data, "val", resolution=adapter.preprocess.image_size, count=eval_cfg.vqa_questions,
                       seed=eval_cfg.seed)
         items = ds.eval_items(eval_cfg.vqa_questions, eval_cfg.seed)
-        return evaluate_generator(adapter, ds, items, eval_cfg.max_new_tokens)
+        return evaluate_generator(adapter, ds, items, eval_cfg.max_new_tokens, progress)
 
     def calibration_feeds(self, adapter, data, batches, batch_size, seed):
         raise VlmedgeError("quantize: the generative family cannot be quantized yet (calibration inputs for its "

@@ -2,7 +2,8 @@
 
 The model format is a Hugging Face `save_pretrained` folder with safetensors weights, a tokenizer and a
 `preprocessor_config.json`. Two architectures load through the same call and behave the same downstream:
-`VisionTextDualEncoderModel` (the seed's ViT + BERT with linear projections) and `CLIPModel`.
+`VisionTextDualEncoderModel` (the seed's ViT + BERT with linear projections), `CLIPModel` and `SiglipModel`
+(sigmoid loss; attention-pooled vision tower, text pooled at the last position).
 A model pruned by vlmedge carries its pruning plan in `config.json` (`vlmedge_pruning`) and is rebuilt from it.
 """
 
@@ -18,7 +19,7 @@ from ..errors import VlmedgeError
 from ..preprocess import Preprocess
 
 PRESET_DIR = Path(__file__).parent / "presets"
-SUPPORTED_ARCHITECTURES = ("VisionTextDualEncoderModel", "CLIPModel")
+SUPPORTED_ARCHITECTURES = ("VisionTextDualEncoderModel", "CLIPModel", "SiglipModel")
 
 
 def preset_names() -> list[str]:
@@ -91,7 +92,8 @@ def build_from_preset(preset: dict[str, Any] | str, tokenizer, *, seed: int = 0,
     """A freshly initialised dual encoder of a preset's shape, with the given tokenizer.
 
     `architecture` (default `dual_encoder`) picks the seed's VisionTextDualEncoder (any HF vision and text tower by
-    their `model_type`) or `clip` (a CLIPModel: CLIP vision and text configs; the text tower pools at [SEP]).
+    their `model_type`), `clip` (a CLIPModel: CLIP vision and text configs; the text tower pools at [SEP]) or
+    `siglip` (a SiglipModel: the text tower pools at the last position, projected to the vision width).
     """
     import torch
     from transformers import AutoConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
@@ -118,8 +120,15 @@ def build_from_preset(preset: dict[str, Any] | str, tokenizer, *, seed: int = 0,
                                                                       projection_dim=spec["projection_dim"])
         model = VisionTextDualEncoderModel(config=config)
         positions = getattr(model.vision_model.embeddings, "position_embeddings", None)
+    elif architecture == "siglip":
+        from transformers import SiglipConfig, SiglipModel
+
+        text.update(tokens, bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                    projection_size=vision["hidden_size"])
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+        positions = model.vision_model.embeddings.position_embedding.weight
     else:
-        raise VlmedgeError(f"preset: architecture={architecture!r}; expected dual_encoder or clip")
+        raise VlmedgeError(f"preset: architecture={architecture!r}; expected dual_encoder, clip or siglip")
     if spec.get("vision_position_init") == "sincos":
         if positions is None:
             raise VlmedgeError("preset: vision_position_init=sincos needs a ViT-style learned position table")
@@ -129,7 +138,8 @@ def build_from_preset(preset: dict[str, Any] | str, tokenizer, *, seed: int = 0,
 
 
 def _sincos_positions(table) -> None:
-    """Start a ViT's learned position table (1 + g*g, d) at 2-D sine-cosine values (MAE), the class slot at 0.
+    """Start a ViT's learned position table (1 + g*g, d; SigLIP's g*g, no class token) at 2-D sine-cosine values
+    (MAE), the class slot at 0.
 
     At a small init std the position signal is dwarfed by the patch content and a narrow ViT trained contrastively
     never picks it up (measured: a linear probe read an object's position at chance after 800 steps), so captions
@@ -139,7 +149,9 @@ def _sincos_positions(table) -> None:
 
     import torch
 
-    d, g = table.shape[-1], math.isqrt(table.shape[0] - 1)
+    d, n = table.shape[-1], table.shape[0]
+    cls = 0 if math.isqrt(n) ** 2 == n else 1
+    g = math.isqrt(n - cls)
     q = d // 4
     omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float32) / q)
     ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float32), torch.arange(g, dtype=torch.float32), indexing="ij")
@@ -147,7 +159,7 @@ def _sincos_positions(table) -> None:
     grid = torch.cat(parts, dim=1)
     with torch.no_grad():
         table.zero_()
-        table[1:, :grid.shape[1]] = grid
+        table[cls:, :grid.shape[1]] = grid
 
 
 def train_tokenizer(texts, vocab_size: int):

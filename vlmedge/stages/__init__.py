@@ -216,7 +216,7 @@ def describe(art: Artifact, folder: Path, ctx: Context, parent: Artifact | None)
         art.size_bytes = onnx_size(path)
     if adapter is not None:
         t0 = time.perf_counter()
-        metrics = family.evaluate(adapter, ctx.eval)
+        metrics = family.evaluate(adapter, ctx.eval, progress=ctx.progress)
         art.seconds["eval"] = round(time.perf_counter() - t0, 1)
         families.write_eval(folder, ctx.eval, metrics)
         art.metrics = flat_metrics(metrics)

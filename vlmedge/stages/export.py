@@ -6,7 +6,8 @@ An export folder of a dual encoder holds::
     text_encoder.onnx    input_ids, attention_mask (N,L) -> text_embeds (N,D), L2-normalised
     manifest.json        family, preprocessing, tokenizer files, embedding size, opset, source, parity, precision
     tokenizer files      so a device needs nothing else
-    zero_shot_labels.json + zero_shot_text_embeds.npy (optional): a device can classify with the image encoder alone
+    zero_shot_labels.json + zero_shot_text_embeds.npy: a device can classify with the image encoder alone (the
+                         classes the run's evaluation scores, or the --label captions given)
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ class ExportConfig:
             raise VlmedgeError("export: parity_samples and parity_questions must be >= 1")
 
 
-def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig = ExportConfig()) -> dict[str, Any]:
-    """Export a model folder to ONNX (the graphs its family declares), check them, and write the manifest."""
+def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig = ExportConfig(),
+           eval_cfg=None) -> dict[str, Any]:
+    """Export a model folder to ONNX (the graphs its family declares), check them, and write the manifest.
+    `eval_cfg` (an `EvalConfig`): its zero-shot classes are precomputed into the export (`export_extras`)."""
     import onnx
     import torch
 
@@ -101,7 +104,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
         # id, which random ids lack, so a healthy one gives them all one output)
         family.sanity_check(adapter)
         manifest.update(family.verify_export(model, adapter, cfg.parity_questions))
-        manifest.update(family.export_extras(tmp, cfg.zero_shot_labels, adapter))
+        manifest.update(family.export_extras(tmp, adapter, cfg.zero_shot_labels, eval_cfg))
         del adapter  # its sessions close before the thread tuning opens its own
         write_json(tmp / MANIFEST, manifest)
         record_thread_tuning(tmp, cfg.tune_threads, {g: {k: v[:1] for k, v in f.items()} for g, f in feeds.items()})
@@ -128,4 +131,4 @@ def copy_support_files(src: Path, dst: Path) -> None:
 
 @register(ExportConfig, kind="export", consumes="model", produces="onnx", provides="onnx")
 def run(parent: Artifact, cfg: ExportConfig, ctx: Context) -> Artifact:
-    return ctx.artifact(parent, ctx.out, export(parent.path, ctx.out, cfg))
+    return ctx.artifact(parent, ctx.out, export(parent.path, ctx.out, cfg, ctx.eval))

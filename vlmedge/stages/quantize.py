@@ -220,11 +220,14 @@ def _layer_groups(path: Path) -> dict[str, list[str]]:
 
 
 def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfig(),
-             evaluate_fn: Callable[[Any], dict[str, float]] | None = None) -> dict[str, Any]:
+             evaluate_fn: Callable[[Any], dict[str, float]] | None = None, progress: bool = False) -> dict[str, Any]:
     """Quantize an export folder into `out` (written atomically). Returns sizes, scheme and what was kept in fp32.
 
-    `evaluate_fn` (the family's adapter of an export folder -> flat metrics) is needed for the accuracy-aware mode (`cfg.max_drop`).
+    `evaluate_fn` (the family's adapter of an export folder -> flat metrics) is needed for the accuracy-aware mode
+    (`cfg.max_drop`); `progress` reports its rounds (each one evaluation).
     """
+    from .._progress import Progress
+
     source = Path(source)
     manifest = read_manifest(source)
     if manifest.get("precision", "fp32") != "fp32":
@@ -260,13 +263,16 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
             order = _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32)
             score = evaluate_fn(encoder)[cfg.metric]
             info["accuracy_aware"] = {"metric": cfg.metric, "reference": reference[cfg.metric], "steps": []}
-            for tower, group in order:
+            bar = Progress("quantize: layer groups back to fp32", len(order), enabled=progress, unit="groups")
+            for k, (tower, group) in enumerate(order):
+                bar.update(k, **{cfg.metric: score})
                 if reference[cfg.metric] - score <= cfg.max_drop:
                     break
                 kept[tower].append(group)
                 encoder = build(kept)
                 score = evaluate_fn(encoder)[cfg.metric]
                 info["accuracy_aware"]["steps"].append({"kept_fp32": f"{tower}:{group}", cfg.metric: score})
+            bar.close()
             info["accuracy_aware"]["final"] = score
             info["accuracy_aware"]["within_tolerance"] = reference[cfg.metric] - score <= cfg.max_drop
             _write_manifest(tmp, manifest, cfg, scheme, why, kept)
@@ -326,5 +332,5 @@ def run(parent: Artifact, cfg: QuantizeConfig, ctx: Context) -> Artifact:
     family = families.of(parent.path)
     eval_cfg = ctx.eval or EvalConfig(data=cfg.data)
     info = quantize(parent.path, ctx.out, cfg,
-                    evaluate_fn=lambda adapter: flat_metrics(family.evaluate(adapter, eval_cfg)))
+                    evaluate_fn=lambda adapter: flat_metrics(family.evaluate(adapter, eval_cfg)), progress=ctx.progress)
     return ctx.artifact(parent, ctx.out, info)
