@@ -185,3 +185,71 @@ def test_compress_on_class_folders_gates_zero_shot_and_logs_progress(class_folde
     code, out, _ = run_cli("train", "--preset", "tiny", "--data", str(class_folders), "--steps", "3",
                            "--out", str(tmp_path / "quiet"), "--quiet")
     assert code == 0 and "train:" not in out
+
+
+def _shards(folder, n_shards, per_shard, size=64, start=0):
+    """WebDataset shards as `webdataset`'s ShardWriter writes them: key.jpg + key.txt per sample."""
+    import tarfile
+
+    rng = np.random.default_rng(start)
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(start, start + n_shards):
+        with tarfile.open(folder / f"shard-{s:06d}.tar", "w") as tar:
+            for i in range(per_shard):
+                buf = io.BytesIO()
+                _photo(rng, list(CLASSES.values())[i % 4], (size, size)).save(buf, "JPEG")
+                for ext, data in (("jpg", buf.getvalue()), ("txt", f"sample {s}-{i}".encode())):
+                    info = tarfile.TarInfo(f"{s:06d}_{i:05d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
+def test_shards_are_indexed_not_held_in_memory(tmp_path):
+    """20 shards open in the memory of their captions and offsets (tracemalloc counts numpy and Python alike); images
+    are decoded when a batch asks, identical to decoding the member directly; brace patterns select shards."""
+    import tarfile
+    import tracemalloc
+
+    from vlmedge.data import _decode
+
+    folder = _shards(tmp_path / "shards", 20, 50)
+    tracemalloc.start()
+    ds = open_dataset(str(folder), resolution=48)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    decoded = len(ds) * 48 * 48 * 3
+    assert len(ds) == 1000 and peak < decoded / 4, (peak, decoded)
+    with tarfile.open(folder / "shard-000007.tar") as tar:
+        direct = _decode(tar.extractfile("000007_00003.jpg").read(), 48)
+    k = ds.texts.index(["sample 7-3"])
+    assert np.array_equal(ds.images([k])[0], direct)
+    some = open_dataset(str(folder / "shard-{000003..000005}.tar"), resolution=48)
+    assert len(some) == 150 and {t[0].split("-")[0] for t in some.texts} == {"sample 3", "sample 4", "sample 5"}
+    assert len(open_dataset(str(folder / "shard-{000003,000009}.tar"), resolution=48, count=60)) == 60
+    with pytest.raises(VlmedgeError, match=r"shard-000020.tar not found \(80 of 81 missing\)"):
+        open_dataset(str(folder / "shard-{000019..000099}.tar"), resolution=48)
+
+
+def test_bad_shard_members_error_or_are_skipped(tmp_path):
+    import tarfile
+
+    folder = _shards(tmp_path / "shards", 1, 4)
+    with tarfile.open(folder / "shard-000000.tar", "a") as tar:
+        for name, data in (("junk.jpg", b"not a jpeg at all"), ("junk.txt", b"a caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(VlmedgeError, match="junk.jpg: cannot decode image"):
+        open_dataset(str(folder), resolution=32)
+    ds = open_dataset(str(folder), resolution=32, skip_bad=True)
+    assert len(ds) == 4 and ds.skipped == ["shard-000000.tar:junk"]
+    # a body corrupted past its header: named when a batch reads it
+    raw = bytearray((folder / "shard-000000.tar").read_bytes())
+    _, offset, size = (int(v) for v in ds.where[2])
+    raw[offset + 1024: offset + size] = b"\0" * (size - 1024)
+    (folder / "shard-000000.tar").write_bytes(bytes(raw))
+    broken = open_dataset(str(folder), resolution=32, skip_bad=True)
+    assert broken.images([0, 1]).shape == (2, 32, 32, 3)
+    with pytest.raises(VlmedgeError, match="000000_00002.jpg: cannot decode image"):
+        broken.images([2])

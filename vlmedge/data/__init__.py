@@ -12,7 +12,8 @@ A dataset with class labels (``ds.labels``, one per image, or None) also serves 
 
 Sources: ``shapes`` (optionally ``shapes:COUNT``), an image folder with ``metadata.jsonl`` (``file_name`` and
 ``text`` and/or ``label``), a class-folder tree (``root/<class>/*.jpg``, torchvision's ImageFolder layout; captions
-from `CAPTION_TEMPLATES`), a COCO captions JSON, or WebDataset ``.tar`` shards (one file, or a folder of them).
+from `CAPTION_TEMPLATES`), a COCO captions JSON, or WebDataset ``.tar`` shards (one file, a folder of them, or a brace pattern ``shard-{000..099}.tar``; indexed
+and read per batch, not held in memory: `ShardDataset`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -122,22 +123,13 @@ class ShapesDataset:
         return objs if (objs[0].colour, objs[0].shape) == (reference[0].colour, reference[0].shape) else objs[::-1]
 
 
-@dataclass
-class PairsDataset:
-    """Images (decoded, resized and cropped once, held in memory) with one or more captions each."""
+class _Captioned:
+    """Captions (`texts`: one or more per image) and the caption side of the dataset interface."""
 
-    images_array: np.ndarray
     texts: list[list[str]]
-    names: list[str]
-    skipped: list[str] = field(default_factory=list)
-    labels: list[str] | None = None
-    """One class label per image where the source has them (a label column, class folders)."""
 
     def __len__(self) -> int:
         return len(self.texts)
-
-    def images(self, indices):
-        return self.images_array[np.asarray(indices)]
 
     def captions(self, indices, rng):
         return [self.texts[i][rng.integers(len(self.texts[i]))] for i in indices]
@@ -149,6 +141,56 @@ class PairsDataset:
     def match(self, indices, specs):
         own = [{t.strip().lower() for t in self.texts[i]} for i in indices]
         return np.array([[sp in o for sp in specs] for o in own], dtype=np.float32)
+
+
+@dataclass
+class PairsDataset(_Captioned):
+    """Images (decoded, resized and cropped once, held in memory) with one or more captions each."""
+
+    images_array: np.ndarray
+    texts: list[list[str]]
+    names: list[str]
+    skipped: list[str] = field(default_factory=list)
+    labels: list[str] | None = None
+    """One class label per image where the source has them (a label column, class folders)."""
+
+    def images(self, indices):
+        return self.images_array[np.asarray(indices)]
+
+
+class ShardDataset(_Captioned):
+    """WebDataset `.tar` shards indexed, not loaded: each sample's image is a (shard, offset, size) and is read and
+    decoded when a batch asks for it, so memory holds the captions and three integers per sample whatever the size
+    of the shard set. Batches stay random-access (step-seeded, resumable, hard-negative neighbours), which a
+    sequential reader such as the `webdataset` library's pipeline does not give."""
+
+    def __init__(self, shards: list[Path], where: np.ndarray, exts: list[str], texts: list[list[str]],
+                 names: list[str], skipped: list[str], resolution: int):
+        self.shards, self.where, self.exts, self.texts, self.names = shards, where, exts, texts, names
+        self.skipped, self.resolution, self.labels = skipped, resolution, None
+        self._files: dict[int, Any] = {}
+
+    def _read(self, i: int) -> bytes:
+        shard, offset, size = (int(v) for v in self.where[i])
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = open(self.shards[shard], "rb")
+        f.seek(offset)
+        return f.read(size)
+
+    def images(self, indices):
+        out = []
+        for i in np.asarray(indices).reshape(-1):
+            try:
+                out.append(_decode(self._read(int(i)), self.resolution))
+            except (OSError, ValueError) as e:
+                raise VlmedgeError(f"{self.names[i]}: cannot decode image ({e}); its header read, its data did not "
+                                   "(a truncated or corrupt file)") from None
+        return np.stack(out)
+
+    def __del__(self):
+        for f in getattr(self, "_files", {}).values():
+            f.close()
 
 
 def shapes_count(source: str) -> int | None:
@@ -177,6 +219,8 @@ def open_dataset(source: str, split: str = "train", *, resolution: int, count: i
         return ShapesDataset(load_shapes(split, n or 20000, resolution, seed=seed, single_object=single_object,
                                          progress=progress))
     path = Path(source)
+    if "{" in source and source.endswith(".tar"):
+        return _load_webdataset(source, resolution, count, skip_bad, progress)
     if not path.exists():
         raise VlmedgeError(f"data source not found: {source} (expected 'shapes', an image folder with "
                            "metadata.jsonl, a COCO captions .json or WebDataset .tar shards)")
@@ -187,7 +231,7 @@ def open_dataset(source: str, split: str = "train", *, resolution: int, count: i
     elif path.suffix == ".json":
         items = _coco_items(path)
     elif path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar"))):
-        return _load_webdataset(path, resolution, count, skip_bad)
+        return _load_webdataset(source, resolution, count, skip_bad, progress)
     else:
         raise VlmedgeError(f"{source}: unrecognised dataset (no metadata.jsonl, no class folders of images, not a "
                            ".json or .tar)")
@@ -329,11 +373,58 @@ def _load_pairs(items, resolution: int, skip_bad: bool, progress: bool = False) 
     return PairsDataset(np.stack(images), texts, names, skipped, labels if labels else None)
 
 
-def _load_webdataset(path: Path, resolution: int, count: int | None, skip_bad: bool) -> PairsDataset:
-    shards = [path] if path.is_file() else sorted(path.glob("*.tar"))
-    images, texts, names, skipped = [], [], [], []
-    for shard in shards:
-        groups: dict[str, dict[str, bytes]] = {}
+def expand_shards(pattern: str) -> list[Path]:
+    """`shard-{000000..000099}.tar` (zero-padded numeric ranges) and `{a,b}` alternatives, as WebDataset writes
+    shard sets; every expanded name must exist."""
+    import re
+
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [Path(pattern)]
+    body, head, tail = match.group(1), pattern[:match.start()], pattern[match.end():]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        a, b = numeric.groups()
+        if int(b) < int(a):
+            raise VlmedgeError(f"{pattern}: range {{{body}}} runs backwards")
+        choices = [str(k).zfill(len(a)) for k in range(int(a), int(b) + 1)]
+    else:
+        choices = body.split(",")
+    return [p for c in choices for p in expand_shards(head + c + tail)]
+
+
+def _shard_list(source: str) -> list[Path]:
+    path = Path(source)
+    shards = expand_shards(source) if "{" in source else [path] if path.is_file() else sorted(path.glob("*.tar"))
+    missing = [s for s in shards if not s.is_file()]
+    if missing:
+        raise VlmedgeError(f"{source}: shard {missing[0]} not found ({len(missing)} of {len(shards)} missing)")
+    return shards
+
+
+def _image_header(data: bytes) -> None:
+    """Raise ValueError unless `data` opens as an image of an allowed size (the header only, nothing decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{im.width} x {im.height} pixels, more than the {MAX_IMAGE_PIXELS} allowed")
+    except Image.DecompressionBombError as e:
+        raise ValueError(str(e)) from None
+
+
+def _load_webdataset(source: str, resolution: int, count: int | None, skip_bad: bool,
+                     progress: bool = False) -> ShardDataset:
+    """Index shards: one pass over the tar headers (image data is skipped by seeking; only each image's first
+    bytes are read, to check it opens), captions read. Samples are `key.<image ext>` + `key.txt` pairs."""
+    from .._progress import Progress
+
+    shards = _shard_list(source)
+    where, exts, texts, names, skipped = [], [], [], [], []
+    bar = Progress("indexing shards", len(shards), enabled=progress and len(shards) > 1, unit="shards")
+    for k, shard in enumerate(shards):
+        groups: dict[str, dict[str, Any]] = {}
         try:
             with tarfile.open(shard) as tar:
                 for member in tar:
@@ -343,27 +434,40 @@ def _load_webdataset(path: Path, resolution: int, count: int | None, skip_bad: b
                     if name.startswith("/") or ".." in Path(name).parts:
                         raise VlmedgeError(f"{shard}: member {name!r} points outside the shard")
                     stem, _, ext = name.partition(".")
-                    f = tar.extractfile(member)
-                    groups.setdefault(stem, {})[ext.lower()] = f.read() if f else b""
+                    ext = ext.lower()
+                    if ext == "txt":
+                        f = tar.extractfile(member)
+                        groups.setdefault(stem, {})[ext] = f.read() if f else b""
+                    elif f".{ext}" in IMAGE_SUFFIXES:
+                        groups.setdefault(stem, {})[ext] = (member.offset_data, member.size)
         except tarfile.TarError as e:
             raise VlmedgeError(f"{shard}: not a readable tar file ({e})") from None
-        for stem, parts in groups.items():
-            image_ext = next((e for e in parts if f".{e}" in IMAGE_SUFFIXES), None)
-            if image_ext is None or "txt" not in parts:
-                continue
-            caption = _caption(parts["txt"].decode("utf-8", "replace").strip(), f"{shard}: {stem}.txt")
-            try:
-                images.append(_decode(parts[image_ext], resolution))
-            except (OSError, ValueError) as e:
-                if not skip_bad:
-                    raise VlmedgeError(f"{shard}: {stem}.{image_ext}: cannot decode image ({e}); "
-                                       "use --skip-bad to skip and count such files") from None
-                skipped.append(f"{shard.name}:{stem}")
-                continue
-            texts.append([caption])
-            names.append(f"{shard.name}:{stem}")
-            if count and len(texts) >= count:
-                return PairsDataset(np.stack(images), texts, names, skipped)
-    if not images:
-        raise VlmedgeError(f"{path}: no image + .txt pairs found in {len(shards)} shard(s)")
-    return PairsDataset(np.stack(images), texts, names, skipped)
+        with open(shard, "rb") as f:
+            for stem, parts in groups.items():
+                image_ext = next((e for e in parts if e != "txt"), None)
+                if image_ext is None or "txt" not in parts:
+                    continue
+                caption = _caption(parts["txt"].decode("utf-8", "replace").strip(), f"{shard}: {stem}.txt")
+                offset, size = parts[image_ext]
+                f.seek(offset)
+                try:
+                    _image_header(f.read(min(size, 65536)))
+                except (OSError, ValueError) as e:
+                    if not skip_bad:
+                        raise VlmedgeError(f"{shard}: {stem}.{image_ext}: cannot decode image ({e}); "
+                                           "use --skip-bad to skip and count such files") from None
+                    skipped.append(f"{shard.name}:{stem}")
+                    continue
+                where.append((k, offset, size))
+                exts.append(image_ext)
+                texts.append([caption])
+                names.append(f"{shard}:{stem}.{image_ext}")
+                if count and len(texts) >= count:
+                    break
+        bar.update(k + 1)
+        if count and len(texts) >= count:
+            break
+    bar.close()
+    if not texts:
+        raise VlmedgeError(f"{source}: no image + .txt pairs found in {len(shards)} shard(s)")
+    return ShardDataset(shards, np.asarray(where, dtype=np.int64), exts, texts, names, skipped, resolution)

@@ -197,14 +197,16 @@ class UserVQA:
     """Images with questions and answers (VQA v2 JSON pair or an image folder's metadata.jsonl), or captions (COCO,
     WebDataset, metadata `text`) asked as "describe the image"."""
 
-    def __init__(self, images: np.ndarray, rows: list[list[tuple[str, tuple[str, ...], str]]], captions: bool):
-        self.images_array, self.rows, self.is_captions = images, rows, captions
+    def __init__(self, pictures, rows: list[list[tuple[str, tuple[str, ...], str]]], captions: bool):
+        """`pictures`: the loaded dataset whose `images(indices)` gives each row's image (decoded in memory, or
+        shards read per batch)."""
+        self.pictures, self.rows, self.is_captions = pictures, rows, captions
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def images(self, indices):
-        return self.images_array[np.asarray(indices)]
+        return self.pictures.images(indices)
 
     def captions(self, indices, rng):
         return [self.rows[i][rng.integers(len(self.rows[i]))][1][0] for i in indices]
@@ -344,8 +346,8 @@ def open_vqa(source: str, split: str = "train", *, resolution: int, count: int |
         else:
             ds = open_dataset(source, split, resolution=resolution, count=count, skip_bad=skip_bad)
             rows = [[(DESCRIBE[0], tuple(t), "describe")] for t in ds.texts]
-            return UserVQA(ds.images_array, rows, True)
+            return UserVQA(ds, rows, True)
     if count:
         items = items[:count]
     loaded = _load_pairs(items, resolution, skip_bad)  # each item's payload (its question rows) rides along
-    return UserVQA(loaded.images_array, loaded.texts, captions)
+    return UserVQA(loaded, loaded.texts, captions)
