@@ -49,18 +49,21 @@ def tiny_clip(tmp_path_factory, tiny_model) -> Path:
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, max_position_embeddings=32,
-                                      pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
-                                      eos_token_id=tok.sep_token_id),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=32, patch_size=8),
-                     projection_dim=16)
+    cfg = CLIPConfig(**tiny_tower_configs(tok, max_position_embeddings=32), projection_dim=16)
     out = tmp_path_factory.mktemp("clip") / "clip"
     CLIPModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     (out / "preprocessor_config.json").write_text(json.dumps({"crop_size": 32, "size": {"shortest_edge": 32}}))
     return out
+
+
+def tiny_tower_configs(tok, max_position_embeddings: int) -> dict:
+    """text_config and vision_config of a 32-wide, 2-layer folder (CLIP, SigLIP) using the tokenizer `tok`."""
+    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    return {"text_config": dict(vocab_size=len(tok), max_position_embeddings=max_position_embeddings,
+                                pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
+                                eos_token_id=tok.sep_token_id, **layers),
+            "vision_config": dict(image_size=32, patch_size=8, **layers)}
 
 
 def run_cli(*args: str, timeout: float = 600) -> tuple[int, str, str]:

@@ -95,6 +95,8 @@ def build_from_preset(preset: dict[str, Any] | str, tokenizer, *, seed: int = 0,
     their `model_type`), `clip` (a CLIPModel: CLIP vision and text configs; the text tower pools at [SEP]) or
     `siglip` (a SiglipModel: the text tower pools at the last position, projected to the vision width).
     """
+    import math
+
     import torch
     from transformers import AutoConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
 
@@ -126,6 +128,9 @@ def build_from_preset(preset: dict[str, Any] | str, tokenizer, *, seed: int = 0,
         text.update(tokens, bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
                     projection_size=vision["hidden_size"])
         model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+        with torch.no_grad():  # the SigLIP paper's start, t = 10 and b = -10 (Hugging Face's init is t = 1, b = 0:
+            model.logit_scale.fill_(math.log(10.0))  # every pair's logit near 0, and a 64-pair batch learned
+            model.logit_bias.fill_(-10.0)  # nothing in 300 steps; from the paper's start, as much as InfoNCE)
         positions = model.vision_model.embeddings.position_embedding.weight
     else:
         raise VlmedgeError(f"preset: architecture={architecture!r}; expected dual_encoder, clip or siglip")
