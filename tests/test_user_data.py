@@ -106,6 +106,8 @@ def test_zero_shot_classes_and_templates_errors(tmp_path, class_folders):
         EvalConfig(templates="a photo of a dog.|a {} photo of {}")
     with pytest.raises(VlmedgeError, match="cannot read"):
         EvalConfig(classes=str(tmp_path / "nope.txt"))
+    with pytest.raises(VlmedgeError, match="not a file, and no"):
+        EvalConfig(templates="a photo of a dog")
     (tmp_path / "templates.txt").write_text("# mine\na photo of a {}.\nan origami {}.\n")
     cfg = EvalConfig(templates=str(tmp_path / "templates.txt"))
     assert cfg.template_list() == ["a photo of a {}.", "an origami {}."]

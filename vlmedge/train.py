@@ -348,8 +348,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     bar = Progress("distill" if teacher else "train", cfg.steps, enabled=progress and dist.rank == 0, start=start,
                    unit="samples")
     done = start  # steps whose update has been applied
+    stop = _DeferredInterrupt(dist.world == 1)
     try:
         for step in range(start, cfg.steps):
+            stop.check()
             t_step = time.perf_counter()
             indices = _batch_indices(ds, step, cfg)
             captions, specs = ds.training_captions(indices, np.random.default_rng([cfg.seed, step, 11]))
@@ -387,6 +389,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
                 bar.update(step + 1, loss=step_loss, rate=rate)
                 if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                     save_checkpoint(ckpt, vlm, optimizer, scheduler, step + 1, asdict(cfg))
+        stop.check()
     except KeyboardInterrupt:
         if dist.rank == 0 and done > start:
             save_checkpoint(ckpt, vlm, optimizer, scheduler, done, asdict(cfg))
@@ -394,6 +397,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
             raise Interrupted(f"interrupted after step {done}; checkpoint saved; continue with --resume") from None
         raise
     finally:
+        stop.restore()
         bar.close()
     elapsed = time.perf_counter() - t0
     summary = {"steps": cfg.steps, "resumed_from": start, "first_loss": losses[0] if losses else None,
@@ -410,6 +414,39 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         finish_model_folder(out / ".model.partial", out)
     dist.close()
     return summary
+
+
+class _DeferredInterrupt:
+    """Ctrl-C (SIGINT) during a single-process run stops at the end of the current step, not inside it: a
+    KeyboardInterrupt raised in the middle of an optimizer step or of a checkpoint's tokenizer and safetensors writes
+    once left a process that never exited, and a half-applied step would be saved as done. A second Ctrl-C
+    interrupts at once. Under torchrun (`enabled` False) the signal is left as it is: ranks told to stop at
+    different steps would wait on each other's collectives."""
+
+    def __init__(self, enabled: bool):
+        import signal
+        import threading
+
+        self.requested, self.previous = False, None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt here, between steps, if Ctrl-C was pressed."""
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def finish_model_folder(staged: Path, out: Path) -> None:

@@ -111,9 +111,13 @@ class EvalConfig:
             return list(DEFAULT_TEMPLATES)
         from pathlib import Path
 
-        inline = "{}" in self.templates and not Path(self.templates).is_file()
-        found = [t.strip() for t in self.templates.split("|") if t.strip()] if inline else \
-            _lines(self.templates, "templates")
+        if Path(self.templates).is_file():
+            found = _lines(self.templates, "templates")
+        elif "{}" in self.templates:
+            found = [t.strip() for t in self.templates.split("|") if t.strip()]
+        else:
+            raise VlmedgeError(f"eval: templates {self.templates!r}: not a file, and no {{}} where the class name "
+                               "goes (e.g. 'a photo of a {}.|a drawing of a {}.')")
         for t in found:
             if t.count("{}") != 1:
                 raise VlmedgeError(f"eval: template {t!r} ({self.templates}) needs exactly one {{}} for the class "
