@@ -339,6 +339,7 @@ def _add_config_flags(p, cls, *, rename: dict[str, str] | None = None, skip: tup
 
 
 EXPORT_FLAGS = {"zero_shot_labels": "label"}
+QUIET_HELP = "no progress (on a terminal a bar; in logs and CI a plain line about every 10 %%)"
 QUANTIZE_FLAGS = {"exclude_nodes": "exclude_node", "op_types": "op_type", "exclude_op_types": "exclude_op_type"}
 """Config fields whose flag is named otherwise (the singular of a repeatable flag)."""
 
@@ -375,7 +376,7 @@ def _add_train(sub) -> None:
     p.add_argument("--data-count", type=int, help="images to generate/use (shapes default: preset's)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable images instead of failing")
-    p.add_argument("--quiet", action="store_true", help="no progress (on a terminal a bar; in logs and CI a plain line about every 10 %%)")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.set_defaults(func=cmd_train)
 
 
@@ -401,7 +402,7 @@ def _add_eval(sub) -> None:
     p.add_argument("path", help="model folder or ONNX export folder")
     _add_config_flags(p, EvalConfig)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--quiet", action="store_true", help="no progress (on a terminal a bar; in logs and CI a plain line about every 10 %%)")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.set_defaults(func=cmd_eval)
 
 
@@ -419,7 +420,7 @@ def _add_common(p, data_help: str = "data for calibration and evaluation") -> No
     p.add_argument("--out", required=True, help="folder to write (it records the step: the same command again skips)")
     p.add_argument("--data", default="shapes", help=f"{data_help} (default: shapes)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluating the result")
-    p.add_argument("--quiet", action="store_true", help="no progress (on a terminal a bar; in logs and CI a plain line about every 10 %%)")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def _add_prune(sub) -> None:
@@ -514,7 +515,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
                    help="override a recipe field, e.g. --set stages.train.steps=100 (repeatable)")
     p.add_argument("--force", action="store_true", help="rerun every stage even if finished")
-    p.add_argument("--quiet", action="store_true", help="no progress (on a terminal a bar; in logs and CI a plain line about every 10 %%); only the final table")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP + "; only the final table")
     p.set_defaults(func=cmd_compress)
 
 

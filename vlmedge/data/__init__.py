@@ -12,8 +12,8 @@ A dataset with class labels (``ds.labels``, one per image, or None) also serves 
 
 Sources: ``shapes`` (optionally ``shapes:COUNT``), an image folder with ``metadata.jsonl`` (``file_name`` and
 ``text`` and/or ``label``), a class-folder tree (``root/<class>/*.jpg``, torchvision's ImageFolder layout; captions
-from `CAPTION_TEMPLATES`), a COCO captions JSON, or WebDataset ``.tar`` shards (one file, a folder of them, or a brace pattern ``shard-{000..099}.tar``; indexed
-and read per batch, not held in memory: `ShardDataset`).
+from `CAPTION_TEMPLATES`), a COCO captions JSON, or WebDataset ``.tar`` shards (one file, a folder of them, or a
+brace pattern ``shard-{000..099}.tar``; indexed and read per batch, not held in memory: `ShardDataset`).
 """
 
 from __future__ import annotations
@@ -164,9 +164,9 @@ class ShardDataset(_Captioned):
     of the shard set. Batches stay random-access (step-seeded, resumable, hard-negative neighbours), which a
     sequential reader such as the `webdataset` library's pipeline does not give."""
 
-    def __init__(self, shards: list[Path], where: np.ndarray, exts: list[str], texts: list[list[str]],
-                 names: list[str], skipped: list[str], resolution: int):
-        self.shards, self.where, self.exts, self.texts, self.names = shards, where, exts, texts, names
+    def __init__(self, shards: list[Path], where: np.ndarray, texts: list[list[str]], names: list[str],
+                 skipped: list[str], resolution: int):
+        self.shards, self.where, self.texts, self.names = shards, where, texts, names
         self.skipped, self.resolution, self.labels = skipped, resolution, None
         self._files: dict[int, Any] = {}
 
@@ -332,7 +332,9 @@ def _coco_items(path: Path) -> list[tuple[Path, list[str], str]]:
     return [(_inside(root, images[i], str(path)), caps, images[i]) for i, caps in texts.items() if i in images]
 
 
-def _decode(data: bytes | Path, resolution: int):
+def _decode(data: bytes | Path, resolution: int | None):
+    """An image resized and cropped to `resolution`, or with `resolution` None only its header read and checked.
+    Raises OSError or ValueError for what is not an image or is too large (checked from the header)."""
     from PIL import Image
 
     from ..preprocess import resize_crop
@@ -341,6 +343,8 @@ def _decode(data: bytes | Path, resolution: int):
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:  # checked from the header, before decoding
                 raise ValueError(f"{im.width} x {im.height} pixels, more than the {MAX_IMAGE_PIXELS} allowed")
+            if resolution is None:
+                return None
             im.load()
             return resize_crop([im], resolution, resolution)[0]
     except Image.DecompressionBombError as e:  # PIL's own limit (not an OSError): skippable like any bad image
@@ -402,18 +406,6 @@ def _shard_list(source: str) -> list[Path]:
     return shards
 
 
-def _image_header(data: bytes) -> None:
-    """Raise ValueError unless `data` opens as an image of an allowed size (the header only, nothing decoded)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"{im.width} x {im.height} pixels, more than the {MAX_IMAGE_PIXELS} allowed")
-    except Image.DecompressionBombError as e:
-        raise ValueError(str(e)) from None
-
-
 def _load_webdataset(source: str, resolution: int, count: int | None, skip_bad: bool,
                      progress: bool = False) -> ShardDataset:
     """Index shards: one pass over the tar headers (image data is skipped by seeking; only each image's first
@@ -421,7 +413,7 @@ def _load_webdataset(source: str, resolution: int, count: int | None, skip_bad: 
     from .._progress import Progress
 
     shards = _shard_list(source)
-    where, exts, texts, names, skipped = [], [], [], [], []
+    where, texts, names, skipped = [], [], [], []
     bar = Progress("indexing shards", len(shards), enabled=progress and len(shards) > 1, unit="shards")
     for k, shard in enumerate(shards):
         groups: dict[str, dict[str, Any]] = {}
@@ -451,7 +443,7 @@ def _load_webdataset(source: str, resolution: int, count: int | None, skip_bad: 
                 offset, size = parts[image_ext]
                 f.seek(offset)
                 try:
-                    _image_header(f.read(min(size, 65536)))
+                    _decode(f.read(min(size, 65536)), None)  # the header: is it an image, of an allowed size
                 except (OSError, ValueError) as e:
                     if not skip_bad:
                         raise VlmedgeError(f"{shard}: {stem}.{image_ext}: cannot decode image ({e}); "
@@ -459,7 +451,6 @@ def _load_webdataset(source: str, resolution: int, count: int | None, skip_bad: 
                     skipped.append(f"{shard.name}:{stem}")
                     continue
                 where.append((k, offset, size))
-                exts.append(image_ext)
                 texts.append([caption])
                 names.append(f"{shard}:{stem}.{image_ext}")
                 if count and len(texts) >= count:
@@ -470,4 +461,4 @@ def _load_webdataset(source: str, resolution: int, count: int | None, skip_bad: 
     bar.close()
     if not texts:
         raise VlmedgeError(f"{source}: no image + .txt pairs found in {len(shards)} shard(s)")
-    return ShardDataset(shards, np.asarray(where, dtype=np.int64), exts, texts, names, skipped, resolution)
+    return ShardDataset(shards, np.asarray(where, dtype=np.int64), texts, names, skipped, resolution)
