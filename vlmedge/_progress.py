@@ -13,6 +13,10 @@ import time
 from typing import Any
 
 
+LARGE = 4096
+"""Sets of items (images to embed or decode) at least this large report their progress; smaller ones are quick."""
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds < 60:

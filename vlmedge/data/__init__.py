@@ -353,24 +353,24 @@ def _decode(data: bytes | Path, resolution: int | None):
 
 def _load_pairs(items, resolution: int, skip_bad: bool, progress: bool = False) -> PairsDataset:
     """Items are (path, captions, name) or (path, captions, name, label)."""
-    from .._progress import Progress
+    from .._progress import LARGE, Progress
 
     images, texts, names, labels, skipped = [], [], [], [], []
-    bar = Progress("decoding images", len(items), enabled=progress and len(items) >= 4096, unit="images")
-    for k, (path, caps, name, *label) in enumerate(items):
-        bar.update(k + 1)
-        try:
-            images.append(_decode(path, resolution))
-        except (OSError, ValueError) as e:
-            if not skip_bad:
-                raise VlmedgeError(f"{path}: cannot read image ({type(e).__name__}: {e}); "
-                                   "use --skip-bad to skip and count such files") from None
-            skipped.append(name)
-            continue
-        texts.append(caps)
-        names.append(name)
-        labels += label
-    bar.close()
+    with Progress("decoding images", len(items), enabled=progress and len(items) >= LARGE, unit="images") as bar:
+        for k, (path, caps, name, *label) in enumerate(items):
+            try:
+                images.append(_decode(path, resolution))
+            except (OSError, ValueError) as e:
+                if not skip_bad:
+                    raise VlmedgeError(f"{path}: cannot read image ({type(e).__name__}: {e}); "
+                                       "use --skip-bad to skip and count such files") from None
+                skipped.append(name)
+                continue
+            finally:
+                bar.update(k + 1)
+            texts.append(caps)
+            names.append(name)
+            labels += label
     if not images:
         where = f" ({items[0][0].parent})" if items else ""
         raise VlmedgeError(f"dataset{where} has no readable images ({len(skipped)} skipped as unreadable)")
@@ -414,51 +414,50 @@ def _load_webdataset(source: str, resolution: int, count: int | None, skip_bad: 
 
     shards = _shard_list(source)
     where, texts, names, skipped = [], [], [], []
-    bar = Progress("indexing shards", len(shards), enabled=progress and len(shards) > 1, unit="shards")
-    for k, shard in enumerate(shards):
-        groups: dict[str, dict[str, Any]] = {}
-        try:
-            with tarfile.open(shard) as tar:
-                for member in tar:
-                    if not member.isfile():
+    with Progress("indexing shards", len(shards), enabled=progress and len(shards) > 1, unit="shards") as bar:
+        for k, shard in enumerate(shards):
+            groups: dict[str, dict[str, Any]] = {}
+            try:
+                with tarfile.open(shard) as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        name = member.name
+                        if name.startswith("/") or ".." in Path(name).parts:
+                            raise VlmedgeError(f"{shard}: member {name!r} points outside the shard")
+                        stem, _, ext = name.partition(".")
+                        ext = ext.lower()
+                        if ext == "txt":
+                            f = tar.extractfile(member)
+                            groups.setdefault(stem, {})[ext] = f.read() if f else b""
+                        elif f".{ext}" in IMAGE_SUFFIXES:
+                            groups.setdefault(stem, {})[ext] = (member.offset_data, member.size)
+            except tarfile.TarError as e:
+                raise VlmedgeError(f"{shard}: not a readable tar file ({e})") from None
+            with open(shard, "rb") as f:
+                for stem, parts in groups.items():
+                    image_ext = next((e for e in parts if e != "txt"), None)
+                    if image_ext is None or "txt" not in parts:
                         continue
-                    name = member.name
-                    if name.startswith("/") or ".." in Path(name).parts:
-                        raise VlmedgeError(f"{shard}: member {name!r} points outside the shard")
-                    stem, _, ext = name.partition(".")
-                    ext = ext.lower()
-                    if ext == "txt":
-                        f = tar.extractfile(member)
-                        groups.setdefault(stem, {})[ext] = f.read() if f else b""
-                    elif f".{ext}" in IMAGE_SUFFIXES:
-                        groups.setdefault(stem, {})[ext] = (member.offset_data, member.size)
-        except tarfile.TarError as e:
-            raise VlmedgeError(f"{shard}: not a readable tar file ({e})") from None
-        with open(shard, "rb") as f:
-            for stem, parts in groups.items():
-                image_ext = next((e for e in parts if e != "txt"), None)
-                if image_ext is None or "txt" not in parts:
-                    continue
-                caption = _caption(parts["txt"].decode("utf-8", "replace").strip(), f"{shard}: {stem}.txt")
-                offset, size = parts[image_ext]
-                f.seek(offset)
-                try:
-                    _decode(f.read(min(size, 65536)), None)  # the header: is it an image, of an allowed size
-                except (OSError, ValueError) as e:
-                    if not skip_bad:
-                        raise VlmedgeError(f"{shard}: {stem}.{image_ext}: cannot decode image ({e}); "
-                                           "use --skip-bad to skip and count such files") from None
-                    skipped.append(f"{shard.name}:{stem}")
-                    continue
-                where.append((k, offset, size))
-                texts.append([caption])
-                names.append(f"{shard}:{stem}.{image_ext}")
-                if count and len(texts) >= count:
-                    break
-        bar.update(k + 1)
-        if count and len(texts) >= count:
-            break
-    bar.close()
+                    caption = _caption(parts["txt"].decode("utf-8", "replace").strip(), f"{shard}: {stem}.txt")
+                    offset, size = parts[image_ext]
+                    f.seek(offset)
+                    try:
+                        _decode(f.read(min(size, 65536)), None)  # the header: is it an image, of an allowed size
+                    except (OSError, ValueError) as e:
+                        if not skip_bad:
+                            raise VlmedgeError(f"{shard}: {stem}.{image_ext}: cannot decode image ({e}); "
+                                               "use --skip-bad to skip and count such files") from None
+                        skipped.append(f"{shard.name}:{stem}")
+                        continue
+                    where.append((k, offset, size))
+                    texts.append([caption])
+                    names.append(f"{shard}:{stem}.{image_ext}")
+                    if count and len(texts) >= count:
+                        break
+            bar.update(k + 1)
+            if count and len(texts) >= count:
+                break
     if not texts:
         raise VlmedgeError(f"{source}: no image + .txt pairs found in {len(shards)} shard(s)")
     return ShardDataset(shards, np.asarray(where, dtype=np.int64), texts, names, skipped, resolution)

@@ -141,15 +141,11 @@ def _lines(path: str, key: str) -> list[str]:
     return lines
 
 
-LARGE_SET = 4096
-"""Image sets at least this large report their embedding progress (`evaluate(progress=True)`)."""
-
-
 def _embed_images(encoder: Encoder, images: np.ndarray, batch: int = 256, progress: bool = False) -> np.ndarray:
-    from .._progress import Progress
+    from .._progress import LARGE, Progress
 
     out = []
-    with Progress("eval: images", len(images), enabled=progress and len(images) >= LARGE_SET, unit="images") as bar:
+    with Progress("eval: images", len(images), enabled=progress and len(images) >= LARGE, unit="images") as bar:
         for i in range(0, len(images), batch):
             out.append(encoder.encode_images(encoder.preprocess(images[i:i + batch])))
             bar.update(min(i + batch, len(images)))

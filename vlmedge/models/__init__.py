@@ -1,7 +1,7 @@
 """Models: presets (data, not code), building the seed's dual encoder, loading local folders, and embedding.
 
 The model format is a Hugging Face `save_pretrained` folder with safetensors weights, a tokenizer and a
-`preprocessor_config.json`. Two architectures load through the same call and behave the same downstream:
+`preprocessor_config.json`. Three architectures load through the same call and behave the same downstream:
 `VisionTextDualEncoderModel` (the seed's ViT + BERT with linear projections), `CLIPModel` and `SiglipModel`
 (sigmoid loss; attention-pooled vision tower, text pooled at the last position).
 A model pruned by vlmedge carries its pruning plan in `config.json` (`vlmedge_pruning`) and is rebuilt from it.

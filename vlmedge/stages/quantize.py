@@ -263,16 +263,15 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
             order = _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32)
             score = evaluate_fn(encoder)[cfg.metric]
             info["accuracy_aware"] = {"metric": cfg.metric, "reference": reference[cfg.metric], "steps": []}
-            bar = Progress("quantize: layer groups back to fp32", len(order), enabled=progress, unit="groups")
-            for k, (tower, group) in enumerate(order):
-                bar.update(k, **{cfg.metric: score})
-                if reference[cfg.metric] - score <= cfg.max_drop:
-                    break
-                kept[tower].append(group)
-                encoder = build(kept)
-                score = evaluate_fn(encoder)[cfg.metric]
-                info["accuracy_aware"]["steps"].append({"kept_fp32": f"{tower}:{group}", cfg.metric: score})
-            bar.close()
+            with Progress("quantize: layer groups back to fp32", len(order), enabled=progress, unit="groups") as bar:
+                for k, (tower, group) in enumerate(order):
+                    bar.update(k, **{cfg.metric: score})
+                    if reference[cfg.metric] - score <= cfg.max_drop:
+                        break
+                    kept[tower].append(group)
+                    encoder = build(kept)
+                    score = evaluate_fn(encoder)[cfg.metric]
+                    info["accuracy_aware"]["steps"].append({"kept_fp32": f"{tower}:{group}", cfg.metric: score})
             info["accuracy_aware"]["final"] = score
             info["accuracy_aware"]["within_tolerance"] = reference[cfg.metric] - score <= cfg.max_drop
             _write_manifest(tmp, manifest, cfg, scheme, why, kept)
