@@ -29,6 +29,10 @@ from .errors import VlmedgeError
 from .recipe import Recipe, to_dict
 
 
+TOWER = "tower"
+"""The step that trains a two-stage recipe's image tower (`model.tower`)."""
+
+
 def run(recipe: Recipe, out: str | Path, *, force: bool = False, console=None,
         on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every stage of `recipe` into `out`, benchmark, write the report; returns the report."""
@@ -57,10 +61,20 @@ def run(recipe: Recipe, out: str | Path, *, force: bool = False, console=None,
     # the teacher: a trained preset, a user's folder fine-tuned, or (no train stage) the folder or untrained preset
     stages = list(recipe.stages)
     first = stages.pop(0) if stages and stages[0].kind == "train" else None
-    teacher = step(0, "teacher", first.config if first else recipe.model, None, context)
+    index = 0
+    config = first.config if first else recipe.model
+    if recipe.model.tower is not None:  # two-stage: the dual-encoder tower first, its image tower starts the teacher
+        from .train import TrainStage
+
+        t = recipe.model.tower
+        tower = step(index, TOWER, TrainStage(steps=t.steps, batch_size=t.batch_size), None,
+                     dataclasses.replace(context, model=dataclasses.replace(recipe.model, preset=t.preset,
+                                                                            tower=None)))
+        config, index = dataclasses.replace(config, vision_init=tower.path), index + 1
+    teacher = step(index, "teacher", config, None, context)
     context = dataclasses.replace(context, teacher=teacher)
     latest: dict[str, Artifact] = {"model": teacher}  # the newest artifact each later stage may consume, by kind
-    for index, stage in enumerate(stages, start=1):
+    for index, stage in enumerate(stages, start=index + 1):
         spec = spec_for(stage.config)
         art = step(index, stage.name, stage.config, latest[spec.consumes], context)
         if spec.provides:
@@ -84,7 +98,8 @@ def _bench(recipe: Recipe, steps: list[Artifact], out: Path, force: bool, consol
             console.print(f"[dim]bench: cached ({path.name})[/]")
         return json.loads(path.read_text())
     results: dict[str, dict[str, Any]] = {}
-    runs = [(s, target, options) for s in steps for target, options in recipe.targets if TARGET_KINDS[target] == s.kind]
+    runs = [(s, target, options) for s in steps if s.name != TOWER  # a means to the teacher, not a deliverable
+            for target, options in recipe.targets if TARGET_KINDS[target] == s.kind]
     t0 = time.perf_counter()
     for k, (s, target, options) in enumerate(runs):
         if console is not None:

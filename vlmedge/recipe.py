@@ -125,6 +125,8 @@ def _coerce(value, tp, path: str, where: _Where):
         if not isinstance(value, str):
             raise where.error(path, f"expected a string, got {value!r}")
         return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path, where)
     return value
 
 
@@ -239,6 +241,8 @@ def parse_recipe(data: Any, where: _Where, source_file: str = "") -> Recipe:
     model = build(ModelSpec, data["model"], "model", where)
     if (model.preset is None) == (model.path is None):
         raise where.error("model", "give exactly one of preset or path")
+    if model.tower is not None and model.preset is None:
+        raise where.error("model.tower", "a tower starts a preset's image encoder; a model folder (path) has one")
     if model.preset:
         from .models import preset_names
         if model.preset not in preset_names() and not model.preset.endswith(".json"):
@@ -253,6 +257,8 @@ def parse_recipe(data: Any, where: _Where, source_file: str = "") -> Recipe:
         raw_eval["data"] = data_spec.source  # evaluate on the run's data unless told otherwise
     eval_spec = build(EvalConfig, raw_eval, "eval", where)
     stages = _parse_stages(data["stages"], model, where)
+    if model.tower is not None and (stages[0].kind != "train" or stages[0].config.vision_init):
+        raise where.error("model.tower", "needs a first train stage without vision_init (the tower becomes it)")
     targets = []
     raw_targets = data.get("targets", ["torch", "cpu"])
     if not isinstance(raw_targets, list):

@@ -14,10 +14,12 @@ report.json, the contract CI tools read::
       metrics {"zero_shot.top1": 0.93, ...}          fractions in [0, 1]
       retention {"zero_shot.top1": 0.99, ...}        metric / teacher's metric
       latency {TARGET: {target, device, threads, runtime, precision, batch,
-                        image|text|pair|zero_shot: {p50_ms, p90_ms, p99_ms, mean_ms, min_ms, max_ms, cv, samples,
-                                                    stable},
-                        throughput {batch, images_per_s}, peak_rss_mb}}
-      speedup_vs_teacher {TARGET: {image_p50, pair_p50, pair_p90}}   teacher torch latency / this step's
+                        SCENARIO: {p50_ms, p90_ms, p99_ms, mean_ms, min_ms, max_ms, cv, samples, stable},
+                        throughput {batch, images_per_s} (dual encoders), peak_rss_mb}}
+                        scenarios per family: image|text|pair|zero_shot (dual encoder), vision|ttft|decode|answer
+                        (generative), image|rerank|query (matching)
+      speedup_vs_teacher {TARGET: {SCENARIO_p50, SCENARIO_p90}}   teacher torch latency / this step's, for every
+                                                                   scenario both have (image_p50, pair_p90, ...)
       info              stage-specific facts (pruning shape, parity, quantization scheme, ...)
     gates[]           budget results when the recipe has gates: {budget, passed, value, message}
     complete          false while stages are still running
@@ -34,7 +36,19 @@ from ._io import write_json, write_text
 
 SCHEMA = "vlmedge.report/1"
 REFERENCE = ("teacher", "torch")
-KEY_METRICS = ("zero_shot.top1", "zero_shot.top5", "retrieval.i2t_r5", "retrieval.t2i_r5", "hard_negatives.colour")
+
+
+def _family(report: dict):
+    """The run's model family: its teacher's (a two-stage recipe's tower is a dual encoder)."""
+    from . import families
+
+    steps = report["steps"]
+    teacher = next((s for s in steps if s["name"] == REFERENCE[0]), steps[0] if steps else {})
+    return families.get(teacher.get("family") or families.DEFAULT)
+
+
+def _scenarios(record: dict) -> list[str]:
+    return [k for k, v in record.items() if isinstance(v, dict) and {"p50_ms", "p90_ms"} <= set(v)]
 
 
 def _threads(lat: dict[str, Any]) -> str:
@@ -47,7 +61,7 @@ def _threads(lat: dict[str, Any]) -> str:
 def build(recipe, steps, bench: dict | None) -> dict[str, Any]:
     from .recipe import to_dict
 
-    teacher = steps[0] if steps else None
+    teacher = next((s for s in steps if s.name == REFERENCE[0]), steps[0] if steps else None)
     results = (bench or {}).get("results", {})
     ref = results.get(REFERENCE[0], {}).get(REFERENCE[1])
     rows = []
@@ -58,9 +72,9 @@ def build(recipe, steps, bench: dict | None) -> dict[str, Any]:
         row["latency"] = results.get(s.name, {})
         if ref:
             row["speedup_vs_teacher"] = {
-                t: {"image_p50": ref["image"]["p50_ms"] / r["image"]["p50_ms"],
-                    "pair_p50": ref["pair"]["p50_ms"] / r["pair"]["p50_ms"],
-                    "pair_p90": ref["pair"]["p90_ms"] / r["pair"]["p90_ms"]} for t, r in row["latency"].items()}
+                t: {f"{name}_{p}": ref[name][f"{p}_ms"] / r[name][f"{p}_ms"]
+                    for name in _scenarios(r) if name in ref for p in ("p50", "p90")}
+                for t, r in row["latency"].items()}
         rows.append(row)
     report = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "recipe": to_dict(recipe),
               "environment": (bench or {}).get("environment"), "measure": (bench or {}).get("measure"),
@@ -79,33 +93,37 @@ def _fmt(v, spec: str = ".3f") -> str:
 
 
 def table_rows(report: dict, compact: bool = False) -> tuple[list[str], list[list[str]]]:
-    """The step table; `compact` keeps what fits a terminal (top-1, R@5, retention, pair latency, speedup)."""
+    """The step table; `compact` keeps what fits a terminal (two accuracy columns, retention, the family's headline
+    latency and speedup)."""
+    family = _family(report)
+    head, first = family.headline_scenario, family.report_metrics[0]
     targets = sorted({t for s in report["steps"] for t in s.get("latency", {})})
-    metrics = KEY_METRICS[:1] + KEY_METRICS[2:3] if compact else KEY_METRICS
-    header = ["step", "params", "size MB"] + ([] if compact else ["GFLOPs img"])
-    header += list(metrics) + ["retention top1"]
+    metrics = family.report_metrics[:2] if compact else family.report_metrics
+    flops = next((k for s in report["steps"] for k in (s.get("flops") or {})), None)  # the first part's (image)
+    header = ["step", "params", "size MB"] + ([] if compact or not flops else [f"GFLOPs {flops}"])
+    header += list(metrics) + [f"retention {first}"]
     for t in targets:
-        header += ([] if compact else [f"{t} img p50"]) + [f"{t} pair p50/p90/p99 ms", f"{t} speedup"]
+        header += [f"{t} {head} p50/p90/p99 ms", f"{t} speedup"]
     rows = []
     for s in report["steps"]:
         row = [s["name"], _fmt(s.get("parameters") and s["parameters"] / 1e6, ".2f") + "M",
                _fmt(s["size_bytes"] / 1e6, ".2f")]
-        row += [] if compact else [_fmt(s.get("flops") and s["flops"]["image"] / 1e9, ".3f")]
-        row += [_fmt(s["metrics"].get(m)) for m in metrics] + [_fmt(s["retention"].get("zero_shot.top1"))]
+        row += [] if compact or not flops else [_fmt((s.get("flops") or {}).get(flops) and s["flops"][flops] / 1e9,
+                                                     ".3f")]
+        row += [_fmt(s["metrics"].get(m)) for m in metrics] + [_fmt(s["retention"].get(first))]
         for t in targets:
-            lat = s.get("latency", {}).get(t)
-            if lat:
-                p = lat["pair"]
-                row += ([] if compact else [f"{lat['image']['p50_ms']:.2f}"])
+            p = s.get("latency", {}).get(t, {}).get(head)
+            if p:
                 row += [f"{p['p50_ms']:.2f}/{p['p90_ms']:.2f}/{p['p99_ms']:.2f}",
-                        _fmt(s.get("speedup_vs_teacher", {}).get(t, {}).get("pair_p50"), ".2f") + "x"]
+                        _fmt(s.get("speedup_vs_teacher", {}).get(t, {}).get(f"{head}_p50"), ".2f") + "x"]
             else:
-                row += ["-"] * (2 if compact else 3)
+                row += ["-"] * 2
         rows.append(row)
     return header, rows
 
 
 def markdown(report: dict) -> str:
+    head = _family(report).headline_scenario
     header, rows = table_rows(report)
     lines = [f"# vlmedge report: {report['recipe']['name']}", ""]
     if not report["complete"]:
@@ -117,16 +135,17 @@ def markdown(report: dict) -> str:
         measure = report.get("measure") or {}
         lines += ["", f"Latency: batch 1, {measure.get('warmup')} warm-up runs, then at least "
                       f"{measure.get('min_runs')} runs and {measure.get('min_seconds')} s per figure; p50/p90/p99 "
-                      f"from the raw samples. Speedup: teacher's PyTorch eager pair p50 divided by the step's pair "
-                      f"p50, measured in the same run.",
+                      f"from the raw samples. Speedup: teacher's PyTorch eager {head} p50 divided by the step's "
+                      f"{head} p50, measured in the same run.",
                   f"Machine: {env.get('cpu')} ({env.get('cores')} cores), {env.get('system')}; "
                   + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items())]
         for s in report["steps"]:
             for t, lat in s.get("latency", {}).items():
+                throughput = lat.get("throughput")
                 lines.append(f"- {s['name']} on {t}: {lat['device']}, {lat['runtime']}, {_threads(lat)} threads, "
-                             f"{lat['precision']}, {lat['pair']['samples']} samples (pair), "
-                             f"CV {lat['pair']['cv']:.2f}; throughput {lat['throughput']['images_per_s']:.0f} img/s "
-                             f"at batch {lat['throughput']['batch']}")
+                             f"{lat['precision']}, {lat[head]['samples']} samples ({head}), CV {lat[head]['cv']:.2f}"
+                             + (f"; throughput {throughput['images_per_s']:.0f} img/s at batch {throughput['batch']}"
+                                if throughput else ""))
     if report.get("gates"):
         lines += ["", "## Gates", ""]
         lines += [f"- {'PASS' if g['passed'] else 'FAIL'}: `{g['budget']}` ({g['message']})" for g in report["gates"]]
@@ -139,19 +158,21 @@ def pareto_plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    family = _family(report)
+    head = family.headline_scenario
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"torch": "o", "cpu": "s", "cuda": "^", "tensorrt": "D", "jetson": "P"}
     for s in report["steps"]:
-        acc = s["metrics"].get("zero_shot.top1", s["metrics"].get("retrieval.i2t_r5"))
+        acc = next((s["metrics"][m] for m in family.report_metrics if m in s["metrics"]), None)
         for t, lat in s.get("latency", {}).items():
-            if acc is None:
+            if acc is None or head not in lat:
                 continue
-            ax.scatter(lat["pair"]["p50_ms"], acc, marker=markers.get(t, "x"), s=50)
-            ax.annotate(f"{s['name']} ({t})", (lat["pair"]["p50_ms"], acc), fontsize=7, xytext=(4, 3),
+            ax.scatter(lat[head]["p50_ms"], acc, marker=markers.get(t, "x"), s=50)
+            ax.annotate(f"{s['name']} ({t})", (lat[head]["p50_ms"], acc), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("image + text pair latency, p50 (ms, log scale)")
-    ax.set_ylabel("zero-shot top-1")
+    ax.set_xlabel(f"{head} latency, p50 (ms, log scale)")
+    ax.set_ylabel(family.report_metrics[0])
     ax.set_title(f"{report['recipe']['name']}: accuracy vs latency, one point per step and target")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()

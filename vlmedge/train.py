@@ -132,6 +132,7 @@ class DistillStage(TrainSchedule):
     contrastive: float = 1.0
     affinity: float = 1.0
     feature: float = 1.0
+    matching: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -139,7 +140,7 @@ class DistillStage(TrainSchedule):
 
     @property
     def losses(self) -> DistillLosses:
-        return DistillLosses(self.contrastive, self.affinity, self.feature)
+        return DistillLosses(self.contrastive, self.affinity, self.feature, self.matching)
 
 
 # --- distributed helpers -------------------------------------------------------------------------------------------

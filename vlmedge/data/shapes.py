@@ -332,7 +332,8 @@ def zero_shot_prompts(colour: str, shape: str) -> list[str]:
 
 
 def swapped_caption(objs: Sequence[Obj], kind: str, rng: np.random.Generator) -> tuple[str, str]:
-    """A true caption and a false one that differs only in `kind`: colour, shape (one object) or relation (two)."""
+    """A true caption and a false one that differs only in `kind`: colour, shape, position (one object; the object
+    moved to another cell of the 3 x 3 grid) or relation (two objects, swapped)."""
     if kind == "relation":
         a, b = objs
         rel = relation(a, b)
@@ -342,10 +343,16 @@ def swapped_caption(objs: Sequence[Obj], kind: str, rng: np.random.Generator) ->
         false = t.format(c1=b.colour, s1=b.shape, z1=b.size, c2=a.colour, s2=a.shape, z2=a.size, **fmt)
         return _articles(true), _articles(false)
     o = objs[0]
-    t = _SINGLE_TEMPLATES[rng.integers(len(_SINGLE_TEMPLATES))]
-    if kind == "colour":
-        other = Obj(str(rng.choice([c for c in COLOURS if c != o.colour])), o.shape, o.size, o.x, o.y)
+    if kind == "position":
+        placed = [t for t in _SINGLE_TEMPLATES if "{where}" in t]
+        t = placed[rng.integers(len(placed))]
+        cells = [(c, r) for c in range(3) for r in range(3) if (c, r) != o.cell]
+        c, r = cells[rng.integers(len(cells))]
+        other = Obj(o.colour, o.shape, o.size, CELL_CENTRES[c], CELL_CENTRES[r])
     else:
-        other = Obj(o.colour, str(rng.choice([s for s in SHAPES if s != o.shape])), o.size, o.x, o.y)
+        t = _SINGLE_TEMPLATES[rng.integers(len(_SINGLE_TEMPLATES))]
+        other = Obj(str(rng.choice([c for c in COLOURS if c != o.colour])), o.shape, o.size, o.x, o.y) \
+            if kind == "colour" else Obj(o.colour, str(rng.choice([s for s in SHAPES if s != o.shape])), o.size,
+                                         o.x, o.y)
     fmt = lambda x: _articles(t.format(colour=x.colour, shape=x.shape, size=x.size, where=_where(x)))  # noqa: E731
     return fmt(o), fmt(other)

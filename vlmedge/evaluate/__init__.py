@@ -77,6 +77,8 @@ class EvalConfig:
     """Questions for a generative model (every type in turn: VQA accuracy per type, captions for 'describe')."""
     max_new_tokens: int = 24
     """Longest answer a generative model may write (greedy decoding)."""
+    rerank_k: int = 16
+    """Matching models: candidates ITC retrieves for ITM to rerank (retrieval both ways, zero-shot classes)."""
     classes: str | None = None
     """Zero-shot on labelled data (a label column, class folders): a text file of the class labels, one per line
     (default: the labels found in the data); every label of the data must be among them."""
@@ -91,7 +93,8 @@ class EvalConfig:
 
         if is_shapes(self.data):
             shapes_count(self.data)
-        for key in ("zero_shot_images", "retrieval_pairs", "hard_negative_pairs", "vqa_questions", "max_new_tokens"):
+        for key in ("zero_shot_images", "retrieval_pairs", "hard_negative_pairs", "vqa_questions", "max_new_tokens",
+                    "rerank_k"):
             if getattr(self, key) < 1:
                 raise VlmedgeError(f"eval: {key}={getattr(self, key)}; expected an integer >= 1")
         self.class_list(), self.template_list()  # bad files fail at load, before any work

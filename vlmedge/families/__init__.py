@@ -20,7 +20,7 @@ from .._io import read_json, write_json
 from .._registry import Registry
 from ..errors import VlmedgeError
 
-MODULES = ("dual_encoder", "generative")
+MODULES = ("dual_encoder", "generative", "matching")
 DEFAULT = "dual_encoder"
 
 
@@ -67,6 +67,11 @@ class Family:
     name: str = ""
     architectures: tuple[str, ...] = ()
     """Hugging Face `architectures` (config.json) of the folders this family loads."""
+    report_metrics: tuple[str, ...] = ()
+    """The run report's accuracy columns (flat metric names): the first is the Pareto plot's accuracy axis and the
+    retention column's metric, the first two fit a terminal."""
+    headline_scenario: str = ""
+    """The latency scenario the report's latency columns and the Pareto plot show."""
 
     # --- models (train, prune, distill, export, describe) ---
     def build(self, spec: dict[str, Any], tokenizer, *, seed: int = 0, source: str = "",
@@ -189,6 +194,24 @@ class Family:
     def onnx_latency(self, folder: Path, cfg, providers: list[str]) -> dict[str, Any]:
         """The same scenarios on an export folder in ONNX Runtime (the `cpu` and `cuda` targets)."""
         raise NotImplementedError
+
+
+def captioned_batches(model, data: str, count: int, seed: int) -> Callable[[int, Any], TrainBatch]:
+    """`calibration_data` of the families trained on captioned images: random training batches of `data` (one
+    process, CPU, fp32)."""
+    import contextlib
+
+    from ..data import open_dataset
+
+    ds = open_dataset(data, "train", resolution=model.preprocess.image_size, count=count, seed=seed)
+
+    def draw(batch_size: int, rng) -> TrainBatch:
+        idx = rng.integers(len(ds), size=batch_size).tolist()
+        texts, specs = ds.training_captions(idx, rng)
+        return TrainBatch(ds, idx, texts, specs, slice(0, batch_size), list(range(batch_size)),
+                          gather=lambda x: x, device="cpu", autocast=contextlib.nullcontext)
+
+    return draw
 
 
 _REGISTRY: Registry[Family] = Registry(__name__, MODULES, "model family")

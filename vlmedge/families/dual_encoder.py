@@ -17,7 +17,7 @@ import numpy as np
 
 from .._io import write_json
 from ..errors import VlmedgeError
-from . import Family, Graph, TrainBatch, register
+from . import Family, Graph, captioned_batches, register
 
 GRAPH_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx"}
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learnable temperature at 1/100
@@ -86,12 +86,15 @@ class DistillLosses:
     """KL between teacher and student image->text and text->image similarity distributions (TinyCLIP)."""
     feature: float = 1.0
     """1 - cosine between student and teacher embeddings, both towers (feature mimicry, CLIP-KD)."""
+    matching: float = 1.0
+    """Matching models: KL between the teacher's and the student's match probabilities on the same image-text pairs
+    (the ITM head's logits); other families have no such head and ignore it."""
 
     def validate(self) -> None:
-        for k in ("contrastive", "affinity", "feature"):
+        for k in ("contrastive", "affinity", "feature", "matching"):
             if getattr(self, k) < 0:
                 raise VlmedgeError(f"distill: {k}={getattr(self, k)} must be >= 0")
-        if self.contrastive + self.affinity + self.feature <= 0:
+        if self.contrastive + self.affinity + self.feature + self.matching <= 0:
             raise VlmedgeError("distill: all loss weights are 0; nothing to learn")
 
 
@@ -151,6 +154,9 @@ def _tower_modules(model):
 class DualEncoder(Family):
     name = "dual_encoder"
     architectures = ("VisionTextDualEncoderModel", "CLIPModel", "SiglipModel")
+    report_metrics = ("zero_shot.top1", "retrieval.i2t_r5", "zero_shot.top5", "retrieval.t2i_r5",
+                      "hard_negatives.colour")
+    headline_scenario = "pair"
 
     def build(self, spec, tokenizer, *, seed=0, source="", vision_init=None):
         from ..models import build_from_preset
@@ -203,19 +209,7 @@ class DualEncoder(Family):
         model.model.config.vlmedge_pruning = shape_of(model.model)
 
     def calibration_data(self, model, data: str, count: int, seed: int):
-        import contextlib
-
-        from ..data import open_dataset
-
-        ds = open_dataset(data, "train", resolution=model.preprocess.image_size, count=count, seed=seed)
-
-        def draw(batch_size: int, rng: np.random.Generator) -> TrainBatch:
-            idx = rng.integers(len(ds), size=batch_size).tolist()
-            texts, specs = ds.training_captions(idx, rng)
-            return TrainBatch(ds, idx, texts, specs, slice(0, batch_size), list(range(batch_size)),
-                              gather=lambda x: x, device="cpu", autocast=contextlib.nullcontext)
-
-        return draw
+        return captioned_batches(model, data, count, seed)
 
     def training_loss(self, model, batch, teacher=None, weights=None):
         import torch

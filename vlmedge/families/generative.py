@@ -129,6 +129,8 @@ def _kv_shape(model) -> tuple[int, int, int]:
 class Generative(Family):
     name = "generative"
     architectures = ARCHITECTURES
+    report_metrics = ("vqa.accuracy", "vqa.held_out")
+    headline_scenario = "answer"
 
     # --- models ---
     def build(self, spec, tokenizer, *, seed=0, source="", vision_init=None):

@@ -236,22 +236,24 @@ def check_model_folder(path: str | os.PathLike, architectures: tuple[str, ...] =
     return config
 
 
-def load_model(path: str | os.PathLike, *, attn_implementation: str = "sdpa") -> VLM:
-    """Load a `VisionTextDualEncoderModel` or `CLIPModel` folder (and its tokenizer and preprocessing) offline."""
+def load_model(path: str | os.PathLike, *, attn_implementation: str = "sdpa",
+               architectures: tuple[str, ...] = SUPPORTED_ARCHITECTURES, cls: type = VLM) -> VLM:
+    """Load a model folder of one of `architectures` (default: the dual encoders'), with its tokenizer and
+    preprocessing, offline, as a `cls` (a `VLM`)."""
     folder = Path(path)
-    config = check_model_folder(folder)
+    config = check_model_folder(folder, architectures)
     quiet_transformers()
     import transformers
 
-    arch = next(a for a in config["architectures"] if a in SUPPORTED_ARCHITECTURES)
-    cls = getattr(transformers, arch)
+    arch = next(a for a in config["architectures"] if a in architectures)
+    model_cls = getattr(transformers, arch)
     plan = config.get("vlmedge_pruning")
     try:
         if plan:
             from .structure import load_pruned
-            model = load_pruned(cls, folder, plan, attn_implementation)
+            model = load_pruned(model_cls, folder, plan, attn_implementation)
         else:
-            model = cls.from_pretrained(folder, local_files_only=True, attn_implementation=attn_implementation)
+            model = model_cls.from_pretrained(folder, local_files_only=True, attn_implementation=attn_implementation)
     except VlmedgeError:
         raise
     except Exception as e:
@@ -264,7 +266,7 @@ def load_model(path: str | os.PathLike, *, attn_implementation: str = "sdpa") ->
     meta_path = folder / "vlmedge.json"
     meta = _mapping(meta_path)
     max_length = int(meta.get("max_length") or min(getattr(model.config.text_config, "max_position_embeddings", 77), 77))
-    return VLM(model.eval(), tokenizer, preprocess, max_length, str(folder))
+    return cls(model.eval(), tokenizer, preprocess, max_length, str(folder))
 
 
 def load_tokenizer(folder: Path):

@@ -23,10 +23,30 @@ _ATTENTION_PATHS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),  # CLIP
 )
 _MLP_PATHS = (("mlp.fc1", "mlp.fc2"), ("intermediate.dense", "output.dense"))
+# A text layer's cross-attention to the image (BLIP's matching text encoder): queries from the text, keys and values
+# from the image's patch embeddings.
+_CROSS_PATHS = ("crossattention.self.query", "crossattention.self.key", "crossattention.self.value",
+                "crossattention.output.dense")
 _HEAD_ATTRS = ("num_attention_heads", "num_heads")
 
 
 # --- locating the parts --------------------------------------------------------------------------------------------
+
+@dataclass
+class Attention:
+    """One attention block's projections: heads are groups of `head_dim` q/k/v rows and o columns."""
+
+    q: Any
+    k: Any
+    v: Any
+    o: Any
+    module: Any  # the module holding q/k/v (its head-count attributes are updated)
+    head_dim: int
+
+    @property
+    def heads(self) -> int:
+        return self.q.out_features // self.head_dim
+
 
 @dataclass
 class LayerParts:
@@ -39,6 +59,8 @@ class LayerParts:
     down: Any
     attention: Any  # the module holding q/k/v (its head-count attributes are updated)
     head_dim: int
+    cross: Attention | None = None
+    """The layer's cross-attention to the image, where it has one (matching models' text encoder)."""
 
     @property
     def heads(self) -> int:
@@ -54,7 +76,9 @@ def _get(module, path: str):
 
 
 def tower_root(model, tower: str):
-    return model.vision_model if tower == "vision" else model.text_model
+    if tower == "vision":
+        return model.vision_model
+    return model.text_model if hasattr(model, "text_model") else model.text_encoder  # BLIP: text_encoder
 
 
 def _layer_lists(root) -> list:
@@ -95,7 +119,12 @@ def tower_layers(model, tower: str) -> list[LayerParts]:
         q, k, v, o = (_get(layer, p) for p in attn)
         module = _get(layer, attn[0].rsplit(".", 1)[0])
         head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size")
-        parts.append(LayerParts(layer, q, k, v, o, _get(layer, mlp[0]), _get(layer, mlp[1]), module, head_dim))
+        cross = None
+        if _get(layer, _CROSS_PATHS[0]) is not None:
+            c_module = _get(layer, _CROSS_PATHS[0].rsplit(".", 1)[0])
+            cross = Attention(*(_get(layer, p) for p in _CROSS_PATHS), c_module, c_module.attention_head_size)
+        parts.append(LayerParts(layer, q, k, v, o, _get(layer, mlp[0]), _get(layer, mlp[1]), module, head_dim,
+                                cross))
     return parts
 
 
@@ -123,15 +152,29 @@ def _set(layer, path: str, module) -> None:
     setattr(_get(layer, parent_path) if parent_path else layer, name, module)
 
 
-def _resize_layer(parts: LayerParts, heads: list[int] | int, neurons: list[int] | int) -> None:
-    """Keep the given heads and neurons (index lists), or resize to counts with uninitialised weights."""
-    layer = parts.layer
-    attn = _attention_paths(layer)
+def _resize_attention(layer, paths: tuple[str, ...], module, head_dim: int, heads: list[int] | int) -> list[int]:
+    """Keep the given heads of one attention block (q/k/v rows, o columns) and update its head counts."""
     head_idx = list(range(heads)) if isinstance(heads, int) else heads
-    dims = [h * parts.head_dim + d for h in head_idx for d in range(parts.head_dim)]
-    for path in attn[:3]:
+    dims = [h * head_dim + d for h in head_idx for d in range(head_dim)]
+    for path in paths[:3]:
         _set(layer, path, _slice_linear(_get(layer, path), out_idx=dims))
-    _set(layer, attn[3], _slice_linear(_get(layer, attn[3]), in_idx=dims))
+    _set(layer, paths[3], _slice_linear(_get(layer, paths[3]), in_idx=dims))
+    for attr in _HEAD_ATTRS:
+        if hasattr(module, attr):
+            setattr(module, attr, len(head_idx))
+    if hasattr(module, "all_head_size"):
+        module.all_head_size = len(head_idx) * head_dim
+    return head_idx
+
+
+def _resize_layer(parts: LayerParts, heads: list[int] | int, neurons: list[int] | int,
+                  cross_heads: list[int] | int | None = None) -> None:
+    """Keep the given heads, neurons and cross-attention heads (index lists), or resize to counts with
+    uninitialised weights."""
+    layer = parts.layer
+    head_idx = _resize_attention(layer, _attention_paths(layer), parts.attention, parts.head_dim, heads)
+    if cross_heads is not None and parts.cross is not None:
+        _resize_attention(layer, _CROSS_PATHS, parts.cross.module, parts.cross.head_dim, cross_heads)
     mlp = next(p for p in _MLP_PATHS if _get(layer, p[0]) is not None)
     neuron_idx = list(range(neurons)) if isinstance(neurons, int) else neurons
     _set(layer, mlp[0], _slice_linear(_get(layer, mlp[0]), out_idx=neuron_idx))
@@ -140,11 +183,6 @@ def _resize_layer(parts: LayerParts, heads: list[int] | int, neurons: list[int] 
     if bias is not None:  # Swin: one column of relative position biases per head
         import torch
         bias.data = bias.data[:, torch.as_tensor(head_idx)].clone()
-    for attr in _HEAD_ATTRS:
-        if hasattr(parts.attention, attr):
-            setattr(parts.attention, attr, len(head_idx))
-    if hasattr(parts.attention, "all_head_size"):
-        parts.attention.all_head_size = len(head_idx) * parts.head_dim
 
 
 def apply_plan(model, plan: dict[str, Any]) -> None:
@@ -154,8 +192,9 @@ def apply_plan(model, plan: dict[str, Any]) -> None:
     for tower, tp in plan.items():
         parts = tower_layers(model, tower)
         kept_layers = tp["layers"]
-        for li, heads, neurons in zip(kept_layers, tp["heads"], tp["neurons"]):
-            _resize_layer(parts[li], heads, neurons)
+        cross = tp.get("cross_heads") or [None] * len(kept_layers)
+        for li, heads, neurons, cross_heads in zip(kept_layers, tp["heads"], tp["neurons"], cross):
+            _resize_layer(parts[li], heads, neurons, cross_heads)
         if len(kept_layers) < len(parts):
             layer_list = _layer_list(tower_root(model, tower))
             _replace_module_list(tower_root(model, tower), layer_list,
@@ -171,12 +210,15 @@ def _replace_module_list(root, old, new) -> None:
                 return
 
 
-def shape_of(model) -> dict[str, Any]:
-    """The per-layer shape config.json records: enough to rebuild the module tree before loading weights."""
+def shape_of(model, towers: tuple[str, ...] = TOWERS) -> dict[str, Any]:
+    """The per-layer shape config.json records (of the `towers` pruning can change): enough to rebuild the module
+    tree before loading weights."""
     out = {}
-    for tower in TOWERS:
+    for tower in towers:
         parts = tower_layers(model, tower)
         out[tower] = {"heads": [p.heads for p in parts], "intermediate": [p.up.out_features for p in parts]}
+        if any(p.cross is not None for p in parts):
+            out[tower]["cross_heads"] = [p.cross.heads for p in parts]
     return out
 
 
@@ -188,9 +230,11 @@ def load_pruned(cls, folder: Path, shape: dict[str, Any], attn_implementation: s
     for sub in (config, config.vision_config, config.text_config):
         sub._attn_implementation = attn_implementation
     model = cls(config)
-    for tower in TOWERS:
-        for parts, h, m in zip(tower_layers(model, tower), shape[tower]["heads"], shape[tower]["intermediate"]):
-            _resize_layer(parts, h, m)
+    for tower, tshape in shape.items():
+        layers = tower_layers(model, tower)
+        cross = tshape.get("cross_heads") or [None] * len(layers)
+        for parts, h, m, c in zip(layers, tshape["heads"], tshape["intermediate"], cross):
+            _resize_layer(parts, h, m, c)
     state = {}
     for f in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(f)))

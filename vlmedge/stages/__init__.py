@@ -31,11 +31,25 @@ MODULES = ("source", "train", "prune", "distill", "export", "quantize")
 
 
 @dataclass(frozen=True)
+class TowerSpec:
+    """Two-stage training in one recipe: a dual encoder trained first on the recipe's data (the run's `tower`
+    step), whose image tower starts the preset's (its train stage's `vision_init`)."""
+
+    preset: str = "small"
+    """The dual-encoder preset (its ViT must have the model preset's vision shape)."""
+    steps: int | None = None
+    """Training steps (default: the preset's)."""
+    batch_size: int | None = None
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     preset: str | None = None
     """A preset (tiny, small, base, ...) to build and train; a recipe without a train stage uses it untrained."""
     path: str | None = None
     """A local model folder (any family's architecture) to start from."""
+    tower: TowerSpec | None = None
+    """A preset's image tower trained first as a dual encoder (two-stage training), e.g. {preset: small}."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Structured pruning of both towers: attention heads, MLP neurons and whole layers.
+"""Structured pruning of both towers: attention heads, MLP neurons and whole layers (and a matching model's
+cross-attention heads).
 
 Importance is a pluggable strategy (`IMPORTANCE`: weight magnitude, or first-order Taylor |w * dL/dw| on
 calibration batches of the family's training loss), separate from the surgery that slices the linear layers
@@ -32,6 +33,8 @@ class PruneConfig:
     text_heads: float = 0.0
     text_mlp: float = 0.0
     text_layers: float = 0.0
+    text_cross_heads: float = 0.0
+    """Matching models: fraction of each text layer's cross-attention heads (to the image's patches) to remove."""
     importance: str = "taylor"
     """magnitude (weights only) or taylor (|w * grad| of the contrastive loss on calibration batches)."""
     calibration_batches: int = 8
@@ -44,8 +47,8 @@ class PruneConfig:
 
     def __post_init__(self):
         for tower in TOWERS:
-            for kind in ("heads", "mlp", "layers"):
-                r = getattr(self, f"{tower}_{kind}")
+            for kind in ("heads", "mlp", "layers", "cross_heads"):
+                r = getattr(self, f"{tower}_{kind}", 0.0)
                 if not 0 <= r < 1:
                     raise VlmedgeError(f"prune: {tower}_{kind}={r} is impossible; expected a fraction in [0, 1) "
                                        "(something must remain)")
@@ -55,16 +58,22 @@ class PruneConfig:
 
 # --- importance ----------------------------------------------------------------------------------------------------
 
+def _head_scores(a, value: Callable[[Any], Any]) -> np.ndarray:
+    """A per-weight score summed over each head of an attention block (q/k/v rows, o columns)."""
+    qkv = sum(value(m.weight).sum(1) + (value(m.bias) if m.bias is not None else 0) for m in (a.q, a.k, a.v))
+    return (qkv + value(a.o.weight).sum(0)).reshape(a.heads, a.head_dim).sum(1).detach().cpu().numpy()
+
+
 def _group_scores(parts: list[LayerParts], value: Callable[[Any], Any]) -> dict[str, list[np.ndarray]]:
-    """Sum a per-weight score over each head (q/k/v rows, o columns) and each MLP neuron (up row, down column)."""
-    heads, neurons = [], []
+    """Sum a per-weight score over each head (q/k/v rows, o columns), each MLP neuron (up row, down column) and each
+    cross-attention head where a layer has one."""
+    heads, neurons, cross = [], [], []
     for p in parts:
-        qkv = sum(value(m.weight).sum(1) + (value(m.bias) if m.bias is not None else 0) for m in (p.q, p.k, p.v))
-        per_dim = qkv + value(p.o.weight).sum(0)
-        heads.append(per_dim.reshape(p.heads, p.head_dim).sum(1).detach().cpu().numpy())
+        heads.append(_head_scores(p, value))
         up = value(p.up.weight).sum(1) + (value(p.up.bias) if p.up.bias is not None else 0)
         neurons.append((up + value(p.down.weight).sum(0)).detach().cpu().numpy())
-    return {"heads": heads, "neurons": neurons}
+        cross.append(_head_scores(p.cross, value) if p.cross is not None else None)
+    return {"heads": heads, "neurons": neurons, "cross_heads": cross}
 
 
 def magnitude_importance(family, model, parts: dict[str, list[LayerParts]], cfg: PruneConfig, data: str) -> dict:
@@ -85,8 +94,11 @@ def taylor_importance(family, model, parts: dict[str, list[LayerParts]], cfg: Pr
     net.eval()
     scores = {}
     for tower, layers in parts.items():
-        params = {id(m.weight): m.weight for p in layers for m in (p.q, p.k, p.v, p.o, p.up, p.down)}
-        params.update({id(m.bias): m.bias for p in layers for m in (p.q, p.k, p.v, p.up) if m.bias is not None})
+        linears = [(m, i < 3 or i == 4) for p in layers for i, m in enumerate((p.q, p.k, p.v, p.o, p.up, p.down))]
+        linears += [(m, i < 3) for p in layers if p.cross is not None
+                    for i, m in enumerate((p.cross.q, p.cross.k, p.cross.v, p.cross.o))]
+        params = {id(m.weight): m.weight for m, _ in linears}
+        params.update({id(m.bias): m.bias for m, scored in linears if scored and m.bias is not None})
         grads = {k: (w.detach() * w.grad).abs() if w.grad is not None else torch.zeros_like(w) for k, w in params.items()}
         scores[tower] = _group_scores(layers, lambda w: grads[id(w)])
     net.zero_grad(set_to_none=True)
@@ -108,6 +120,14 @@ def _keep_count(n: int, ratio: float, what: str) -> int:
 def make_plan(family, model, cfg: PruneConfig, data: str = DEFAULT_DATA) -> dict[str, Any]:
     """Kept layer, head and neuron indices per prunable part of `model` (a family's loaded model)."""
     parts = family.prunable(model)
+    for tower in TOWERS:
+        for kind in ("heads", "mlp", "layers", "cross_heads"):
+            ratio = getattr(cfg, f"{tower}_{kind}", 0.0)
+            has = tower in parts and (kind != "cross_heads" or any(p.cross is not None for p in parts[tower]))
+            if ratio and not has:
+                raise VlmedgeError(f"prune: {tower}_{kind}={ratio}, but {model.architecture} has no prunable "
+                                   f"{tower} {kind.replace('_', '-')}; prune its {' and '.join(parts)} tower only (e.g. "
+                                   f"{next(iter(parts))}_heads, --{next(iter(parts))}-heads)")
     scores = IMPORTANCE[cfg.importance](family, model, parts, cfg, data)
     plan = {}
     for tower, layers_of in parts.items():
@@ -118,14 +138,18 @@ def make_plan(family, model, cfg: PruneConfig, data: str = DEFAULT_DATA) -> dict
         layer_score = [h.sum() / head_total + n.sum() / neuron_total for h, n in zip(s["heads"], s["neurons"])]
         n_layers = _keep_count(len(layers_of), getattr(cfg, f"{tower}_layers"), f"{tower} layers")
         layers = sorted(np.argsort(layer_score)[::-1][:n_layers].tolist())
-        heads, neurons = [], []
+        heads, neurons, cross = [], [], []
         for li in layers:
             p = layers_of[li]
             keep_h = _keep_count(p.heads, getattr(cfg, f"{tower}_heads"), f"heads in {tower} layer {li}")
             keep_n = _keep_count(p.up.out_features, getattr(cfg, f"{tower}_mlp"), f"MLP neurons in {tower} layer {li}")
             heads.append(sorted(np.argsort(s["heads"][li])[::-1][:keep_h].tolist()))
             neurons.append(sorted(np.argsort(s["neurons"][li])[::-1][:keep_n].tolist()))
-        plan[tower] = {"layers": layers, "heads": heads, "neurons": neurons}
+            if p.cross is not None:
+                keep_c = _keep_count(p.cross.heads, getattr(cfg, f"{tower}_cross_heads", 0.0),
+                                     f"cross-attention heads in {tower} layer {li}")
+                cross.append(sorted(np.argsort(s["cross_heads"][li])[::-1][:keep_c].tolist()))
+        plan[tower] = {"layers": layers, "heads": heads, "neurons": neurons, **({"cross_heads": cross} if cross else {})}
     return plan
 
 

@@ -275,8 +275,10 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
             info["accuracy_aware"]["final"] = score
             info["accuracy_aware"]["within_tolerance"] = reference[cfg.metric] - score <= cfg.max_drop
             _write_manifest(tmp, manifest, cfg, scheme, why, kept)
-        info["drift"] = _drift(fp32, encoder, calib or calibration_batches(fp32, cfg))
-        record_thread_tuning(tmp, cfg.tune_threads)
+        calib = calib or calibration_batches(fp32, cfg)
+        info["drift"] = _drift(fp32, encoder, calib)
+        record_thread_tuning(tmp, cfg.tune_threads, {g: {k: v[:1] for k, v in batches[0].items()}
+                                                     for g, batches in calib.items()})
     info.update({"mode": cfg.mode, "per_channel": cfg.channelwise, "weight_scheme": scheme, "why": why,
                  "kept_fp32": kept,
                  "size_bytes": onnx_size(out), "fp32_size_bytes": onnx_size(source)})
@@ -296,14 +298,20 @@ def _outputs(session, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
     return np.concatenate([session.run(None, b)[0] for b in batches])
 
 
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine per sample between two graphs' outputs (each sample's output flattened); outputs of one value per
+    sample (a match logit) are compared as one vector over all samples."""
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    if a.shape[1] == 1:
+        a, b = a.T, b.T
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
 def _drift(ref, enc, calib: dict[str, list]) -> dict[str, float]:
     """Cosine between the fp32 and the quantized graphs' outputs on calibration inputs (1.0 = unchanged)."""
-    out = {}
-    for tower, session in enc.sessions.items():
-        a, b = _outputs(ref.sessions[tower], calib[tower]), _outputs(session, calib[tower])
-        out[f"{tower}_cosine_min"] = float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
-                                           .min())
-    return out
+    return {f"{tower}_cosine_min": float(_cosines(_outputs(ref.sessions[tower], calib[tower]),
+                                                  _outputs(session, calib[tower])).min())
+            for tower, session in enc.sessions.items()}
 
 
 def _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32) -> list[tuple[str, str]]:
@@ -318,7 +326,7 @@ def _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32) -> 
             quantize_file(source / name, probe, tower, cfg, scheme, calib, others)
             got = _outputs(open_session(probe), calib[tower])
             probe.unlink()
-            scores.append((float((ref * got).sum(1).mean()), tower, group))
+            scores.append((float(_cosines(ref, got).mean()), tower, group))
     return [(t, g) for _, t, g in sorted(scores)]
 
 

@@ -1,0 +1,551 @@
+"""The image-text matching family: BLIP's `BlipForImageTextRetrieval` (ITC + ITM), served as a reranker.
+
+Trained with ITC (InfoNCE on the two towers' projections, BLIP's fixed temperature) plus ITM cross-entropy on each
+image's own caption and on hard negatives: a caption and an image mined from the ITC similarities of the batch
+(BLIP's hard-negative mining, the seed's 硬负样本挖掘; with the loop's neighbour images the batch holds the same
+objects in other places) and shapes' one-edit false captions. Exported as three graphs: the image encoder (patch
+embeddings and ITC embedding), the text encoder (ITC embedding) and the matcher (patch embeddings + tokens -> match
+logit, one image's patches broadcast over k candidates). Timed as deployments use it: encode an image, rerank k
+candidates for one image in one matcher call, and a text query end to end (ITC over a gallery of cached image
+embeddings, then ITM on the top k).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import VlmedgeError
+from ..models.matching import ARCHITECTURES
+from . import Family, Graph, TrainBatch, captioned_batches, register
+
+GRAPH_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx", "matcher": "matcher.onnx"}
+MAX_CANDIDATES = 64
+"""Candidates one matcher call may score (recorded in the manifest; a device sizes its buffers by it)."""
+RERANK_K = 16
+"""Candidates in the latency scenarios' rerank."""
+GALLERY = 256
+"""Cached image embeddings the end-to-end query scenario searches."""
+
+
+class _MatcherBase:
+    """What both adapters share: tokenising and the checks on a matcher call."""
+
+    max_candidates: int | None = None
+    where: str = ""
+
+    def tokenize(self, texts: Sequence[str], longest: bool = False) -> dict[str, np.ndarray]:
+        """Token ids and mask padded to the model's max_length (what a device feeds), or with `longest` to the
+        longest text (training: a shorter sequence, the same result under the mask)."""
+        tok = self.tokenizer(list(texts), padding="longest" if longest else "max_length", truncation=True,
+                             max_length=self.max_length, return_tensors="np")
+        return {"input_ids": tok["input_ids"].astype(np.int64), "attention_mask": tok["attention_mask"].astype(np.int64)}
+
+    def _check(self, patches: np.ndarray, texts: Sequence[str]) -> None:
+        if patches.ndim != 3 or patches.shape[1:] != (self.patches, self.width):
+            raise VlmedgeError(f"{self.where}: the matcher takes patch embeddings of shape [n, {self.patches}, "
+                               f"{self.width}], got {list(patches.shape)} (image and matcher from different exports "
+                               "or models?)")
+        if len(patches) not in (1, len(texts)):
+            raise VlmedgeError(f"{self.where}: {len(patches)} images for {len(texts)} texts; give one image for all "
+                               "candidates or one per text")
+        if self.max_candidates is not None and len(texts) > self.max_candidates:
+            raise VlmedgeError(f"{self.where}: {len(texts)} candidates in one matcher call; the manifest allows "
+                               f"{self.max_candidates} (max_candidates)")
+
+
+class TorchMatcher(_MatcherBase):
+    """A PyTorch `MatchingVLM` as a `Matcher` (eager, no gradients)."""
+
+    def __init__(self, vlm):
+        self.vlm, self.preprocess, self.tokenizer, self.max_length = vlm, vlm.preprocess, vlm.tokenizer, vlm.max_length
+        self.patches, self.width = vlm.patches, vlm.model.config.vision_config.hidden_size
+        self.where = vlm.source
+
+    def encode(self, pixel_values):
+        import torch
+
+        from ..models.matching import encode_image
+
+        with torch.inference_mode():
+            p, e = encode_image(self.vlm.model, torch.from_numpy(pixel_values))
+        return p.numpy(), e.numpy()
+
+    def encode_texts(self, texts):
+        import torch
+
+        from ..models.matching import encode_text
+
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), 256):
+                tok = self.tokenize(texts[i:i + 256])
+                out.append(encode_text(self.vlm.model, *(torch.from_numpy(tok[k]) for k in tok)).numpy())
+        return np.concatenate(out)
+
+    def match(self, patches, texts):
+        import torch
+
+        from ..models.matching import match_logits
+
+        self._check(patches, texts)
+        tok = self.tokenize(texts)
+        with torch.inference_mode():
+            return match_logits(self.vlm.model, torch.from_numpy(patches),
+                                *(torch.from_numpy(tok[k]) for k in tok)).numpy()
+
+
+class OnnxMatcher(_MatcherBase):
+    """An export folder as a `Matcher`: its three graphs in ONNX Runtime. Threads per graph: `threads`, else the
+    count tuned on this CPU (manifest), else ONNX Runtime's default."""
+
+    def __init__(self, folder, threads: int | None = None, providers=None, open_sessions: bool = True, **_):
+        from ..models import load_tokenizer
+        from ..preprocess import Preprocess
+        from ..runtime.measure import ort_session, tuned_threads
+        from ..runtime.onnx import check_inputs, read_manifest
+
+        self.folder = Path(folder)
+        self.where = str(self.folder)
+        self.manifest = m = read_manifest(self.folder)
+        self.preprocess = Preprocess(**m["preprocess"])
+        self.tokenizer, self.max_length = load_tokenizer(self.folder), int(m["max_length"])
+        self.patches, self.width, self.max_candidates = int(m["patches"]), int(m["vision_width"]), \
+            int(m["max_candidates"])
+        self.threads = {k: threads or tuned_threads(m, k) for k in GRAPH_FILES}
+        self.sessions = {}
+        if open_sessions:
+            self.sessions = {k: ort_session(self.folder / m["files"][k], self.threads[k],
+                                            providers or ["CPUExecutionProvider"]) for k in GRAPH_FILES}
+            for k, s in self.sessions.items():
+                check_inputs(self.folder / m["files"][k], {i.name: i.shape for i in s.get_inputs()},
+                             m.get("inputs", {}).get(k, {}))
+
+    def encode(self, pixel_values):
+        p, e = self.sessions["image"].run(None, {"pixel_values": pixel_values.astype(np.float32)})
+        return p, e
+
+    def encode_texts(self, texts):
+        out = [self.sessions["text"].run(None, self.tokenize(texts[i:i + 256]))[0] for i in range(0, len(texts), 256)]
+        return np.concatenate(out)
+
+    def match(self, patches, texts):
+        self._check(patches, texts)
+        return self.sessions["matcher"].run(None, {"patch_embeds": patches.astype(np.float32),
+                                                   **self.tokenize(texts)})[0]
+
+
+def _modules(model):
+    import torch
+
+    from ..models.matching import encode_image, encode_text, match_logits
+
+    class Image(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return encode_image(self.model, pixel_values)
+
+    class Text(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return encode_text(self.model, input_ids, attention_mask)
+
+    class Matcher(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, patch_embeds, input_ids, attention_mask):
+            return match_logits(self.model, patch_embeds, input_ids, attention_mask)
+
+    return Image().eval(), Text().eval(), Matcher().eval()
+
+
+def _itm_pairs(b: TrainBatch, sim, match):
+    """The ITM training pairs of one micro-batch as (image row, caption text, label): every image's own caption (1),
+    a caption and an image mined from the ITC similarities (0; drawn in proportion to softmax similarity among the
+    pairs that are not true, BLIP's mining), and the loop's one-edit false captions where given (0)."""
+    import torch
+
+    captions = b.captions[b.local]
+    n = len(captions)
+    with torch.no_grad():
+        false = ~match
+        w_t = torch.softmax(sim.float(), 1) * false + 1e-12 * false
+        w_i = torch.softmax(sim.float().t(), 1) * false.t() + 1e-12 * false.t()
+        has_t, has_i = false.any(1), false.t().any(1)
+        hard_t = torch.multinomial(w_t + (~has_t[:, None]).float(), 1)[:, 0].tolist()
+        hard_i = torch.multinomial(w_i + (~has_i[:, None]).float(), 1)[:, 0].tolist()
+    pairs = [(i, captions[i], 1.0) for i in range(n)]
+    pairs += [(i, captions[hard_t[i]], 0.0) for i in range(n) if has_t[i]]
+    pairs += [(hard_i[j], captions[j], 0.0) for j in range(n) if has_i[j]]
+    if b.negatives is not None:
+        texts = b.negatives[0]
+        pairs += [(j - b.local.start, texts[j], 0.0) for j in range(b.local.start, b.local.stop)
+                  if texts[j] is not None]
+    return pairs
+
+
+class Matching(Family):
+    name = "matching"
+    architectures = ARCHITECTURES
+    report_metrics = ("itm.mean", "retrieval.rerank_i2t_r1", "itm.relation", "itm.position",
+                      "retrieval.itc_i2t_r1", "retrieval.rerank_t2i_r1", "zero_shot.top1")
+    headline_scenario = "rerank"
+
+    # --- models ---
+    def build(self, spec, tokenizer, *, seed=0, source="", vision_init=None):
+        from ..models.matching import build
+
+        return build(spec, tokenizer, seed=seed, source=source, vision_init=vision_init)
+
+    def tokenizer(self, spec, ds, rng):
+        from ..models import train_tokenizer
+
+        sample = rng.integers(len(ds), size=min(len(ds) * 3, 30000))
+        return train_tokenizer(ds.captions(sample, rng), spec["vocab_size"])
+
+    def open_data(self, source, split, **options):
+        from ..data import open_dataset
+
+        return open_dataset(source, split, **options)
+
+    def load(self, path, *, attn_implementation="sdpa"):
+        from ..models.matching import load
+
+        return load(path, attn_implementation=attn_implementation)
+
+    def check_folder(self, path):
+        from ..models import check_model_folder
+
+        return check_model_folder(path, self.architectures)
+
+    def parameters(self, model) -> int:
+        from ..models import count_parameters
+
+        return count_parameters(model.model)
+
+    def flops(self, model) -> dict[str, int]:
+        """FLOPs counted by PyTorch on the real model: one image's encoding, one caption's ITC embedding, one
+        (image, caption) match."""
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from ..models.matching import encode_image, encode_text, match_logits
+
+        size = model.preprocess.image_size
+        tok = {k: torch.from_numpy(v) for k, v in TorchMatcher(model).tokenize(["a photo"]).items()}
+        with torch.no_grad():
+            patches, _ = encode_image(model.model, torch.zeros(1, 3, size, size))
+            out = {}
+            for name, fn in (("image", lambda: encode_image(model.model, torch.zeros(1, 3, size, size))),
+                             ("text", lambda: encode_text(model.model, *tok.values())),
+                             ("matcher", lambda: match_logits(model.model, patches, *tok.values()))):
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    fn()
+                out[name] = int(counter.get_total_flops())
+        return out
+
+    # --- pruning ---
+    def prunable(self, model):
+        """The text encoder: self-attention heads, MLP neurons, layers and each layer's cross-attention heads (the
+        image encoder's fused qkv projection is not sliced yet)."""
+        from ..models.structure import tower_layers
+
+        return {"text": tower_layers(model.model, "text")}
+
+    def apply_plan(self, model, plan):
+        from ..models.structure import apply_plan, shape_of
+
+        apply_plan(model.model, plan)
+        model.model.config.vlmedge_pruning = shape_of(model.model, tuple(plan))
+
+    def calibration_data(self, model, data, count, seed):
+        return captioned_batches(model, data, count, seed)
+
+    # --- training ---
+    def training_loss(self, model, batch, teacher=None, weights=None):
+        import torch
+        import torch.nn.functional as F
+
+        from ..models.matching import encode_image, encode_text, match_logits
+        from .dual_encoder import contrastive_loss
+
+        b, net = batch, model.model
+        rows = b.indices[b.local]
+        images = b.data.images(rows)
+        pixels = torch.from_numpy(model.preprocess(images)).to(b.device)
+        tok = {k: torch.from_numpy(v).to(b.device)
+               for k, v in TorchMatcher(model).tokenize(b.captions[b.local], longest=True).items()}
+        scale = torch.tensor(float(net.config.logit_scale_init_value), device=b.device)
+        all_rows = [b.indices[j] for j in b.rows]
+        match_all = torch.from_numpy(b.data.match(all_rows, [b.specs[j] for j in b.rows]))
+        local_match = torch.from_numpy(b.data.match(rows, b.specs[b.local])).to(b.device) > 0
+        with b.autocast():
+            patches, img = encode_image(net, pixels)
+            txt = encode_text(net, tok["input_ids"], tok["attention_mask"])
+            itc = contrastive_loss(b.gather(img.float()), b.gather(txt.float()), scale, match_all)
+            pairs = _itm_pairs(b, scale.exp() * img.detach() @ txt.detach().t(), local_match)
+            which = torch.tensor([p[0] for p in pairs], device=b.device)
+            ptok = {k: torch.from_numpy(v).to(b.device)
+                    for k, v in TorchMatcher(model).tokenize([p[1] for p in pairs], longest=True).items()}
+            logits = match_logits(net, patches[which], ptok["input_ids"], ptok["attention_mask"]).float()
+        labels = torch.tensor([p[2] for p in pairs], device=b.device)
+        itm = F.binary_cross_entropy_with_logits(logits, labels)
+        if teacher is None:
+            return itc + itm
+        return self._distillation(model, teacher, weights, b, images, pairs, img, txt, logits, itc + itm)
+
+    @staticmethod
+    def _distillation(model, teacher, w, b, images, pairs, img, txt, logits, own):
+        """The student's own ITC + ITM, plus ITC affinity KL, embedding cosine (both as for dual encoders) and the
+        KL between the teacher's and the student's match probabilities on the same pairs."""
+        import torch
+        import torch.nn.functional as F
+
+        from ..models.matching import encode_image, encode_text, match_logits
+
+        tnet = teacher.model
+        tm = TorchMatcher(teacher)
+        with torch.no_grad():
+            t_patches, t_img = encode_image(tnet, torch.from_numpy(teacher.preprocess(images)).to(b.device))
+            ttok = {k: torch.from_numpy(v).to(b.device) for k, v in tm.tokenize(b.captions[b.local], True).items()}
+            t_txt = encode_text(tnet, ttok["input_ids"], ttok["attention_mask"])
+            which = torch.tensor([p[0] for p in pairs], device=b.device)
+            ptok = {k: torch.from_numpy(v).to(b.device) for k, v in tm.tokenize([p[1] for p in pairs], True).items()}
+            t_logits = match_logits(tnet, t_patches[which], ptok["input_ids"], ptok["attention_mask"]).float()
+        total = w.contrastive * own
+        if w.affinity:
+            scale = float(model.model.config.logit_scale_init_value)
+            s, t = torch.exp(torch.tensor(scale)) * img.float() @ txt.float().t(), \
+                torch.exp(torch.tensor(scale)) * t_img.float() @ t_txt.float().t()
+            kl = lambda a, c: F.kl_div(F.log_softmax(a, 1), F.log_softmax(c, 1), log_target=True,  # noqa: E731
+                                       reduction="batchmean")
+            total = total + w.affinity * (kl(s, t) + kl(s.t(), t.t())) / 2
+        if w.feature:
+            total = total + w.feature * ((1 - (img * t_img).sum(-1)).mean() + (1 - (txt * t_txt).sum(-1)).mean()) / 2
+        if w.matching:
+            p_t = torch.sigmoid(t_logits)
+            total = total + w.matching * F.binary_cross_entropy_with_logits(logits, p_t) \
+                - w.matching * F.binary_cross_entropy(p_t, p_t)  # KL(teacher || student) per pair
+        return total
+
+    def before_step(self, model, step: int, cfg) -> None:
+        """The two-stage schedule: the image encoder frozen for the first `freeze_vision_steps` steps."""
+        frozen = step < (cfg.freeze_vision_steps or 0)
+        for p in model.model.vision_model.parameters():
+            p.requires_grad_(not frozen)
+
+    # --- export ---
+    def graphs(self, model) -> list[Graph]:
+        image, text, matcher = _modules(model.model)
+        size = model.preprocess.image_size
+        width = model.model.config.vision_config.hidden_size
+        tokens = {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
+        return [Graph("image", GRAPH_FILES["image"], image, ("pixel_values",), ("patch_embeds", "image_embeds"),
+                      {"pixel_values": {0: "batch"}, "patch_embeds": {0: "batch"}, "image_embeds": {0: "batch"}},
+                      {"pixel_values": ["batch", 3, size, size]}),
+                Graph("text", GRAPH_FILES["text"], text, ("input_ids", "attention_mask"), ("text_embeds",),
+                      {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                       "text_embeds": {0: "batch"}}, tokens),
+                Graph("matcher", GRAPH_FILES["matcher"], matcher, ("patch_embeds", "input_ids", "attention_mask"),
+                      ("match_logits",),
+                      {"patch_embeds": {0: "images"}, "input_ids": {0: "batch", 1: "sequence"},
+                       "attention_mask": {0: "batch", 1: "sequence"}, "match_logits": {0: "batch"}},
+                      {"patch_embeds": ["images", model.patches, width], **tokens})]
+
+    def tracing(self, model):
+        from ._export import patchify_as_matmul
+
+        return patchify_as_matmul(model.model, model.preprocess.image_size)
+
+    def parity_inputs(self, model, n: int, seed: int) -> dict[str, dict[str, Any]]:
+        """Random pixels; random token ids with random padding; random patch embeddings (one per pair)."""
+        from ..runtime.measure import random_feeds
+
+        tok = model.tokenizer
+        pixels, tokens = random_feeds(model.preprocess.image_size, model.max_length, len(tok), n, seed,
+                                      pad_id=tok.pad_token_id or 0, cls_id=tok.cls_token_id)
+        width = model.model.config.vision_config.hidden_size
+        patches = np.random.default_rng(seed).standard_normal((n, model.patches, width)).astype(np.float32)
+        return {"image": {"pixel_values": pixels}, "text": tokens, "matcher": {"patch_embeds": patches, **tokens}}
+
+    def manifest_fields(self, model, reference, folder: Path) -> dict[str, Any]:
+        from ._export import save_tokenizer
+
+        return {"preprocess": asdict(model.preprocess), "max_length": model.max_length,
+                "tokenizer": save_tokenizer(model.tokenizer, folder), "vocab_size": len(model.tokenizer),
+                "source_architecture": model.architecture, "embedding_dim": int(model.model.config.image_text_hidden_size),
+                "patches": model.patches, "vision_width": int(model.model.config.vision_config.hidden_size),
+                "max_candidates": MAX_CANDIDATES, "logit_scale": model.itc_scale}
+
+    def export_extras(self, folder, adapter, labels=(), eval_cfg=None):
+        return {}
+
+    def verify_export(self, model, adapter, questions: int = 100) -> dict[str, Any]:
+        """Rerank parity on held-out shapes: for `questions` images, ITC's top RERANK_K of a caption pool reranked by
+        PyTorch's and by the ONNX files' match logits; at most one order may differ (a near tie can flip on the
+        last bit). Records the largest match-logit difference."""
+        from ..data import ShapesDataset
+        from ..data.shapes import load_shapes
+
+        ds = ShapesDataset(load_shapes("val", max(questions, 2 * RERANK_K), model.preprocess.image_size))
+        idx = list(range(questions))
+        captions = ds.captions(range(len(ds)), np.random.default_rng(3))
+        ref = TorchMatcher(model)
+        patches, img = ref.encode(model.preprocess(ds.images(idx)))
+        top = np.argsort(-(img @ ref.encode_texts(captions).T), axis=1, kind="stable")[:, :RERANK_K]
+        o_patches, _ = adapter.encode(model.preprocess(ds.images(idx)))
+        same, worst = 0, 0.0
+        for q in idx:
+            texts = [captions[j] for j in top[q]]
+            a, b = ref.match(patches[q:q + 1], texts), adapter.match(o_patches[q:q + 1], texts)
+            worst = max(worst, float(np.abs(a - b).max()))
+            same += bool((np.argsort(-a, kind="stable") == np.argsort(-b, kind="stable")).all())
+        if same < len(idx) - 1:
+            raise VlmedgeError(f"export: the ONNX matcher reranks {len(idx) - same} of {len(idx)} held-out queries "
+                               f"differently from PyTorch (largest match-logit difference {worst:.2e})")
+        return {"rerank_parity": {"queries": len(idx), "k": RERANK_K, "identical_order": same,
+                                  "max_abs_diff_logit": worst}}
+
+    # --- runtime, evaluation, latency ---
+    def adapter(self, path, **options):
+        if not isinstance(path, (str, Path)):
+            return TorchMatcher(path)
+        if (Path(path) / "manifest.json").is_file():
+            return OnnxMatcher(path, **options)
+        return TorchMatcher(self.load(path))
+
+    def sanity_check(self, adapter) -> None:
+        where = adapter.where
+        captions = ["a red circle", "a blue square on the left", "two green triangles", "a small yellow cross"]
+        if np.ptp(adapter.encode_texts(captions), axis=0).max() < 1e-6:
+            raise VlmedgeError(f"{where}: the text encoder gives every caption the same embedding; check the "
+                               "tokenizer and config.json's pad token")
+        size = adapter.preprocess.image_size
+        images = np.random.default_rng(0).integers(0, 256, size=(4, size, size, 3), dtype=np.uint8)
+        patches, emb = adapter.encode(adapter.preprocess(images))
+        if np.ptp(emb, axis=0).max() < 1e-6:
+            raise VlmedgeError(f"{where}: the image encoder gives every image the same embedding; check the vision "
+                               "weights and preprocessor_config.json")
+
+    def evaluate(self, adapter, eval_cfg, progress: bool = False) -> dict[str, Any]:
+        from ..evaluate.matching import evaluate
+
+        self.sanity_check(adapter)
+        return evaluate(adapter, eval_cfg, progress)
+
+    def calibration_feeds(self, adapter, data, batches, batch_size, seed):
+        """Real preprocessed feeds per graph; the matcher's patch embeddings come from the fp32 image encoder."""
+        from ..data import open_dataset
+
+        ds = open_dataset(data, "val", resolution=adapter.preprocess.image_size, count=batches * batch_size,
+                          seed=seed)
+        rng = np.random.default_rng(seed)
+        out: dict[str, list] = {"image": [], "text": [], "matcher": []}
+        for b in range(batches):
+            idx = list(range(b * batch_size, min((b + 1) * batch_size, len(ds))))
+            if not idx:
+                break
+            pixels = adapter.preprocess(ds.images(idx))
+            tok = adapter.tokenize(ds.captions(idx, rng))
+            out["image"].append({"pixel_values": pixels})
+            out["text"].append(tok)
+            out["matcher"].append({"patch_embeds": adapter.encode(pixels)[0], **tok})
+        return out
+
+    def latency_inputs(self, adapter, batch: int, seed: int = 0):
+        """One held-out shapes image, its RERANK_K candidate captions (ITC's top of the val captions), a text query
+        and a gallery of GALLERY images' cached patch and ITC embeddings, all made by `adapter` as a device would."""
+        from ..data.shapes import load_shapes
+        from ..evaluate.matching import encode_all
+
+        data = load_shapes("val", GALLERY, adapter.preprocess.image_size, seed=seed)
+        captions = data.captions(range(GALLERY), np.random.default_rng(seed))
+        patches, emb = encode_all(adapter, data.images)
+        pixels = adapter.preprocess(data.images[:1])
+        candidates = [captions[j] for j in np.argsort(-(emb[0] @ adapter.encode_texts(captions).T))[:RERANK_K]]
+        return {"pixels": pixels, "candidates": adapter.tokenize(candidates), "query": adapter.tokenize(captions[:1]),
+                "gallery_patches": patches, "gallery_embeds": emb}
+
+    def torch_scenarios(self, model, inputs, device: str, dtype):
+        import torch
+
+        from ..models.matching import encode_image, encode_text, match_logits
+
+        net = model.model.to(device=device, dtype=dtype).eval()
+        t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+        px = t(inputs["pixels"]).to(dtype)
+        cand, query = {k: t(v) for k, v in inputs["candidates"].items()}, {k: t(v) for k, v in inputs["query"].items()}
+        g_patches, g_emb = t(inputs["gallery_patches"]).to(dtype), t(inputs["gallery_embeds"]).to(dtype)
+        with torch.inference_mode():
+            one = encode_image(net, px)[0]
+
+        def image():
+            with torch.inference_mode():
+                return encode_image(net, px)
+
+        def rerank():
+            with torch.inference_mode():
+                return match_logits(net, one, cand["input_ids"], cand["attention_mask"])
+
+        def query_fn():
+            with torch.inference_mode():
+                q = encode_text(net, query["input_ids"], query["attention_mask"])
+                top = torch.topk((g_emb @ q[0]), RERANK_K).indices
+                k = len(top)
+                return match_logits(net, g_patches[top], query["input_ids"].expand(k, -1),
+                                    query["attention_mask"].expand(k, -1))
+
+        return {"image": image, "rerank": rerank, "query": query_fn}
+
+    def time_scenarios(self, scenarios, cfg, record, timer=None, sync=None):
+        from ..runtime.measure import peak_rss_mb, time_fn
+
+        result = {**record, "batch": 1, "rerank_k": RERANK_K, "gallery": GALLERY,
+                  "measure": {k: getattr(cfg, k) for k in ("warmup", "min_runs", "min_seconds")}}
+        for name, fn in scenarios.items():
+            result[name] = time_fn(fn, cfg, sync=sync, timer=timer)
+        result["peak_rss_mb"] = peak_rss_mb()
+        return result
+
+    def onnx_latency(self, folder, cfg, providers):
+        """The same scenarios on the export's three sessions."""
+        import onnxruntime as ort
+
+        from ..runtime.measure import thread_record
+
+        adapter = OnnxMatcher(folder, threads=cfg.threads, providers=providers)
+        inputs = self.latency_inputs(adapter, 1)
+        s = adapter.sessions
+        one = s["image"].run(None, {"pixel_values": inputs["pixels"]})[0]
+        cand, query = inputs["candidates"], inputs["query"]
+        g_patches, g_emb = inputs["gallery_patches"], inputs["gallery_embeds"]
+
+        def query_fn():
+            q = s["text"].run(None, query)[0][0]
+            top = np.argpartition(-(g_emb @ q), RERANK_K)[:RERANK_K]
+            k = len(top)
+            return s["matcher"].run(None, {"patch_embeds": g_patches[top],
+                                           **{n: np.repeat(v, k, axis=0) for n, v in query.items()}})
+
+        scenarios = {"image": lambda: s["image"].run(None, {"pixel_values": inputs["pixels"]}),
+                     "rerank": lambda: s["matcher"].run(None, {"patch_embeds": one, **cand}),
+                     "query": query_fn}
+        record = {"runtime": f"onnxruntime {ort.__version__}", "providers": s["matcher"].get_providers(),
+                  "precision": adapter.manifest.get("precision", "fp32"), **thread_record(adapter.threads),
+                  "thread_tuning": adapter.manifest.get("threads")}
+        return self.time_scenarios(scenarios, cfg, record)
+
+
+register(Matching())
