@@ -96,6 +96,15 @@ def test_export_parity_and_rerank_order(matcher, matcher_export):
     assert rp["queries"] == 100 and rp["identical_order"] >= 99 and rp["max_abs_diff_logit"] < 1e-4
     assert manifest["patches"] == 17 and manifest["max_candidates"] >= 16
 
+    # the export evaluates like the model, in matcher calls within max_candidates (70 pairs per kind > 64)
+    from vlmedge.evaluate import EvalConfig
+
+    cfg = EvalConfig(zero_shot_images=72, retrieval_pairs=70, hard_negative_pairs=70, rerank_k=4)
+    m_onnx, m_torch = (MATCHING.evaluate(MATCHING.adapter(p), cfg) for p in (str(matcher_export), str(matcher)))
+    assert m_onnx["itm"]["n"] == m_torch["itm"]["n"] and m_onnx["itm"]["n"]["single"] == 70
+    assert all(abs(m_onnx["itm"][k] - m_torch["itm"][k]) <= 0.05 for k in ("colour", "shape", "position", "relation"))
+    assert abs(m_onnx["retrieval"]["rerank_i2t_r1"] - m_torch["retrieval"]["rerank_i2t_r1"]) <= 1 / 70
+
     onnx, ref = MATCHING.adapter(str(matcher_export)), MATCHING.adapter(load(matcher))
     pixels = ref.preprocess(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
     texts = ["a red circle", "a purple cross below a green star"]

@@ -393,11 +393,15 @@ def _add_eval(sub) -> None:
                                    "(a label column, class folders), zero-shot top-1/top-5 over its classes (or "
                                    "--classes FILE) with --templates' prompts. A generative VLM: VQA accuracy "
                                    "(VQA v2's answer normalisation; per question type and on held-out colour x shape "
-                                   "combinations) and captioning BLEU-4, ROUGE-L, CIDEr and caption-truth, greedy.",
+                                   "combinations) and captioning BLEU-4, ROUGE-L, CIDEr and caption-truth, greedy. "
+                                   "A matching model (reranker): ITM accuracy on colour, shape, position and relation "
+                                   "hard negatives, Recall@1/5 both ways by ITC alone and after ITM reranks ITC's "
+                                   "top --rerank-k, zero-shot through the reranker.",
                        epilog="example: vlmedge eval runs/int8 --data shapes --retrieval-pairs 500\n"
                               "labels:  vlmedge eval runs/pets --data photos/ --classes classes.txt "
                               "--templates 'a photo of a {}.|a blurry photo of a {}.'\n"
-                              "VQA:     vlmedge eval runs/vqa --data shapes --vqa-questions 800",
+                              "VQA:     vlmedge eval runs/vqa --data shapes --vqa-questions 800\n"
+                              "rerank:  vlmedge eval runs/match --data shapes --rerank-k 16",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="model folder or ONNX export folder")
     _add_config_flags(p, EvalConfig)
@@ -429,8 +433,10 @@ def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="structured pruning: attention heads, MLP neurons, layers, both towers",
                        description="Remove the least important heads, MLP neurons and layers. Ratios are fractions "
                                    "removed per layer (heads, mlp) or per tower (layers); --heads/--mlp/--layers set "
-                                   "both towers, --vision-*/--text-* override one. Importance: taylor (|w*grad| of "
-                                   "the contrastive loss on calibration batches) or magnitude.",
+                                   "both towers, --vision-*/--text-* override one; a matching model prunes its text "
+                                   "encoder (--text-*, and --text-cross-heads for its cross-attention to the image). "
+                                   "Importance: taylor (|w*grad| of the family's training loss on calibration "
+                                   "batches) or magnitude.",
                        epilog="example: vlmedge prune runs/teacher --out runs/pruned --heads 0.5 --mlp 0.5")
     p.add_argument("model", help="model folder (or the folder of an earlier command or run step)")
     _add_common(p)
@@ -446,11 +452,12 @@ def _add_prune(sub) -> None:
 def _add_distill(sub) -> None:
     from .train import PRECISIONS, DistillStage
 
-    p = sub.add_parser("distill", help="distil a teacher into a student (contrastive + affinity + feature losses)",
+    p = sub.add_parser("distill", help="distil a teacher into a student (contrastive, affinity, feature, matching)",
                        description="Train the student (a pruned teacher, or any model folder) against a frozen "
                                    "teacher with weighted losses: its own InfoNCE, affinity mimicking (KL of the "
                                    "in-batch similarity distributions, TinyCLIP) and feature mimicry (cosine to the "
-                                   "teacher's embeddings, CLIP-KD).",
+                                   "teacher's embeddings, CLIP-KD); a matching model adds its own ITM loss to the "
+                                   "first and --matching: KL of the teacher's and student's match probabilities.",
                        epilog="example: vlmedge distill runs/pruned --teacher runs/teacher --out runs/student "
                               "--steps 600")
     p.add_argument("student", help="student model folder (e.g. the output of vlmedge prune)")
@@ -465,10 +472,14 @@ def _add_distill(sub) -> None:
 def _add_export(sub) -> None:
     from .stages.export import ExportConfig
 
-    p = sub.add_parser("export", help="export both towers to ONNX with a parity check and a manifest",
-                       description="Write image_encoder.onnx and text_encoder.onnx (normalised embeddings, dynamic "
-                                   "batch and sequence), check them with onnx.checker and against PyTorch on fresh "
-                                   "random inputs, and write manifest.json with preprocessing and tokenizer files.",
+    p = sub.add_parser("export", help="export the family's graphs to ONNX with a parity check and a manifest",
+                       description="Write the graphs of the model's family (a dual encoder: image_encoder.onnx and "
+                                   "text_encoder.onnx, normalised embeddings; a generative VLM: vision_encoder, "
+                                   "embed_tokens, decoder_model_merged with the KV cache; a matching model: "
+                                   "image_encoder, text_encoder and matcher.onnx), dynamic batch and sequence, check "
+                                   "them with onnx.checker and against PyTorch on fresh random inputs (and greedy "
+                                   "answers or rerank orders on held-out data), and write manifest.json with "
+                                   "preprocessing and tokenizer files.",
                        epilog="example: vlmedge export runs/student --out runs/onnx --label 'a red circle'")
     p.add_argument("model", help="model folder (or the folder of an earlier command or run step)")
     _add_common(p, "evaluation data")
@@ -533,6 +544,9 @@ def _add_bench(sub) -> None:
                                    "image+text pair and zero-shot classification, plus batched throughput. A "
                                    "generative VLM: vision encode, time to first token (ttft), one decode step with "
                                    "the KV cache (decode), a whole 16-token answer (answer), tokens/s and peak RSS. "
+                                   "A matching model: image encode, rerank (16 candidates for one image, one matcher "
+                                   "call) and query (text -> ITC over 256 cached image embeddings -> ITM on the top "
+                                   "16). "
                                    "PATH is a run folder (every step on every target it can run on), a model folder "
                                    "(torch), an export folder (cpu) or a single .onnx file (cpu); several PATHs are "
                                    "measured in one run (default target: cpu; for several PATHs cpu and torch, each "

@@ -38,7 +38,9 @@ def encode_all(matcher: Matcher, images: np.ndarray, batch: int = 256) -> tuple[
     return np.concatenate([p for p, _ in parts]), np.concatenate([e for _, e in parts])
 
 
-def _match_pairs(matcher: Matcher, patches: np.ndarray, texts: Sequence[str], batch: int = 256) -> np.ndarray:
+def _match_pairs(matcher: Matcher, patches: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+    """Match logits of (patches[i], texts[i]), in calls of at most the matcher's `max_candidates` pairs."""
+    batch = getattr(matcher, "max_candidates", None) or 256
     return np.concatenate([matcher.match(patches[i:i + batch], texts[i:i + batch])
                            for i in range(0, len(texts), batch)])
 

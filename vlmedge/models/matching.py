@@ -61,13 +61,11 @@ def encode_text(model, input_ids, attention_mask):
 
 def match_logits(model, patches, input_ids, attention_mask):
     """One ITM logit per (image, text) pair, log p(match) - log p(no match); `patches` of one image ([1, P, D])
-    broadcast over all the texts (rerank k candidates in one call)."""
-    import torch
-
-    patches = patches.expand(input_ids.shape[0], -1, -1)
-    fused = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=patches,
-                               encoder_attention_mask=torch.ones(patches.shape[:2], dtype=torch.long,
-                                                                 device=patches.device)).last_hidden_state
+    broadcast over all the texts (rerank k candidates in one call). The image's cross-attention keys and values are
+    then computed once, not once per candidate: the attention's matmuls broadcast the batch of 1. Every patch is
+    attended to (no patch mask, as BLIP's all-ones image mask)."""
+    fused = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                               encoder_hidden_states=patches).last_hidden_state
     itm = model.itm_head(fused[:, 0])
     return itm[:, 1] - itm[:, 0]
 
