@@ -196,22 +196,49 @@ class Family:
         raise NotImplementedError
 
 
-def captioned_batches(model, data: str, count: int, seed: int) -> Callable[[int, Any], TrainBatch]:
-    """`calibration_data` of the families trained on captioned images: random training batches of `data` (one
-    process, CPU, fp32)."""
-    import contextlib
+class CaptionedFamily(Family):
+    """What the families trained on captioned images share (the dual encoder, the matching model): a WordPiece
+    tokenizer learnt from the captions, the captioned datasets, calibration batches of them, parameter count and
+    the pruning surgery."""
 
-    from ..data import open_dataset
+    def tokenizer(self, spec, ds, rng):
+        from ..models import train_tokenizer
 
-    ds = open_dataset(data, "train", resolution=model.preprocess.image_size, count=count, seed=seed)
+        sample = rng.integers(len(ds), size=min(len(ds) * 3, 30000))
+        return train_tokenizer(ds.captions(sample, rng), spec["vocab_size"])
 
-    def draw(batch_size: int, rng) -> TrainBatch:
-        idx = rng.integers(len(ds), size=batch_size).tolist()
-        texts, specs = ds.training_captions(idx, rng)
-        return TrainBatch(ds, idx, texts, specs, slice(0, batch_size), list(range(batch_size)),
-                          gather=lambda x: x, device="cpu", autocast=contextlib.nullcontext)
+    def open_data(self, source, split, **options):
+        from ..data import open_dataset
 
-    return draw
+        return open_dataset(source, split, **options)
+
+    def parameters(self, model) -> int:
+        from ..models import count_parameters
+
+        return count_parameters(model.model)
+
+    def apply_plan(self, model, plan) -> None:
+        """The surgery of `models.structure`; the pruned shape of the towers in the plan goes into config.json."""
+        from ..models.structure import apply_plan, shape_of
+
+        apply_plan(model.model, plan)
+        model.model.config.vlmedge_pruning = shape_of(model.model, tuple(plan))
+
+    def calibration_data(self, model, data: str, count: int, seed: int) -> Callable[[int, Any], TrainBatch]:
+        """Random training batches of `data` (one process, CPU, fp32)."""
+        import contextlib
+
+        from ..data import open_dataset
+
+        ds = open_dataset(data, "train", resolution=model.preprocess.image_size, count=count, seed=seed)
+
+        def draw(batch_size: int, rng) -> TrainBatch:
+            idx = rng.integers(len(ds), size=batch_size).tolist()
+            texts, specs = ds.training_captions(idx, rng)
+            return TrainBatch(ds, idx, texts, specs, slice(0, batch_size), list(range(batch_size)),
+                              gather=lambda x: x, device="cpu", autocast=contextlib.nullcontext)
+
+        return draw
 
 
 _REGISTRY: Registry[Family] = Registry(__name__, MODULES, "model family")

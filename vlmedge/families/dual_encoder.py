@@ -17,7 +17,7 @@ import numpy as np
 
 from .._io import write_json
 from ..errors import VlmedgeError
-from . import Family, Graph, captioned_batches, register
+from . import CaptionedFamily, Graph, register
 
 GRAPH_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx"}
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learnable temperature at 1/100
@@ -151,7 +151,7 @@ def _tower_modules(model):
     return ImageEncoder().eval(), TextEncoder().eval()
 
 
-class DualEncoder(Family):
+class DualEncoder(CaptionedFamily):
     name = "dual_encoder"
     architectures = ("VisionTextDualEncoderModel", "CLIPModel", "SiglipModel")
     report_metrics = ("zero_shot.top1", "retrieval.i2t_r5", "zero_shot.top5", "retrieval.t2i_r5",
@@ -162,20 +162,9 @@ class DualEncoder(Family):
         from ..models import build_from_preset
 
         if vision_init:
-            raise VlmedgeError("--vision-init starts a generative model's vision encoder; a dual encoder preset "
+            raise VlmedgeError("--vision-init starts a generative or matching model's image encoder; a dual encoder preset "
                                "trains both towers from scratch (or start from a folder: --init)")
         return build_from_preset(spec, tokenizer, seed=seed, source=source)
-
-    def tokenizer(self, spec, ds, rng):
-        from ..models import train_tokenizer
-
-        sample = rng.integers(len(ds), size=min(len(ds) * 3, 30000))
-        return train_tokenizer(ds.captions(sample, rng), spec["vocab_size"])
-
-    def open_data(self, source, split, **options):
-        from ..data import open_dataset
-
-        return open_dataset(source, split, **options)
 
     def load(self, path, *, attn_implementation="sdpa"):
         from ..models import load_model
@@ -187,11 +176,6 @@ class DualEncoder(Family):
 
         return check_model_folder(path)
 
-    def parameters(self, model) -> int:
-        from ..models import count_parameters
-
-        return count_parameters(model.model)
-
     def flops(self, model) -> dict[str, int]:
         from ..models.structure import measure_flops
 
@@ -201,15 +185,6 @@ class DualEncoder(Family):
         from ..models.structure import TOWERS, tower_layers
 
         return {t: tower_layers(model.model, t) for t in TOWERS}
-
-    def apply_plan(self, model, plan) -> None:
-        from ..models.structure import apply_plan, shape_of
-
-        apply_plan(model.model, plan)
-        model.model.config.vlmedge_pruning = shape_of(model.model)
-
-    def calibration_data(self, model, data: str, count: int, seed: int):
-        return captioned_batches(model, data, count, seed)
 
     def training_loss(self, model, batch, teacher=None, weights=None):
         import torch

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import VlmedgeError
 from ..models.matching import ARCHITECTURES
-from . import Family, Graph, TrainBatch, captioned_batches, register
+from . import CaptionedFamily, Graph, TrainBatch, register
 
 GRAPH_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx", "matcher": "matcher.onnx"}
 MAX_CANDIDATES = 64
@@ -195,7 +195,7 @@ def _itm_pairs(b: TrainBatch, sim, match):
     return pairs
 
 
-class Matching(Family):
+class Matching(CaptionedFamily):
     name = "matching"
     architectures = ARCHITECTURES
     report_metrics = ("itm.mean", "retrieval.rerank_i2t_r1", "itm.relation", "itm.position",
@@ -208,17 +208,6 @@ class Matching(Family):
 
         return build(spec, tokenizer, seed=seed, source=source, vision_init=vision_init)
 
-    def tokenizer(self, spec, ds, rng):
-        from ..models import train_tokenizer
-
-        sample = rng.integers(len(ds), size=min(len(ds) * 3, 30000))
-        return train_tokenizer(ds.captions(sample, rng), spec["vocab_size"])
-
-    def open_data(self, source, split, **options):
-        from ..data import open_dataset
-
-        return open_dataset(source, split, **options)
-
     def load(self, path, *, attn_implementation="sdpa"):
         from ..models.matching import load
 
@@ -229,32 +218,21 @@ class Matching(Family):
 
         return check_model_folder(path, self.architectures)
 
-    def parameters(self, model) -> int:
-        from ..models import count_parameters
-
-        return count_parameters(model.model)
-
     def flops(self, model) -> dict[str, int]:
         """FLOPs counted by PyTorch on the real model: one image's encoding, one caption's ITC embedding, one
         (image, caption) match."""
         import torch
-        from torch.utils.flop_counter import FlopCounterMode
 
         from ..models.matching import encode_image, encode_text, match_logits
+        from ..models.structure import count_flops
 
         size = model.preprocess.image_size
         tok = {k: torch.from_numpy(v) for k, v in TorchMatcher(model).tokenize(["a photo"]).items()}
         with torch.no_grad():
             patches, _ = encode_image(model.model, torch.zeros(1, 3, size, size))
-            out = {}
-            for name, fn in (("image", lambda: encode_image(model.model, torch.zeros(1, 3, size, size))),
-                             ("text", lambda: encode_text(model.model, *tok.values())),
-                             ("matcher", lambda: match_logits(model.model, patches, *tok.values()))):
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    fn()
-                out[name] = int(counter.get_total_flops())
-        return out
+        return count_flops({"image": lambda: encode_image(model.model, torch.zeros(1, 3, size, size)),
+                            "text": lambda: encode_text(model.model, *tok.values()),
+                            "matcher": lambda: match_logits(model.model, patches, *tok.values())})
 
     # --- pruning ---
     def prunable(self, model):
@@ -263,15 +241,6 @@ class Matching(Family):
         from ..models.structure import tower_layers
 
         return {"text": tower_layers(model.model, "text")}
-
-    def apply_plan(self, model, plan):
-        from ..models.structure import apply_plan, shape_of
-
-        apply_plan(model.model, plan)
-        model.model.config.vlmedge_pruning = shape_of(model.model, tuple(plan))
-
-    def calibration_data(self, model, data, count, seed):
-        return captioned_batches(model, data, count, seed)
 
     # --- training ---
     def training_loss(self, model, batch, teacher=None, weights=None):

@@ -246,22 +246,29 @@ def load_pruned(cls, folder: Path, shape: dict[str, Any], attn_implementation: s
     return model.eval()
 
 
-def measure_flops(vlm) -> dict[str, int]:
-    """FLOPs of one image and one caption (batch 1), counted by PyTorch's FlopCounterMode on the real model."""
+def count_flops(parts: dict[str, Any]) -> dict[str, int]:
+    """FLOPs of each part's call (name -> a function of no arguments), counted by PyTorch's FlopCounterMode."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from . import image_features, text_features
-
-    size = vlm.preprocess.image_size
-    tok = vlm.tokenize(["a photo"])
     out = {}
     with torch.no_grad():
-        for name, fn in (("image", lambda: image_features(vlm.model, torch.zeros(1, 3, size, size))),
-                         ("text", lambda: text_features(vlm.model, torch.from_numpy(tok["input_ids"]),
-                                                        torch.from_numpy(tok["attention_mask"])))):
+        for name, fn in parts.items():
             counter = FlopCounterMode(display=False)
             with counter:
                 fn()
             out[name] = int(counter.get_total_flops())
     return out
+
+
+def measure_flops(vlm) -> dict[str, int]:
+    """FLOPs of one image and one caption (batch 1) of a dual encoder, counted on the real model."""
+    import torch
+
+    from . import image_features, text_features
+
+    size = vlm.preprocess.image_size
+    tok = vlm.tokenize(["a photo"])
+    return count_flops({"image": lambda: image_features(vlm.model, torch.zeros(1, 3, size, size)),
+                        "text": lambda: text_features(vlm.model, torch.from_numpy(tok["input_ids"]),
+                                                      torch.from_numpy(tok["attention_mask"]))})
