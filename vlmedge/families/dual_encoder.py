@@ -98,6 +98,16 @@ class DistillLosses:
             raise VlmedgeError("distill: all loss weights are 0; nothing to learn")
 
 
+def affinity_loss(s_logits, t_logits):
+    """KL between the teacher's and the student's image->text and text->image similarity distributions over a
+    batch (TinyCLIP's affinity mimicking), from their logit matrices."""
+    import torch.nn.functional as F
+
+    kl = lambda s, t: F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True,  # noqa: E731
+                               reduction="batchmean")
+    return (kl(s_logits, t_logits) + kl(s_logits.t(), t_logits.t())) / 2
+
+
 def distillation_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, match, w: DistillLosses, negatives=(None, None),
                       s_bias=None):
     """Weighted sum of contrastive, affinity-mimicking and feature-mimicry losses; returns (total, parts).
@@ -110,11 +120,7 @@ def distillation_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, match, w: Di
     if w.contrastive:
         parts["contrastive"] = contrastive_loss(s_img, s_txt, s_scale, match, *negatives, logit_bias=s_bias)
     if w.affinity:
-        s_logits = s_scale.exp() * s_img @ s_txt.t()
-        t_logits = t_scale.exp() * t_img @ t_txt.t()
-        kl = lambda s, t: F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True,  # noqa: E731
-                                   reduction="batchmean")
-        parts["affinity"] = (kl(s_logits, t_logits) + kl(s_logits.t(), t_logits.t())) / 2
+        parts["affinity"] = affinity_loss(s_scale.exp() * s_img @ s_txt.t(), t_scale.exp() * t_img @ t_txt.t())
     if w.feature:
         if s_img.shape[-1] != t_img.shape[-1]:
             raise VlmedgeError(f"distill: feature mimicry needs equal embedding sizes (student {s_img.shape[-1]}, "

@@ -283,6 +283,7 @@ class Matching(CaptionedFamily):
         import torch.nn.functional as F
 
         from ..models.matching import encode_image, encode_text, match_logits
+        from .dual_encoder import affinity_loss
 
         tnet = teacher.model
         tm = TorchMatcher(teacher)
@@ -295,12 +296,9 @@ class Matching(CaptionedFamily):
             t_logits = match_logits(tnet, t_patches[which], ptok["input_ids"], ptok["attention_mask"]).float()
         total = w.contrastive * own
         if w.affinity:
-            scale = float(model.model.config.logit_scale_init_value)
-            s, t = torch.exp(torch.tensor(scale)) * img.float() @ txt.float().t(), \
-                torch.exp(torch.tensor(scale)) * t_img.float() @ t_txt.float().t()
-            kl = lambda a, c: F.kl_div(F.log_softmax(a, 1), F.log_softmax(c, 1), log_target=True,  # noqa: E731
-                                       reduction="batchmean")
-            total = total + w.affinity * (kl(s, t) + kl(s.t(), t.t())) / 2
+            s_scale, t_scale = model.itc_scale, teacher.itc_scale
+            total = total + w.affinity * affinity_loss(s_scale * img.float() @ txt.float().t(),
+                                                       t_scale * t_img.float() @ t_txt.float().t())
         if w.feature:
             total = total + w.feature * ((1 - (img * t_img).sum(-1)).mean() + (1 - (txt * t_txt).sum(-1)).mean()) / 2
         if w.matching:
