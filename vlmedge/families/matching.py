@@ -170,6 +170,13 @@ def _modules(model):
     return Image().eval(), Text().eval(), Matcher().eval()
 
 
+def _token_tensors(matcher: TorchMatcher, texts: Sequence[str], device: str) -> dict[str, Any]:
+    """Training tokens as torch tensors on `device`, padded to the longest text."""
+    import torch
+
+    return {k: torch.from_numpy(v).to(device) for k, v in matcher.tokenize(texts, longest=True).items()}
+
+
 def _itm_pairs(b: TrainBatch, sim, match):
     """The ITM training pairs of one micro-batch as (image row, caption text, label): every image's own caption (1),
     a caption and an image mined from the ITC similarities (0; drawn in proportion to softmax similarity among the
@@ -254,8 +261,8 @@ class Matching(CaptionedFamily):
         rows = b.indices[b.local]
         images = b.data.images(rows)
         pixels = torch.from_numpy(model.preprocess(images)).to(b.device)
-        tok = {k: torch.from_numpy(v).to(b.device)
-               for k, v in TorchMatcher(model).tokenize(b.captions[b.local], longest=True).items()}
+        student = TorchMatcher(model)
+        tok = _token_tensors(student, b.captions[b.local], b.device)
         scale = torch.tensor(float(net.config.logit_scale_init_value), device=b.device)
         all_rows = [b.indices[j] for j in b.rows]
         match_all = torch.from_numpy(b.data.match(all_rows, [b.specs[j] for j in b.rows]))
@@ -266,8 +273,7 @@ class Matching(CaptionedFamily):
             itc = contrastive_loss(b.gather(img.float()), b.gather(txt.float()), scale, match_all)
             pairs = _itm_pairs(b, scale.exp() * img.detach() @ txt.detach().t(), local_match)
             which = torch.tensor([p[0] for p in pairs], device=b.device)
-            ptok = {k: torch.from_numpy(v).to(b.device)
-                    for k, v in TorchMatcher(model).tokenize([p[1] for p in pairs], longest=True).items()}
+            ptok = _token_tensors(student, [p[1] for p in pairs], b.device)
             logits = match_logits(net, patches[which], ptok["input_ids"], ptok["attention_mask"]).float()
         labels = torch.tensor([p[2] for p in pairs], device=b.device)
         itm = F.binary_cross_entropy_with_logits(logits, labels)
@@ -289,10 +295,10 @@ class Matching(CaptionedFamily):
         tm = TorchMatcher(teacher)
         with torch.no_grad():
             t_patches, t_img = encode_image(tnet, torch.from_numpy(teacher.preprocess(images)).to(b.device))
-            ttok = {k: torch.from_numpy(v).to(b.device) for k, v in tm.tokenize(b.captions[b.local], True).items()}
+            ttok = _token_tensors(tm, b.captions[b.local], b.device)
             t_txt = encode_text(tnet, ttok["input_ids"], ttok["attention_mask"])
             which = torch.tensor([p[0] for p in pairs], device=b.device)
-            ptok = {k: torch.from_numpy(v).to(b.device) for k, v in tm.tokenize([p[1] for p in pairs], True).items()}
+            ptok = _token_tensors(tm, [p[1] for p in pairs], b.device)
             t_logits = match_logits(tnet, t_patches[which], ptok["input_ids"], ptok["attention_mask"]).float()
         total = w.contrastive * own
         if w.affinity:
@@ -370,9 +376,10 @@ class Matching(CaptionedFamily):
         idx = list(range(questions))
         captions = ds.captions(range(len(ds)), np.random.default_rng(3))
         ref = TorchMatcher(model)
-        patches, img = ref.encode(model.preprocess(ds.images(idx)))
+        pixels = model.preprocess(ds.images(idx))
+        patches, img = ref.encode(pixels)
         top = np.argsort(-(img @ ref.encode_texts(captions).T), axis=1, kind="stable")[:, :RERANK_K]
-        o_patches, _ = adapter.encode(model.preprocess(ds.images(idx)))
+        o_patches, _ = adapter.encode(pixels)
         same, worst = 0, 0.0
         for q in idx:
             texts = [captions[j] for j in top[q]]
