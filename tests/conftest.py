@@ -73,3 +73,23 @@ def run_cli(*args: str, timeout: float = 600) -> tuple[int, str, str]:
     p = subprocess.run([sys.executable, "-m", "vlmedge", *args], capture_output=True, text=True, cwd=REPO,
                        env={**os.environ}, timeout=timeout)
     return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture(scope="session")
+def vqa_model(tmp_path_factory, tiny_model):
+    """vqa-tiny trained 60 steps, its vision encoder started from the tiny dual encoder (two-stage training)."""
+    out = tmp_path_factory.mktemp("vqa") / "model"
+    from vlmedge.train import TrainConfig, train
+
+    train(TrainConfig(steps=60, vision_init=str(tiny_model), freeze_vision_steps=30, preset="vqa-tiny", batch_size=32,
+                      data_count=512, warmup_steps=5), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vqa_export(vqa_model, tmp_path_factory):
+    from vlmedge.stages.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("vqa-onnx") / "onnx"
+    export(vqa_model, out, ExportConfig(tune_threads=False))
+    return out

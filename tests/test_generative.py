@@ -19,23 +19,6 @@ def _losses(folder):
     return [json.loads(line)["loss"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def vqa_model(tmp_path_factory, tiny_model):
-    """vqa-tiny trained 60 steps, its vision encoder started from the tiny dual encoder (two-stage training)."""
-    out = tmp_path_factory.mktemp("vqa") / "model"
-    train(TrainConfig(steps=60, vision_init=str(tiny_model), freeze_vision_steps=30, **TINY), out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def vqa_export(vqa_model, tmp_path_factory):
-    from vlmedge.stages.export import ExportConfig, export
-
-    out = tmp_path_factory.mktemp("vqa-onnx") / "onnx"
-    export(vqa_model, out, ExportConfig(tune_threads=False))
-    return out
-
-
 def test_training_lowers_the_answer_nll(vqa_model):
     losses = _losses(vqa_model)
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses

@@ -133,6 +133,8 @@ class DistillStage(TrainSchedule):
     affinity: float = 1.0
     feature: float = 1.0
     matching: float = 1.0
+    tokens: float = 1.0
+    temperature: float = 2.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -140,7 +142,7 @@ class DistillStage(TrainSchedule):
 
     @property
     def losses(self) -> DistillLosses:
-        return DistillLosses(self.contrastive, self.affinity, self.feature, self.matching)
+        return DistillLosses(**{f.name: getattr(self, f.name) for f in fields(DistillLosses)})
 
 
 # --- distributed helpers -------------------------------------------------------------------------------------------

@@ -109,8 +109,12 @@ class Family:
         raise NotImplementedError
 
     def apply_plan(self, model, plan: dict[str, Any]) -> None:
-        """Cut the model to the kept layers, heads and neurons, and record its shape so the folder reloads."""
-        raise NotImplementedError
+        """Cut the model to the kept layers, heads and neurons (the surgery of `models.structure`), and record the
+        pruned shape of the towers in the plan in config.json so the folder reloads."""
+        from ..models.structure import apply_plan, shape_of
+
+        apply_plan(model.model, plan)
+        model.model.config.vlmedge_pruning = shape_of(model.model, tuple(plan))
 
     def training_loss(self, model, batch: TrainBatch, teacher=None, weights=None):
         """The loss of one micro-batch (the one training loop calls it): the family's own objective, or with a
@@ -124,9 +128,19 @@ class Family:
         """After each optimizer step (e.g. clamping a learnable temperature)."""
 
     def calibration_data(self, model, data: str, count: int, seed: int) -> Callable[[int, Any], TrainBatch]:
-        """A batch drawer `(batch_size, rng) -> TrainBatch` over the data: Taylor importance takes the gradient of
-        `training_loss` on such batches."""
-        raise NotImplementedError
+        """A batch drawer `(batch_size, rng) -> TrainBatch` over the data (random training batches, one process,
+        CPU, fp32): Taylor importance takes the gradient of `training_loss` on such batches."""
+        import contextlib
+
+        ds = self.open_data(data, "train", resolution=model.preprocess.image_size, count=count, seed=seed)
+
+        def draw(batch_size: int, rng) -> TrainBatch:
+            idx = rng.integers(len(ds), size=batch_size).tolist()
+            texts, specs = ds.training_captions(idx, rng)
+            return TrainBatch(ds, idx, texts, specs, slice(0, batch_size), list(range(batch_size)),
+                              gather=lambda x: x, device="cpu", autocast=contextlib.nullcontext)
+
+        return draw
 
     # --- export ---
     def graphs(self, model) -> list[Graph]:
@@ -198,8 +212,7 @@ class Family:
 
 class CaptionedFamily(Family):
     """What the families trained on captioned images share (the dual encoder, the matching model): a WordPiece
-    tokenizer learnt from the captions, the captioned datasets, calibration batches of them, parameter count and
-    the pruning surgery."""
+    tokenizer learnt from the captions, the captioned datasets and the parameter count."""
 
     def tokenizer(self, spec, ds, rng):
         from ..models import train_tokenizer
@@ -216,30 +229,6 @@ class CaptionedFamily(Family):
         from ..models import count_parameters
 
         return count_parameters(model.model)
-
-    def apply_plan(self, model, plan) -> None:
-        """The surgery of `models.structure`; the pruned shape of the towers in the plan goes into config.json."""
-        from ..models.structure import apply_plan, shape_of
-
-        apply_plan(model.model, plan)
-        model.model.config.vlmedge_pruning = shape_of(model.model, tuple(plan))
-
-    def calibration_data(self, model, data: str, count: int, seed: int) -> Callable[[int, Any], TrainBatch]:
-        """Random training batches of `data` (one process, CPU, fp32)."""
-        import contextlib
-
-        from ..data import open_dataset
-
-        ds = open_dataset(data, "train", resolution=model.preprocess.image_size, count=count, seed=seed)
-
-        def draw(batch_size: int, rng) -> TrainBatch:
-            idx = rng.integers(len(ds), size=batch_size).tolist()
-            texts, specs = ds.training_captions(idx, rng)
-            return TrainBatch(ds, idx, texts, specs, slice(0, batch_size), list(range(batch_size)),
-                              gather=lambda x: x, device="cpu", autocast=contextlib.nullcontext)
-
-        return draw
-
 
 _REGISTRY: Registry[Family] = Registry(__name__, MODULES, "model family")
 

@@ -81,7 +81,8 @@ class DistillLosses:
     """Weights of the distillation losses (teacher -> student); the student's own contrastive loss is one of them."""
 
     contrastive: float = 1.0
-    """The student's InfoNCE on the batch."""
+    """The student's own loss on the batch: InfoNCE (a matching model: ITC + ITM; a generative model: the answer
+    tokens' NLL)."""
     affinity: float = 1.0
     """KL between teacher and student image->text and text->image similarity distributions (TinyCLIP)."""
     feature: float = 1.0
@@ -89,13 +90,22 @@ class DistillLosses:
     matching: float = 1.0
     """Matching models: KL between the teacher's and the student's match probabilities on the same image-text pairs
     (the ITM head's logits); other families have no such head and ignore it."""
+    tokens: float = 1.0
+    """Generative models: token-level KL between the teacher's and the student's next-token distributions on the
+    answer tokens (softened by `temperature`, scaled by its square); other families ignore it."""
+    temperature: float = 2.0
+    """The token-level KL's softmax temperature."""
+
+    WEIGHTS = ("contrastive", "affinity", "feature", "matching", "tokens")
 
     def validate(self) -> None:
-        for k in ("contrastive", "affinity", "feature", "matching"):
+        for k in self.WEIGHTS:
             if getattr(self, k) < 0:
                 raise VlmedgeError(f"distill: {k}={getattr(self, k)} must be >= 0")
-        if self.contrastive + self.affinity + self.feature + self.matching <= 0:
+        if sum(getattr(self, k) for k in self.WEIGHTS) <= 0:
             raise VlmedgeError("distill: all loss weights are 0; nothing to learn")
+        if not self.temperature > 0:
+            raise VlmedgeError(f"distill: temperature={self.temperature} must be > 0")
 
 
 def affinity_loss(s_logits, t_logits):

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import VlmedgeError
-from ..models.generative import ARCHITECTURES
+from ..models.generative import ARCHITECTURES, kv_shape
 from ..runtime.generate import FILES
 from . import Family, Graph, register
 
@@ -120,10 +120,21 @@ def _modules(model):
     return Vision().eval(), Embed().eval(), Decoder().eval()
 
 
-def _kv_shape(model) -> tuple[int, int, int]:
-    cfg = model.config.text_config
-    return (cfg.num_hidden_layers, cfg.num_key_value_heads,
-            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+def _forward(net, pixels, ids, mask):
+    """Teacher-forced logits (B, S, vocab) of image + prompt + answer, and the image features the decoder reads. A
+    vision tower frozen by the two-stage schedule keeps no graph."""
+    import torch
+
+    from ..models.generative import decode, empty_past, merge, vision_encode
+
+    frozen = not any(p.requires_grad for p in net.model.vision_model.parameters())
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+        encoded = vision_encode(net, pixels)
+    feats = net.model.connector(encoded)
+    embeds = merge(net, ids, feats)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits, _ = decode(net, embeds, mask, positions, empty_past(net, len(ids), embeds.dtype))
+    return logits, feats
 
 
 class Generative(Family):
@@ -179,41 +190,52 @@ class Generative(Family):
         connector = 2 * model.image_tokens * model.model.model.connector.modality_projection.proj.weight.numel()
         return {"vision": int(vision + connector), "decoder": int(decoder)}
 
-    # --- pruning (the next issue) ---
+    # --- pruning ---
     def prunable(self, model):
-        raise VlmedgeError("prune: the generative family cannot be pruned yet (decoder layers, grouped-query heads "
-                           "and gated MLP neurons are the next piece of work)")
+        """Both parts: the vision encoder (heads, MLP neurons, layers) and the Llama decoder (layers, grouped-query
+        head groups, gated MLP neurons), as the `vision` and `text` towers of a pruning plan. Pruning keeps the
+        widths, so the connector (vision width x scale² -> decoder width) is unchanged."""
+        from ..models.structure import TOWERS, tower_layers
 
-    def apply_plan(self, model, plan):
-        self.prunable(model)
-
-    def calibration_data(self, model, data, count, seed):
-        self.prunable(model)
+        return {t: tower_layers(model.model, t) for t in TOWERS}
 
     # --- training ---
     def training_loss(self, model, batch, teacher=None, weights=None):
+        """The answer tokens' NLL; with a frozen `teacher` (same tokenizer) the distillation objective: that NLL
+        (`contrastive` weight: the student's own loss), token-level KL to the teacher's next-token distributions on
+        the answer tokens (`tokens`, at `temperature`) and 1 - cosine of the image features the decoder reads
+        (`feature`, when both feed the same decoder width)."""
         import torch
         import torch.nn.functional as F
 
-        from ..models.generative import decode, empty_past, make_batch, merge, vision_encode
+        from ..models.generative import make_batch
 
-        if teacher is not None:
-            raise VlmedgeError("distill: the generative family cannot be distilled yet (token-level KL on the "
-                               "answers is the next piece of work)")
-        b, net = batch, model.model
+        b = batch
         rows = b.indices[b.local]
         pixels = torch.from_numpy(model.preprocess(b.data.images(rows))).to(b.device)
         ids, mask, labels = (torch.from_numpy(a).to(b.device) for a in make_batch(model, b.captions[b.local]))
         with b.autocast():
-            frozen = not any(p.requires_grad for p in net.model.vision_model.parameters())
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):  # a frozen tower keeps no graph
-                encoded = vision_encode(net, pixels)
-            feats = net.model.connector(encoded)
-            embeds = merge(net, ids, feats)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits, _ = decode(net, embeds, mask, positions, empty_past(net, len(rows), embeds.dtype))
-        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
+            logits, feats = _forward(model.model, pixels, ids, mask)
+        logits, target = logits[:, :-1].float(), labels[:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+        if teacher is None:
+            return nll
+        if teacher.tokenizer.get_vocab() != model.tokenizer.get_vocab():
+            raise VlmedgeError(f"distill: the teacher ({teacher.source}) and the student ({model.source}) have "
+                               "different tokenizers; token-level distillation needs one vocabulary")
+        with torch.no_grad(), b.autocast():
+            t_logits, t_feats = _forward(teacher.model, pixels.to(teacher.model.dtype), ids, mask)
+        answer = target != -100
+        temp, w = weights.temperature, weights
+        parts = {"nll": nll}
+        if w.tokens:
+            s_log = F.log_softmax(logits[answer] / temp, -1)
+            t_log = F.log_softmax(t_logits[:, :-1].float()[answer] / temp, -1)
+            parts["tokens"] = F.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * temp ** 2
+        if w.feature and feats.shape == t_feats.shape:
+            parts["feature"] = (1 - F.cosine_similarity(feats.float(), t_feats.float(), dim=-1)).mean()
+        scale = {"nll": w.contrastive, "tokens": w.tokens, "feature": w.feature}
+        return sum(scale[k] * v for k, v in parts.items())
 
     def before_step(self, model, step: int, cfg) -> None:
         """The two-stage schedule: the vision tower frozen for the first `freeze_vision_steps` steps."""
@@ -224,7 +246,7 @@ class Generative(Family):
     # --- export ---
     def graphs(self, model) -> list[Graph]:
         vision, embed, decoder = _modules(model.model)
-        layers, _, _ = _kv_shape(model.model)
+        layers, _, _ = kv_shape(model.model)
         size = model.preprocess.image_size
         past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
         present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
@@ -252,7 +274,7 @@ class Generative(Family):
         """Random pixels and token ids; for the decoder random embeddings after a random cache of 5 positions."""
         rng = np.random.default_rng(seed)
         cfg = model.model.config.text_config
-        layers, kv, head_dim = _kv_shape(model.model)
+        layers, kv, head_dim = kv_shape(model.model)
         size, s, p = model.preprocess.image_size, 7, 5
         dec = {"inputs_embeds": rng.standard_normal((n, s, cfg.hidden_size)).astype(np.float32) * 0.05,
                "attention_mask": np.ones((n, p + s), dtype=np.int64),
@@ -268,7 +290,7 @@ class Generative(Family):
         from ..models.generative import SPECIAL
         from ._export import save_tokenizer
 
-        layers, kv, head_dim = _kv_shape(model.model)
+        layers, kv, head_dim = kv_shape(model.model)
         tok = model.tokenizer
         return {"preprocess": asdict(model.preprocess), "max_length": model.max_length,
                 "tokenizer": save_tokenizer(tok, folder), "vocab_size": len(tok),

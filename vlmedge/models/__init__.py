@@ -57,20 +57,49 @@ class VLM:
         from .._io import write_json
 
         folder = Path(folder)
-        if getattr(self.model.config, "vlmedge_pruning", None):
-            # A pruned model is rebuilt by vlmedge (stages.prune.load_pruned), which reads the in-memory key names;
-            # save_pretrained would rename keys to the legacy layout that only from_pretrained maps back.
-            from safetensors.torch import save_file
-
-            folder.mkdir(parents=True, exist_ok=True)
-            self.model.config.save_pretrained(folder)
-            save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()},
-                      str(folder / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            self.model.save_pretrained(folder, safe_serialization=True)
+        save_weights(self.model, folder)
         self.tokenizer.save_pretrained(folder)
         write_json(folder / "preprocessor_config.json", self.preprocess.to_hf())
         write_json(folder / "vlmedge.json", {"max_length": self.max_length, "source": self.source})
+
+
+def save_weights(model, folder: Path) -> None:
+    """config.json and model.safetensors of a transformers model (`load_weights` reads them back)."""
+    if getattr(model.config, "vlmedge_pruning", None):
+        # A pruned model is rebuilt by vlmedge (structure.load_pruned), which reads the in-memory key names;
+        # save_pretrained would rename keys to the legacy layout that only from_pretrained maps back.
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(folder)
+        state, seen = {}, set()
+        for k, v in model.state_dict().items():  # tied weights (a decoder's lm_head) are stored once
+            if v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                state[k] = v.detach().contiguous()
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+
+
+def load_weights(folder: Path, config: dict[str, Any], architectures: tuple[str, ...], attn_implementation: str):
+    """The transformers model of a checked model folder (`check_model_folder`'s config), offline: rebuilt from its
+    recorded pruning shape when vlmedge pruned it; a one-line error naming the folder when it does not load."""
+    import transformers
+
+    quiet_transformers()
+    arch = next(a for a in config["architectures"] if a in architectures)
+    model_cls = getattr(transformers, arch)
+    plan = config.get("vlmedge_pruning")
+    try:
+        if plan:
+            from .structure import load_pruned
+            return load_pruned(model_cls, folder, plan, attn_implementation)
+        return model_cls.from_pretrained(folder, local_files_only=True, attn_implementation=attn_implementation)
+    except VlmedgeError:
+        raise
+    except Exception as e:
+        raise VlmedgeError(f"{folder}: could not load {arch}: {str(e).splitlines()[0][:200]}") from None
 
 
 # --- embedding (the same two functions serve training, evaluation, distillation and export) -----------------------
@@ -242,22 +271,7 @@ def load_model(path: str | os.PathLike, *, attn_implementation: str = "sdpa",
     preprocessing, offline, as a `cls` (a `VLM`)."""
     folder = Path(path)
     config = check_model_folder(folder, architectures)
-    quiet_transformers()
-    import transformers
-
-    arch = next(a for a in config["architectures"] if a in architectures)
-    model_cls = getattr(transformers, arch)
-    plan = config.get("vlmedge_pruning")
-    try:
-        if plan:
-            from .structure import load_pruned
-            model = load_pruned(model_cls, folder, plan, attn_implementation)
-        else:
-            model = model_cls.from_pretrained(folder, local_files_only=True, attn_implementation=attn_implementation)
-    except VlmedgeError:
-        raise
-    except Exception as e:
-        raise VlmedgeError(f"{folder}: could not load {arch}: {str(e).splitlines()[0][:200]}") from None
+    model = load_weights(folder, config, architectures, attn_implementation)
     tokenizer = load_tokenizer(folder)
     vision_size = int(getattr(model.config.vision_config, "image_size", 224))
     pre_path = folder / "preprocessor_config.json"

@@ -61,9 +61,10 @@ class GenerativeVLM(VLM):
 
     def save(self, folder: str | os.PathLike) -> None:
         from .._io import write_json
+        from . import save_weights
 
         folder = Path(folder)
-        self.model.save_pretrained(folder, safe_serialization=True)
+        save_weights(self.model, folder)
         self.tokenizer.save_pretrained(folder)
         write_json(folder / "preprocessor_config.json", {**self.preprocess.to_hf(), "do_image_splitting": False})
         write_json(folder / "vlmedge.json", {"max_length": self.max_length, "source": self.source})
@@ -219,19 +220,11 @@ def _vit_to_siglip(w: dict[str, Any], layers: int) -> dict[str, Any]:
 # --- loading -------------------------------------------------------------------------------------------------------
 
 def load(path: str | os.PathLike, *, attn_implementation: str = "sdpa") -> GenerativeVLM:
-    from . import _mapping, check_model_folder, load_tokenizer, read_preprocess
+    from . import _mapping, check_model_folder, load_tokenizer, load_weights, read_preprocess
 
     folder = Path(path)
     config = check_model_folder(folder, ARCHITECTURES)
-    quiet_transformers()
-    import transformers
-
-    arch = next(a for a in config["architectures"] if a in ARCHITECTURES)
-    try:
-        model = getattr(transformers, arch).from_pretrained(folder, local_files_only=True,
-                                                            attn_implementation=attn_implementation)
-    except Exception as e:
-        raise VlmedgeError(f"{folder}: could not load {arch}: {str(e).splitlines()[0][:200]}") from None
+    model = load_weights(folder, config, ARCHITECTURES, attn_implementation)
     tokenizer = load_tokenizer(folder)
     for name in SPECIAL.values():
         if name not in ("<pad>", "<unk>") and tokenizer.convert_tokens_to_ids(name) in (None, tokenizer.unk_token_id):
@@ -290,9 +283,6 @@ def decode(model, inputs_embeds, attention_mask, position_ids, past: Sequence[tu
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     lm = model.model.text_model
-    cfg = lm.config
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     b, s, _ = inputs_embeds.shape
     past_len = past[0][0].shape[2]
     cos, sin = lm.rotary_emb(inputs_embeds, position_ids)
@@ -305,6 +295,8 @@ def decode(model, inputs_embeds, attention_mask, position_ids, past: Sequence[tu
     presents = []
     for layer, (pk, pv) in zip(lm.layers, past):
         attn = layer.self_attn
+        head_dim = attn.head_dim  # head counts per layer: pruning may have removed some
+        heads, kv = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
         x = layer.input_layernorm(h)
         q = attn.q_proj(x).view(b, s, heads, head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(b, s, kv, head_dim).transpose(1, 2)
@@ -322,13 +314,24 @@ def decode(model, inputs_embeds, attention_mask, position_ids, past: Sequence[tu
     return model.lm_head(lm.norm(h)), presents
 
 
+def kv_shape(model) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of the decoder's KV cache, from its modules (a pruned decoder keeps the
+    same count in every layer: one ratio applies to all)."""
+    layers = model.model.text_model.layers
+    attn = layers[0].self_attn
+    kv = {layer.self_attn.k_proj.out_features // attn.head_dim for layer in layers}
+    if len(kv) > 1:
+        raise VlmedgeError(f"the decoder's layers have different key/value head counts {sorted(kv)}; the export's "
+                           "KV cache needs one")
+    return len(layers), kv.pop(), attn.head_dim
+
+
 def empty_past(model, batch: int = 1, dtype=None):
     import torch
 
-    cfg = model.model.text_model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    z = torch.zeros(batch, cfg.num_key_value_heads, 0, head_dim, dtype=dtype or model.dtype)
-    return [(z, z) for _ in range(cfg.num_hidden_layers)]
+    layers, kv, head_dim = kv_shape(model)
+    z = torch.zeros(batch, kv, 0, head_dim, dtype=dtype or model.dtype)
+    return [(z, z) for _ in range(layers)]
 
 
 def make_batch(vlm: GenerativeVLM, pairs: Sequence[tuple[str, str]]):

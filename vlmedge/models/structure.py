@@ -1,8 +1,11 @@
-"""The prunable structure of a dual encoder's towers, and the surgery that cuts them.
+"""The prunable structure of a model's transformer towers (a dual encoder's two, a matching model's text encoder, a
+generative model's vision encoder and Llama decoder), and the surgery that cuts them.
 
 Attention keeps its head size (every supported attention module reshapes with ``view(..., -1, head_dim)``), so a
 layer with fewer heads only needs narrower q/k/v/o projections; we keep the modules' head-count attributes
-consistent. HF configs cannot say "layer 3 has 4 heads" (and transformers 5 dropped `prune_heads`), so the shape of
+consistent. With grouped-query attention (fewer key/value heads than query heads) the unit is a group: a key/value
+head goes only with all the query heads that share it. A gated MLP's gate, up and down projections lose the same
+neurons. HF configs cannot say "layer 3 has 4 heads" (and transformers 5 dropped `prune_heads`), so the shape of
 a pruned model (layers, heads and MLP width per layer) is written into `config.json` as `vlmedge_pruning` and the
 model is rebuilt from it on load (`load_pruned`).
 """
@@ -20,9 +23,12 @@ TOWERS = ("vision", "text")
 _ATTENTION_PATHS = (
     ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj"),  # ViT (transformers 5)
     ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),  # BERT
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),  # CLIP
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),  # CLIP, SigLIP
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),  # Llama (grouped-query)
 )
-_MLP_PATHS = (("mlp.fc1", "mlp.fc2"), ("intermediate.dense", "output.dense"))
+# (up, down) of the MLP; a gated MLP (Llama) also has a gate projection sliced like `up`.
+_MLP_PATHS = (("mlp.fc1", "mlp.fc2"), ("intermediate.dense", "output.dense"), ("mlp.up_proj", "mlp.down_proj"))
+_GATE_PATH = "mlp.gate_proj"
 # A text layer's cross-attention to the image (BLIP's matching text encoder): queries from the text, keys and values
 # from the image's patch embeddings.
 _CROSS_PATHS = ("crossattention.self.query", "crossattention.self.key", "crossattention.self.value",
@@ -47,6 +53,10 @@ class Attention:
     def heads(self) -> int:
         return self.q.out_features // self.head_dim
 
+    @property
+    def kv_heads(self) -> int:
+        return self.k.out_features // self.head_dim
+
 
 @dataclass
 class LayerParts:
@@ -61,10 +71,17 @@ class LayerParts:
     head_dim: int
     cross: Attention | None = None
     """The layer's cross-attention to the image, where it has one (matching models' text encoder)."""
+    gate: Any = None
+    """A gated MLP's gate projection (Llama: down(act(gate(x)) * up(x)))."""
 
     @property
     def heads(self) -> int:
         return self.q.out_features // self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: fewer than `heads` with grouped-query attention, each shared by heads // kv_heads."""
+        return self.k.out_features // self.head_dim
 
 
 def _get(module, path: str):
@@ -76,6 +93,8 @@ def _get(module, path: str):
 
 
 def tower_root(model, tower: str):
+    if not hasattr(model, "vision_model") and hasattr(model, "model"):  # SmolVLM: the towers are in .model
+        model = model.model
     if tower == "vision":
         return model.vision_model
     return model.text_model if hasattr(model, "text_model") else model.text_encoder  # BLIP: text_encoder
@@ -101,7 +120,7 @@ def _layer_list(root):
 
 
 def _attention_paths(layer):
-    return next((p for p in _ATTENTION_PATHS if _get(layer, p[0]) is not None), None)
+    return next((p for p in _ATTENTION_PATHS if all(_get(layer, x) is not None for x in p)), None)
 
 
 def tower_config(model, tower: str):
@@ -124,7 +143,7 @@ def tower_layers(model, tower: str) -> list[LayerParts]:
             c_module = _get(layer, _CROSS_PATHS[0].rsplit(".", 1)[0])
             cross = Attention(*(_get(layer, p) for p in _CROSS_PATHS), c_module, c_module.attention_head_size)
         parts.append(LayerParts(layer, q, k, v, o, _get(layer, mlp[0]), _get(layer, mlp[1]), module, head_dim,
-                                cross))
+                                cross, _get(layer, _GATE_PATH)))
     return parts
 
 
@@ -152,13 +171,30 @@ def _set(layer, path: str, module) -> None:
     setattr(_get(layer, parent_path) if parent_path else layer, name, module)
 
 
+def kv_groups(heads: list[int], n_heads: int, n_kv: int, where: str = "") -> list[int]:
+    """The key/value heads that kept query heads use (grouped-query attention: query head h reads key/value head
+    h // (n_heads // n_kv)); a one-line error when a group is kept in part."""
+    rep = n_heads // n_kv
+    groups = sorted({h // rep for h in heads})
+    if len(heads) != len(groups) * rep:
+        raise VlmedgeError(f"{where or 'pruning'}: query heads {heads} split a grouped-query group of {rep}; a "
+                           "key/value head goes only with all the query heads that share it")
+    return groups
+
+
 def _resize_attention(layer, paths: tuple[str, ...], module, head_dim: int, heads: list[int] | int) -> list[int]:
-    """Keep the given heads of one attention block (q/k/v rows, o columns) and update its head counts."""
+    """Keep the given query heads of one attention block (q rows, o columns; with grouped-query attention the k/v
+    rows of their key/value heads) and update its head counts. An int resizes to that many query heads (and the
+    same share of key/value heads)."""
+    q, k = _get(layer, paths[0]), _get(layer, paths[1])
+    n_heads, n_kv = q.out_features // head_dim, k.out_features // head_dim
     head_idx = list(range(heads)) if isinstance(heads, int) else heads
-    dims = [h * head_dim + d for h in head_idx for d in range(head_dim)]
-    for path in paths[:3]:
-        _set(layer, path, _slice_linear(_get(layer, path), out_idx=dims))
-    _set(layer, paths[3], _slice_linear(_get(layer, paths[3]), in_idx=dims))
+    kv_idx = kv_groups(head_idx, n_heads, n_kv)
+    dims = lambda idx: [h * head_dim + d for h in idx for d in range(head_dim)]  # noqa: E731
+    _set(layer, paths[0], _slice_linear(q, out_idx=dims(head_idx)))
+    for path in paths[1:3]:
+        _set(layer, path, _slice_linear(_get(layer, path), out_idx=dims(kv_idx)))
+    _set(layer, paths[3], _slice_linear(_get(layer, paths[3]), in_idx=dims(head_idx)))
     for attr in _HEAD_ATTRS:
         if hasattr(module, attr):
             setattr(module, attr, len(head_idx))
@@ -177,7 +213,8 @@ def _resize_layer(parts: LayerParts, heads: list[int] | int, neurons: list[int] 
         _resize_attention(layer, _CROSS_PATHS, parts.cross.module, parts.cross.head_dim, cross_heads)
     mlp = next(p for p in _MLP_PATHS if _get(layer, p[0]) is not None)
     neuron_idx = list(range(neurons)) if isinstance(neurons, int) else neurons
-    _set(layer, mlp[0], _slice_linear(_get(layer, mlp[0]), out_idx=neuron_idx))
+    for path in (mlp[0], _GATE_PATH) if parts.gate is not None else (mlp[0],):
+        _set(layer, path, _slice_linear(_get(layer, path), out_idx=neuron_idx))
     _set(layer, mlp[1], _slice_linear(_get(layer, mlp[1]), in_idx=neuron_idx))
     bias = getattr(getattr(parts.attention, "relative_position_bias", None), "relative_position_bias_table", None)
     if bias is not None:  # Swin: one column of relative position biases per head
@@ -200,6 +237,9 @@ def apply_plan(model, plan: dict[str, Any]) -> None:
             _replace_module_list(tower_root(model, tower), layer_list,
                                  nn.ModuleList([layer_list[i] for i in kept_layers]))
             tower_config(model, tower).num_hidden_layers = len(kept_layers)
+            for i, layer in enumerate(_layer_list(tower_root(model, tower))):  # a KV cache indexes layers by it
+                if hasattr(getattr(layer, "self_attn", None), "layer_idx"):
+                    layer.self_attn.layer_idx = i
 
 
 def _replace_module_list(root, old, new) -> None:
@@ -239,7 +279,11 @@ def load_pruned(cls, folder: Path, shape: dict[str, Any], attn_implementation: s
     for f in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(f)))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
+    model.tie_weights()  # a tied lm_head is stored once (as the embedding)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    missing = [k for k in missing if not k.endswith("position_ids")
+               and not (k in params and params[k].data_ptr() in loaded)]
     if missing or unexpected:
         raise VlmedgeError(f"{folder}: weights do not match the recorded pruning shape "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -59,18 +59,22 @@ class PruneConfig:
 # --- importance ----------------------------------------------------------------------------------------------------
 
 def _head_scores(a, value: Callable[[Any], Any]) -> np.ndarray:
-    """A per-weight score summed over each head of an attention block (q/k/v rows, o columns)."""
-    qkv = sum(value(m.weight).sum(1) + (value(m.bias) if m.bias is not None else 0) for m in (a.q, a.k, a.v))
-    return (qkv + value(a.o.weight).sum(0)).reshape(a.heads, a.head_dim).sum(1).detach().cpu().numpy()
+    """A per-weight score summed over each head of an attention block (q/k/v rows, o columns); with grouped-query
+    attention over each group (a key/value head and the query heads that share it), the unit pruning removes."""
+    rows = lambda m: value(m.weight).sum(1) + (value(m.bias) if m.bias is not None else 0)  # noqa: E731
+    per_q = (rows(a.q) + value(a.o.weight).sum(0)).reshape(a.heads, a.head_dim).sum(1)
+    per_kv = (rows(a.k) + rows(a.v)).reshape(a.kv_heads, a.head_dim).sum(1)
+    return (per_q.reshape(a.kv_heads, -1).sum(1) + per_kv).detach().cpu().numpy()
 
 
 def _group_scores(parts: list[LayerParts], value: Callable[[Any], Any]) -> dict[str, list[np.ndarray]]:
-    """Sum a per-weight score over each head (q/k/v rows, o columns), each MLP neuron (up row, down column) and each
-    cross-attention head where a layer has one."""
+    """Sum a per-weight score over each head group (`_head_scores`), each MLP neuron (up and gate rows, down column)
+    and each cross-attention head where a layer has one."""
     heads, neurons, cross = [], [], []
     for p in parts:
         heads.append(_head_scores(p, value))
-        up = value(p.up.weight).sum(1) + (value(p.up.bias) if p.up.bias is not None else 0)
+        up = sum(value(m.weight).sum(1) + (value(m.bias) if m.bias is not None else 0)
+                 for m in (p.up, p.gate) if m is not None)
         neurons.append((up + value(p.down.weight).sum(0)).detach().cpu().numpy())
         cross.append(_head_scores(p.cross, value) if p.cross is not None else None)
     return {"heads": heads, "neurons": neurons, "cross_heads": cross}
@@ -94,7 +98,9 @@ def taylor_importance(family, model, parts: dict[str, list[LayerParts]], cfg: Pr
     net.eval()
     scores = {}
     for tower, layers in parts.items():
-        linears = [(m, i < 3 or i == 4) for p in layers for i, m in enumerate((p.q, p.k, p.v, p.o, p.up, p.down))]
+        linears = [(m, i < 3 or i >= 4) for p in layers for i, m in enumerate((p.q, p.k, p.v, p.o, p.up, p.gate))
+                   if m is not None]
+        linears += [(p.down, False) for p in layers]
         linears += [(m, i < 3) for p in layers if p.cross is not None
                     for i, m in enumerate((p.cross.q, p.cross.k, p.cross.v, p.cross.o))]
         params = {id(m.weight): m.weight for m, _ in linears}
@@ -113,6 +119,15 @@ def _keep_count(n: int, ratio: float, what: str) -> int:
     if keep < 1:
         raise VlmedgeError(f"prune: removing {ratio:.0%} of {n} {what} leaves none; lower the ratio")
     return keep
+
+
+def _kept_heads(scores: np.ndarray, a, ratio: float, what: str) -> list[int]:
+    """The query heads kept: the most important heads, or with grouped-query attention the most important groups
+    (a ratio applies to the key/value heads, and each kept one keeps all its query heads)."""
+    rep = a.heads // a.kv_heads
+    unit = f"key/value heads ({rep} query heads each)" if rep > 1 else "heads"
+    keep = _keep_count(a.kv_heads, ratio, f"{unit} in {what}")
+    return [g * rep + r for g in sorted(np.argsort(scores)[::-1][:keep].tolist()) for r in range(rep)]
 
 
 # --- the stage -----------------------------------------------------------------------------------------------------
@@ -141,14 +156,12 @@ def make_plan(family, model, cfg: PruneConfig, data: str = DEFAULT_DATA) -> dict
         heads, neurons, cross = [], [], []
         for li in layers:
             p = layers_of[li]
-            keep_h = _keep_count(p.heads, getattr(cfg, f"{tower}_heads"), f"heads in {tower} layer {li}")
             keep_n = _keep_count(p.up.out_features, getattr(cfg, f"{tower}_mlp"), f"MLP neurons in {tower} layer {li}")
-            heads.append(sorted(np.argsort(s["heads"][li])[::-1][:keep_h].tolist()))
+            heads.append(_kept_heads(s["heads"][li], p, getattr(cfg, f"{tower}_heads"), f"{tower} layer {li}"))
             neurons.append(sorted(np.argsort(s["neurons"][li])[::-1][:keep_n].tolist()))
             if p.cross is not None:
-                keep_c = _keep_count(p.cross.heads, getattr(cfg, f"{tower}_cross_heads", 0.0),
-                                     f"cross-attention heads in {tower} layer {li}")
-                cross.append(sorted(np.argsort(s["cross_heads"][li])[::-1][:keep_c].tolist()))
+                cross.append(_kept_heads(s["cross_heads"][li], p.cross, getattr(cfg, f"{tower}_cross_heads", 0.0),
+                                         f"{tower} layer {li}'s cross-attention"))
         plan[tower] = {"layers": layers, "heads": heads, "neurons": neurons, **({"cross_heads": cross} if cross else {})}
     return plan
 
