@@ -1,4 +1,5 @@
-"""A SmolVLM-256M-shaped folder at full size through vlmedge: load, export, parity, bench (torch vs cpu).
+"""A SmolVLM-256M-shaped folder at full size through vlmedge: load, export, parity, quantize (INT8 dynamic, INT4
+MatMulNBits, FP16, mixed), and time every form against PyTorch eager in interleaved rounds.
 
 Its published sizes (vision 768 wide, 12 layers, 512 px, patch 16, pixel shuffle 4 -> 64 image tokens; a 30-layer
 576-wide Llama, 9 query and 3 key/value heads), random weights and a small word-level tokenizer (the real one's
@@ -6,7 +7,8 @@ Its published sizes (vision 768 wide, 12 layers, 512 px, patch 16, pixel shuffle
 
     python benchmarks/smolvlm_256m.py runs/smolvlm-256m
 
-writes DIR/model, DIR/onnx and DIR/results.json (export sizes, parity, the latency records).
+writes DIR/model, DIR/onnx, DIR/<form> and DIR/results.json (export sizes, parity, each form's size and latency,
+the 16-token answer p90 ratio of eager to the best form). Its weights are random: latency and size only.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def vlmedge(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "vlmedge", *args], check=True, cwd=ROOT)
 
 
-def main(out: Path) -> int:
+def main(out: Path, rounds: int = 3) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model, onnx_dir = out / "model", out / "onnx"
     t0 = time.perf_counter()
@@ -38,17 +40,61 @@ def main(out: Path) -> int:
     if not (onnx_dir / "manifest.json").is_file():
         vlmedge("export", str(model), "--out", str(onnx_dir), "--no-eval", "--parity-questions", "10")
     t2 = time.perf_counter()
-    vlmedge("bench", str(model), str(onnx_dir), "--min-runs", "10", "--min-seconds", "2", "--json",
-            str(out / "bench.json"))
-    manifest = json.loads((onnx_dir / "manifest.json").read_text())
-    sizes = {f: (onnx_dir / f).stat().st_size + sum(p.stat().st_size for p in onnx_dir.glob(f + ".data"))
-             for f in manifest["files"].values()}
-    results = {"parameters": manifest["parameters"], "onnx_bytes": sizes, "parity": manifest["parity"],
-               "generation_parity": manifest["generation_parity"], "build_s": round(t1 - t0, 1),
-               "export_s": round(t2 - t1, 1), "bench": json.loads((out / "bench.json").read_text())}
+    forms = {"int8": ["--mode", "dynamic"],
+             "int4": ["--mode", "int4", "--graph", "vision=dynamic", "--block-size", "32"],
+             "int4-acc4": ["--mode", "int4", "--graph", "vision=dynamic", "--block-size", "32", "--accuracy-level", "4"],
+             "mixed": ["--mode", "mixed", "--block-size", "32", "--accuracy-level", "4"],
+             "fp16": ["--mode", "fp16"]}
+    quantize_s = {}
+    for name, flags in forms.items():
+        if not (out / name / "manifest.json").is_file():
+            t = time.perf_counter()
+            vlmedge("quantize", str(onnx_dir), "--out", str(out / name), "--no-eval", "--no-tune-threads", *flags)
+            quantize_s[name] = round(time.perf_counter() - t, 1)
+    results = {"parameters": json.loads((onnx_dir / "manifest.json").read_text())["parameters"],
+               "build_s": round(t1 - t0, 1), "export_s": round(t2 - t1, 1), "quantize_s": quantize_s,
+               **interleaved(model, {"fp32": onnx_dir, **{n: out / n for n in forms}}, rounds)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v for k, v in results.items() if k != "bench"}, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k != "rounds"}, indent=2))
     return 0
+
+
+def interleaved(model: Path, folders: dict[str, Path], rounds: int) -> dict:
+    """PyTorch eager and every ONNX form, each once per round (vision, ttft, decode, 16-token answer; 2 threads),
+    p50 / p90 as the median over rounds; sizes; the eager answer p90 over the best form's."""
+    import numpy as np
+    import torch
+
+    from vlmedge import families
+    from vlmedge.runtime.measure import MeasureConfig
+    from vlmedge.runtime.onnx import onnx_size, read_manifest
+
+    torch.set_num_threads(2)
+    family = families.of(model)
+    vlm = family.load(model)
+    cfg = MeasureConfig(warmup=1, min_runs=3, min_seconds=0.0, threads=2)
+    inputs = family.latency_inputs(family.adapter(folders["fp32"]), 1)
+    timers = {"torch eager fp32": lambda: family.time_scenarios(family.torch_scenarios(vlm, inputs, "cpu",
+                                                                                       torch.float32), cfg, {})}
+    timers.update({name: (lambda f=f: family.onnx_latency(f, cfg, ["CPUExecutionProvider"]))
+                   for name, f in folders.items()})
+    recs: dict[str, list] = {name: [] for name in timers}
+    for r in range(rounds):
+        print(f"round {r + 1}/{rounds}", flush=True)
+        for name, fn in timers.items():
+            recs[name].append(fn())
+    table = {}
+    for name, rs in recs.items():
+        table[name] = {sc: {f"{p}_ms": float(np.median([x[sc][f"{p}_ms"] for x in rs])) for p in ("p50", "p90")}
+                       for sc in ("vision", "ttft", "decode", "answer")}
+        if name in folders:
+            m = read_manifest(folders[name])
+            table[name].update({"size_bytes": onnx_size(folders[name]), "precision": m.get("precision"),
+                                "graphs": (m.get("quantization") or {}).get("graphs")})
+    best = min(folders, key=lambda n: table[n]["answer"]["p90_ms"])
+    return {"threads": 2, "rounds": rounds, "measure": {"warmup": 1, "min_runs": 3}, "forms": table,
+            "best_form": best, "answer_p90_eager_over_best": table["torch eager fp32"]["answer"]["p90_ms"] /
+            table[best]["answer"]["p90_ms"]}
 
 
 if __name__ == "__main__":

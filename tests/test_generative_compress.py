@@ -2,6 +2,9 @@
 token-level distillation, and per-graph quantization (INT8 / INT4 MatMulNBits / FP16), on the tiny preset."""
 
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -126,3 +129,116 @@ def test_token_distillation_is_zero_against_itself_and_lowers_the_kl(vqa_model, 
     with torch.no_grad():
         after = float(family.training_loss(distilled, batch, teacher, kl_only))
     assert after < 0.7 * before, (before, after)
+
+
+def _agreement(a, b, n=12):
+    """Fraction of held-out shapes questions whose greedy answers two generators write identically."""
+    from vlmedge.data.vqa import open_vqa
+
+    ds = open_vqa("shapes:32", "val", resolution=a.preprocess.image_size)
+    items = ds.eval_items(n)
+    same = [a.generate_ids(a.preprocess(ds.images([it.index])), a.prompt_ids(it.question), 8)
+            == b.generate_ids(b.preprocess(ds.images([it.index])), b.prompt_ids(it.question), 8) for it in items]
+    return sum(same) / len(same)
+
+
+def test_int4_graphs_are_matmulnbits_and_answer_like_fp32(vqa_export, tmp_path):
+    import onnx
+
+    from vlmedge import families
+    from vlmedge.stages.quantize import QuantizeConfig, quantize
+
+    info = quantize(vqa_export, tmp_path / "int4", QuantizeConfig(mode="int4", graphs={"vision": "dynamic"},
+                                                                  block_size=32, accuracy_level=4, tune_threads=False))
+    assert info["graphs"] == {"vision": "dynamic", "embed": "int4", "decoder": "int4"}
+    graphs = {g: onnx.load(str(tmp_path / "int4" / f))
+              for g, f in json.loads((tmp_path / "int4" / "manifest.json").read_text())["files"].items()}
+    ops = {g: {n.op_type for n in m.graph.node} for g, m in graphs.items()}
+    weights = {i.name for i in graphs["decoder"].graph.initializer}
+    assert "MatMulNBits" in ops["decoder"]
+    assert not [n.name for n in graphs["decoder"].graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert "GatherBlockQuantized" in ops["embed"]
+    assert "DynamicQuantizeMatMul" in ops["vision"] or "MatMulInteger" in ops["vision"]
+    assert min(info["drift"].values()) > 0.98
+    assert info["size_bytes"] < info["fp32_size_bytes"] / 2
+    family = families.of(tmp_path / "int4")
+    assert _agreement(family.adapter(vqa_export), family.adapter(tmp_path / "int4")) >= 0.5
+
+
+def test_mixed_times_int4_against_int8_and_keeps_the_faster_within_tolerance(vqa_export, tmp_path):
+    from vlmedge import families
+    from vlmedge.evaluate import EvalConfig, flat_metrics
+    from vlmedge.stages.quantize import QuantizeConfig, quantize
+
+    family = families.of(vqa_export)
+    calls = []
+
+    def evaluate(adapter):
+        calls.append(adapter.folder)
+        return flat_metrics(family.evaluate(adapter, EvalConfig(vqa_questions=8, max_new_tokens=4)))
+
+    info = quantize(vqa_export, tmp_path / "mixed", QuantizeConfig(mode="mixed", max_drop=0.99, metric="vqa.accuracy",
+                                                                   tune_threads=False), evaluate_fn=evaluate)
+    tried = info["forms"]["tried"]
+    assert [t["graphs"]["decoder"] for t in tried] == ["int4", "dynamic"]
+    assert all(t["graphs"]["vision"] == "dynamic" and t["answer_p50_ms"] > 0 for t in tried)
+    fastest = min(range(2), key=lambda i: tried[i]["answer_p50_ms"])
+    assert info["forms"]["chosen"] == fastest and info["graphs"] == tried[fastest]["graphs"]
+    assert "faster" in info["forms"]["why"] or "fastest" in info["forms"]["why"]
+    assert len(calls) >= 3  # the fp32 reference and both forms
+    manifest = json.loads((tmp_path / "mixed" / "manifest.json").read_text())
+    assert manifest["quantization"]["graphs"] == tried[fastest]["graphs"]
+    assert not list((tmp_path / "mixed").glob(".form-*"))
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"mode": "int4", "block_size": 24}, "block_size=24; expected a power of two"),
+    ({"mode": "int4", "accuracy_level": 5}, "accuracy_level=5; expected one of 0, 1, 2, 3, 4"),
+    ({"graphs": {"decoder": "int3"}}, "graphs.decoder='int3'"),
+])
+def test_bad_quantize_settings_are_refused(settings, expected):
+    from vlmedge.stages.quantize import QuantizeConfig
+
+    with pytest.raises(VlmedgeError, match=re.escape(expected)):
+        QuantizeConfig(**settings)
+
+
+def test_an_int4_block_that_does_not_divide_the_width_is_refused_before_work(vqa_export, tmp_path):
+    from vlmedge.stages.quantize import QuantizeConfig, quantize
+
+    with pytest.raises(VlmedgeError, match="block_size=128 does not divide the vision width 64"):
+        quantize(vqa_export, tmp_path / "q", QuantizeConfig(mode="int4", block_size=128))
+    with pytest.raises(VlmedgeError, match="graphs.image: .* has no such graph"):
+        quantize(vqa_export, tmp_path / "q", QuantizeConfig(graphs={"image": "int4"}))
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("stage, expected", [
+    ("prune: {text_heads: 0.75}", r"stages.0.prune: prune: removing 75% of 2 key/value heads \(2 query heads each\)"),
+    ("quantize: {mode: int4, graphs: {vision: dynamic}, block_size: 256}", "stages.1.quantize: quantize: block_size=256 does not divide the text "
+                                                "width 64"),
+])
+def test_recipe_settings_the_model_cannot_take_fail_at_load(tmp_path, stage, expected):
+    from vlmedge.recipe import load_recipe
+
+    before = "" if stage.startswith("prune") else "  - export: {}\n"
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{preset: vqa-tiny}}\nstages:\n{before}  - {stage}\n")
+    with pytest.raises(VlmedgeError, match=expected):
+        load_recipe(str(path))
+
+
+def test_vqa_tiny_recipe_runs_every_stage_and_gates_on_generative_columns(tmp_path):
+    from vlmedge.pipeline import run
+    from vlmedge.recipe import load_recipe
+
+    report = run(load_recipe("tests/vqa-tiny.yaml"), tmp_path / "run")
+    steps = {s["name"]: s for s in report["steps"]}
+    assert list(steps) == ["tower", "teacher", "prune", "distill", "export", "quantize-mixed"]
+    assert steps["prune"]["parameters"] < steps["teacher"]["parameters"]
+    final = steps["quantize-mixed"]
+    assert final["compression"] > 1.5 and {"ttft", "decode", "answer"} <= set(final["latency"]["cpu"])
+    assert len(final["info"]["forms"]["tried"]) == 2
+    assert all(g["passed"] for g in report["gates"]), report["gates"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "cpu ttft p50 ms" in md and "cpu tokens/s" in md and "caption.cider" in md

@@ -60,7 +60,7 @@ stages:
     (BASE.replace("{steps: 2}", "{steps: 0}"), r"r.yaml:4: stages.0.train: train: steps=0 is invalid"),
     (BASE.replace("{steps: 2}", "{batch_size: 30, grad_accum: 4}"), r"train: batch_size=30 .* multiple of grad_accum"),
     (BASE.replace("- export: {}", "- distill: {steps: 0}"), r"r.yaml:5: stages.1.distill: distill: steps=0 is invalid"),
-    (BASE.replace("- export: {}", "- distill: {contrastive: 0, affinity: 0, feature: 0, matching: 0}"), r"all loss weights are 0"),
+    (BASE.replace("- export: {}", "- distill: {contrastive: 0, affinity: 0, feature: 0, matching: 0, tokens: 0}"), r"all loss weights are 0"),
     (BASE.replace("- export: {}", "- distill: {feature: -1}"), r"distill: feature=-1"),
     (BASE.replace("- export: {}", "- prune: {importance: random}"), r"stages.1.prune: prune: importance='random'"),
     (BASE.replace("- export: {}", "- export: {opset: 5}"), r"r.yaml:5: stages.1.export: export: opset=5"),

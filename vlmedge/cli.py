@@ -63,8 +63,23 @@ def _config(cls, args, rename: dict[str, str] | None = None, **fixed):
         value = getattr(args, dest)
         if value is None and f.default is not None:
             continue  # a repeatable flag not given: the dataclass's default
+        if isinstance(value, list) and f.name in MAPPING_FLAGS.values():
+            value = _pairs(value, "--" + dest.replace("_", "-"))
         values[f.name] = tuple(value) if isinstance(value, list) else value
     return cls(**{**values, **fixed})
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    """NAME=VALUE flag values as a mapping; a one-line error for one without '='."""
+    from .errors import VlmedgeError
+
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise VlmedgeError(f"{flag} {item!r}: expected NAME=VALUE, e.g. {flag} decoder=int4")
+        out[name] = value
+    return out
 
 
 def _execute(config, args, parent: str | None, *, teacher: str | None = None, model=None, data=None,
@@ -331,8 +346,9 @@ def _add_config_flags(p, cls, *, rename: dict[str, str] | None = None, skip: tup
         help_text = argparse.SUPPRESS if f.name in hidden else (docs.get(f.name, "") + shown).strip() or None
         if base is bool:
             p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif typing.get_origin(tp) is tuple:
-            p.add_argument(flag, dest=dest, action="append", default=None, help=help_text)
+        elif typing.get_origin(tp) is tuple or typing.get_origin(base) is dict:
+            p.add_argument(flag, dest=dest, action="append", default=None, help=help_text,
+                           metavar="NAME=VALUE" if typing.get_origin(base) is dict else None)
         else:
             p.add_argument(flag, dest=dest, type=base, default=default, choices=choices.get(f.name),
                            help=help_text)
@@ -340,7 +356,10 @@ def _add_config_flags(p, cls, *, rename: dict[str, str] | None = None, skip: tup
 
 EXPORT_FLAGS = {"zero_shot_labels": "label"}
 QUIET_HELP = "no progress (on a terminal a bar; in logs and CI a plain line about every 10 %%)"
-QUANTIZE_FLAGS = {"exclude_nodes": "exclude_node", "op_types": "op_type", "exclude_op_types": "exclude_op_type"}
+QUANTIZE_FLAGS = {"exclude_nodes": "exclude_node", "op_types": "op_type", "exclude_op_types": "exclude_op_type",
+                  "graphs": "graph", "int4_graphs": "int4_graph"}
+MAPPING_FLAGS = {"graph": "graphs"}
+"""Repeatable NAME=VALUE flags that fill a mapping field (flag dest -> field)."""
 """Config fields whose flag is named otherwise (the singular of a repeatable flag)."""
 
 
@@ -491,18 +510,28 @@ def _add_export(sub) -> None:
 def _add_quantize(sub) -> None:
     from .stages.quantize import CALIBRATION, MODES, OPTIMIZE, WEIGHT_SCHEMES, QuantizeConfig
 
-    p = sub.add_parser("quantize", help="INT8 (dynamic or static QDQ) or FP16 with ONNX Runtime's quantizers",
+    p = sub.add_parser("quantize", help="INT8 (dynamic or static QDQ), INT4 weight-only or FP16 with ONNX Runtime's "
+                                        "quantizers, per graph",
                        description="Quantize an fp32 export folder. dynamic: the fast CPU default. static: QDQ with "
                                    "calibration batches (MatMul/Gemm/Gather), the form TensorRT consumes. fp16: "
-                                   "ORT's float16 converter. --max-drop makes it accuracy-aware: layer groups fall "
-                                   "back to fp32 until the metric is within the tolerance.",
-                       epilog="example: vlmedge quantize runs/onnx --out runs/int8 --mode dynamic --max-drop 0.01")
+                                   "ORT's float16 converter. int4: MatMulNBits weight-only blocks (ORT's n-bit "
+                                   "quantizer; --block-size, --accuracy-level 4 computes in int8). mixed: the "
+                                   "--int4-graph graphs tried as INT4 and as INT8, timed side by side, the faster form "
+                                   "within --max-drop kept. --graph NAME=MODE sets one graph's mode. --max-drop makes "
+                                   "it accuracy-aware: layer groups fall back to fp32 until the metric is within the "
+                                   "tolerance.",
+                       epilog="examples: vlmedge quantize runs/onnx --out runs/int8 --mode dynamic --max-drop 0.01 "
+                              "| vlmedge quantize runs/vqa-onnx --out runs/int4 --mode int4 --graph vision=dynamic "
+                              "--block-size 32 | vlmedge quantize runs/vqa-onnx --out runs/mixed --mode mixed "
+                              "--max-drop 0.01 --metric vqa.accuracy")
     p.add_argument("onnx", help="fp32 export folder (or the folder of an earlier command or run step)")
     _add_common(p)
     _add_config_flags(p, QuantizeConfig, rename=QUANTIZE_FLAGS, skip=("data",),
                       choices={"mode": MODES, "calibration": CALIBRATION, "weight_scheme": WEIGHT_SCHEMES,
                                "optimize": OPTIMIZE},
-                      helps={"exclude_nodes": "node name or regex kept in fp32 (repeatable)",
+                      helps={"graphs": "a graph's own mode, e.g. decoder=int4 (repeatable; the others take --mode)",
+                             "int4_graphs": "mixed mode: a graph tried as INT4 (repeatable; default embed, decoder)",
+                             "exclude_nodes": "node name or regex kept in fp32 (repeatable)",
                              "op_types": "op type to quantize (repeatable; default MatMul, Gemm, Gather)",
                              "exclude_op_types": "op type kept in fp32 (repeatable)"})
     p.set_defaults(func=cmd_quantize)

@@ -5,7 +5,10 @@ A budget is one line: ``[STEP:] QUANTITY OP NUMBER``. STEP defaults to the last 
 * latency, absolute:     ``cpu.pair.p90_ms <= 50``, ``torch.image.p50_ms < 20``, ``cpu.throughput.images_per_s >= 100``
 * speed relative to the teacher measured in the same run (robust on noisy CI machines): ``speedup.cpu.pair_p90 >= 4``
 * accuracy:              ``zero_shot.top1 >= 0.95``, ``retrieval.i2t_r5 >= 0.6``, ``retention.zero_shot.top1 >= 0.97``
-* size:                  ``size_mb <= 20``, ``parameters <= 5e6``
+* size:                  ``size_mb <= 20``, ``parameters <= 5e6``, ``compression >= 3`` (the run's fp32 export's
+  ONNX bytes / the step's)
+* generative:            ``cpu.answer.p90_ms <= 200``, ``cpu.ttft.p50_ms``, ``cpu.decode.p50_ms`` (per token),
+  ``cpu.tokens_per_s >= 50``, ``vqa.accuracy``, ``retention.vqa.type_colour``, ``caption.cider``
 
 Regression against a stored baseline report: every accuracy metric may drop and every latency p90 may grow by at
 most a relative tolerance. A latency budget that fails on a figure whose coefficient of variation is above the
@@ -97,7 +100,7 @@ def quantity(step: dict, q: str) -> tuple[float | None, dict | None]:
         return (step.get("retention") or {}).get(".".join(parts[1:])), None
     if q == "size_mb":
         return step["size_bytes"] / 1e6, None
-    if q in ("parameters", "size_bytes"):
+    if q in ("parameters", "size_bytes", "compression"):
         return step.get(q), None
     return (step.get("metrics") or {}).get(q), None
 

@@ -109,6 +109,10 @@ def _coerce(value, tp, path: str, where: _Where):
         if not isinstance(value, (list, tuple)):
             raise where.error(path, f"expected a list, got {value!r}")
         return tuple(_coerce(v, args[0], f"{path}.{i}", where) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise where.error(path, f"expected a mapping like {{decoder: int4}}, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{path}.{k}", where) for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise where.error(path, f"expected a number, got {value!r}")
@@ -257,6 +261,7 @@ def parse_recipe(data: Any, where: _Where, source_file: str = "") -> Recipe:
         raw_eval["data"] = data_spec.source  # evaluate on the run's data unless told otherwise
     eval_spec = build(EvalConfig, raw_eval, "eval", where)
     stages = _parse_stages(data["stages"], model, where)
+    _check_against_model(stages, model, where)
     if model.tower is not None and (stages[0].kind != "train" or stages[0].config.vision_init):
         raise where.error("model.tower", "needs a first train stage without vision_init (the tower becomes it)")
     targets = []
@@ -328,6 +333,28 @@ def _parse_stages(items: Any, model: ModelSpec, where: _Where) -> list[Stage]:
             have.add(spec.provides)
         stages.append(Stage(kind, name, build(spec.config, cfg, f"stages.{i}.{kind}", where)))
     return stages
+
+
+def _check_against_model(stages: list[Stage], model: ModelSpec, where: _Where) -> None:
+    """Stage settings the model's shape makes impossible (a head ratio leaving no key/value head, an INT4 block size
+    that does not divide a width), refused at load, before any work."""
+    from . import families
+    from .models import load_preset, tower_shapes
+
+    shapes = tower_shapes(model.preset, model.path)
+    if not shapes:
+        return
+    try:
+        family = families.of(model.path) if model.path else families.for_preset(load_preset(model.preset))
+    except VlmedgeError:
+        return  # the model's own loader names what is wrong with it
+    for i, stage in enumerate(stages):
+        check = getattr(stage.config, "check_model", None)
+        if check is not None:
+            try:
+                check(shapes, family.graph_towers)
+            except VlmedgeError as e:
+                raise where.error(f"stages.{i}.{stage.kind}", str(e)) from None
 
 
 def recipes_dir() -> Path:

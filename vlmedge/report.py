@@ -20,6 +20,7 @@ report.json, the contract CI tools read::
                         (generative), image|rerank|query (matching)
       speedup_vs_teacher {TARGET: {SCENARIO_p50, SCENARIO_p90}}   teacher torch latency / this step's, for every
                                                                    scenario both have (image_p50, pair_p90, ...)
+      compression       the run's fp32 export's ONNX bytes / this step's (ONNX steps after the export)
       info              stage-specific facts (pruning shape, parity, quantization scheme, ...)
     gates[]           budget results when the recipe has gates: {budget, passed, value, message}
     complete          false while stages are still running
@@ -62,6 +63,7 @@ def build(recipe, steps, bench: dict | None) -> dict[str, Any]:
     from .recipe import to_dict
 
     teacher = next((s for s in steps if s.name == REFERENCE[0]), steps[0] if steps else None)
+    export = next((s for s in steps if s.stage == "export"), None)
     results = (bench or {}).get("results", {})
     ref = results.get(REFERENCE[0], {}).get(REFERENCE[1])
     rows = []
@@ -70,6 +72,8 @@ def build(recipe, steps, bench: dict | None) -> dict[str, Any]:
         row["retention"] = {m: v / teacher.metrics[m] for m, v in s.metrics.items()
                             if teacher and teacher.metrics.get(m)}
         row["latency"] = results.get(s.name, {})
+        if export is not None and s.kind == "onnx" and s.size_bytes:
+            row["compression"] = export.size_bytes / s.size_bytes
         if ref:
             row["speedup_vs_teacher"] = {
                 t: {f"{name}_{p}": ref[name][f"{p}_ms"] / r[name][f"{p}_ms"]
@@ -102,8 +106,11 @@ def table_rows(report: dict, compact: bool = False) -> tuple[list[str], list[lis
     flops = next((k for s in report["steps"] for k in (s.get("flops") or {})), None)  # the first part's (image)
     header = ["step", "params", "size MB"] + ([] if compact or not flops else [f"GFLOPs {flops}"])
     header += list(metrics) + [f"retention {first}"]
+    extra = () if compact else family.report_latency
     for t in targets:
-        header += [f"{t} {head} p50/p90/p99 ms", f"{t} speedup"]
+        header += [f"{t} {head} p50/p90/p99 ms", f"{t} speedup"] + [f"{t} {x} p50 ms" for x in extra]
+        if extra and any("tokens_per_s" in s.get("latency", {}).get(t, {}) for s in report["steps"]):
+            header += [f"{t} tokens/s"]
     rows = []
     for s in report["steps"]:
         row = [s["name"], _fmt(s.get("parameters") and s["parameters"] / 1e6, ".2f") + "M",
@@ -113,11 +120,15 @@ def table_rows(report: dict, compact: bool = False) -> tuple[list[str], list[lis
         row += [_fmt(s["metrics"].get(m)) for m in metrics] + [_fmt(s["retention"].get(first))]
         for t in targets:
             p = s.get("latency", {}).get(t, {}).get(head)
+            rec = s.get("latency", {}).get(t, {})
             if p:
                 row += [f"{p['p50_ms']:.2f}/{p['p90_ms']:.2f}/{p['p99_ms']:.2f}",
                         _fmt(s.get("speedup_vs_teacher", {}).get(t, {}).get(f"{head}_p50"), ".2f") + "x"]
             else:
                 row += ["-"] * 2
+            row += [_fmt((rec.get(x) or {}).get("p50_ms"), ".2f") for x in extra]
+            if f"{t} tokens/s" in header:
+                row += [_fmt(rec.get("tokens_per_s"), ".1f")]
         rows.append(row)
     return header, rows
 

@@ -72,6 +72,10 @@ class Family:
     retention column's metric, the first two fit a terminal."""
     headline_scenario: str = ""
     """The latency scenario the report's latency columns and the Pareto plot show."""
+    graph_towers: dict[str, str] = {}
+    """Which tower (vision, text) each exported graph computes: what a recipe checks stage settings against."""
+    report_latency: tuple[str, ...] = ()
+    """Further scenarios whose p50 the full report table shows (a generative model's ttft and decode per token)."""
 
     # --- models (train, prune, distill, export, describe) ---
     def build(self, spec: dict[str, Any], tokenizer, *, seed: int = 0, source: str = "",
@@ -168,6 +172,12 @@ class Family:
         """Checks of the exported files beyond per-graph parity, run by export on the open `adapter` (e.g. greedy
         answers to `questions` held-out questions token-identical to PyTorch); raises a VlmedgeError on failure;
         manifest additions."""
+        return {}
+
+    def output_agreement(self, reference, adapter) -> dict[str, Any]:
+        """What quantization records beyond output cosines: how often `adapter` (a quantized export) gives the same
+        end result as `reference` (the fp32 export) on held-out inputs (a generative model: identical greedy
+        answers); {} where the cosines say it all."""
         return {}
 
     # --- runtime, evaluation, latency ---

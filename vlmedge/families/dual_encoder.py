@@ -169,6 +169,7 @@ def _tower_modules(model):
 
 class DualEncoder(CaptionedFamily):
     name = "dual_encoder"
+    graph_towers = {"image": "vision", "text": "text"}
     architectures = ("VisionTextDualEncoderModel", "CLIPModel", "SiglipModel")
     report_metrics = ("zero_shot.top1", "retrieval.i2t_r5", "zero_shot.top5", "retrieval.t2i_r5",
                       "hard_negatives.colour")

@@ -87,9 +87,9 @@ class OnnxGenerator:
 def _modules(model):
     import torch
 
-    from ..models.generative import decode, vision_features
+    from ..models.generative import decode, layer_modules, vision_features
 
-    layers = model.config.text_config.num_hidden_layers
+    layers = len(model.model.text_model.layers)
 
     class Vision(torch.nn.Module):
         def __init__(self):
@@ -111,10 +111,11 @@ def _modules(model):
         def __init__(self):
             super().__init__()
             self.model = model
+            self.layers = layer_modules(model)  # nodes named /layers.N/...: quantization's layer groups
 
         def forward(self, inputs_embeds, attention_mask, position_ids, *past):
             logits, presents = decode(self.model, inputs_embeds, attention_mask, position_ids,
-                                      [(past[2 * i], past[2 * i + 1]) for i in range(layers)])
+                                      [(past[2 * i], past[2 * i + 1]) for i in range(layers)], self.layers)
             return (logits, *[t for kv in presents for t in kv])
 
     return Vision().eval(), Embed().eval(), Decoder().eval()
@@ -137,11 +138,31 @@ def _forward(net, pixels, ids, mask):
     return logits, feats
 
 
+def _same_answers(a, b, questions: int) -> dict[str, Any]:
+    """Greedy answers (24 tokens at most) of two generators on held-out shapes questions (images rendered at most
+    64 px, resized by the models' preprocessing): how many are token-identical, and the first that is not."""
+    from ..data.vqa import open_vqa
+
+    ds = open_vqa(f"shapes:{max(questions, 16)}", "val", resolution=min(a.preprocess.image_size, 64))
+    same, first_diff = 0, None
+    items = ds.eval_items(questions)
+    for it in items:
+        pixels = a.preprocess(ds.images([it.index]))
+        ids = [g.generate_ids(pixels, g.prompt_ids(it.question), 24) for g in (a, b)]
+        same += ids[0] == ids[1]
+        if ids[0] != ids[1] and first_diff is None:
+            first_diff = {"question": it.question, "reference": a.answer(pixels, it.question, 24),
+                          "other": b.answer(pixels, it.question, 24)}
+    return {"questions": len(items), "identical": same, "first_difference": first_diff}
+
+
 class Generative(Family):
     name = "generative"
     architectures = ARCHITECTURES
-    report_metrics = ("vqa.accuracy", "vqa.held_out")
+    report_metrics = ("vqa.accuracy", "vqa.held_out", "caption.cider")
     headline_scenario = "answer"
+    report_latency = ("vision", "ttft", "decode")
+    graph_towers = {"vision": "vision", "embed": "text", "decoder": "text"}
 
     # --- models ---
     def build(self, spec, tokenizer, *, seed=0, source="", vision_init=None):
@@ -306,27 +327,20 @@ class Generative(Family):
         return {}
 
     def verify_export(self, model, adapter, questions: int = 100) -> dict[str, Any]:
-        """Greedy answers of the ONNX files against PyTorch `generate` on held-out shapes questions (images rendered
-        at most 64 px, resized by the model's preprocessing): at most one may differ (a tie between two logits can
-        flip on the last bit)."""
-        from ..data.vqa import open_vqa
-
-        ds = open_vqa(f"shapes:{max(questions, 16)}", "val", resolution=min(model.preprocess.image_size, 64))
-        torch_gen = TorchGenerator(model)
-        same, first_diff = 0, None
-        items = ds.eval_items(questions)
-        for it in items:
-            pixels = model.preprocess(ds.images([it.index]))
-            prompt = model.prompt_ids(it.question)
-            a, b = torch_gen.generate_ids(pixels, prompt, 24), adapter.generate_ids(pixels, prompt, 24)
-            same += a == b
-            if a != b and first_diff is None:
-                first_diff = {"question": it.question, "torch": model.decode_answer(a),
-                              "onnx": model.decode_answer(b)}
-        if same < len(items) - 1:
+        """Greedy answers of the ONNX files against PyTorch `generate` on held-out shapes questions: at most one may
+        differ (a tie between two logits can flip on the last bit)."""
+        record = _same_answers(TorchGenerator(model), adapter, questions)
+        if record["identical"] < record["questions"] - 1:
             raise VlmedgeError(f"export: greedy answers from the ONNX files differ from PyTorch generate on "
-                               f"{len(items) - same} of {len(items)} questions (e.g. {first_diff})")
-        return {"generation_parity": {"questions": len(items), "identical": same, "first_difference": first_diff}}
+                               f"{record['questions'] - record['identical']} of {record['questions']} questions "
+                               f"(e.g. {record['first_difference']})")
+        return {"generation_parity": record}
+
+    def output_agreement(self, reference, adapter, questions: int = 100) -> dict[str, Any]:
+        """The fraction of held-out questions whose greedy answer (token ids) the quantized export writes exactly
+        as the fp32 export does."""
+        record = _same_answers(reference, adapter, questions)
+        return {"answer_agreement": {**record, "fraction": record["identical"] / record["questions"]}}
 
     # --- runtime, evaluation, latency ---
     def adapter(self, path, **options):
@@ -368,8 +382,35 @@ class Generative(Family):
         return evaluate_generator(adapter, ds, items, eval_cfg.max_new_tokens, progress)
 
     def calibration_feeds(self, adapter, data, batches, batch_size, seed):
-        raise VlmedgeError("quantize: the generative family cannot be quantized yet (calibration inputs for its "
-                           "three graphs and the accuracy-aware mode on VQA are the next piece of work)")
+        """Real feeds per graph from training questions of `data` (the fp32 export computes what each graph
+        reads): vision, `batch_size` images per batch; embed, one prompt + answer per batch; decoder, per question a
+        prefill of the image, prompt and answer but its last two tokens (empty cache) and a step over those two
+        with the prefill's cache (the two shapes the runtime calls)."""
+        from ..data.vqa import open_vqa
+        from ..models.generative import prompt_ids
+
+        ds = open_vqa(data, "train", resolution=adapter.preprocess.image_size, count=max(batches * batch_size, 16),
+                      seed=seed)
+        rng = np.random.default_rng(seed)
+        rt, gen = adapter.runtime, adapter.manifest["generation"]
+        out: dict[str, list] = {"vision": [], "embed": [], "decoder": []}
+        for b in range(batches):
+            idx = rng.integers(len(ds), size=batch_size).tolist()
+            pixels = adapter.preprocess(ds.images(idx))
+            out["vision"].append({"pixel_values": pixels})
+            (question, answer), = ds.training_captions(idx[:1], rng)[0]
+            prompt = prompt_ids(adapter.tokenizer, question, int(gen["image_tokens"]), rt.max_length, "calibration")
+            ids = prompt + adapter.tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [rt.eos_id]
+            out["embed"].append({"input_ids": np.asarray([ids], dtype=np.int64)})
+            embeds = rt.embed.run(None, {"input_ids": np.asarray([ids], dtype=np.int64)})[0]
+            slots = np.asarray(ids) == rt.image_token_id
+            embeds[0, slots] = rt.image_features(pixels[:1])[0]
+            split = len(ids) - 2
+            prefill = rt.feeds(embeds[:, :split], None, 0)
+            out["decoder"].append(prefill)
+            presents = rt.decoder.run(rt.present_names, prefill)
+            out["decoder"].append(rt.feeds(embeds[:, split:], presents, split))
+        return out
 
     def latency_inputs(self, adapter, batch: int, seed: int = 0):
         """One held-out shapes image and a question, preprocessed and tokenised as in deployment."""

@@ -34,6 +34,32 @@ def load_preset(name: str) -> dict[str, Any]:
     return read_json(path, f"unknown preset {name!r}; available: {', '.join(preset_names())} (or a path to a .json)")
 
 
+def tower_shapes(preset: str | None = None, path: str | None = None) -> dict[str, dict[str, int]]:
+    """Each tower's hidden width, MLP width, attention heads and key/value heads, read from a preset or a model
+    folder's config.json without building anything (what stage configs check at recipe load); {} when unknown."""
+    from .._io import read_json
+
+    if path:
+        cfg = Path(path) / "config.json"
+        raw = read_json(cfg, "") if cfg.is_file() else {}
+        towers = {t: raw.get(f"{t}_config") or {} for t in ("vision", "text")} if isinstance(raw, dict) else {}
+    elif preset:
+        try:
+            spec = load_preset(preset)
+        except VlmedgeError:
+            return {}
+        towers = {t: spec.get(t) or {} for t in ("vision", "text")}
+    else:
+        return {}
+    out = {}
+    for tower, c in towers.items():
+        if isinstance(c, dict) and c.get("hidden_size") and c.get("num_attention_heads"):
+            out[tower] = {"hidden_size": int(c["hidden_size"]), "intermediate_size": int(c.get("intermediate_size") or 0),
+                          "heads": int(c["num_attention_heads"]),
+                          "kv_heads": int(c.get("num_key_value_heads") or c["num_attention_heads"])}
+    return out
+
+
 @dataclass
 class VLM:
     """A loaded model with what it needs to embed raw inputs."""

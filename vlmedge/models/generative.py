@@ -272,18 +272,19 @@ def merge(model, input_ids, image_features):
     return embeds.masked_scatter(mask, image_features.to(embeds.dtype))
 
 
-def decode(model, inputs_embeds, attention_mask, position_ids, past: Sequence[tuple[Any, Any]]):
+def decode(model, inputs_embeds, attention_mask, position_ids, past: Sequence[tuple[Any, Any]], layers=None):
     """The Llama decoder with an explicit cache: `past` holds per layer (key, value) of shape (B, kv heads, P, d)
     (P may be 0: prefill); returns logits (B, S, V) and the presents (past + this call's keys and values).
 
     The model's own modules (norms, rotary embedding, projections, MLP) computed in plain tensor ops, so one traced
-    graph serves every past length; equal to transformers' forward with a DynamicCache (tested).
+    graph serves every past length; equal to transformers' forward with a DynamicCache (tested). `layers`: one
+    callable per decoder layer taking `layer_step`'s arguments after the layer (the export passes `layer_modules`,
+    so each layer's ONNX nodes are named `/layers.N/...`).
     """
     import torch
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     lm = model.model.text_model
-    b, s, _ = inputs_embeds.shape
+    s = inputs_embeds.shape[1]
     past_len = past[0][0].shape[2]
     cos, sin = lm.rotary_emb(inputs_embeds, position_ids)
     q_pos = torch.arange(s, device=inputs_embeds.device) + past_len
@@ -293,25 +294,51 @@ def decode(model, inputs_embeds, attention_mask, position_ids, past: Sequence[tu
         ~allowed, torch.finfo(inputs_embeds.dtype).min)
     h = inputs_embeds
     presents = []
-    for layer, (pk, pv) in zip(lm.layers, past):
-        attn = layer.self_attn
-        head_dim = attn.head_dim  # head counts per layer: pruning may have removed some
-        heads, kv = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
-        x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(b, s, heads, head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, s, kv, head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(b, s, kv, head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+    steps = layers if layers is not None else [lambda *a, layer=layer: layer_step(layer, *a) for layer in lm.layers]
+    for step, (pk, pv) in zip(steps, past):
+        h, k, v = step(h, pk, pv, cos, sin, bias)
         presents.append((k, v))
-        rep = heads // kv
-        kr = k[:, :, None].expand(b, kv, rep, k.shape[2], head_dim).reshape(b, heads, k.shape[2], head_dim)
-        vr = v[:, :, None].expand(b, kv, rep, v.shape[2], head_dim).reshape(b, heads, v.shape[2], head_dim)
-        scores = q @ kr.transpose(-1, -2) * attn.scaling + bias
-        out = (torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vr).transpose(1, 2).reshape(b, s, heads * head_dim)
-        h = h + attn.o_proj(out)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
     return model.lm_head(lm.norm(h)), presents
+
+
+def layer_step(layer, h, pk, pv, cos, sin, bias):
+    """One Llama decoder layer on hidden states `h` after its cache (pk, pv): (new h, keys, values)."""
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    b, s, _ = h.shape
+    attn = layer.self_attn
+    head_dim = attn.head_dim  # head counts per layer: pruning may have removed some
+    heads, kv = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(b, s, heads, head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, s, kv, head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(b, s, kv, head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+    rep = heads // kv
+    kr = k[:, :, None].expand(b, kv, rep, k.shape[2], head_dim).reshape(b, heads, k.shape[2], head_dim)
+    vr = v[:, :, None].expand(b, kv, rep, v.shape[2], head_dim).reshape(b, heads, v.shape[2], head_dim)
+    scores = q @ kr.transpose(-1, -2) * attn.scaling + bias
+    out = (torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vr).transpose(1, 2).reshape(b, s, heads * head_dim)
+    h = h + attn.o_proj(out)
+    return h + layer.mlp(layer.post_attention_layernorm(h)), k, v
+
+
+def layer_modules(model):
+    """The decoder's layers as modules whose forward is `layer_step` (a ModuleList: traced inside a module that
+    holds it as `layers`, each layer's nodes carry its index)."""
+    import torch
+
+    class Step(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, *args):
+            return layer_step(self.layer, *args)
+
+    return torch.nn.ModuleList(Step(layer) for layer in model.model.text_model.layers)
 
 
 def kv_shape(model) -> tuple[int, int, int]:

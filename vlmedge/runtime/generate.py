@@ -52,16 +52,21 @@ class Generator:
         embeds[0, slots] = features[0].astype(embeds.dtype)
         return embeds
 
+    def feeds(self, embeds: np.ndarray, past: list | None, start: int) -> dict:
+        """The decoder's inputs for `embeds` at positions start.. after `past` (None: an empty cache)."""
+        s = embeds.shape[1]
+        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, start + s), dtype=np.int64),
+                 "position_ids": np.arange(start, start + s, dtype=np.int64)[None]}
+        for k, name in enumerate(self.past_names):
+            feeds[name] = past[k] if past is not None else self._empty
+        return feeds
+
     def step(self, embeds: np.ndarray, past: list | None, start: int):
         """One decoder call on `embeds` at positions start..; returns (next token id, presents as OrtValues)."""
         import onnxruntime as ort
 
-        s = embeds.shape[1]
-        feeds = {"inputs_embeds": ort.OrtValue.ortvalue_from_numpy(embeds),
-                 "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.ones((1, start + s), dtype=np.int64)),
-                 "position_ids": ort.OrtValue.ortvalue_from_numpy(np.arange(start, start + s, dtype=np.int64)[None])}
-        for k, name in enumerate(self.past_names):
-            feeds[name] = past[k] if past is not None else ort.OrtValue.ortvalue_from_numpy(self._empty)
+        feeds = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v)
+                 for k, v in self.feeds(embeds, past, start).items()}
         out = self.decoder.run_with_ort_values(["logits", *self.present_names], feeds)
         logits = out[0].numpy()
         return int(np.argmax(logits[0, -1])), out[1:]

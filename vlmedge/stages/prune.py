@@ -55,6 +55,14 @@ class PruneConfig:
         if self.importance not in IMPORTANCE:
             raise VlmedgeError(f"prune: importance={self.importance!r}; expected one of {', '.join(IMPORTANCE)}")
 
+    def check_model(self, shapes: dict[str, dict[str, int]], graph_towers: dict[str, str]) -> None:
+        """At recipe load, against the model's tower shapes (`models.tower_shapes`): a head ratio that leaves a
+        tower no (key/value) head is refused before any work."""
+        for tower, shape in shapes.items():
+            rep = shape["heads"] // shape["kv_heads"]
+            unit = f"key/value heads ({rep} query heads each)" if rep > 1 else "heads"
+            _keep_count(shape["kv_heads"], getattr(self, f"{tower}_heads", 0.0), f"{unit} per {tower} layer")
+
 
 # --- importance ----------------------------------------------------------------------------------------------------
 

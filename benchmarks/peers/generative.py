@@ -1,0 +1,177 @@
+"""The generative family against what users would do otherwise: same model, same questions, one harness.
+
+    python benchmarks/peers/generative.py RUN_DIR [--questions 700] [--rounds 5] [--optimum-python PY]
+
+RUN_DIR is a finished `vlmedge compress recipes/vqa-quickstart.yaml` run: its teacher (a SmolVLM-architecture model
+folder), its fp32 export and its final artifact. Rows:
+
+* PyTorch eager fp32: Hugging Face `generate` with its KV cache (vlmedge's `torch` scenarios);
+* `torch.ao.quantization.quantize_dynamic` of the same model (Linear -> dynamic INT8), same `generate`;
+* ONNX Runtime's own n-bit quantizer run by hand on vlmedge's fp32 export (`MatMulNBitsQuantizer` on the decoder
+  and the embedding with its documented defaults, block 128, symmetric, accuracy level 4): the like-for-like INT4;
+* Optimum (`optimum-cli export onnx --task image-text-to-text` + ORTQuantizer) in its own environment when
+  `--optimum-python` is given: its exact error and versions are recorded when it cannot export the model;
+* vlmedge: the fp32 export and the recipe's final artifact.
+
+Accuracy: vlmedge's evaluator on the same held-out questions for every row. Latency: batch 1, the vision / ttft /
+decode / 16-token answer scenarios, every row once per round (interleaved: drift on this shared machine hits all
+alike), p50 and p90 as the median over rounds. Writes RUN_DIR/peers.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _steps(run: Path) -> dict[str, dict]:
+    report = json.loads((run / "report.json").read_text())
+    return {s["name"]: s for s in report["steps"]}
+
+
+def _nbits_by_hand(export: Path, out: Path) -> Path:
+    """vlmedge's fp32 export with its decoder and embedding quantized by ORT's MatMulNBitsQuantizer directly."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(export, out)
+    for name, types in (("decoder_model_merged.onnx", ("MatMul",)), ("embed_tokens.onnx", ("Gather",))):
+        q = MatMulNBitsQuantizer(onnx.load(str(export / name)), block_size=128, is_symmetric=True, accuracy_level=4,
+                                 op_types_to_quantize=types)
+        q.process()
+        q.model.save_model_to_file(str(out / name), use_external_data_format=False)
+    return out
+
+
+def _optimum(python: str, teacher: Path, out: Path) -> dict:
+    """Optimum's documented export of the model in its own environment; its result or its exact error."""
+    cli = str(Path(python).parent / "optimum-cli")
+    versions = subprocess.run([python, "-c", "import optimum.version, transformers, onnxruntime; print("
+                               "optimum.version.__version__, transformers.__version__, onnxruntime.__version__)"],
+                              capture_output=True, text=True).stdout.split()
+    p = subprocess.run([cli, "export", "onnx", "--model", str(teacher), "--task", "image-text-to-text", str(out)],
+                       capture_output=True, text=True)
+    error = None
+    if p.returncode:
+        lines = [line for line in (p.stderr + p.stdout).splitlines() if line.strip()]
+        error = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
+    return {"versions": dict(zip(("optimum", "transformers", "onnxruntime"), versions)), "returncode": p.returncode,
+            "error": error}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--questions", type=int, default=700)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--optimum-python", help="python of an environment with optimum-onnx (benchmarks/peers/envs.sh)")
+    args = ap.parse_args()
+
+    import torch
+
+    from vlmedge import families
+    from vlmedge.evaluate import EvalConfig, flat_metrics
+    from vlmedge.families.generative import TorchGenerator
+    from vlmedge.runtime.measure import MeasureConfig
+    from vlmedge.runtime.onnx import onnx_size
+
+    torch.set_num_threads(2)
+    steps = _steps(args.run)
+    teacher, export = Path(steps["teacher"]["path"]), Path(steps["export"]["path"])
+    final = Path(list(steps.values())[-1]["path"])
+    family = families.of(teacher)
+    work = args.run / "peers"
+    work.mkdir(exist_ok=True)
+    rows: dict[str, dict] = {}
+
+    vlm = family.load(teacher)
+    ao = dataclasses.replace(vlm, model=torch.ao.quantization.quantize_dynamic(
+        family.load(teacher).model, {torch.nn.Linear}, dtype=torch.qint8))
+    folder_size = lambda p: sum(f.stat().st_size for f in Path(p).glob("*.safetensors"))  # noqa: E731
+    torch_rows = {"PyTorch eager fp32 (HF generate)": (vlm, folder_size(teacher)),
+                  "torch.ao dynamic INT8 (HF generate)": (ao, None)}
+    nbits = _nbits_by_hand(export, work / "ort-nbits")
+    onnx_rows = {"ONNX Runtime n-bit quantizer by hand (INT4 decoder + embedding)": nbits,
+                 "vlmedge fp32 export": export, f"vlmedge recipe ({list(steps)[-1]})": final}
+    if args.optimum_python:
+        rows["Optimum export + ORTQuantizer"] = {"optimum": _optimum(args.optimum_python, teacher,
+                                                                     work / "optimum")}
+    eval_cfg = EvalConfig(vqa_questions=args.questions)
+    for name, (model, size) in torch_rows.items():
+        t0 = time.perf_counter()
+        rows[name] = {"metrics": flat_metrics(family.evaluate(TorchGenerator(model), eval_cfg)), "size_bytes": size,
+                      "eval_s": time.perf_counter() - t0}
+    for name, folder in onnx_rows.items():
+        t0 = time.perf_counter()
+        rows[name] = {"metrics": flat_metrics(family.evaluate(family.adapter(folder), eval_cfg)),
+                      "size_bytes": onnx_size(folder), "eval_s": time.perf_counter() - t0}
+    if torch_rows["torch.ao dynamic INT8 (HF generate)"][1] is None:  # its weights as saved by torch (int8 packed)
+        import io
+
+        buf = io.BytesIO()
+        torch.save(ao.model.state_dict(), buf)
+        rows["torch.ao dynamic INT8 (HF generate)"]["size_bytes"] = buf.tell()
+
+    cfg = MeasureConfig(warmup=3, min_runs=20, min_seconds=0.5)
+    inputs = family.latency_inputs(family.adapter(export), 1)
+    timers = {name: (lambda m=m: family.time_scenarios(family.torch_scenarios(m, inputs, "cpu", torch.float32), cfg,
+                                                       {})) for name, (m, _) in torch_rows.items()}
+    timers.update({name: (lambda f=f: family.onnx_latency(f, cfg, ["CPUExecutionProvider"]))
+                   for name, f in onnx_rows.items()})
+    samples: dict[str, list[dict]] = {name: [] for name in timers}
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}", flush=True)
+        for name, fn in timers.items():
+            samples[name].append(fn())
+    for name, recs in samples.items():
+        rows[name]["latency"] = {sc: {f"{p}_ms": float(np.median([rec[sc][f"{p}_ms"] for rec in recs]))
+                                      for p in ("p50", "p90")} for sc in ("vision", "ttft", "decode", "answer")}
+        rows[name]["latency"]["tokens_per_s"] = float(np.median([rec["tokens_per_s"] for rec in recs]))
+    eager = rows["PyTorch eager fp32 (HF generate)"]["latency"]["answer"]["p90_ms"]
+    for row in rows.values():
+        if "latency" in row:
+            row["answer_p90_speedup_vs_eager"] = eager / row["latency"]["answer"]["p90_ms"]
+    ours = rows[f"vlmedge recipe ({list(steps)[-1]})"]
+    peers = {n: r for n, r in rows.items() if "latency" in r and not n.startswith("vlmedge")
+             and r["metrics"]["vqa.accuracy"] >= ours["metrics"]["vqa.accuracy"] - 1e-9}
+    from vlmedge.runtime.measure import environment
+
+    result = {"run": str(args.run), "questions": args.questions, "rounds": args.rounds, "measure": dataclasses.asdict(cfg),
+              "environment": environment(), "rows": rows,
+              "best_peer_at_equal_or_better_accuracy": None}
+    if peers:
+        best = min(peers, key=lambda n: peers[n]["latency"]["answer"]["p90_ms"])
+        result["best_peer_at_equal_or_better_accuracy"] = {
+            "name": best, "ratio_answer_p90": peers[best]["latency"]["answer"]["p90_ms"] /
+            ours["latency"]["answer"]["p90_ms"]}
+    (args.run / "peers.json").write_text(json.dumps(result, indent=2))
+    print("| row | VQA acc | size MB | vision p50 | TTFT p50 | decode/token p50 | answer p50 / p90 ms | tokens/s | "
+          "answer p90 vs eager |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        if "latency" not in r:
+            print(f"| {name} | failed: {r.get('optimum', {}).get('error')} | | | | | | | |")
+            continue
+        lat = r["latency"]
+        print(f"| {name} | {r['metrics']['vqa.accuracy']:.3f} | {(r['size_bytes'] or 0) / 1e6:.2f} | "
+              f"{lat['vision']['p50_ms']:.2f} | {lat['ttft']['p50_ms']:.2f} | {lat['decode']['p50_ms']:.2f} | "
+              f"{lat['answer']['p50_ms']:.2f} / {lat['answer']['p90_ms']:.2f} | {lat['tokens_per_s']:.0f} | "
+              f"{r['answer_p90_speedup_vs_eager']:.2f}x |")
+    print(json.dumps(result["best_peer_at_equal_or_better_accuracy"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
