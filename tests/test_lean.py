@@ -29,6 +29,7 @@ def test_every_command_is_listed_and_teaches_by_example():
         if name != "recipes":
             assert f"vlmedge {name} " in (parser.epilog or ""), f"{name} --help has no example"
         assert f"    {name}" in top or f"  {name} " in top, f"{name} missing from vlmedge --help"
+        assert "usage:" in parser.format_help()  # every help text renders (argparse %-formats it)
 
 
 def test_stage_flags_have_the_stage_configs_defaults():

@@ -202,9 +202,15 @@ def cmd_quantize(args) -> int:
 
     art = _execute(_config(QuantizeConfig, args, QUANTIZE_FLAGS, data=None), args, args.onnx)
     r = art.info
-    print(f"{r['mode']}: {r['fp32_size_bytes'] / 1e6:.2f} MB -> {r['size_bytes'] / 1e6:.2f} MB "
+    if r.get("forms"):
+        print(f"mixed: kept {r['forms']['why']}")
+    print(f"{r.get('precision', r['mode'])}: {r['fp32_size_bytes'] / 1e6:.2f} MB -> {r['size_bytes'] / 1e6:.2f} MB "
           f"({r['fp32_size_bytes'] / r['size_bytes']:.2f}x smaller); weights {r['weight_scheme']} "
           f"({r['why']}); cosine to fp32 >= {min(r['drift'].values()):.4f}")
+    if r.get("answer_agreement"):
+        a = r["answer_agreement"]
+        print(f"greedy answers identical to the fp32 export's on {a['identical']} of {a['questions']} held-out "
+              "questions")
     if any(r["kept_fp32"].values()):
         print(f"kept in fp32: {r['kept_fp32']}")
     _say_threads(args.out)
@@ -343,7 +349,8 @@ def _add_config_flags(p, cls, *, rename: dict[str, str] | None = None, skip: tup
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         base = args[0] if typing.get_origin(tp) is not tuple and args else tp
         shown = "" if default in (None, ()) else f" (default: {default})"
-        help_text = argparse.SUPPRESS if f.name in hidden else (docs.get(f.name, "") + shown).strip() or None
+        help_text = argparse.SUPPRESS if f.name in hidden else \
+            (docs.get(f.name, "") + shown).replace("%", "%%").strip() or None  # argparse %-formats help
         if base is bool:
             p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif typing.get_origin(tp) is tuple or typing.get_origin(base) is dict:

@@ -5,13 +5,16 @@
 RUN_DIR is a finished `vlmedge compress recipes/vqa-quickstart.yaml` run: its teacher (a SmolVLM-architecture model
 folder), its fp32 export and its final artifact. Rows:
 
-* PyTorch eager fp32: Hugging Face `generate` with its KV cache (vlmedge's `torch` scenarios);
-* `torch.ao.quantization.quantize_dynamic` of the same model (Linear -> dynamic INT8), same `generate`;
+* PyTorch eager fp32: Hugging Face `generate` with its KV cache (vlmedge's `torch` scenarios), of the teacher and of
+  the distilled student (the model the exports hold);
+* `torch.ao.quantization.quantize_dynamic` of each (Linear -> dynamic INT8), same `generate`;
 * ONNX Runtime's own n-bit quantizer run by hand on vlmedge's fp32 export (`MatMulNBitsQuantizer` on the decoder
   and the embedding with its documented defaults, block 128, symmetric, accuracy level 4): the like-for-like INT4;
 * Optimum (`optimum-cli export onnx --task image-text-to-text` + ORTQuantizer) in its own environment when
   `--optimum-python` is given: its exact error and versions are recorded when it cannot export the model;
-* vlmedge: the fp32 export and the recipe's final artifact.
+* vlmedge: the fp32 export (of the student) and the recipe's final artifact.
+
+"answer p90 vs eager" divides the teacher's eager answer p90 by the row's.
 
 Accuracy: vlmedge's evaluator on the same held-out questions for every row. Latency: batch 1, the vision / ttft /
 decode / 16-token answer scenarios, every row once per round (interleaved: drift on this shared machine hits all
@@ -96,12 +99,15 @@ def main() -> int:
     work.mkdir(exist_ok=True)
     rows: dict[str, dict] = {}
 
-    vlm = family.load(teacher)
-    ao = dataclasses.replace(vlm, model=torch.ao.quantization.quantize_dynamic(
-        family.load(teacher).model, {torch.nn.Linear}, dtype=torch.qint8))
+    student = Path(next(s["path"] for s in steps.values() if s["id"] == steps["export"]["parent"]))
     folder_size = lambda p: sum(f.stat().st_size for f in Path(p).glob("*.safetensors"))  # noqa: E731
-    torch_rows = {"PyTorch eager fp32 (HF generate)": (vlm, folder_size(teacher)),
-                  "torch.ao dynamic INT8 (HF generate)": (ao, None)}
+    torch_rows = {}
+    for label, folder in (("teacher", teacher), ("student", student)):  # the student: what the exports hold
+        vlm = family.load(folder)
+        ao = dataclasses.replace(vlm, model=torch.ao.quantization.quantize_dynamic(
+            family.load(folder).model, {torch.nn.Linear}, dtype=torch.qint8))
+        torch_rows[f"PyTorch eager fp32 (HF generate), {label}"] = (vlm, folder_size(folder))
+        torch_rows[f"torch.ao dynamic INT8 (HF generate), {label}"] = (ao, None)
     nbits = _nbits_by_hand(export, work / "ort-nbits")
     onnx_rows = {"ONNX Runtime n-bit quantizer by hand (INT4 decoder + embedding)": nbits,
                  "vlmedge fp32 export": export, f"vlmedge recipe ({list(steps)[-1]})": final}
@@ -117,12 +123,13 @@ def main() -> int:
         t0 = time.perf_counter()
         rows[name] = {"metrics": flat_metrics(family.evaluate(family.adapter(folder), eval_cfg)),
                       "size_bytes": onnx_size(folder), "eval_s": time.perf_counter() - t0}
-    if torch_rows["torch.ao dynamic INT8 (HF generate)"][1] is None:  # its weights as saved by torch (int8 packed)
-        import io
+    for name, (model, size) in torch_rows.items():
+        if size is None:  # torch.ao: its weights as torch saves them (int8 packed)
+            import io
 
-        buf = io.BytesIO()
-        torch.save(ao.model.state_dict(), buf)
-        rows["torch.ao dynamic INT8 (HF generate)"]["size_bytes"] = buf.tell()
+            buf = io.BytesIO()
+            torch.save(model.model.state_dict(), buf)
+            rows[name]["size_bytes"] = buf.tell()
 
     cfg = MeasureConfig(warmup=3, min_runs=20, min_seconds=0.5)
     inputs = family.latency_inputs(family.adapter(export), 1)
@@ -139,7 +146,7 @@ def main() -> int:
         rows[name]["latency"] = {sc: {f"{p}_ms": float(np.median([rec[sc][f"{p}_ms"] for rec in recs]))
                                       for p in ("p50", "p90")} for sc in ("vision", "ttft", "decode", "answer")}
         rows[name]["latency"]["tokens_per_s"] = float(np.median([rec["tokens_per_s"] for rec in recs]))
-    eager = rows["PyTorch eager fp32 (HF generate)"]["latency"]["answer"]["p90_ms"]
+    eager = rows["PyTorch eager fp32 (HF generate), teacher"]["latency"]["answer"]["p90_ms"]
     for row in rows.values():
         if "latency" in row:
             row["answer_p90_speedup_vs_eager"] = eager / row["latency"]["answer"]["p90_ms"]

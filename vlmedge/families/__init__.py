@@ -174,10 +174,10 @@ class Family:
         manifest additions."""
         return {}
 
-    def output_agreement(self, reference, adapter) -> dict[str, Any]:
+    def output_agreement(self, reference, adapter, inputs: int) -> dict[str, Any]:
         """What quantization records beyond output cosines: how often `adapter` (a quantized export) gives the same
-        end result as `reference` (the fp32 export) on held-out inputs (a generative model: identical greedy
-        answers); {} where the cosines say it all."""
+        end result as `reference` (the fp32 export) on `inputs` held-out inputs (a generative model: identical
+        greedy answers); {} where the cosines say it all."""
         return {}
 
     # --- runtime, evaluation, latency ---

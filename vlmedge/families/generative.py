@@ -336,10 +336,12 @@ class Generative(Family):
                                f"(e.g. {record['first_difference']})")
         return {"generation_parity": record}
 
-    def output_agreement(self, reference, adapter, questions: int = 100) -> dict[str, Any]:
+    def output_agreement(self, reference, adapter, inputs: int) -> dict[str, Any]:
         """The fraction of held-out questions whose greedy answer (token ids) the quantized export writes exactly
         as the fp32 export does."""
-        record = _same_answers(reference, adapter, questions)
+        if not inputs:
+            return {}
+        record = _same_answers(reference, adapter, inputs)
         return {"answer_agreement": {**record, "fraction": record["identical"] / record["questions"]}}
 
     # --- runtime, evaluation, latency ---

@@ -92,6 +92,9 @@ class QuantizeConfig:
     metric: str = "zero_shot.top1"
     tune_threads: bool = True
     """Record the fastest thread count per tower on this machine in the manifest (see ExportConfig)."""
+    agreement_questions: int = 100
+    """Held-out inputs on which the quantized artifact's end result is compared with the fp32 export's (a
+    generative model: greedy answers); 0 skips."""
     data: str | None = None
     """Calibration data (static mode, accuracy-aware mode, drift); None: the run's data (recipe `data.source`, the
     command's --data)."""
@@ -113,6 +116,8 @@ class QuantizeConfig:
             raise VlmedgeError(f"quantize: max_drop={self.max_drop}; expected a fraction in [0, 1)")
         if self.calibration_batches < 1:
             raise VlmedgeError("quantize: calibration_batches must be >= 1")
+        if self.agreement_questions < 0:
+            raise VlmedgeError(f"quantize: agreement_questions={self.agreement_questions}; expected >= 0")
         for graph, mode in (self.graphs or {}).items():
             if mode not in GRAPH_MODES:
                 raise VlmedgeError(f"quantize: graphs.{graph}={mode!r}; expected one of {', '.join(GRAPH_MODES)}")
@@ -212,9 +217,9 @@ def quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme:
 
 def _quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme: str,
                    calib: dict[str, list] | None, extra_exclude: tuple[str, ...]) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-
     import shutil
+
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     exclude = _excluded(src, cfg, extra_exclude)
     op_types = [o for o in cfg.op_types if o not in cfg.exclude_op_types]
@@ -252,8 +257,9 @@ def _quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme
         return
     weight_type = QuantType.QUInt8 if scheme == "u8u8" else QuantType.QInt8
     reduce_range = scheme == "reduce_range"
+    per_channel = cfg.per_channel if cfg.per_channel is not None else mode == "static"
     if mode == "dynamic":
-        quantize_dynamic(src, dst, op_types_to_quantize=op_types, per_channel=cfg.channelwise,
+        quantize_dynamic(src, dst, op_types_to_quantize=op_types, per_channel=per_channel,
                          reduce_range=reduce_range, weight_type=weight_type, nodes_to_exclude=exclude)
         level = "extended" if cfg.optimize == "auto" else cfg.optimize
         if level != "none":
@@ -262,7 +268,7 @@ def _quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[cfg.calibration]
     quantize_static(src, dst, _Calibration(calib[tower]), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=op_types, per_channel=cfg.channelwise, reduce_range=reduce_range,
+                    op_types_to_quantize=op_types, per_channel=per_channel, reduce_range=reduce_range,
                     activation_type=QuantType.QUInt8, weight_type=weight_type, nodes_to_exclude=exclude,
                     calibrate_method=method, extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
 
@@ -371,7 +377,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
             _write_manifest(tmp, manifest, cfg, scheme, why, kept)
         calib = calib or calibration_batches(fp32, cfg)
         info["drift"] = _drift(fp32, encoder, calib)
-        info.update(family.output_agreement(fp32, encoder))
+        info.update(family.output_agreement(fp32, encoder, cfg.agreement_questions))
         record_thread_tuning(tmp, cfg.tune_threads, {g: {k: v[:1] for k, v in batches[0].items()}
                                                      for g, batches in calib.items()})
     info.update({"mode": cfg.mode, "graphs": cfg.graphs, "precision": _precision(cfg),
@@ -430,7 +436,7 @@ def _choose_form(forms, source, tmp, family, build, manifest, scheme, why, fp32,
         adapter = build(form, {g: [] for g in form.graphs}, folder)
         entry = {"form": "+".join(sorted(set(form.graphs.values()))), "graphs": form.graphs,
                  "precision": _precision(form), "size_bytes": onnx_size(folder),
-                 **family.output_agreement(fp32, adapter)}
+                 **family.output_agreement(fp32, adapter, form.agreement_questions)}
         if evaluate_fn is not None:
             entry[form.metric] = evaluate_fn(adapter)[form.metric]
             entry["within_tolerance"] = reference[form.metric] - entry[form.metric] <= form.max_drop
