@@ -105,12 +105,21 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_run, tmp_path):
 def test_a_failing_stage_stops_with_a_clear_message_and_keeps_earlier_steps(tmp_path):
     out = tmp_path / "fail"
     code, _, err = run_cli("compress", str(TINY_RECIPE), "--out", str(out), "--quiet",
-                           "--set", "stages.train.steps=2", "--set", "stages.prune.vision_heads=0.9",
-                           "--set", "stages.prune.importance=magnitude")
+                           "--set", "stages.train.steps=2", "--set", "stages.prune.data=/nonexistent/images")
     assert code == 1
-    assert err.strip().startswith("error: stage prune failed") and len(err.strip().splitlines()) == 1
+    assert err.strip().startswith("error: stage prune failed: data source not found: /nonexistent/images")
+    assert len(err.strip().splitlines()) == 1
     assert list(out.glob("00-teacher-*/artifact.json"))
     assert not list(out.glob("01-prune-*/artifact.json"))
+
+
+def test_a_ratio_the_model_cannot_take_fails_at_load_before_any_work(tmp_path):
+    out = tmp_path / "early"
+    code, _, err = run_cli("compress", str(TINY_RECIPE), "--out", str(out), "--quiet",
+                           "--set", "stages.prune.vision_heads=0.9")
+    assert code == 1
+    assert "stages.1.prune: prune: removing 90% of 4 heads per vision layer leaves none" in err
+    assert not out.exists() or not list(out.glob("00-teacher-*"))
 
 
 def test_single_commands_record_skip_and_chain_to_the_recipes_int8(tiny_run, tmp_path, capsys):
