@@ -3,7 +3,9 @@ trained with the NLL of the answer tokens, evaluated by VQA accuracy and caption
 graphs edge runtimes load (vision encoder, token embedding, decoder with its KV cache) and timed per phase
 (vision encode, time to first token, decode per token, whole answer).
 
-Pruning, distillation and quantization of this family are not built yet: those stages say so in one line.
+Compression runs through the same stages as the other families: pruning of both parts (`prunable`: the vision
+encoder and the grouped-query Llama decoder), token-level distillation (`training_loss` with a teacher), and
+quantization per graph (`calibration_feeds`, `output_agreement`: greedy answers against the fp32 export's).
 """
 
 from __future__ import annotations
@@ -404,9 +406,7 @@ class Generative(Family):
             prompt = prompt_ids(adapter.tokenizer, question, int(gen["image_tokens"]), rt.max_length, "calibration")
             ids = prompt + adapter.tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [rt.eos_id]
             out["embed"].append({"input_ids": np.asarray([ids], dtype=np.int64)})
-            embeds = rt.embed.run(None, {"input_ids": np.asarray([ids], dtype=np.int64)})[0]
-            slots = np.asarray(ids) == rt.image_token_id
-            embeds[0, slots] = rt.image_features(pixels[:1])[0]
+            embeds = rt.prefill_embeds(rt.image_features(pixels[:1]), ids)
             split = len(ids) - 2
             prefill = rt.feeds(embeds[:, :split], None, 0)
             out["decoder"].append(prefill)
