@@ -21,7 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
 
+from generative import time_interleaved  # noqa: E402  (the peers' interleaved timing)
 from test_generative import smolvlm_256m_folder  # noqa: E402  (the test suite's builder, at full depth here)
 
 
@@ -64,7 +66,6 @@ def main(out: Path, rounds: int = 3) -> int:
 def interleaved(model: Path, folders: dict[str, Path], rounds: int) -> dict:
     """PyTorch eager and every ONNX form, each once per round (vision, ttft, decode, 16-token answer; 2 threads),
     p50 / p90 as the median over rounds; sizes; the eager answer p90 over the best form's."""
-    import numpy as np
     import torch
 
     from vlmedge import families
@@ -76,23 +77,11 @@ def interleaved(model: Path, folders: dict[str, Path], rounds: int) -> dict:
     vlm = family.load(model)
     cfg = MeasureConfig(warmup=1, min_runs=3, min_seconds=0.0, threads=2)
     inputs = family.latency_inputs(family.adapter(folders["fp32"]), 1)
-    timers = {"torch eager fp32": lambda: family.time_scenarios(family.torch_scenarios(vlm, inputs, "cpu",
-                                                                                       torch.float32), cfg, {})}
-    timers.update({name: (lambda f=f: family.onnx_latency(f, cfg, ["CPUExecutionProvider"]))
-                   for name, f in folders.items()})
-    recs: dict[str, list] = {name: [] for name in timers}
-    for r in range(rounds):
-        print(f"round {r + 1}/{rounds}", flush=True)
-        for name, fn in timers.items():
-            recs[name].append(fn())
-    table = {}
-    for name, rs in recs.items():
-        table[name] = {sc: {f"{p}_ms": float(np.median([x[sc][f"{p}_ms"] for x in rs])) for p in ("p50", "p90")}
-                       for sc in ("vision", "ttft", "decode", "answer")}
-        if name in folders:
-            m = read_manifest(folders[name])
-            table[name].update({"size_bytes": onnx_size(folders[name]), "precision": m.get("precision"),
-                                "graphs": (m.get("quantization") or {}).get("graphs")})
+    table = time_interleaved(family, {"torch eager fp32": vlm}, folders, inputs, cfg, rounds)
+    for name, folder in folders.items():
+        m = read_manifest(folder)
+        table[name].update({"size_bytes": onnx_size(folder), "precision": m.get("precision"),
+                            "graphs": (m.get("quantization") or {}).get("graphs")})
     best = min(folders, key=lambda n: table[n]["answer"]["p90_ms"])
     return {"threads": 2, "rounds": rounds, "measure": {"warmup": 1, "min_runs": 3}, "forms": table,
             "best_form": best, "answer_p90_eager_over_best": table["torch eager fp32"]["answer"]["p90_ms"] /

@@ -58,6 +58,28 @@ def _nbits_by_hand(export: Path, out: Path) -> Path:
     return out
 
 
+SCENARIOS = ("vision", "ttft", "decode", "answer")
+
+
+def time_interleaved(family, models: dict, folders: dict, inputs, cfg, rounds: int) -> dict[str, dict]:
+    """Each PyTorch model (HF `generate`, the `torch` scenarios) and each ONNX folder once per round, `rounds`
+    rounds: name -> {scenario: {p50_ms, p90_ms}, tokens_per_s}, each the median over the rounds."""
+    import torch
+
+    timers = {name: (lambda m=m: family.time_scenarios(family.torch_scenarios(m, inputs, "cpu", torch.float32), cfg,
+                                                       {})) for name, m in models.items()}
+    timers.update({name: (lambda f=f: family.onnx_latency(f, cfg, ["CPUExecutionProvider"]))
+                   for name, f in folders.items()})
+    recs: dict[str, list[dict]] = {name: [] for name in timers}
+    for r in range(rounds):
+        print(f"round {r + 1}/{rounds}", flush=True)
+        for name, fn in timers.items():
+            recs[name].append(fn())
+    return {name: {**{sc: {f"{p}_ms": float(np.median([x[sc][f"{p}_ms"] for x in rs])) for p in ("p50", "p90")}
+                      for sc in SCENARIOS},
+                   "tokens_per_s": float(np.median([x["tokens_per_s"] for x in rs]))} for name, rs in recs.items()}
+
+
 def _optimum(python: str, teacher: Path, out: Path) -> dict:
     """Optimum's documented export of the model in its own environment; its result or its exact error."""
     cli = str(Path(python).parent / "optimum-cli")
@@ -133,19 +155,10 @@ def main() -> int:
 
     cfg = MeasureConfig(warmup=3, min_runs=20, min_seconds=0.5)
     inputs = family.latency_inputs(family.adapter(export), 1)
-    timers = {name: (lambda m=m: family.time_scenarios(family.torch_scenarios(m, inputs, "cpu", torch.float32), cfg,
-                                                       {})) for name, (m, _) in torch_rows.items()}
-    timers.update({name: (lambda f=f: family.onnx_latency(f, cfg, ["CPUExecutionProvider"]))
-                   for name, f in onnx_rows.items()})
-    samples: dict[str, list[dict]] = {name: [] for name in timers}
-    for r in range(args.rounds):
-        print(f"round {r + 1}/{args.rounds}", flush=True)
-        for name, fn in timers.items():
-            samples[name].append(fn())
-    for name, recs in samples.items():
-        rows[name]["latency"] = {sc: {f"{p}_ms": float(np.median([rec[sc][f"{p}_ms"] for rec in recs]))
-                                      for p in ("p50", "p90")} for sc in ("vision", "ttft", "decode", "answer")}
-        rows[name]["latency"]["tokens_per_s"] = float(np.median([rec["tokens_per_s"] for rec in recs]))
+    latency = time_interleaved(family, {name: m for name, (m, _) in torch_rows.items()}, onnx_rows, inputs, cfg,
+                               args.rounds)
+    for name, lat in latency.items():
+        rows[name]["latency"] = lat
     eager = rows["PyTorch eager fp32 (HF generate), teacher"]["latency"]["answer"]["p90_ms"]
     for row in rows.values():
         if "latency" in row:

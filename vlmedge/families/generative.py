@@ -391,7 +391,7 @@ class Generative(Family):
         prefill of the image, prompt and answer but its last two tokens (empty cache) and a step over those two
         with the prefill's cache (the two shapes the runtime calls)."""
         from ..data.vqa import open_vqa
-        from ..models.generative import prompt_ids
+        from ..models.generative import answer_ids, prompt_ids
 
         ds = open_vqa(data, "train", resolution=adapter.preprocess.image_size, count=max(batches * batch_size, 16),
                       seed=seed)
@@ -404,7 +404,7 @@ class Generative(Family):
             out["vision"].append({"pixel_values": pixels})
             (question, answer), = ds.training_captions(idx[:1], rng)[0]
             prompt = prompt_ids(adapter.tokenizer, question, int(gen["image_tokens"]), rt.max_length, "calibration")
-            ids = prompt + adapter.tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [rt.eos_id]
+            ids = prompt + answer_ids(adapter.tokenizer, answer, rt.eos_id)
             out["embed"].append({"input_ids": np.asarray([ids], dtype=np.int64)})
             embeds = rt.prefill_embeds(rt.image_features(pixels[:1]), ids)
             split = len(ids) - 2

@@ -54,7 +54,7 @@ class GenerativeVLM(VLM):
         return prompt_ids(self.tokenizer, question, self.image_tokens, self.max_length, self.source)
 
     def answer_ids(self, answer: str) -> list[int]:
-        return self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [self.eos_id]
+        return answer_ids(self.tokenizer, answer, self.eos_id)
 
     def decode_answer(self, ids: Sequence[int]) -> str:
         return decode_answer(self.tokenizer, ids, self.eos_id)
@@ -82,6 +82,11 @@ def prompt_ids(tokenizer, question: str, image_tokens: int, max_length: int, whe
         raise VlmedgeError(f"{where or 'prompt'}: the prompt is {len(ids)} tokens ({image_tokens} of them the image); "
                            f"the model's context is {max_length} (question: {question[:60]!r})")
     return ids
+
+
+def answer_ids(tokenizer, answer: str, eos_id: int) -> list[int]:
+    """The token ids an answer is trained on after the prompt: the answer, then `<end_of_utterance>`."""
+    return tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [eos_id]
 
 
 def decode_answer(tokenizer, ids: Sequence[int], eos_id: int) -> str:

@@ -102,8 +102,12 @@ class QuantizeConfig:
 
     @property
     def channelwise(self) -> bool:
-        """`per_channel` resolved (see there)."""
-        return self.per_channel if self.per_channel is not None else self.mode == "static"
+        """`per_channel` resolved for `mode` (see there)."""
+        return self.channelwise_for(self.mode)
+
+    def channelwise_for(self, mode: str) -> bool:
+        """`per_channel` resolved for one graph's mode."""
+        return self.per_channel if self.per_channel is not None else mode == "static"
 
     def __post_init__(self):
         checks = [(self.mode in MODES, "mode", MODES), (self.calibration in CALIBRATION, "calibration", CALIBRATION),
@@ -257,7 +261,7 @@ def _quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme
         return
     weight_type = QuantType.QUInt8 if scheme == "u8u8" else QuantType.QInt8
     reduce_range = scheme == "reduce_range"
-    per_channel = cfg.per_channel if cfg.per_channel is not None else mode == "static"
+    per_channel = cfg.channelwise_for(mode)
     if mode == "dynamic":
         quantize_dynamic(src, dst, op_types_to_quantize=op_types, per_channel=per_channel,
                          reduce_range=reduce_range, weight_type=weight_type, nodes_to_exclude=exclude)
@@ -352,13 +356,15 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
                 quantize_file(source / name, folder / name, tower, form, scheme, calib, extra)
             return family.adapter(folder)
 
-        if len(forms) > 1:
+        if len(forms) > 1:  # the chosen form's graphs are moved into `tmp`
             cfg, info["forms"] = _choose_form(forms, source, tmp, family, build, manifest, scheme, why, fp32,
                                               evaluate_fn if reference else None, reference, progress)
+            _write_manifest(tmp, manifest, cfg, scheme, why, kept)
+            encoder = family.adapter(tmp)
         else:
             cfg = forms[0]
-        _write_manifest(tmp, manifest, cfg, scheme, why, kept)
-        encoder = build(cfg, kept)
+            _write_manifest(tmp, manifest, cfg, scheme, why, kept)
+            encoder = build(cfg, kept)
         if reference is not None:
             order = _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32)
             score = evaluate_fn(encoder)[cfg.metric]
@@ -419,8 +425,8 @@ def _int4_widths(source: Path, files: dict[str, str], cfg: QuantizeConfig) -> di
 
 def _choose_form(forms, source, tmp, family, build, manifest, scheme, why, fp32, evaluate_fn, reference, progress):
     """Build every form into a scratch folder of `tmp`, time the family's headline scenario on each in interleaved
-    rounds (and evaluate each with `evaluate_fn`), keep the fastest within the tolerance. Returns (the chosen
-    form, the record of all)."""
+    rounds (and evaluate each with `evaluate_fn`), keep the fastest within the tolerance: its graphs are moved into
+    `tmp`, the scratch folders removed. Returns (the chosen form, the record of all)."""
     import shutil
 
     from .._progress import Progress
@@ -467,6 +473,8 @@ def _choose_form(forms, source, tmp, family, build, manifest, scheme, why, fp32,
         others = [f"{record[i]['form']} {record[i][key] / record[best][key]:.2f}x slower" for i in
                   range(len(record)) if i != best]
         reason += f": the fastest form on this CPU ({head} p50 {record[best][key]:.2f} ms; {', '.join(others)})"
+    for name in manifest["files"].values():
+        (folders[best] / name).replace(tmp / name)
     for folder in folders:
         shutil.rmtree(folder)
     return forms[best], {"tried": record, "chosen": best, "why": reason}
