@@ -242,3 +242,16 @@ def test_vqa_tiny_recipe_runs_every_stage_and_gates_on_generative_columns(tmp_pa
     assert all(g["passed"] for g in report["gates"]), report["gates"]
     md = (tmp_path / "run" / "report.md").read_text()
     assert "cpu ttft p50 ms" in md and "cpu tokens/s" in md and "caption.cider" in md
+
+
+def test_quantize_command_takes_a_mode_per_graph(vqa_export, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "q"
+    code, stdout, err = run_cli("quantize", str(vqa_export), "--out", str(out), "--mode", "int4", "--graph",
+                                "vision=dynamic", "--no-eval", "--no-tune-threads", "--agreement-questions", "0")
+    assert code == 0, err
+    assert json.loads((out / "manifest.json").read_text())["quantization"]["graphs"] == {
+        "vision": "dynamic", "embed": "int4", "decoder": "int4"}
+    code, _, err = run_cli("quantize", str(vqa_export), "--out", str(tmp_path / "bad"), "--graph", "decoder")
+    assert code == 1 and err.strip() == "error: --graph 'decoder': expected NAME=VALUE, e.g. --graph decoder=int4"

@@ -53,8 +53,10 @@ def _metrics_table(metrics: dict, title: str) -> None:
 def _config(cls, args, rename: dict[str, str] | None = None, **fixed):
     """A stage config from the flags `_add_config_flags` made for it (same names, same defaults)."""
     import dataclasses
+    import typing
 
     rename = rename or {}
+    hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
         dest = rename.get(f.name, f.name)
@@ -63,10 +65,17 @@ def _config(cls, args, rename: dict[str, str] | None = None, **fixed):
         value = getattr(args, dest)
         if value is None and f.default is not None:
             continue  # a repeatable flag not given: the dataclass's default
-        if isinstance(value, list) and f.name in MAPPING_FLAGS.values():
+        if isinstance(value, list) and _is_mapping(hints[f.name]):
             value = _pairs(value, "--" + dest.replace("_", "-"))
         values[f.name] = tuple(value) if isinstance(value, list) else value
     return cls(**{**values, **fixed})
+
+
+def _is_mapping(tp) -> bool:
+    """A config field typed `dict[...]` (or `dict[...] | None`): its flag is a repeatable NAME=VALUE."""
+    import typing
+
+    return any(typing.get_origin(t) is dict for t in (tp, *typing.get_args(tp)))
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -353,9 +362,9 @@ def _add_config_flags(p, cls, *, rename: dict[str, str] | None = None, skip: tup
             (docs.get(f.name, "") + shown).replace("%", "%%").strip() or None  # argparse %-formats help
         if base is bool:
             p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif typing.get_origin(tp) is tuple or typing.get_origin(base) is dict:
+        elif typing.get_origin(tp) is tuple or _is_mapping(tp):
             p.add_argument(flag, dest=dest, action="append", default=None, help=help_text,
-                           metavar="NAME=VALUE" if typing.get_origin(base) is dict else None)
+                           metavar="NAME=VALUE" if _is_mapping(tp) else None)
         else:
             p.add_argument(flag, dest=dest, type=base, default=default, choices=choices.get(f.name),
                            help=help_text)
@@ -365,8 +374,6 @@ EXPORT_FLAGS = {"zero_shot_labels": "label"}
 QUIET_HELP = "no progress (on a terminal a bar; in logs and CI a plain line about every 10 %%)"
 QUANTIZE_FLAGS = {"exclude_nodes": "exclude_node", "op_types": "op_type", "exclude_op_types": "exclude_op_type",
                   "graphs": "graph", "int4_graphs": "int4_graph"}
-MAPPING_FLAGS = {"graph": "graphs"}
-"""Repeatable NAME=VALUE flags that fill a mapping field (flag dest -> field)."""
 """Config fields whose flag is named otherwise (the singular of a repeatable flag)."""
 
 
