@@ -71,9 +71,27 @@ def test_gate_usage_errors_exit_2(tmp_path, capsys):
 
 
 def test_check_names_the_missing_quantity(tmp_path):
+    """A quantity another step has but the budget's step lacks fails that budget (exit 1, a regression)."""
     report = load_report(_report(tmp_path))
+    report["steps"].insert(0, {**report["steps"][0], "name": "teacher",
+                               "latency": {"cuda": report["steps"][0]["latency"]["cpu"]}})
     (r,) = check(report, [parse_budget("cuda.pair.p90_ms <= 5")])
-    assert not r.passed and "not found" in r.message
+    assert not r.passed and "not found in step 'final'" in r.message
+
+
+def test_a_quantity_no_step_has_is_a_usage_error_naming_the_closest(tmp_path, capsys):
+    path = _report(tmp_path)
+    budgets = tmp_path / "budgets.yaml"
+    for typo, meant in (("cpu.pair.p90_msx <= 50", "cpu.pair.p90_ms"), ("retention.zero_shot.top_1 >= 0.9",
+                                                                       "retention.zero_shot.top1"),
+                        ("speedup.cpu.pair_p09 >= 4", "speedup.cpu.pair_p90")):
+        budgets.write_text(f"- 'cpu.pair.p50_ms <= 50'\n- '{typo}'\n")
+        assert main(["gate", str(path), "--budgets", str(budgets)]) == 2, typo
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"did you mean {meant}" in err, err
+    with pytest.raises(VlmedgeError, match="known, e.g.") as e:
+        check(load_report(path), [parse_budget("latency <= 5")])
+    assert e.value.exit_code == 2
 
 
 def test_an_unstable_figure_over_budget_is_measured_again_on_the_artifact(tiny_export, tmp_path):

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from vlmedge.artifact import Artifact
 from vlmedge.pipeline import run
 from vlmedge.recipe import load_recipe
 
@@ -152,3 +154,84 @@ def test_single_commands_record_skip_and_chain_to_the_recipes_int8(tiny_run, tmp
     # a changed setting is a new artifact: the folder is made again
     assert main([*commands[3], "--mode", "fp16", "--no-eval", "--quiet"]) == 0
     assert json.loads((chain / "int8" / "manifest.json").read_text())["precision"] == "fp16"
+
+
+def _records(run_folder: Path) -> dict[str, int]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in run_folder.glob("*/artifact.json")}
+
+
+def test_a_moved_run_is_cached_and_an_edited_graph_runs_again_from_its_step(tiny_run, tmp_path):
+    """A run folder moved elsewhere (the original out of reach) is every step cached; a graph edited inside it
+    makes that step again and what follows it, and the steps before it stay cached."""
+    import onnx
+
+    out, _ = tiny_run
+    moved = tmp_path / "elsewhere" / "tiny"
+    shutil.copytree(out, moved)
+    aside = out.with_name(out.name + ".aside")
+    out.rename(aside)  # nothing may read the folder the run was first written to
+    try:
+        before = _records(moved)
+        done = []
+        run(load_recipe(TINY_RECIPE), moved, on_stage=done.append)
+        assert len(done) == 5 and _records(moved) == before
+        graph = next(moved.glob("03-export-*/onnx/image_encoder.onnx"))
+        model = onnx.load(graph)
+        model.doc_string = "edited by hand"
+        onnx.save(model, graph)
+        run(load_recipe(TINY_RECIPE), moved)
+    finally:
+        aside.rename(out)
+    after = _records(moved)
+    for step in before:
+        if step[:2] in ("00", "01", "02", "03"):
+            assert (after[step] == before[step]) == (step[:2] != "03"), step
+    assert onnx.load(graph).doc_string != "edited by hand"  # the export was made again
+    steps = json.loads((moved / "report.json").read_text())["steps"]
+    export, final = Artifact.load(graph.parent.parent), steps[-1]
+    # the quantized step is of the export as it is now (made again where the new export's bytes differ)
+    assert final["parent"] == export.id and Path(final["path"]).is_relative_to(moved)
+    assert Artifact.load(Path(final["path"]).parent).mismatches() == [] and export.mismatches() == []
+    assert json.loads((graph.parent.parent / "artifact.json").read_text())["path"] == "onnx"
+
+
+def test_a_copied_export_is_read_where_it_lies_and_a_broken_copy_names_its_file(tiny_run, tmp_path, capsys):
+    """Quantizing a copy of an export step: the copy's own graphs, never the original's; a copy whose graph was
+    emptied, overwritten with random bytes or by another graph, or renamed, is a one-line error naming the copy's
+    file, and nothing is written."""
+    from vlmedge.cli import main
+
+    out, _ = tiny_run
+    original = next(out.glob("03-export-*"))
+    breakages = {"empty": lambda g: g.write_bytes(b""),
+                 "random bytes": lambda g: g.write_bytes(os.urandom(2048)),
+                 "another graph": lambda g: shutil.copy(g.with_name("text_encoder.onnx"), g),
+                 "renamed": lambda g: g.rename(g.with_name("image_encoder.old.onnx"))}
+    for why, breaks in breakages.items():
+        copy = tmp_path / why.replace(" ", "-") / "export"
+        shutil.copytree(original, copy)
+        breaks(copy / "onnx" / "image_encoder.onnx")
+        code = main(["quantize", str(copy), "--out", str(copy.parent / "int8"), "--mode", "dynamic", "--no-eval",
+                     "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == 1 and len(err.splitlines()) == 1, (why, err)
+        assert err.startswith(f"error: {copy / 'onnx' / 'image_encoder.onnx'}: "), (why, err)
+        assert str(original) not in err and not (copy.parent / "int8").exists(), why
+    # an intact copy, the original out of reach: the copy is what is quantized, and the record says so
+    copy = tmp_path / "intact" / "export"
+    shutil.copytree(original, copy)
+    aside = original.with_name(original.name + ".aside")
+    original.rename(aside)
+    try:
+        assert main(["quantize", str(copy), "--out", str(tmp_path / "intact" / "int8"), "--mode", "dynamic",
+                     "--no-eval", "--quiet"]) == 0
+    finally:
+        aside.rename(original)
+    record = json.loads((tmp_path / "intact" / "int8" / "artifact.json").read_text())
+    assert record["path"] == "." and record["parent"] == json.loads((copy / "artifact.json").read_text())["id"]
+    # its export folder named directly (no record there) is a new input: the graph's own error, naming the file
+    broken = tmp_path / "empty" / "export"
+    code = main(["quantize", str(broken / "onnx"), "--out", str(tmp_path / "empty" / "int8"), "--mode", "dynamic",
+                 "--no-eval", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith(f"error: {broken / 'onnx' / 'image_encoder.onnx'}: "), err

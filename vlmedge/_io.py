@@ -139,8 +139,9 @@ def folder_size(path: str | os.PathLike) -> int:
 
 OUTPUT_MARK = ".vlmedge-output"
 """Written into every output folder vlmedge claims: which command made it (a rerun of that command may replace it)."""
-RECORD_FILES = ("artifact.json", "eval.json", OUTPUT_MARK)
-"""What vlmedge writes about a folder, not part of what it ships (not copied into a derived artifact or a bundle)."""
+RECORD_FILES = ("artifact.json", "eval.json", "bench.json", "profile.json", OUTPUT_MARK)
+"""What vlmedge writes about a folder, not part of what it ships (not copied into a derived artifact or a bundle,
+not in its record's file digests)."""
 
 
 def made_by(folder: Path) -> str | None:

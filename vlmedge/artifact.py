@@ -1,21 +1,33 @@
 """The one record passed from stage to stage.
 
-An artifact's id is a hash of its parent's id and its own stage configuration (and the data it saw), so a rerun of a
-recipe recognises finished stages and a changed stage invalidates itself and everything after it. `artifact.json`
-is written last, atomically: a stage folder without it is unfinished, whatever else it holds.
+An artifact's id is a hash of its parent's id and content, its own stage configuration and what else it read (the
+data, the teacher, a folder a setting names), so a rerun of a recipe recognises finished stages and a changed stage
+or input invalidates that step and everything after it. `artifact.json` is written last, atomically: a stage folder
+without it is unfinished, whatever else it holds.
+
+A folder is what it contains. The record stores its product's path relative to the record's folder (absolute only
+for a product outside it: a user's model used in place) and the sha256 of every file the product ships
+(`files`); loading a record never redirects to where the folder was first written, and `mismatches` says which files
+are no longer what the record vouches for (copied and edited, truncated, replaced, missing).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import write_json
+from ._io import RECORD_FILES, write_json
 
 RECORD = "artifact.json"
+FOLDER = "folder"
+"""A stage config field's metadata key: the value names a model folder the stage reads, which enters the step's id
+by its content (`field(default=None, metadata={FOLDER: True})`)."""
+NOT_SHIPPED = ("checkpoints",)
+"""Subfolders of a product that are working state, not what it ships (training checkpoints, kept for resume)."""
 
 
 @dataclass
@@ -38,34 +50,118 @@ class Artifact:
     seconds: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     family: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+    """What the product ships, as written: relative file path -> sha256. Empty in records of vlmedge < 0.2."""
+
+    @property
+    def content(self) -> str:
+        """A digest of `files`: equal for equal contents wherever the folder lies."""
+        return content_id(self.files)
+
+    def mismatches(self) -> list[str]:
+        """How the product's files differ from what the record vouches for: '<path>: <why>' per file, [] if equal
+        (or if the record is too old to list its files)."""
+        if not self.files:
+            return []
+        root = Path(self.path)
+        if not root.is_dir():
+            return [f"{root}: missing"]
+        now = product_files(root)
+        out = []
+        for name, digest in self.files.items():
+            if name not in now:
+                out.append(f"{root / name}: missing")
+            elif now[name] != digest:
+                out.append(f"{root / name}: changed since it was written (sha256 differs)")
+        out += [f"{root / name}: not part of what was written" for name in now if name not in self.files]
+        return out
 
     def save(self, folder: Path) -> None:
-        write_json(folder / RECORD, asdict(self))
+        record = asdict(self)
+        product, folder = Path(self.path).resolve(), Path(folder).resolve()
+        inside = product == folder or product.is_relative_to(folder)
+        record["path"] = os.path.relpath(product, folder) if inside else str(product)
+        write_json(folder / RECORD, record)
 
     @classmethod
     def load(cls, folder: Path) -> "Artifact | None":
+        """The record in `folder`, its product resolved inside `folder` (None if there is no readable record)."""
+        folder = Path(folder)
         path = folder / RECORD
         if not path.is_file():
             return None
         try:
-            return cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError):
+            record = json.loads(path.read_text())
+            art = cls(**record)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
             return None
+        if not isinstance(art.path, str) or not isinstance(art.files, dict):
+            return None
+        art.path = str(_product(folder, art.path, legacy="files" not in record and art.stage != "source"))
+        return art
+
+
+def _product(folder: Path, recorded: str, legacy: bool) -> Path:
+    """Where a record's product is now: relative paths are the folder's; a record of vlmedge < 0.2 holds the
+    absolute path it was written at, which is mapped into the folder (a run step's model/ or onnx/, else the folder
+    itself), never followed."""
+    if not os.path.isabs(recorded):
+        return Path(os.path.normpath(folder / recorded))
+    if not legacy:
+        return Path(recorded)  # a product outside the record's folder: a user's model used in place
+    name = Path(recorded).name
+    return folder / name if name in ("model", "onnx") and (folder / name).is_dir() else folder
+
+
+def product_files(root: Path) -> dict[str, str]:
+    """sha256 of every file a product ships (records, marks, temporaries and checkpoints left out), by relative
+    path. Cached per process on each file's size and modification time."""
+    root = Path(root)
+    if root.is_file():
+        return {root.name: _sha256(root)}
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in NOT_SHIPPED and not d.startswith("."))
+        for name in sorted(filenames):
+            if name in RECORD_FILES or name.startswith("."):
+                continue
+            full = Path(dirpath) / name
+            out[full.relative_to(root).as_posix()] = _sha256(full)
+    return out
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def content_id(files: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # Bumped when a stage's output for the same configuration changes (a new graph form, a fix), so that a rerun into an
-# old run folder makes that step and every later one again instead of reusing what older code made. A stage at
-# revision 1 hashes as it always did.
+# old run folder makes that step and every later one again instead of reusing what older code made; "*" for a
+# change of every stage's id.
 STAGE_REVISIONS = {
+    "*": 2,  # 2: ids include the content of the inputs (vlmedge 0.2)
     "export": 3,  # 2: patch embedding exported as patchify + MatMul; 3: tuned thread counts in the manifest
     "quantize": 3,  # 2: no SkipLayerNormalization in the saved graph, Conv no longer a default op type; 3: threads
 }
 
 
 def artifact_id(parent: str | None, stage: str, config: Any) -> str:
-    record = {"parent": parent, "stage": stage, "config": config}
-    if STAGE_REVISIONS.get(stage, 1) > 1:
-        record["revision"] = STAGE_REVISIONS[stage]
+    record = {"parent": parent, "stage": stage, "config": config,
+              "revision": [STAGE_REVISIONS["*"], STAGE_REVISIONS.get(stage, 1)]}
     blob = json.dumps(record, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -113,7 +113,41 @@ class Result:
     message: str
 
 
+def known_quantities(step: dict) -> set[str]:
+    """Every quantity a budget can name in a report step (what `quantity` resolves)."""
+    out = {"size_mb", *(q for q in ("parameters", "size_bytes", "compression") if step.get(q) is not None)}
+    out.update(step.get("metrics") or {})
+    out.update(f"retention.{m}" for m in step.get("retention") or {})
+    out.update(f"speedup.{t}.{k}" for t, rec in (step.get("speedup_vs_teacher") or {}).items() for k in rec)
+    for target, rec in (step.get("latency") or {}).items():
+        for k, v in rec.items():
+            if isinstance(v, dict):
+                out.update(f"{target}.{k}.{stat}" for stat, x in v.items() if isinstance(x, (int, float)))
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                out.add(f"{target}.{k}")
+    return out
+
+
+def _unknown(report: dict, b: Budget) -> VlmedgeError | None:
+    """A usage error for a budget whose quantity no step of the report has (a typo), naming the closest ones."""
+    import difflib
+
+    known = set().union(*(known_quantities(s) for s in report.get("steps") or []))
+    if b.quantity in known:
+        return None
+    close = difflib.get_close_matches(b.quantity, sorted(known), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"known, e.g.: {', '.join(sorted(known)[:6])}"
+    error = VlmedgeError(f"budget {b.text!r}: no step of the report has a quantity {b.quantity!r}; {hint}")
+    error.exit_code = 2
+    return error
+
+
 def check(report: dict, budgets: list[Budget], remeasure: int = 2) -> list[Result]:
+    """Each budget's verdict. A quantity no step has is a usage error (exit 2, raised before anything is judged);
+    one the budget's step lacks, though others have it, fails that budget."""
+    for b in budgets:
+        if (error := _unknown(report, b)) is not None:
+            raise error
     results = []
     for b in budgets:
         step = _step(report, b.step)

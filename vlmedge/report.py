@@ -68,7 +68,7 @@ def build(recipe, steps, bench: dict | None) -> dict[str, Any]:
     ref = results.get(REFERENCE[0], {}).get(REFERENCE[1])
     rows = []
     for s in steps:
-        row = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("config",)}
+        row = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("config", "files")}
         row["retention"] = {m: v / teacher.metrics[m] for m, v in s.metrics.items()
                             if teacher and teacher.metrics.get(m)}
         row["latency"] = results.get(s.name, {})
@@ -85,10 +85,14 @@ def build(recipe, steps, bench: dict | None) -> dict[str, Any]:
               "reference": {"step": REFERENCE[0], "target": REFERENCE[1]}, "steps": rows,
               "complete": bench is not None}
     if bench is not None and recipe.gates:
-        from .gate import check, parse_budget
+        from .errors import VlmedgeError
+        from .gate import Result, check, parse_budget
 
-        report["gates"] = [dataclasses.asdict(r) for r in check(report, [parse_budget(g) for g in recipe.gates],
-                                                              remeasure=0)]
+        try:
+            results = check(report, [parse_budget(g) for g in recipe.gates], remeasure=0)
+        except VlmedgeError as e:  # a gate naming a quantity the run does not have: every gate fails, saying so
+            results = [Result(g, False, None, str(e)) for g in recipe.gates]
+        report["gates"] = [dataclasses.asdict(r) for r in results]
     return report
 
 

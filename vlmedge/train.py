@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +24,7 @@ import numpy as np
 
 from ._io import atomic_dir, write_json
 from ._progress import Progress
+from .artifact import FOLDER
 from .errors import Interrupted, VlmedgeError
 from .families import TrainBatch
 from .families.dual_encoder import DistillLosses
@@ -79,7 +80,7 @@ class TrainStage(TrainSchedule):
     """A recipe's train stage (and `vlmedge train`'s flags): the schedule and the two-stage start of a generative
     model."""
 
-    vision_init: str | None = None
+    vision_init: str | None = field(default=None, metadata={FOLDER: True})
     """A generative preset's vision encoder starts from this folder's image tower (a vlmedge dual encoder's ViT or a
     SigLIP folder): two-stage training."""
     freeze_vision_steps: int | None = None

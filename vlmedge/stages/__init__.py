@@ -14,17 +14,16 @@ family's name, and they know nothing of the CLI or the pipeline.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .._io import OUTPUT_MARK, RECORD_FILES, claim_output, folder_size, write_json
+from .._io import OUTPUT_MARK, claim_output, folder_size, write_json
 from .._registry import Registry
-from ..artifact import Artifact, artifact_id, library_versions
+from ..artifact import FOLDER, RECORD, Artifact, artifact_id, content_id, library_versions, product_files
 from ..errors import VlmedgeError
 
 MODULES = ("source", "train", "prune", "distill", "export", "quantize")
@@ -46,7 +45,7 @@ class TowerSpec:
 class ModelSpec:
     preset: str | None = None
     """A preset (tiny, small, base, ...) to build and train; a recipe without a train stage uses it untrained."""
-    path: str | None = None
+    path: str | None = field(default=None, metadata={FOLDER: True})
     """A local model folder (any family's architecture) to start from."""
     tower: TowerSpec | None = None
     """A preset's image tower trained first as a dual encoder (two-stage training), e.g. {preset: small}."""
@@ -152,15 +151,28 @@ def recipe_kinds() -> list[str]:
 # --- one step ------------------------------------------------------------------------------------------------------
 
 def step_id(config: Any, parent: Artifact | None, ctx: Context) -> str:
+    """The id of running `config` on `parent` in `ctx`: a hash of the parent's id and content, the stage's config,
+    and what else it reads, every folder among them by content (never by where it lies, so a run folder moved or
+    copied elsewhere is still cached, and a folder edited in place is new)."""
     spec = spec_for(config)
-    key = {"stage": asdict(config), "eval": asdict(ctx.eval) if ctx.eval is not None else None,
+    key = {"stage": by_content(config), "eval": asdict(ctx.eval) if ctx.eval is not None else None,
            "data": asdict(ctx.data) if "data" in spec.reads else None,
-           "teacher": ctx.teacher.id if "teacher" in spec.reads and ctx.teacher else None}
+           "parent": parent.content if parent else None,
+           "teacher": [ctx.teacher.id, ctx.teacher.content] if "teacher" in spec.reads and ctx.teacher else None}
     if "model" in spec.reads:
-        key["model"] = asdict(ctx.model) if ctx.model else None
-        if ctx.model and ctx.model.path and Path(ctx.model.path).is_dir():
-            key["model_files"] = _fingerprint(Path(ctx.model.path))  # a user's folder, edited in place, is new
+        key["model"] = by_content(ctx.model) if ctx.model else None
     return artifact_id(parent.id if parent else None, spec.kind, key)
+
+
+def by_content(config: Any) -> dict[str, Any]:
+    """A stage config as a dict, each field that names a folder (`metadata={FOLDER: True}`) replaced by the digest of
+    the folder's files where it exists."""
+    out = asdict(config)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get(FOLDER) and value and Path(value).exists():
+            out[f.name] = {"content": content_id(product_files(Path(value)))}
+    return out
 
 
 def execute(config: Any, parent: Artifact | None, ctx: Context, folder: Path, product: Path | None = None,
@@ -181,9 +193,14 @@ def execute(config: Any, parent: Artifact | None, ctx: Context, folder: Path, pr
         claim_output(folder, spec.kind, (parent.path if parent else None, ctx.teacher.path if ctx.teacher else None,
                                          ctx.model.path if ctx.model else None, data))
     done = None if ctx.force else Artifact.load(folder)
-    if done is not None and done.id == aid and Path(done.path).exists():
-        ctx.say(f"[dim]{name}: cached ({folder})[/]")
-        return done
+    if done is not None and done.id == aid:
+        changed = done.mismatches()
+        if not changed and Path(done.path).exists():
+            ctx.say(f"[dim]{name}: cached ({folder})[/]")
+            return done
+        ctx.say(f"{name}: {_first(changed)}; making it again")
+        if product != folder:
+            shutil.rmtree(product, ignore_errors=True)  # a run's own step product, edited: not resumed from
     ctx.say(f"[bold]{name}[/] ({spec.kind}{' <- ' + parent.name if parent else ''}) -> {folder}")
     folder.mkdir(parents=True, exist_ok=True)
     for partial in folder.glob(".*.partial"):
@@ -202,6 +219,7 @@ def execute(config: Any, parent: Artifact | None, ctx: Context, folder: Path, pr
     if os.environ.get("RANK", "0") != "0":
         return art  # data-parallel training: rank 0 describes and records the step
     describe(art, folder, ctx, parent)
+    art.files = product_files(Path(art.path))
     art.save(folder)
     return art
 
@@ -239,22 +257,25 @@ def describe(art: Artifact, folder: Path, ctx: Context, parent: Artifact | None)
 
 def input_artifact(path: str | os.PathLike) -> Artifact:
     """What a single-stage command reads: a folder a vlmedge command or a run step made (its `artifact.json`, whose
-    product may sit in a subfolder), or any model or export folder (a source artifact, its id from the files)."""
+    product may sit in a subfolder), or any model or export folder (a source artifact, its id from the files).
+
+    A recorded folder must still hold what its record lists (a copy, edited or broken, is refused with the file
+    named); the record is read where it lies, never followed to where it was first written."""
     folder = Path(path)
-    made = Artifact.load(folder)
-    if made is not None and Path(made.path).exists():
-        return made
     if not folder.exists():
         raise VlmedgeError(f"not found: {folder}")
+    made = Artifact.load(folder)
+    if made is not None:
+        changed = made.mismatches()
+        if changed:
+            raise VlmedgeError(f"{_first(changed)}: {folder} no longer holds what its {RECORD} records; make it "
+                               f"again with the command that wrote it, or delete {folder / RECORD} to use the folder "
+                               "as a new input")
+        return made
     kind = "onnx" if (folder / "manifest.json").is_file() else "model"
-    return Artifact(_fingerprint(folder), folder.name, "source", kind, str(folder))
+    files = product_files(folder)
+    return Artifact(content_id(files), folder.name, "source", kind, str(folder), files=files)
 
 
-def _fingerprint(folder: Path) -> str:
-    """An id for a folder vlmedge did not make: its resolved path and its files' names, sizes and times."""
-    h = hashlib.sha256(str(folder.resolve()).encode())
-    for p in sorted(folder.iterdir()) if folder.is_dir() else [folder]:
-        if p.is_file() and p.name not in RECORD_FILES:
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:12]
+def _first(changed: list[str]) -> str:
+    return changed[0] + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
