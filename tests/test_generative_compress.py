@@ -208,8 +208,10 @@ def test_an_int4_block_that_does_not_divide_the_width_is_refused_before_work(vqa
 
     with pytest.raises(VlmedgeError, match="block_size=128 does not divide the vision width 64"):
         quantize(vqa_export, tmp_path / "q", QuantizeConfig(mode="int4", block_size=128))
-    with pytest.raises(VlmedgeError, match="graphs.image: .* has no such graph"):
+    with pytest.raises(VlmedgeError, match="graphs: 'image' is not a graph of .*; its graphs are vision, embed"):
         quantize(vqa_export, tmp_path / "q", QuantizeConfig(graphs={"image": "int4"}))
+    with pytest.raises(VlmedgeError, match="int4_graphs: 'decodr' is not a graph of"):  # misspelt: never ignored
+        quantize(vqa_export, tmp_path / "q", QuantizeConfig(mode="mixed", int4_graphs=("embed", "decodr")))
     assert not (tmp_path / "q").exists()
 
 
@@ -217,6 +219,8 @@ def test_an_int4_block_that_does_not_divide_the_width_is_refused_before_work(vqa
     ("prune: {text_heads: 0.75}", r"stages.0.prune: prune: removing 75% of 2 key/value heads \(2 query heads each\)"),
     ("quantize: {mode: int4, graphs: {vision: dynamic}, block_size: 256}", "stages.1.quantize: quantize: block_size=256 does not divide the text "
                                                 "width 64"),
+    ("quantize: {graphs: {matcher: int4}}", r"r.yaml:4: stages.1.quantize: quantize: graphs: 'matcher' is not a "
+                                            "graph of this model's export; its graphs are vision, embed, decoder"),
 ])
 def test_recipe_settings_the_model_cannot_take_fail_at_load(tmp_path, stage, expected):
     from vlmedge.recipe import load_recipe

@@ -42,13 +42,20 @@ def class_name(label: str) -> str:
     return label.replace("_", " ").replace("-", " ").strip()
 
 
-def _caption(value, where: str) -> str:
-    """A caption as given, or a one-line error naming where it is: empty, null or non-text captions are not data."""
+def _caption(value, where: str, what: str = "caption") -> str:
+    """A caption (or a question or answer: `what`) as given, or a one-line error naming where it is: empty, null,
+    non-text or overlong texts are not data. One limit for every family's texts."""
     if not isinstance(value, str) or not value.strip():
-        raise VlmedgeError(f"{where}: caption {value!r} is empty or not text")
+        raise VlmedgeError(f"{where}: {what} {_short(value)} is empty or not text")
     if len(value) > MAX_CAPTION_CHARS:
-        raise VlmedgeError(f"{where}: caption of {len(value)} characters; at most {MAX_CAPTION_CHARS}")
+        raise VlmedgeError(f"{where}: {what} of {len(value)} characters; at most {MAX_CAPTION_CHARS}")
     return value
+
+
+def _short(value, limit: int = 60) -> str:
+    """A value as it appears in an error message, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class ShapesDataset:

@@ -237,9 +237,19 @@ class UserVQA:
 
 
 def _text(value, where: str, what: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise VlmedgeError(f"{where}: {what} {value!r} is empty or not text")
-    return value.strip()
+    from . import _caption
+
+    return _caption(value, where, what).strip()
+
+
+def _id(value, where: str, what: str):
+    """A question or image id: an integer or a non-empty string (JSON lists, objects, booleans and floats are not
+    ids)."""
+    from . import _short
+
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not value.strip()):
+        raise VlmedgeError(f"{where}: {what} {_short(value)} is not an id (an integer or a string)")
+    return value
 
 
 def _vqa_v2(questions_path: Path, annotations_path: Path, root: Path) -> list[tuple[Path, list, str]]:
@@ -251,23 +261,35 @@ def _vqa_v2(questions_path: Path, annotations_path: Path, root: Path) -> list[tu
         try:
             data = json.loads(path.read_text())
             rows = data[key]
+        except UnicodeDecodeError as e:
+            raise VlmedgeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except RecursionError:
+            raise VlmedgeError(f"{path}: JSON nested too deeply to be a VQA v2 {key} file") from None
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise VlmedgeError(f"{path}: not a VQA v2 {key} file (a JSON object with {key!r}): {e}") from None
         if not isinstance(rows, list):
             raise VlmedgeError(f"{path}: {key!r} is not a list")
         return rows
 
-    questions = {}
+    questions, seen = {}, {}
     for k, q in enumerate(load(questions_path, "questions")):
         where = f"{questions_path}: questions[{k}]"
         if not isinstance(q, dict) or not {"question_id", "image_id", "question"} <= set(q):
             raise VlmedgeError(f"{where}: needs question_id, image_id and question")
-        questions[q["question_id"]] = (q["image_id"], _text(q["question"], where, "question"))
+        qid = _id(q["question_id"], where, "question_id")
+        if qid in questions:  # which image would its answers belong to?
+            raise VlmedgeError(f"{where}: question_id {qid!r} is also questions[{seen[qid]}]; ids must be unique")
+        questions[qid], seen[qid] = (_id(q["image_id"], where, "image_id"), _text(q["question"], where, "question")), k
     by_image: dict = {}
+    answered: dict = {}
     for k, a in enumerate(load(annotations_path, "annotations")):
         where = f"{annotations_path}: annotations[{k}]"
         if not isinstance(a, dict) or "question_id" not in a or "answers" not in a:
             raise VlmedgeError(f"{where}: needs question_id and answers")
+        if _id(a["question_id"], where, "question_id") in answered:
+            raise VlmedgeError(f"{where}: question_id {a['question_id']!r} is also annotations"
+                               f"[{answered[a['question_id']]}]; one annotation per question")
+        answered[a["question_id"]] = k
         if a["question_id"] not in questions:
             raise VlmedgeError(f"{where}: question_id {a['question_id']!r} is not among the questions of "
                                f"{questions_path}")
@@ -293,9 +315,15 @@ def _metadata_rows(root: Path) -> tuple[list[tuple[Path, list, str]], bool]:
     """An image folder's metadata.jsonl rows with `question` + `answer` (a string or a list), or `text` captions."""
     from . import _inside
 
+    from . import _short
+
     meta = root / "metadata.jsonl"
     items, captions = {}, True
-    for lineno, line in enumerate(meta.read_text().splitlines(), 1):
+    try:
+        text = meta.read_text()
+    except UnicodeDecodeError as e:
+        raise VlmedgeError(f"{meta}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{meta}:{lineno}"
@@ -304,11 +332,16 @@ def _metadata_rows(root: Path) -> tuple[list[tuple[Path, list, str]], bool]:
             name = rec["file_name"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise VlmedgeError(f"{where}: expected a JSON object with file_name ({e})") from None
+        except RecursionError:
+            raise VlmedgeError(f"{where}: JSON nested too deeply") from None
+        if not isinstance(name, str) or not name.strip():
+            raise VlmedgeError(f"{where}: file_name {_short(name)} is not a file name (a string)")
         if "question" in rec:
             answer = rec.get("answer")
             answers = answer if isinstance(answer, list) and answer else [answer]
             row = (_text(rec["question"], where, "question"),
-                   tuple(_text(a, where, "answer") for a in answers), str(rec.get("question_type", "other")))
+                   tuple(_text(a, where, "answer") for a in answers),
+                   _text(rec.get("question_type", "other"), where, "question_type"))
             captions = False
         elif "text" in rec:
             texts = rec["text"] if isinstance(rec["text"], list) else [rec["text"]]

@@ -32,6 +32,7 @@ class TorchGenerator:
         import torch
 
         ids = torch.tensor([prompt])
+        max_new_tokens = max(1, min(max_new_tokens, self.vlm.max_length - len(prompt)))  # the ONNX loop's bound
         with torch.inference_mode():
             out = self.vlm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                           pixel_values=torch.from_numpy(pixel_values[:1])[:, None],
@@ -48,23 +49,28 @@ class OnnxGenerator:
     `threads`, else the count tuned on this CPU (manifest), else ONNX Runtime's default."""
 
     def __init__(self, folder, threads: int | None = None, providers=None, open_sessions: bool = True, **_):
-        from transformers import AutoTokenizer
-
+        from ..models import load_tokenizer
         from ..preprocess import Preprocess
-        from ..runtime.generate import Generator
-        from ..runtime.measure import ort_session, tuned_threads
-        from ..runtime.onnx import read_manifest
+        from ..runtime.generate import GENERATION_KEYS, Generator, mismatches
+        from ..runtime.measure import tuned_threads
+        from ..runtime.onnx import MANIFEST, open_session, read_manifest
 
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
-        self.preprocess = Preprocess(**self.manifest["preprocess"])
-        self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
-        self.threads = {k: threads or tuned_threads(self.manifest, k) for k in FILES}
+        self.manifest = m = read_manifest(self.folder, tuple(FILES))
+        gen = m.get("generation")
+        if not isinstance(gen, dict) or not all(type(gen.get(k)) is int for k in GENERATION_KEYS):
+            raise VlmedgeError(f"{self.folder / MANIFEST}: generation must hold the integers "
+                               f"{', '.join(GENERATION_KEYS)}")
+        self.preprocess = Preprocess(**m["preprocess"])
+        self.tokenizer = load_tokenizer(self.folder)
+        self.threads = {k: threads or tuned_threads(m, k) for k in FILES}
         self.sessions = {}
         if open_sessions:
-            self.sessions = {k: ort_session(self.folder / self.manifest["files"][k], self.threads[k],
-                                            providers or ["CPUExecutionProvider"]) for k in FILES}
-            self.runtime = Generator(self.sessions, self.manifest)
+            self.sessions = {k: open_session(self.folder / m["files"][k], self.threads[k],
+                                             providers or ["CPUExecutionProvider"]) for k in FILES}
+            for graph, why in mismatches(self.sessions, m).items():
+                raise VlmedgeError(f"{self.folder / m['files'][graph]}: not this export's {graph} graph: it {why}")
+            self.runtime = Generator(self.sessions, m)
 
     @property
     def eos_id(self) -> int:

@@ -105,12 +105,12 @@ class OnnxMatcher(_MatcherBase):
     def __init__(self, folder, threads: int | None = None, providers=None, open_sessions: bool = True, **_):
         from ..models import load_tokenizer
         from ..preprocess import Preprocess
-        from ..runtime.measure import ort_session, tuned_threads
-        from ..runtime.onnx import check_inputs, read_manifest
+        from ..runtime.measure import tuned_threads
+        from ..runtime.onnx import check_inputs, open_session, read_manifest
 
         self.folder = Path(folder)
         self.where = str(self.folder)
-        self.manifest = m = read_manifest(self.folder)
+        self.manifest = m = read_manifest(self.folder, tuple(GRAPH_FILES))
         self.preprocess = Preprocess(**m["preprocess"])
         self.tokenizer, self.max_length = load_tokenizer(self.folder), int(m["max_length"])
         self.patches, self.width, self.max_candidates = int(m["patches"]), int(m["vision_width"]), \
@@ -118,8 +118,8 @@ class OnnxMatcher(_MatcherBase):
         self.threads = {k: threads or tuned_threads(m, k) for k in GRAPH_FILES}
         self.sessions = {}
         if open_sessions:
-            self.sessions = {k: ort_session(self.folder / m["files"][k], self.threads[k],
-                                            providers or ["CPUExecutionProvider"]) for k in GRAPH_FILES}
+            self.sessions = {k: open_session(self.folder / m["files"][k], self.threads[k],
+                                             providers or ["CPUExecutionProvider"]) for k in GRAPH_FILES}
             for k, s in self.sessions.items():
                 check_inputs(self.folder / m["files"][k], {i.name: i.shape for i in s.get_inputs()},
                              m.get("inputs", {}).get(k, {}))

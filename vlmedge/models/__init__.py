@@ -9,6 +9,7 @@ A model pruned by vlmedge carries its pruning plan in `config.json` (`vlmedge_pr
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,11 +122,43 @@ def load_weights(folder: Path, config: dict[str, Any], architectures: tuple[str,
         if plan:
             from .structure import load_pruned
             return load_pruned(model_cls, folder, plan, attn_implementation)
-        return model_cls.from_pretrained(folder, local_files_only=True, attn_implementation=attn_implementation)
+        _check_size(folder, model_cls)
+        model, info = model_cls.from_pretrained(folder, local_files_only=True, attn_implementation=attn_implementation,
+                                                output_loading_info=True, ignore_mismatched_sizes=True)
     except VlmedgeError:
         raise
     except Exception as e:
         raise VlmedgeError(f"{folder}: could not load {arch}: {str(e).splitlines()[0][:200]}") from None
+    weights = ", ".join(p.name for p in sorted(folder.glob("*.safetensors")))
+    for key, stored, wanted in sorted(info.get("mismatched_keys") or ()):
+        raise VlmedgeError(f"{folder / weights}: tensor {key} is {tuple(stored)}, config.json makes it "
+                           f"{tuple(wanted)}; the config and the weights are of different models")
+    for kind in ("missing_keys", "unexpected_keys"):
+        keys = sorted(info.get(kind) or ())
+        if keys:  # never a silently re-initialised (or silently dropped) tensor
+            what = "lacks" if kind == "missing_keys" else "has tensors config.json does not describe:"
+            raise VlmedgeError(f"{folder / weights}: {what} {keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1
+                                                                          else ""))
+    return model
+
+
+def _check_size(folder: Path, model_cls) -> None:
+    """Before anything is allocated: the parameters config.json describes (counted on the meta device) must be the
+    weights' (a config missing a section builds transformers' defaults, gigabytes for a Llama)."""
+    import torch
+    from safetensors import safe_open
+
+    config = model_cls.config_class.from_pretrained(folder, local_files_only=True)
+    with torch.device("meta"):
+        described = sum(p.numel() for p in model_cls(config).parameters())
+    stored = 0
+    for w in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(w), framework="np") as f:
+            stored += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    if described > 2 * stored + 1_000_000:  # a few missing tensors are named by the loader below
+        raise VlmedgeError(f"{folder / 'config.json'}: describes {described / 1e6:.1f} M parameters, the weights hold "
+                           f"{stored / 1e6:.1f} M; a section missing (text_config, vision_config: transformers would "
+                           "build its default) or the config of another model")
 
 
 # --- embedding (the same two functions serve training, evaluation, distillation and export) -----------------------
@@ -299,6 +332,7 @@ def load_model(path: str | os.PathLike, *, attn_implementation: str = "sdpa",
     config = check_model_folder(folder, architectures)
     model = load_weights(folder, config, architectures, attn_implementation)
     tokenizer = load_tokenizer(folder)
+    check_vocab(folder, tokenizer, getattr(model.config.text_config, "vocab_size", None))
     vision_size = int(getattr(model.config.vision_config, "image_size", 224))
     pre_path = folder / "preprocessor_config.json"
     pre_cfg = _mapping(pre_path)
@@ -307,6 +341,13 @@ def load_model(path: str | os.PathLike, *, attn_implementation: str = "sdpa",
     meta = _mapping(meta_path)
     max_length = int(meta.get("max_length") or min(getattr(model.config.text_config, "max_position_embeddings", 77), 77))
     return cls(model.eval(), tokenizer, preprocess, max_length, str(folder))
+
+
+def check_vocab(folder: Path, tokenizer, vocab_size: int | None) -> None:
+    """A tokenizer with more tokens than the model's embedding has rows would index outside it."""
+    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+        raise VlmedgeError(f"{folder}: the tokenizer has {len(tokenizer)} tokens, the model's text vocab_size is "
+                           f"{vocab_size}; the tokenizer belongs to another model")
 
 
 def load_tokenizer(folder: Path):

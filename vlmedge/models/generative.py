@@ -125,10 +125,41 @@ CHAT_TEMPLATE = ("<|im_start|>{% for message in messages %}{{message['role'] | c
 
 # --- building ------------------------------------------------------------------------------------------------------
 
+def check_shapes(vision: Any, text: Any, scale_factor: Any, where: str) -> None:
+    """The sizes a SmolVLM needs to be buildable, checked before anything is allocated (a preset's sections or a
+    folder's config.json): each section present, widths divisible by head counts, key/value heads dividing the
+    query heads, the patch grid divisible by the pixel-shuffle scale factor. One line naming `where` and the key."""
+    for name, section in (("vision", vision), ("text", text)):
+        if not isinstance(section, dict):
+            raise VlmedgeError(f"{where}: no {name} section (an object of sizes)")
+    def size(section: dict, name: str, key: str, default: int | None = None) -> int:
+        value = section.get(key, default)
+        if type(value) is not int or value < 1:
+            raise VlmedgeError(f"{where}: {name}.{key} = {value!r}; expected a positive integer")
+        return value
+
+    for name, section in (("vision", vision), ("text", text)):
+        heads = size(section, name, "num_attention_heads")
+        if size(section, name, "hidden_size") % heads:
+            raise VlmedgeError(f"{where}: {name}.hidden_size {section['hidden_size']} is not divisible by "
+                               f"num_attention_heads {heads}")
+    kv = size(text, "text", "num_key_value_heads", text["num_attention_heads"])
+    if text["num_attention_heads"] % kv:
+        raise VlmedgeError(f"{where}: text.num_key_value_heads {kv} does not divide num_attention_heads "
+                           f"{text['num_attention_heads']}")
+    image, patch = size(vision, "vision", "image_size"), size(vision, "vision", "patch_size")
+    if type(scale_factor) is not int or scale_factor < 1:
+        raise VlmedgeError(f"{where}: scale_factor = {scale_factor!r}; expected a positive integer")
+    if image % patch or (image // patch) % scale_factor:
+        raise VlmedgeError(f"{where}: a {image} px image in {patch} px patches is not a grid the scale_factor "
+                           f"{scale_factor} divides")
+
+
 def build(spec: dict[str, Any], tokenizer, *, seed: int = 0, source: str = "", vision_init: str | None = None):
     import torch
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
+    check_shapes(spec.get("vision"), spec.get("text"), spec.get("scale_factor"), f"preset {source or 'spec'}")
     quiet_transformers()
     ids = {k: int(tokenizer.convert_tokens_to_ids(v)) for k, v in SPECIAL.items()}
     text = {**spec["text"], "vocab_size": len(tokenizer), "pad_token_id": ids["pad"], "bos_token_id": ids["start"],
@@ -225,15 +256,24 @@ def _vit_to_siglip(w: dict[str, Any], layers: int) -> dict[str, Any]:
 # --- loading -------------------------------------------------------------------------------------------------------
 
 def load(path: str | os.PathLike, *, attn_implementation: str = "sdpa") -> GenerativeVLM:
-    from . import _mapping, check_model_folder, load_tokenizer, load_weights, read_preprocess
+    from . import _mapping, check_model_folder, check_vocab, load_tokenizer, load_weights, read_preprocess
 
     folder = Path(path)
     config = check_model_folder(folder, ARCHITECTURES)
-    model = load_weights(folder, config, ARCHITECTURES, attn_implementation)
+    resolved = _resolved_config(folder, config)  # sizes a saved config leaves out are its class's defaults
+    check_shapes(resolved["vision_config"], resolved["text_config"], resolved.get("scale_factor"),
+                 str(folder / "config.json"))
     tokenizer = load_tokenizer(folder)
     for name in SPECIAL.values():
         if name not in ("<pad>", "<unk>") and tokenizer.convert_tokens_to_ids(name) in (None, tokenizer.unk_token_id):
             raise VlmedgeError(f"{folder}: the tokenizer has no {name} token; not a SmolVLM-style tokenizer")
+    image_id = tokenizer.convert_tokens_to_ids(SPECIAL["image"])
+    if config.get("image_token_id") != image_id:
+        raise VlmedgeError(f"{folder / 'config.json'}: image_token_id = {config.get('image_token_id')!r}, but the "
+                           f"tokenizer's {SPECIAL['image']} is {image_id}: image features would land in the wrong "
+                           "places")
+    check_vocab(folder, tokenizer, resolved["text_config"].get("vocab_size"))
+    model = load_weights(folder, config, ARCHITECTURES, attn_implementation)
     pre_path = folder / "preprocessor_config.json"
     pre_cfg = _mapping(pre_path)
     size = int(model.config.vision_config.image_size)
@@ -250,6 +290,23 @@ def load(path: str | os.PathLike, *, attn_implementation: str = "sdpa") -> Gener
     if model.generation_config.eos_token_id is None:
         model.generation_config.eos_token_id = int(tokenizer.convert_tokens_to_ids(SPECIAL["end"]))
     return GenerativeVLM(model.eval(), tokenizer, preprocess, max_length, str(folder))
+
+
+def _resolved_config(folder: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """config.json with its class's defaults filled in, as transformers will build it; both sections required (a
+    missing one would be transformers' default model, gigabytes for a Llama)."""
+    import transformers
+
+    for section in ("vision_config", "text_config"):
+        if not isinstance(raw.get(section), dict):
+            raise VlmedgeError(f"{folder / 'config.json'}: no {section} (an object of sizes); transformers would build "
+                               "its default model")
+    arch = next(a for a in raw["architectures"] if a in ARCHITECTURES)
+    try:
+        return getattr(transformers, arch).config_class.from_pretrained(folder, local_files_only=True).to_dict()
+    except Exception as e:  # transformers' own validation errors
+        raise VlmedgeError(f"{folder / 'config.json'}: not a usable {arch} config "
+                           f"({str(e).splitlines()[0][:160]})") from None
 
 
 # --- the forward pieces (training, generation and export use these) ------------------------------------------------

@@ -22,10 +22,37 @@ import numpy as np
 FILES = {"vision": "vision_encoder.onnx", "embed": "embed_tokens.onnx", "decoder": "decoder_model_merged.onnx"}
 
 
+GENERATION_KEYS = ("image_token_id", "image_tokens", "eos_token_id", "layers", "kv_heads", "head_dim")
+"""The manifest's `generation` integers the loop needs."""
+
+
+def mismatches(sessions: dict, manifest: dict) -> dict[str, str]:
+    """What makes the sessions unfit for this manifest's loop, by graph: a missing input (another graph under this
+    name), or a vision graph whose image-token count is not the manifest's. Empty when they fit."""
+    gen = manifest["generation"]
+    past = [f"past_key_values.{i}.{kv}" for i in range(int(gen["layers"])) for kv in ("key", "value")]
+    needs = {"vision": ["pixel_values"], "embed": ["input_ids"],
+             "decoder": ["inputs_embeds", "attention_mask", "position_ids", *past]}
+    out = {}
+    for graph, names in needs.items():
+        have = [i.name for i in sessions[graph].get_inputs()]
+        missing = [n for n in names if n not in have]
+        if missing:
+            out[graph] = f"has no input {missing[0]!r} (its inputs: {', '.join(have[:4])}{', ...' * (len(have) > 4)})"
+    tokens = sessions["vision"].get_outputs()[0].shape
+    if "vision" not in out and len(tokens) == 3 and isinstance(tokens[1], int) and tokens[1] != gen["image_tokens"]:
+        out["vision"] = f"gives {tokens[1]} image tokens; the manifest's generation.image_tokens is {gen['image_tokens']}"
+    return out
+
+
 class Generator:
     """Batch-1 greedy decoding over three ONNX Runtime sessions (`sessions`: vision, embed, decoder)."""
 
     def __init__(self, sessions: dict, manifest: dict):
+        wrong = mismatches(sessions, manifest)
+        if wrong:
+            graph, why = next(iter(wrong.items()))
+            raise ValueError(f"the {graph} graph {why}")
         self.vision, self.embed, self.decoder = (sessions[k] for k in ("vision", "embed", "decoder"))
         gen = manifest["generation"]
         self.image_token_id = int(gen["image_token_id"])

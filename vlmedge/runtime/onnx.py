@@ -37,12 +37,34 @@ def onnx_size(folder: str | os.PathLike) -> int:
     return sum(folder_size(p) for p in folder.iterdir() if p.name.endswith((".onnx", ".onnx.data")))
 
 
-def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(folder: str | os.PathLike, graphs: Sequence[str] = ()) -> dict[str, Any]:
+    """An export folder's manifest, checked: its format, `files` a mapping of graph names to ONNX files that exist in
+    the folder, and (`graphs`) holding each graph the reader runs: one line naming the file and key otherwise."""
     folder = Path(folder)
     path = folder / MANIFEST
     manifest = read_json(path, f"{folder}: no {MANIFEST}; not an export folder (run vlmedge export first)")
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise VlmedgeError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise VlmedgeError(f"{path}: format {got!r}, expected {MANIFEST_FORMAT!r}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                           for k, v in files.items()):
+        raise VlmedgeError(f"{path}: 'files' must map each graph name to its ONNX file (got {str(files)[:80]})")
+    try:
+        Preprocess(**manifest["preprocess"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise VlmedgeError(f"{path}: preprocess is missing or not usable ({e})") from None
+    if type(manifest.get("max_length")) is not int or manifest["max_length"] < 1:
+        raise VlmedgeError(f"{path}: max_length {manifest.get('max_length')!r} is not a positive integer")
+    for graph in graphs:
+        if graph not in files:
+            raise VlmedgeError(f"{path}: files has no {graph!r} graph (it has {', '.join(files)}); a "
+                               f"{manifest.get('family', 'dual_encoder')} export needs {', '.join(graphs)}")
+    for graph, name in files.items():
+        if Path(name).name != name:
+            raise VlmedgeError(f"{path}: files.{graph} = {name!r} is not a file name in the folder")
+        if not (folder / name).is_file():
+            raise VlmedgeError(f"{folder / name}: missing (files.{graph} in {path})")
     return manifest
 
 
@@ -89,7 +111,7 @@ class OnnxEncoder:
                  profile: str | os.PathLike | None = None, open_sessions: bool = True):
         """`open_sessions=False`: preprocessing and tokenizer only (a caller that runs the graphs its own way)."""
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
+        self.manifest = read_manifest(self.folder, ("image", "text"))
         self.preprocess = Preprocess(**self.manifest["preprocess"])
         self.batch_size = batch_size
         files = self.manifest["files"]

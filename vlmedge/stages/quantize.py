@@ -135,9 +135,24 @@ class QuantizeConfig:
         """The mode of one graph (`graphs`, else `mode`; `mixed` resolves per form before this is asked)."""
         return (self.graphs or {}).get(graph, self.mode)
 
+    def check_graphs(self, graphs, where: str) -> None:
+        """Every graph the config names (`graphs`, and `int4_graphs` where set) is one of `graphs`: a misspelt or
+        another family's graph name is an error, not a setting silently ignored. The default `int4_graphs` means
+        those of embed and decoder the export has."""
+        named = [*(self.graphs or {})]
+        if self.int4_graphs != QuantizeConfig.int4_graphs:
+            named += list(self.int4_graphs)
+        for graph in named:
+            if graph not in graphs:
+                key = "graphs" if graph in (self.graphs or {}) else "int4_graphs"
+                raise VlmedgeError(f"quantize: {key}: {graph!r} is not a graph of {where}; its graphs are "
+                                   f"{', '.join(graphs)}")
+
     def check_model(self, shapes: dict[str, dict[str, int]], graph_towers: dict[str, str]) -> None:
         """At recipe load, against the model's tower shapes (`models.tower_shapes`) and the family's graphs (graph
-        -> tower): INT4's block size must divide the widths of the towers whose graphs it quantizes."""
+        -> tower): the graphs named exist, and INT4's block size divides the widths of the towers whose graphs it
+        quantizes."""
+        self.check_graphs(list(graph_towers), "this model's export")
         int4 = [g for g in graph_towers if self.mode_of(g) == "int4"
                 or (self.mode == "mixed" and g in self.int4_graphs and g not in (self.graphs or {}))]
         towers = [t for t in ("vision", "text") if t in shapes and any(graph_towers[g] == t for g in int4)]
@@ -324,10 +339,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
 
     family = families.of(source)
     files = manifest["files"]
-    unknown = sorted(set(cfg.graphs or {}) - set(files))
-    if unknown:
-        raise VlmedgeError(f"quantize: graphs.{unknown[0]}: {source} has no such graph; its graphs are "
-                           f"{', '.join(files)}")
+    cfg.check_graphs(list(files), str(source))
     forms = _forms(cfg, files)
     for form in forms:
         form.check_widths(_int4_widths(source, files, form), f"quantize ({source})")
