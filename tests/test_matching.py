@@ -2,6 +2,7 @@
 the bad inputs a reranker meets, and the two-stage recipe through every stage."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -196,3 +197,25 @@ def test_rerank_recipe_runs_every_stage_with_its_tower_first(tmp_path):
     assert all(g["passed"] for g in report["gates"])
     md = (tmp_path / "run" / "report.md").read_text()
     assert "rerank p50/p90/p99" in md and "itm.mean" in md
+
+
+def test_a_corrupt_matcher_graph_or_a_tokenizer_larger_than_the_embedding_is_named(matcher, matcher_export, tmp_path,
+                                                                                    capsys):
+    from transformers import AutoTokenizer
+
+    from vlmedge.cli import main
+
+    export = tmp_path / "onnx"
+    shutil.copytree(matcher_export, export)
+    (export / "matcher.onnx").write_bytes(b"\x08\x07not a graph")
+    model = tmp_path / "model"
+    shutil.copytree(matcher, model, ignore=shutil.ignore_patterns("checkpoints"))
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.add_tokens([f"extra{i}" for i in range(8)])
+    tok.save_pretrained(model)
+    for folder, expected in ((export, f"{export / 'matcher.onnx'}: ONNX Runtime cannot load it"),
+                             (model, f"{model}: the tokenizer has {len(tok)} tokens, the model's text vocab_size is "
+                                     f"{len(tok) - 8}")):
+        assert main(["eval", str(folder), "--data", "shapes:16", "--json"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {expected}") and len(err.splitlines()) == 1, err

@@ -83,7 +83,11 @@ class OnnxGenerator:
                           int(self.manifest["max_length"]), str(self.folder))
 
     def generate_ids(self, pixel_values, prompt, max_new_tokens) -> list[int]:
-        return self.runtime.generate(pixel_values, prompt, max_new_tokens)
+        try:
+            return self.runtime.generate(pixel_values, prompt, max_new_tokens)
+        except ValueError as e:  # the image-token count of the manifest's prompt against the vision graph's output
+            raise VlmedgeError(f"{self.folder / 'manifest.json'}: generation.image_tokens does not fit "
+                               f"{self.manifest['files']['vision']} ({e})") from None
 
     def answer(self, pixel_values, question, max_new_tokens):
         from ..models.generative import decode_answer

@@ -159,7 +159,7 @@ def build(spec: dict[str, Any], tokenizer, *, seed: int = 0, source: str = "", v
     import torch
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
-    check_shapes(spec.get("vision"), spec.get("text"), spec.get("scale_factor"), f"preset {source or 'spec'}")
+    check_shapes(spec.get("vision"), spec.get("text"), spec.get("scale_factor"), source or "preset")
     quiet_transformers()
     ids = {k: int(tokenizer.convert_tokens_to_ids(v)) for k, v in SPECIAL.items()}
     text = {**spec["text"], "vocab_size": len(tokenizer), "pad_token_id": ids["pad"], "bos_token_id": ids["start"],
