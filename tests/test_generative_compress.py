@@ -220,7 +220,7 @@ def test_an_int4_block_that_does_not_divide_the_width_is_refused_before_work(vqa
     ("quantize: {mode: int4, graphs: {vision: dynamic}, block_size: 256}", "stages.1.quantize: quantize: block_size=256 does not divide the text "
                                                 "width 64"),
     ("quantize: {graphs: {matcher: int4}}", r"r.yaml:4: stages.1.quantize: quantize: graphs: 'matcher' is not a "
-                                            "graph of this model's export; its graphs are vision, embed, decoder"),
+                                            "graph of a generative export; its graphs are vision, embed, decoder"),
 ])
 def test_recipe_settings_the_model_cannot_take_fail_at_load(tmp_path, stage, expected):
     from vlmedge.recipe import load_recipe

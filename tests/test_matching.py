@@ -219,3 +219,11 @@ def test_a_corrupt_matcher_graph_or_a_tokenizer_larger_than_the_embedding_is_nam
         assert main(["eval", str(folder), "--data", "shapes:16", "--json"]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: {expected}") and len(err.splitlines()) == 1, err
+
+
+def test_the_declared_prunable_parts_are_the_matchers(matcher):
+    from vlmedge.stages.prune import prunable_keys
+
+    family = families.of(matcher)
+    parts = family.prunable(family.load(matcher))
+    assert prunable_keys(parts) == set(family.prunable_parts)

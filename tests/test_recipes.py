@@ -94,3 +94,33 @@ def test_recipes_command_lists_them(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     assert "quickstart.yaml" in out and "edge-cpu.yaml" in out
+
+
+@pytest.mark.parametrize("model, stage, message", [
+    ("{preset: vqa-tiny}", "prune: {text_cross_heads: 0.5}",
+     r"r.yaml:3: stages.0.prune: prune: text_cross_heads: a generative model has no prunable text cross-heads"),
+    ("{preset: match-tiny}", "prune: {vision_heads: 0.5}",
+     r"r.yaml:3: stages.0.prune: prune: vision_heads: a matching model has no prunable vision heads; it takes "
+     "text_heads, text_mlp, text_layers, text_cross_heads"),
+    ("{preset: tiny}", "quantize: {graphs: {decoder: int4}}",
+     r"r.yaml:4: stages.1.quantize: quantize: graphs: 'decoder' is not a graph of a dual_encoder export"),
+    ("{preset: vqa-tiny, tower: {preset: match-tiny}}", "train: {steps: 1}",
+     r"r.yaml:1: model.tower.preset: 'match-tiny' is a matching preset; a tower is trained as a dual_encoder"),
+])
+def test_another_familys_keys_are_refused_at_load_with_their_line(tmp_path, model, stage, message):
+    """Before any training: a recipe key the model's family does not have, named with its line."""
+    export = "  - export: {}\n" if stage.startswith("quantize") else ""
+    path = _write(tmp_path, f"model: {model}\nstages:\n{export}  - {stage}\n")
+    with pytest.raises(VlmedgeError, match=message):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "vqa_model"])
+def test_a_familys_declared_prunable_parts_are_what_its_models_have(request, fixture):
+    from vlmedge import families
+    from vlmedge.stages.prune import prunable_keys
+
+    folder = request.getfixturevalue(fixture)
+    family = families.of(folder)
+    parts = family.prunable(family.load(folder))
+    assert prunable_keys(parts) == set(family.prunable_parts)

@@ -336,23 +336,30 @@ def _parse_stages(items: Any, model: ModelSpec, where: _Where) -> list[Stage]:
 
 
 def _check_against_model(stages: list[Stage], model: ModelSpec, where: _Where) -> None:
-    """Stage settings the model's shape makes impossible (a head ratio leaving no key/value head, an INT4 block size
-    that does not divide a width), refused at load, before any work."""
+    """Stage settings the model's family or shape makes impossible (another family's keys or graphs, a head ratio
+    leaving no key/value head, an INT4 block size that does not divide a width, a tower that is not a dual
+    encoder), refused at load with the recipe's line, before any work."""
     from . import families
     from .models import load_preset, tower_shapes
 
-    shapes = tower_shapes(model.preset, model.path)
-    if not shapes:
-        return
+    if model.tower is not None:
+        try:
+            tower = families.for_preset(load_preset(model.tower.preset))
+        except VlmedgeError as e:
+            raise where.error("model.tower.preset", str(e)) from None
+        if tower.name != families.DEFAULT:
+            raise where.error("model.tower.preset", f"{model.tower.preset!r} is a {tower.name} preset; a tower is "
+                                                    f"trained as a {families.DEFAULT} (tiny, small, ...)")
     try:
         family = families.of(model.path) if model.path else families.for_preset(load_preset(model.preset))
     except VlmedgeError:
         return  # the model's own loader names what is wrong with it
+    shapes = tower_shapes(model.preset, model.path)
     for i, stage in enumerate(stages):
         check = getattr(stage.config, "check_model", None)
         if check is not None:
             try:
-                check(shapes, family.graph_towers)
+                check(shapes, family)
             except VlmedgeError as e:
                 raise where.error(f"stages.{i}.{stage.kind}", str(e)) from None
 

@@ -74,6 +74,9 @@ class Family:
     """The latency scenario the report's latency columns and the Pareto plot show."""
     graph_towers: dict[str, str] = {}
     """Which tower (vision, text) each exported graph computes: what a recipe checks stage settings against."""
+    prunable_parts: tuple[str, ...] = ()
+    """The prune ratios (`{tower}_{kind}`) its models take: what a recipe's prune stage is checked against at load
+    (`prunable`, on the loaded model, is the same parts)."""
     report_latency: tuple[str, ...] = ()
     """Further scenarios whose p50 the full report table shows (a generative model's ttft and decode per token)."""
 

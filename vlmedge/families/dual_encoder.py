@@ -170,6 +170,7 @@ def _tower_modules(model):
 class DualEncoder(CaptionedFamily):
     name = "dual_encoder"
     graph_towers = {"image": "vision", "text": "text"}
+    prunable_parts = ("vision_heads", "vision_mlp", "vision_layers", "text_heads", "text_mlp", "text_layers")
     architectures = ("VisionTextDualEncoderModel", "CLIPModel", "SiglipModel")
     report_metrics = ("zero_shot.top1", "retrieval.i2t_r5", "zero_shot.top5", "retrieval.t2i_r5",
                       "hard_negatives.colour")

@@ -175,6 +175,7 @@ class Generative(Family):
     headline_scenario = "answer"
     report_latency = ("vision", "ttft", "decode")
     graph_towers = {"vision": "vision", "embed": "text", "decoder": "text"}
+    prunable_parts = ("vision_heads", "vision_mlp", "vision_layers", "text_heads", "text_mlp", "text_layers")
 
     # --- models ---
     def build(self, spec, tokenizer, *, seed=0, source="", vision_init=None):

@@ -204,6 +204,7 @@ def _itm_pairs(b: TrainBatch, sim, match):
 
 class Matching(CaptionedFamily):
     graph_towers = {"image": "vision", "text": "text", "matcher": "text"}
+    prunable_parts = ("text_heads", "text_mlp", "text_layers", "text_cross_heads")
     name = "matching"
     architectures = ARCHITECTURES
     report_metrics = ("itm.mean", "retrieval.rerank_i2t_r1", "itm.relation", "itm.position",

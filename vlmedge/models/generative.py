@@ -207,6 +207,7 @@ def init_vision(model, folder: str | os.PathLike) -> dict[str, Any]:
         state = _vit_to_siglip(weights, tcfg.num_hidden_layers)
         source_cfg = vc
     elif any(a in ("SiglipModel", "SiglipVisionModel") for a in archs):
+        check_model_folder(folder, ("SiglipModel", "SiglipVisionModel"))  # safetensors, whole (not a pickle)
         prefix = "vision_model."
         weights = _weights(folder, load_file)
         state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix) and ".head." not in k

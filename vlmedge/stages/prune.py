@@ -21,6 +21,8 @@ from ..models.structure import TOWERS, LayerParts
 from . import Context, register
 
 DEFAULT_DATA = "shapes"
+KINDS = ("heads", "mlp", "layers", "cross_heads")
+"""What a ratio removes per tower (`{tower}_{kind}`: vision_heads, text_cross_heads, ...)."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class PruneConfig:
 
     def __post_init__(self):
         for tower in TOWERS:
-            for kind in ("heads", "mlp", "layers", "cross_heads"):
+            for kind in KINDS:
                 r = getattr(self, f"{tower}_{kind}", 0.0)
                 if not 0 <= r < 1:
                     raise VlmedgeError(f"prune: {tower}_{kind}={r} is impossible; expected a fraction in [0, 1) "
@@ -55,9 +57,16 @@ class PruneConfig:
         if self.importance not in IMPORTANCE:
             raise VlmedgeError(f"prune: importance={self.importance!r}; expected one of {', '.join(IMPORTANCE)}")
 
-    def check_model(self, shapes: dict[str, dict[str, int]], graph_towers: dict[str, str]) -> None:
-        """At recipe load, against the model's tower shapes (`models.tower_shapes`): a head ratio that leaves a
-        tower no (key/value) head is refused before any work."""
+    def check_model(self, shapes: dict[str, dict[str, int]], family) -> None:
+        """At recipe load, against the model's family (`prunable_parts`: a ratio for a part its models do not have
+        is refused) and tower shapes (`models.tower_shapes`): a head ratio that leaves a tower no (key/value) head
+        is refused before any work."""
+        for tower in TOWERS:
+            for kind in KINDS:
+                key = f"{tower}_{kind}"
+                if getattr(self, key, 0.0) and key not in family.prunable_parts:
+                    raise VlmedgeError(f"prune: {key}: a {family.name} model has no prunable {tower} "
+                                       f"{kind.replace('_', '-')}; it takes {', '.join(family.prunable_parts)}")
         for tower, shape in shapes.items():
             rep = shape["heads"] // shape["kv_heads"]
             unit = f"key/value heads ({rep} query heads each)" if rep > 1 else "heads"
@@ -140,14 +149,20 @@ def _kept_heads(scores: np.ndarray, a, ratio: float, what: str) -> list[int]:
 
 # --- the stage -----------------------------------------------------------------------------------------------------
 
+def prunable_keys(parts: dict[str, list[LayerParts]]) -> set[str]:
+    """The ratios (`{tower}_{kind}`) a model's prunable parts (`Family.prunable`) take."""
+    return {f"{t}_{k}" for t, layers in parts.items() for k in KINDS
+            if k != "cross_heads" or any(p.cross is not None for p in layers)}
+
+
 def make_plan(family, model, cfg: PruneConfig, data: str = DEFAULT_DATA) -> dict[str, Any]:
     """Kept layer, head and neuron indices per prunable part of `model` (a family's loaded model)."""
     parts = family.prunable(model)
+    takes = prunable_keys(parts)
     for tower in TOWERS:
-        for kind in ("heads", "mlp", "layers", "cross_heads"):
+        for kind in KINDS:
             ratio = getattr(cfg, f"{tower}_{kind}", 0.0)
-            has = tower in parts and (kind != "cross_heads" or any(p.cross is not None for p in parts[tower]))
-            if ratio and not has:
+            if ratio and f"{tower}_{kind}" not in takes:
                 raise VlmedgeError(f"prune: {tower}_{kind}={ratio}, but {model.architecture} has no prunable "
                                    f"{tower} {kind.replace('_', '-')}; prune its {' and '.join(parts)} tower only (e.g. "
                                    f"{next(iter(parts))}_heads, --{next(iter(parts))}-heads)")

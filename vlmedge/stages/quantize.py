@@ -148,11 +148,12 @@ class QuantizeConfig:
                 raise VlmedgeError(f"quantize: {key}: {graph!r} is not a graph of {where}; its graphs are "
                                    f"{', '.join(graphs)}")
 
-    def check_model(self, shapes: dict[str, dict[str, int]], graph_towers: dict[str, str]) -> None:
-        """At recipe load, against the model's tower shapes (`models.tower_shapes`) and the family's graphs (graph
+    def check_model(self, shapes: dict[str, dict[str, int]], family) -> None:
+        """At recipe load, against the model's tower shapes (`models.tower_shapes`) and its family's graphs (graph
         -> tower): the graphs named exist, and INT4's block size divides the widths of the towers whose graphs it
         quantizes."""
-        self.check_graphs(list(graph_towers), "this model's export")
+        graph_towers = family.graph_towers
+        self.check_graphs(list(graph_towers), f"a {family.name} export")
         int4 = [g for g in graph_towers if self.mode_of(g) == "int4"
                 or (self.mode == "mixed" and g in self.int4_graphs and g not in (self.graphs or {}))]
         towers = [t for t in ("vision", "text") if t in shapes and any(graph_towers[g] == t for g in int4)]
