@@ -26,8 +26,9 @@ RECORD = "artifact.json"
 FOLDER = "folder"
 """A stage config field's metadata key: the value names a model folder the stage reads, which enters the step's id
 by its content (`field(default=None, metadata={FOLDER: True})`)."""
-NOT_SHIPPED = ("checkpoints",)
-"""Subfolders of a product that are working state, not what it ships (training checkpoints, kept for resume)."""
+NOT_SHIPPED = ("checkpoints", "engines")
+"""Subfolders of a product that are working state, not what it ships: training checkpoints (kept for resume) and
+the `tensorrt` target's engine cache."""
 
 
 @dataclass

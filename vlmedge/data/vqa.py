@@ -313,9 +313,7 @@ def _vqa_v2(questions_path: Path, annotations_path: Path, root: Path) -> list[tu
 
 def _metadata_rows(root: Path) -> tuple[list[tuple[Path, list, str]], bool]:
     """An image folder's metadata.jsonl rows with `question` + `answer` (a string or a list), or `text` captions."""
-    from . import _inside
-
-    from . import _short
+    from . import _inside, _short
 
     meta = root / "metadata.jsonl"
     items, captions = {}, True

@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import VlmedgeError
 from ..models.generative import ARCHITECTURES, kv_shape
 from ..runtime.generate import FILES
+from ..runtime.onnx import MANIFEST
 from . import Family, Graph, register
 
 
@@ -53,7 +54,7 @@ class OnnxGenerator:
         from ..preprocess import Preprocess
         from ..runtime.generate import GENERATION_KEYS, Generator, mismatches
         from ..runtime.measure import tuned_threads
-        from ..runtime.onnx import MANIFEST, open_session, read_manifest
+        from ..runtime.onnx import open_session, read_manifest
 
         self.folder = Path(folder)
         self.manifest = m = read_manifest(self.folder, tuple(FILES))
@@ -86,7 +87,7 @@ class OnnxGenerator:
         try:
             return self.runtime.generate(pixel_values, prompt, max_new_tokens)
         except ValueError as e:  # the image-token count of the manifest's prompt against the vision graph's output
-            raise VlmedgeError(f"{self.folder / 'manifest.json'}: generation.image_tokens does not fit "
+            raise VlmedgeError(f"{self.folder / MANIFEST}: generation.image_tokens does not fit "
                                f"{self.manifest['files']['vision']} ({e})") from None
 
     def answer(self, pixel_values, question, max_new_tokens):

@@ -194,8 +194,8 @@ def execute(config: Any, parent: Artifact | None, ctx: Context, folder: Path, pr
                                          ctx.model.path if ctx.model else None, data))
     done = None if ctx.force else Artifact.load(folder)
     if done is not None and done.id == aid:
-        changed = done.mismatches()
-        if not changed and Path(done.path).exists():
+        changed = done.mismatches() or ([] if Path(done.path).exists() else [f"{done.path}: missing"])
+        if not changed:
             ctx.say(f"[dim]{name}: cached ({folder})[/]")
             return done
         ctx.say(f"{name}: {_first(changed)}; making it again")
