@@ -34,6 +34,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
 def _one_line_error(capsys, code: int, fragment: str) -> str:
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert not err.startswith("error: unexpected"), err  # the CLI's catch-all is never what names a bad input
     assert fragment in err, err
     return err
 
