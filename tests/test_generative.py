@@ -94,9 +94,16 @@ def test_export_has_the_edge_layout_and_generates_like_pytorch(vqa_export):
 
     manifest = json.loads((vqa_export / "manifest.json").read_text())
     assert manifest["family"] == "generative"
-    assert manifest["files"] == {"vision": "vision_encoder.onnx", "embed": "embed_tokens.onnx",
-                                 "decoder": "decoder_model_merged.onnx"}
-    decoder = onnx.load(str(vqa_export / "decoder_model_merged.onnx"), load_external_data=False)
+    assert manifest["files"] == {"vision": "onnx/vision_encoder.onnx", "embed": "onnx/embed_tokens.onnx",
+                                 "decoder": "onnx/decoder_model_merged.onnx"}
+    # a model folder in the onnx-community layout (what transformers.js loads: tests/test_transformers_js.py)
+    assert manifest["layout"] == "onnx-community"
+    for name in ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json"):
+        assert (vqa_export / name).is_file(), name
+    assert json.loads((vqa_export / "processor_config.json").read_text()) == {
+        "image_seq_len": 4, "processor_class": "SmolVLMProcessor"}
+    assert json.loads((vqa_export / "tokenizer_config.json").read_text())["chat_template"] == manifest["chat_template"]
+    decoder = onnx.load(str(vqa_export / "onnx" / "decoder_model_merged.onnx"), load_external_data=False)
     inputs = [i.name for i in decoder.graph.input]
     outputs = [o.name for o in decoder.graph.output]
     assert inputs[:3] == ["inputs_embeds", "attention_mask", "position_ids"]

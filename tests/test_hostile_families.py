@@ -166,16 +166,16 @@ def test_a_generative_export_with_a_missing_or_swapped_graph_or_manifest_names_i
         return _copy(vqa_export, tmp_path / name)
 
     folder = broken("missing")
-    (folder / "decoder_model_merged.onnx").unlink()
-    _refused(capsys, _eval(folder), f"{folder / 'decoder_model_merged.onnx'}: missing (files.decoder in "
+    (folder / "onnx" / "decoder_model_merged.onnx").unlink()
+    _refused(capsys, _eval(folder), f"{folder / 'onnx' / 'decoder_model_merged.onnx'}: missing (files.decoder in "
                                     f"{folder / 'manifest.json'})")
     folder = broken("swapped")  # the vision graph under the decoder's name
-    shutil.copy(folder / "vision_encoder.onnx", folder / "decoder_model_merged.onnx")
-    _refused(capsys, _eval(folder), f"{folder / 'decoder_model_merged.onnx'}: not this export's decoder graph: it "
-                                    "has no input 'inputs_embeds'")
+    shutil.copy(folder / "onnx" / "vision_encoder.onnx", folder / "onnx" / "decoder_model_merged.onnx")
+    _refused(capsys, _eval(folder), f"{folder / 'onnx' / 'decoder_model_merged.onnx'}: not this export's decoder "
+                                    "graph: it has no input 'inputs_embeds'")
     folder = broken("corrupt")
-    (folder / "decoder_model_merged.onnx").write_bytes(b"\x08\x07garbage")
-    _refused(capsys, _eval(folder), f"{folder / 'decoder_model_merged.onnx'}: ONNX Runtime cannot load it")
+    (folder / "onnx" / "decoder_model_merged.onnx").write_bytes(b"\x08\x07garbage")
+    _refused(capsys, _eval(folder), f"{folder / 'onnx' / 'decoder_model_merged.onnx'}: ONNX Runtime cannot load it")
     folder = broken("no-files")
     _edit_json(folder / "manifest.json", files=None)
     _refused(capsys, _eval(folder), f"{folder / 'manifest.json'}: 'files' must map each graph name")
@@ -186,7 +186,7 @@ def test_a_generative_export_with_a_missing_or_swapped_graph_or_manifest_names_i
     manifest = json.loads((folder / "manifest.json").read_text())
     _edit_json(folder / "manifest.json", generation={**manifest["generation"], "image_tokens": 9})
     _refused(capsys, _eval(folder), f"{folder / 'manifest.json'}: generation.image_tokens does not fit "
-                                    "vision_encoder.onnx (the prompt has 9 image tokens; the image gives "
+                                    "onnx/vision_encoder.onnx (the prompt has 9 image tokens; the image gives "
                                     f"{manifest['generation']['image_tokens']})")
     folder = broken("no-tokenizer")
     (folder / "tokenizer.json").unlink()

@@ -60,8 +60,10 @@ class Artifact:
         return content_id(self.files)
 
     def mismatches(self) -> list[str]:
-        """How the product's files differ from what the record vouches for: '<path>: <why>' per file, [] if equal
-        (or if the record is too old to list its files)."""
+        """How the product's files differ from what the record vouches for: '<path>: <why>' per missing or changed
+        file, [] if none (or if the record is too old to list its files). Files added beside them are not a
+        difference: what vlmedge reads is what the record lists (another precision's graphs added to an
+        onnx-community folder's `onnx/`, a README)."""
         if not self.files:
             return []
         root = Path(self.path)
@@ -74,7 +76,6 @@ class Artifact:
                 out.append(f"{root / name}: missing")
             elif now[name] != digest:
                 out.append(f"{root / name}: changed since it was written (sha256 differs)")
-        out += [f"{root / name}: not part of what was written" for name in now if name not in self.files]
         return out
 
     def save(self, folder: Path) -> None:
@@ -155,8 +156,10 @@ def content_id(files: dict[str, str]) -> str:
 # change of every stage's id.
 STAGE_REVISIONS = {
     "*": 2,  # 2: ids include the content of the inputs (vlmedge 0.2)
-    "export": 3,  # 2: patch embedding exported as patchify + MatMul; 3: tuned thread counts in the manifest
-    "quantize": 3,  # 2: no SkipLayerNormalization in the saved graph, Conv no longer a default op type; 3: threads
+    "export": 4,  # 2: patch embedding exported as patchify + MatMul; 3: tuned thread counts in the manifest;
+    # 4: the generative export in the onnx-community layout (config.json, processor configs, graphs in onnx/)
+    "quantize": 4,  # 2: no SkipLayerNormalization in the saved graph, Conv no longer a default op type; 3: threads;
+    # 4: graphs of an onnx-community export carry their dtype suffix (_quantized, _int8, _q4, _fp16)
 }
 
 

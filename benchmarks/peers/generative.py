@@ -50,7 +50,8 @@ def _nbits_by_hand(export: Path, out: Path) -> Path:
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(export, out)
-    for name, types in (("decoder_model_merged.onnx", ("MatMul",)), ("embed_tokens.onnx", ("Gather",))):
+    files = json.loads((export / "manifest.json").read_text())["files"]  # onnx/... in the onnx-community layout
+    for name, types in ((files["decoder"], ("MatMul",)), (files["embed"], ("Gather",))):
         q = MatMulNBitsQuantizer(onnx.load(str(export / name)), block_size=128, is_symmetric=True, accuracy_level=4,
                                  op_types_to_quantize=types)
         q.process()

@@ -97,6 +97,39 @@ class OnnxGenerator:
                              self.eos_id)
 
 
+PROCESSOR = "SmolVLMProcessor"
+
+
+def _model_files(model, folder: Path) -> list[str]:
+    """The files beside `onnx/` that make the export a model folder transformers.js loads as written (the
+    onnx-community layout): config.json with the exported decoder's shape (a pruned model's layers and heads),
+    generation_config.json, the image processor and processor configs naming SmolVLM's processor, and the chat
+    template in tokenizer_config.json (where every reader finds it; the tokenizer is saved first). Returns their
+    names."""
+    import json
+
+    from .._io import write_json
+    from ..models.generative import CHAT_TEMPLATE
+
+    layers, kv, head_dim = kv_shape(model.model)
+    first = model.model.model.text_model.layers[0].self_attn
+    config = model.model.config.to_dict()
+    config.pop("vlmedge_pruning", None)  # the export's shape is written out below
+    config["text_config"].update(num_hidden_layers=layers, num_key_value_heads=kv, head_dim=head_dim,
+                                 num_attention_heads=first.q_proj.out_features // head_dim)
+    write_json(folder / "config.json", config)
+    model.model.generation_config.to_json_file(folder / "generation_config.json")
+    write_json(folder / "preprocessor_config.json", {**model.preprocess.to_hf(), "do_image_splitting": False,
+                                                     "processor_class": PROCESSOR})
+    write_json(folder / "processor_config.json", {"image_seq_len": model.image_tokens, "processor_class": PROCESSOR})
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tok_config.update(chat_template=getattr(model.tokenizer, "chat_template", None) or CHAT_TEMPLATE,
+                      processor_class=PROCESSOR)
+    write_json(folder / "tokenizer_config.json", tok_config)
+    return ["config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+            "tokenizer_config.json"]
+
+
 def _modules(model):
     import torch
 
@@ -327,8 +360,10 @@ class Generative(Family):
 
         layers, kv, head_dim = kv_shape(model.model)
         tok = model.tokenizer
-        return {"preprocess": asdict(model.preprocess), "max_length": model.max_length,
-                "tokenizer": save_tokenizer(tok, folder), "vocab_size": len(tok),
+        tokenizer = save_tokenizer(tok, folder)
+        return {"layout": "onnx-community", "model_files": _model_files(model, folder),
+                "preprocess": asdict(model.preprocess), "max_length": model.max_length,
+                "tokenizer": tokenizer, "vocab_size": len(tok),
                 "source_architecture": model.architecture,
                 "chat_template": getattr(tok, "chat_template", None),
                 "generation": {"image_token_id": model.image_token_id, "image_tokens": model.image_tokens,

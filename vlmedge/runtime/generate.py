@@ -1,7 +1,7 @@
 """Greedy generation from a generative VLM's ONNX export with ONNX Runtime; needs only numpy and onnxruntime, so a
 board runner can carry it.
 
-The export's three graphs (the layout onnx-community publishes for SmolVLM and transformers.js loads):
+The export's three graphs, in `onnx/` (the layout onnx-community publishes for SmolVLM and transformers.js loads):
 
     vision_encoder.onnx        pixel_values (B,3,H,W) -> image_features (B, image tokens, hidden)
     embed_tokens.onnx          input_ids (B,S) -> inputs_embeds (B,S,hidden)
@@ -19,7 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-FILES = {"vision": "vision_encoder.onnx", "embed": "embed_tokens.onnx", "decoder": "decoder_model_merged.onnx"}
+FILES = {"vision": "onnx/vision_encoder.onnx", "embed": "onnx/embed_tokens.onnx",
+         "decoder": "onnx/decoder_model_merged.onnx"}
+"""Where the export writes each graph: the onnx-community layout (graphs in `onnx/` beside config.json)."""
 
 
 GENERATION_KEYS = ("image_token_id", "image_tokens", "eos_token_id", "layers", "kv_heads", "head_dim")

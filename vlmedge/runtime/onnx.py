@@ -32,9 +32,25 @@ def record_thread_tuning(folder: Path, enabled: bool, feeds: dict | None = None)
 
 
 def onnx_size(folder: str | os.PathLike) -> int:
-    """Bytes of the ONNX files (and their external data) of an export folder: what ships."""
+    """Bytes of an export folder's graphs (the manifest's files and their external data): what ships. Other
+    precisions' graphs beside them (an onnx-community folder's `onnx/`) are not counted."""
     folder = Path(folder)
-    return sum(folder_size(p) for p in folder.iterdir() if p.name.endswith((".onnx", ".onnx.data")))
+    graphs = read_json(folder / MANIFEST, "")["files"].values()
+    return sum(folder_size(p) for name in graphs for p in (folder / name, folder / f"{name}.data") if p.is_file())
+
+
+DTYPE_SUFFIX = {"fp32": "", "dynamic": "_quantized", "static": "_int8", "int4": "_q4", "fp16": "_fp16"}
+"""A graph's file name suffix per quantization mode in the onnx-community layout, where one folder can hold each
+precision side by side and transformers.js picks one by `dtype` (q8: `_quantized`, int8, q4, fp16)."""
+
+
+def graph_file(name: str, mode: str, layout: str | None) -> str:
+    """Where a graph quantized in `mode` is written: `onnx/decoder_model_merged_q4.onnx` in the onnx-community
+    layout, the fp32 export's name otherwise."""
+    if layout != "onnx-community":
+        return name
+    path = Path(name)
+    return str(path.with_name(path.stem + DTYPE_SUFFIX[mode] + path.suffix).as_posix())
 
 
 def read_manifest(folder: str | os.PathLike, graphs: Sequence[str] = ()) -> dict[str, Any]:
@@ -61,8 +77,8 @@ def read_manifest(folder: str | os.PathLike, graphs: Sequence[str] = ()) -> dict
             raise VlmedgeError(f"{path}: files has no {graph!r} graph (it has {', '.join(files)}); a "
                                f"{manifest.get('family', 'dual_encoder')} export needs {', '.join(graphs)}")
     for graph, name in files.items():
-        if Path(name).name != name:
-            raise VlmedgeError(f"{path}: files.{graph} = {name!r} is not a file name in the folder")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise VlmedgeError(f"{path}: files.{graph} = {name!r} is not a path inside the folder")
         if not (folder / name).is_file():
             raise VlmedgeError(f"{folder / name}: missing (files.{graph} in {path})")
     return manifest

@@ -74,6 +74,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
     with atomic_dir(out) as tmp:
         with torch.no_grad(), quiet_export(), family.tracing(model):
             for g in graphs:
+                (tmp / g.file).parent.mkdir(parents=True, exist_ok=True)
                 example = tuple(torch.from_numpy(feeds[g.name][k][:1]) for k in g.input_names)
                 torch.onnx.export(g.module, example, str(tmp / g.file), input_names=list(g.input_names),
                                   output_names=list(g.output_names), opset_version=cfg.opset,
@@ -82,7 +83,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
             path = tmp / g.file
             if parameters * 4 > TWO_GB:  # protobuf cannot hold more than 2 GB: weights go to a side file
                 onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True,
-                                location=f"{g.file}.data")
+                                location=f"{Path(g.file).name}.data")
             onnx.checker.check_model(str(path), full_check=True)
         with torch.no_grad():  # a graph's first output is the one compared (embeddings, features, logits)
             reference = {g.name: _first(g.module(*(torch.from_numpy(feeds[g.name][k]) for k in g.input_names)))

@@ -37,7 +37,7 @@ from .._io import atomic_dir, write_json
 from ..artifact import Artifact
 from ..errors import VlmedgeError
 from ..runtime.measure import SLOW_FUSIONS
-from ..runtime.onnx import MANIFEST, onnx_size, open_session, read_manifest, record_thread_tuning
+from ..runtime.onnx import MANIFEST, graph_file, onnx_size, open_session, read_manifest, record_thread_tuning
 from . import Context, register
 from .export import copy_support_files
 
@@ -230,6 +230,7 @@ def quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme:
     level = root.level
     root.setLevel(logging.ERROR)  # ORT's quantizer logs a pre-processing suggestion on the root logger every call
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
         _quantize_file(src, dst, tower, cfg, scheme, calib, extra_exclude)
     finally:
         root.setLevel(level)
@@ -366,7 +367,8 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
         def build(form: QuantizeConfig, keep: dict[str, list[str]], folder: Path = tmp):
             for tower, name in files.items():
                 extra = tuple(re.escape(n) for g in keep[tower] for n in groups[tower].get(g, []))
-                quantize_file(source / name, folder / name, tower, form, scheme, calib, extra)
+                quantize_file(source / name, folder / _output_files(manifest, form)[tower], tower, form, scheme,
+                              calib, extra)
             return family.adapter(folder)
 
         if len(forms) > 1:  # the chosen form's graphs are moved into `tmp`
@@ -486,16 +488,23 @@ def _choose_form(forms, source, tmp, family, build, manifest, scheme, why, fp32,
         others = [f"{record[i]['form']} {record[i][key] / record[best][key]:.2f}x slower" for i in
                   range(len(record)) if i != best]
         reason += f": the fastest form on this CPU ({head} p50 {record[best][key]:.2f} ms; {', '.join(others)})"
-    for name in manifest["files"].values():
+    for name in _output_files(manifest, forms[best]).values():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         (folders[best] / name).replace(tmp / name)
     for folder in folders:
         shutil.rmtree(folder)
     return forms[best], {"tried": record, "chosen": best, "why": reason}
 
 
+def _output_files(manifest: dict, cfg: QuantizeConfig) -> dict[str, str]:
+    """Each graph's file in the quantized folder: with the dtype suffix of its mode in the onnx-community layout
+    (`onnx/decoder_model_merged_q4.onnx`), so that one folder can hold several precisions side by side."""
+    return {g: graph_file(n, cfg.mode_of(g), manifest.get("layout")) for g, n in manifest["files"].items()}
+
+
 def _write_manifest(folder: Path, manifest: dict, cfg: QuantizeConfig, scheme: str, why: str, kept) -> None:
     manifest = {k: v for k, v in manifest.items() if k != "threads"}  # the fp32 graphs' tuning; tuned again after
-    write_json(folder / MANIFEST, {**manifest, "precision": _precision(cfg),
+    write_json(folder / MANIFEST, {**manifest, "files": _output_files(manifest, cfg), "precision": _precision(cfg),
                                    "quantization": {**asdict(cfg), "per_channel": cfg.channelwise,
                                                     "weight_scheme": scheme, "why": why, "kept_fp32": kept}})
 
@@ -534,7 +543,7 @@ def _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32) -> 
         ref = _outputs(fp32.sessions[tower], calib[tower])
         for group in groups[tower]:
             others = tuple(re.escape(n) for g, nodes in groups[tower].items() if g != group for n in nodes)
-            probe = Path(tmp) / f".probe-{name}"
+            probe = Path(tmp) / f".probe-{Path(name).name}"
             quantize_file(source / name, probe, tower, cfg, scheme, calib, others)
             got = _outputs(open_session(probe), calib[tower])
             probe.unlink()

@@ -61,13 +61,17 @@ def make_bundle(export_folder: Path) -> bytes:
     """A tar of the export (ONNX, manifest, tokenizer files) and the runner code."""
     from ..runtime.onnx import read_manifest
 
-    read_manifest(export_folder)  # a clear error for anything but an export folder
+    graphs = read_manifest(export_folder)["files"].values()  # a clear error for anything but an export folder
     buf = io.BytesIO()
     package = Path(__file__).resolve().parent.parent
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for f in sorted(export_folder.iterdir()):
             if f.is_file() and f.name not in RECORD_FILES:
                 tar.add(f, arcname=f.name)
+        for name in graphs:  # graphs in a subfolder (the onnx-community layout's onnx/), with their external data
+            for f in (export_folder / name, export_folder / f"{name}.data"):
+                if f.is_file() and f.parent != export_folder:
+                    tar.add(f, arcname=name + f.name[len(Path(name).name):])
         for name in BUNDLE_CODE:
             tar.add(package / name, arcname=Path(name).name)
     return buf.getvalue()

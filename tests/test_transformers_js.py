@@ -1,0 +1,62 @@
+"""The generative export loads as written in the runtime its layout is named after: transformers.js in Node
+(`tests/js`, installed by `.ci/run` with `npm ci --ignore-scripts`), from a local folder, no hub. One folder carries
+fp32, q8 and q4 graphs side by side (the onnx-community file names); each precision's greedy answers must be
+token-identical to vlmedge's own runtime on the same images and questions. Skips, saying why, where Node or the
+package is absent."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vlmedge.artifact import Artifact
+from vlmedge.cli import main
+
+from conftest import REPO
+
+JS = REPO / "tests" / "js"
+NODE = shutil.which("node")
+pytestmark = pytest.mark.skipif(
+    NODE is None or not (JS / "node_modules" / "@huggingface" / "transformers").is_dir(),
+    reason="needs Node and tests/js/node_modules (cd tests/js && npm ci --ignore-scripts)")
+
+
+def test_transformers_js_answers_like_vlmedge_from_one_folder_of_three_precisions(vqa_model, tmp_path):
+    from vlmedge.data.vqa import open_vqa
+    from vlmedge.families.generative import OnnxGenerator
+
+    export, fast = tmp_path / "export", ["--no-eval", "--no-tune-threads", "--quiet"]
+    assert main(["export", str(vqa_model), "--out", str(export), "--parity-questions", "2", *fast]) == 0
+    for mode, dtype in (("dynamic", "q8"), ("int4", "q4")):
+        out = tmp_path / dtype
+        assert main(["quantize", str(export), "--out", str(out), "--mode", mode, "--agreement-questions", "0",
+                     *fast]) == 0
+        for graph in (out / "onnx").glob("*.onnx"):  # a user adds a precision to the folder: a file copy
+            shutil.copy(graph, export / "onnx" / graph.name)
+    assert Artifact.load(export).mismatches() == []  # added precisions leave what vlmedge reads as recorded
+    names = sorted(p.name for p in (export / "onnx").iterdir())
+    assert names == sorted(f"{g}{s}.onnx" for g in ("decoder_model_merged", "embed_tokens", "vision_encoder")
+                           for s in ("", "_quantized", "_q4"))
+
+    data = open_vqa("shapes:64", "test", resolution=32)
+    items = data.eval_items(8, seed=3)
+    jobs = {"dtypes": ["fp32", "q8", "q4"], "max_new_tokens": 16, "items": []}
+    for k, item in enumerate(items):
+        path = tmp_path / f"{k}.png"
+        Image.fromarray(data.images([item.index])[0]).save(path)
+        jobs["items"].append({"image": str(path), "question": item.question})
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    p = subprocess.run([NODE, str(JS / "generate.mjs"), str(export), str(tmp_path / "jobs.json")], cwd=JS,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    for dtype, folder in (("fp32", export), ("q8", tmp_path / "q8"), ("q4", tmp_path / "q4")):
+        ours = OnnxGenerator(folder)
+        for job, answer in zip(jobs["items"], got[dtype]):
+            pixels = ours.preprocess([Image.open(job["image"]).convert("RGB")])
+            prompt = ours.prompt_ids(job["question"])
+            assert answer["prompt"] == prompt, (dtype, job["question"])
+            assert answer["ids"] == ours.generate_ids(pixels, prompt, 16), (dtype, job["question"])
