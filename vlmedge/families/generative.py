@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import VlmedgeError
 from ..models.generative import ARCHITECTURES, kv_shape
-from ..runtime.generate import FILES
+from ..runtime.generate import FILES, past_names
 from ..runtime.onnx import MANIFEST
 from . import Family, Graph, register
 
@@ -52,7 +52,7 @@ class OnnxGenerator:
     def __init__(self, folder, threads: int | None = None, providers=None, open_sessions: bool = True, **_):
         from ..models import load_tokenizer
         from ..preprocess import Preprocess
-        from ..runtime.generate import GENERATION_KEYS, Generator, mismatches
+        from ..runtime.generate import GENERATION_KEYS, Generator, GraphMismatch
         from ..runtime.measure import tuned_threads
         from ..runtime.onnx import open_session, read_manifest
 
@@ -69,9 +69,11 @@ class OnnxGenerator:
         if open_sessions:
             self.sessions = {k: open_session(self.folder / m["files"][k], self.threads[k],
                                              providers or ["CPUExecutionProvider"]) for k in FILES}
-            for graph, why in mismatches(self.sessions, m).items():
-                raise VlmedgeError(f"{self.folder / m['files'][graph]}: not this export's {graph} graph: it {why}")
-            self.runtime = Generator(self.sessions, m)
+            try:
+                self.runtime = Generator(self.sessions, m)
+            except GraphMismatch as e:
+                raise VlmedgeError(f"{self.folder / m['files'][e.graph]}: not this export's {e.graph} graph: it "
+                                   f"{e.why}") from None
 
     @property
     def eos_id(self) -> int:
@@ -86,7 +88,7 @@ class OnnxGenerator:
     def generate_ids(self, pixel_values, prompt, max_new_tokens) -> list[int]:
         try:
             return self.runtime.generate(pixel_values, prompt, max_new_tokens)
-        except ValueError as e:  # the image-token count of the manifest's prompt against the vision graph's output
+        except ValueError as e:  # the prompt's image-token count (the manifest's) against the vision graph's output
             raise VlmedgeError(f"{self.folder / MANIFEST}: generation.image_tokens does not fit "
                                f"{self.manifest['files']['vision']} ({e})") from None
 
@@ -316,7 +318,7 @@ class Generative(Family):
         vision, embed, decoder = _modules(model.model)
         layers, _, _ = kv_shape(model.model)
         size = model.preprocess.image_size
-        past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        past = past_names(layers)
         present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
         dynamic = {"inputs_embeds": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
                    "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"},

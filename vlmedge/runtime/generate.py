@@ -28,40 +28,46 @@ GENERATION_KEYS = ("image_token_id", "image_tokens", "eos_token_id", "layers", "
 """The manifest's `generation` integers the loop needs."""
 
 
-def mismatches(sessions: dict, manifest: dict) -> dict[str, str]:
-    """What makes the sessions unfit for this manifest's loop, by graph: a missing input (another graph under this
-    name), or a vision graph whose image-token count is not the manifest's. Empty when they fit."""
-    gen = manifest["generation"]
-    past = [f"past_key_values.{i}.{kv}" for i in range(int(gen["layers"])) for kv in ("key", "value")]
+def past_names(layers: int) -> list[str]:
+    """The decoder's cache inputs, in order: past_key_values.N.key and .value per layer."""
+    return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+class GraphMismatch(ValueError):
+    """A session that is not the graph the loop needs under its name (another graph saved under it): `graph` and
+    `why`, for a caller that knows the file to name it."""
+
+    def __init__(self, graph: str, why: str):
+        super().__init__(f"the {graph} graph {why}")
+        self.graph, self.why = graph, why
+
+
+def check_sessions(sessions: dict, manifest: dict) -> None:
+    """Each session takes the inputs the loop feeds it (the decoder: one past key and value per manifest layer);
+    `GraphMismatch` for the first that does not."""
     needs = {"vision": ["pixel_values"], "embed": ["input_ids"],
-             "decoder": ["inputs_embeds", "attention_mask", "position_ids", *past]}
-    out = {}
+             "decoder": ["inputs_embeds", "attention_mask", "position_ids",
+                         *past_names(int(manifest["generation"]["layers"]))]}
     for graph, names in needs.items():
         have = [i.name for i in sessions[graph].get_inputs()]
         missing = [n for n in names if n not in have]
         if missing:
-            out[graph] = f"has no input {missing[0]!r} (its inputs: {', '.join(have[:4])}{', ...' * (len(have) > 4)})"
-    tokens = sessions["vision"].get_outputs()[0].shape
-    if "vision" not in out and len(tokens) == 3 and isinstance(tokens[1], int) and tokens[1] != gen["image_tokens"]:
-        out["vision"] = f"gives {tokens[1]} image tokens; the manifest's generation.image_tokens is {gen['image_tokens']}"
-    return out
+            raise GraphMismatch(graph, f"has no input {missing[0]!r} (its inputs: {', '.join(have[:4])}"
+                                       f"{', ...' * (len(have) > 4)})")
 
 
 class Generator:
     """Batch-1 greedy decoding over three ONNX Runtime sessions (`sessions`: vision, embed, decoder)."""
 
     def __init__(self, sessions: dict, manifest: dict):
-        wrong = mismatches(sessions, manifest)
-        if wrong:
-            graph, why = next(iter(wrong.items()))
-            raise ValueError(f"the {graph} graph {why}")
+        check_sessions(sessions, manifest)
         self.vision, self.embed, self.decoder = (sessions[k] for k in ("vision", "embed", "decoder"))
         gen = manifest["generation"]
         self.image_token_id = int(gen["image_token_id"])
         self.eos_id = int(gen["eos_token_id"])
         self.layers, self.kv_heads, self.head_dim = (int(gen[k]) for k in ("layers", "kv_heads", "head_dim"))
         self.max_length = int(manifest["max_length"])
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        self.past_names = past_names(self.layers)
         self.present_names = [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         self._empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self._past_dtype())
 

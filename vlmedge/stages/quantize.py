@@ -365,10 +365,10 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
         copy_support_files(source, tmp)
 
         def build(form: QuantizeConfig, keep: dict[str, list[str]], folder: Path = tmp):
+            written = _output_files(manifest, form)
             for tower, name in files.items():
                 extra = tuple(re.escape(n) for g in keep[tower] for n in groups[tower].get(g, []))
-                quantize_file(source / name, folder / _output_files(manifest, form)[tower], tower, form, scheme,
-                              calib, extra)
+                quantize_file(source / name, folder / written[tower], tower, form, scheme, calib, extra)
             return family.adapter(folder)
 
         if len(forms) > 1:  # the chosen form's graphs are moved into `tmp`

@@ -71,7 +71,7 @@ def make_bundle(export_folder: Path) -> bytes:
         for name in graphs:  # graphs in a subfolder (the onnx-community layout's onnx/), with their external data
             for f in (export_folder / name, export_folder / f"{name}.data"):
                 if f.is_file() and f.parent != export_folder:
-                    tar.add(f, arcname=name + f.name[len(Path(name).name):])
+                    tar.add(f, arcname=f.relative_to(export_folder).as_posix())
         for name in BUNDLE_CODE:
             tar.add(package / name, arcname=Path(name).name)
     return buf.getvalue()
