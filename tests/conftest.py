@@ -93,3 +93,17 @@ def vqa_export(vqa_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("vqa-onnx") / "onnx"
     export(vqa_model, out, ExportConfig(tune_threads=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def smolvlm_export(tmp_path_factory) -> tuple[Path, Path]:
+    """A SmolVLM-256M-shaped folder at reduced depth (1 vision layer, 2 decoder layers; SmolVLM's own processor
+    config, splitting on) and its export: (model folder, export folder)."""
+    from test_generative import smolvlm_256m_folder
+    from vlmedge.cli import main
+
+    root = tmp_path_factory.mktemp("smolvlm")
+    folder = smolvlm_256m_folder(root / "model", vision_layers=1, text_layers=2)
+    assert main(["export", str(folder), "--out", str(root / "onnx"), "--quiet", "--no-eval", "--no-tune-threads",
+                 "--parity-questions", "4"]) == 0
+    return folder, root / "onnx"

@@ -126,8 +126,7 @@ def test_onnx_runtime_generation_equals_pytorch_generate(vqa_model, vqa_export):
     onnx_gen, torch_gen = fam.adapter(vqa_export), fam.adapter(vqa_model)
     ds = open_vqa("shapes:64", "val", resolution=32, seed=3)
     for it in ds.eval_items(24, seed=3):
-        pixels = torch_gen.preprocess(ds.images([it.index]))
-        prompt = torch_gen.prompt_ids(it.question)
+        pixels, prompt = torch_gen.inputs(ds.images([it.index])[0], it.question)
         assert onnx_gen.generate_ids(pixels, prompt, 12) == torch_gen.generate_ids(pixels, prompt, 12), it
     cfg = EvalConfig(data="shapes", vqa_questions=80)
     a, b = fam.evaluate(onnx_gen, cfg), fam.evaluate(torch_gen, cfg)
@@ -258,26 +257,37 @@ def smolvlm_256m_folder(folder, vision_layers: int, text_layers: int):
     torch.manual_seed(0)
     SmolVLMForConditionalGeneration(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "do_convert_rgb": True, "do_image_splitting": True, "do_normalize": True, "do_pad": True, "do_rescale": True,
-        "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "Idefics3ImageProcessor",
-        "image_std": [0.5, 0.5, 0.5], "max_image_size": {"longest_edge": 512}, "processor_class": "Idefics3Processor",
-        "resample": 1, "rescale_factor": 0.00392156862745098, "size": {"longest_edge": 2048}}))
+    (folder / "preprocessor_config.json").write_text(json.dumps(SMOLVLM_PROCESSOR))
     return folder
 
 
-def test_a_smolvlm_256m_shaped_folder_loads_exports_and_benches(tmp_path):
-    folder = smolvlm_256m_folder(tmp_path / "smolvlm", vision_layers=1, text_layers=2)
-    code, _, err = run_cli("export", str(folder), "--out", str(tmp_path / "onnx"), "--quiet", "--no-eval",
-                           "--no-tune-threads", "--parity-questions", "10")
-    assert code == 0, err
-    assert "image splitting" in err  # the folder asks for it; vlmedge says it feeds the global image only
-    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+SMOLVLM_PROCESSOR = {
+    "do_convert_rgb": True, "do_image_splitting": True, "do_normalize": True, "do_pad": True, "do_rescale": True,
+    "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "Idefics3ImageProcessor",
+    "image_std": [0.5, 0.5, 0.5], "max_image_size": {"longest_edge": 512}, "processor_class": "Idefics3Processor",
+    "resample": 1, "rescale_factor": 0.00392156862745098, "size": {"longest_edge": 2048}}
+"""SmolVLM-256M-Instruct's image processor config: 512 px tiles of an image whose longest edge is resized to 2048."""
+
+
+def test_a_smolvlm_256m_shaped_folder_loads_exports_and_benches(smolvlm_export, tmp_path):
+    _, export = smolvlm_export
+    manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["generation"]["image_tokens"] == 64 and manifest["generation"]["kv_heads"] == 3
-    assert manifest["generation_parity"]["identical"] >= 9
-    code, out, err = run_cli("bench", str(tmp_path / "onnx"), "--min-runs", "3", "--min-seconds", "0.01",
-                             "--warmup", "1")
-    assert code == 0 and "answer" in out, err
+    # SmolVLM's processor as the folder asks: 512 px tiles of an image resized to 2048 px, split
+    assert {k: manifest["preprocess"][k] for k in ("image_size", "longest_edge", "splitting", "resample")} == \
+        {"image_size": 512, "longest_edge": 2048, "splitting": True, "resample": 1}
+    assert manifest["generation_parity"]["identical"] >= 3  # transformers' generate on the same frames and prompt
+    frames = {}
+    for setting, runs in (("as-folder", "1"), ("off", "3")):  # split: 13 frames of 512 px, seconds a run
+        code, out, err = run_cli("bench", str(export), "--min-runs", runs, "--min-seconds", "0", "--warmup", "0",
+                                 "--image-splitting", setting, "--json", str(tmp_path / "b.json"))
+        assert code == 0 and "answer" in out, err
+        record = next(iter(json.loads((tmp_path / "b.json").read_text())["results"].values()))["cpu"]
+        frames[setting] = record["input_image"]
+    # 1024x768 -> 2048x1536 -> 4 x 3 tiles of 512 and the global image; 64 image tokens each
+    assert frames["as-folder"]["frames"] == 13 and frames["off"]["frames"] == 1
+    # each tile: <fake_token_around_image><row_R_col_C> and its image tokens (this tokenizer drops the newlines)
+    assert frames["as-folder"]["prompt_tokens"] - frames["off"]["prompt_tokens"] == 12 * (64 + 2)
 
 
 def test_parity_counts_two_zero_rows_as_equal():

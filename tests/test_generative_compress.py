@@ -86,8 +86,8 @@ def test_decoder_layers_pruned_reload_and_generate(vqa_model, tmp_path):
     vlm = families.of(tmp_path / "pruned").load(tmp_path / "pruned")
     assert vlm.model.config.text_config.num_hidden_layers == 1
     gen = families.of(tmp_path / "pruned").adapter(vlm)
-    pixels = vlm.preprocess(np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), np.uint8))
-    assert isinstance(gen.answer(pixels, "what colour is the circle?", 4), str)  # HF generate with its cache
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+    assert isinstance(gen.answer(image, "what colour is the circle?", 4), str)  # HF generate with its cache
 
 
 def test_a_head_ratio_that_leaves_no_key_value_head_is_refused(vqa_model, tmp_path):
@@ -137,8 +137,8 @@ def _agreement(a, b, n=12):
 
     ds = open_vqa("shapes:32", "val", resolution=a.preprocess.image_size)
     items = ds.eval_items(n)
-    same = [a.generate_ids(a.preprocess(ds.images([it.index])), a.prompt_ids(it.question), 8)
-            == b.generate_ids(b.preprocess(ds.images([it.index])), b.prompt_ids(it.question), 8) for it in items]
+    same = [a.generate_ids(*a.inputs(ds.images([it.index])[0], it.question), 8)
+            == b.generate_ids(*b.inputs(ds.images([it.index])[0], it.question), 8) for it in items]
     return sum(same) / len(same)
 
 

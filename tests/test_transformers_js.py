@@ -56,7 +56,39 @@ def test_transformers_js_answers_like_vlmedge_from_one_folder_of_three_precision
     for dtype, folder in (("fp32", export), ("q8", tmp_path / "q8"), ("q4", tmp_path / "q4")):
         ours = OnnxGenerator(folder)
         for job, answer in zip(jobs["items"], got[dtype]):
-            pixels = ours.preprocess([Image.open(job["image"]).convert("RGB")])
-            prompt = ours.prompt_ids(job["question"])
+            pixels, prompt = ours.inputs(Image.open(job["image"]), job["question"])
             assert answer["prompt"] == prompt, (dtype, job["question"])
             assert answer["ids"] == ours.generate_ids(pixels, prompt, 16), (dtype, job["question"])
+
+
+def test_transformers_js_loads_a_smolvlm_256m_shaped_export_with_its_own_processor(smolvlm_export, tmp_path):
+    """SmolVLM's own processor config (Idefics3ImageProcessor, splitting on) in a SmolVLM-256M-shaped export: a
+    1024x768 image is 4 x 3 tiles and the global image in both runtimes, with the same prompt ids; fed the same
+    pixels, vlmedge's runtime writes the 16 tokens transformers.js writes (EOS ignored; random weights). The two
+    processors' pixels are not equal: transformers.js resizes between tiles bilinearly on normalised floats, where
+    transformers (and vlmedge) resample the image with PIL's Lanczos."""
+    import numpy as np
+
+    from vlmedge.data.vqa import open_vqa
+    from vlmedge.families.generative import OnnxGenerator
+
+    _, export = smolvlm_export
+    data = open_vqa("shapes:16", "test", resolution=64)
+    items = data.eval_items(2, seed=1)
+    jobs = {"dtypes": ["fp32"], "max_new_tokens": 16, "ignore_eos": True, "pixels_dir": str(tmp_path), "items": []}
+    for k, item in enumerate(items):
+        Image.fromarray(data.images([item.index])[0]).resize((1024, 768), Image.BICUBIC).save(tmp_path / f"{k}.png")
+        jobs["items"].append({"image": str(tmp_path / f"{k}.png"), "question": item.question})
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    p = subprocess.run([NODE, str(JS / "generate.mjs"), str(export), str(tmp_path / "jobs.json")], cwd=JS,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])["fp32"]
+    ours = OnnxGenerator(export)
+    for k, (job, answer) in enumerate(zip(jobs["items"], got)):
+        frames, prompt = ours.inputs(Image.open(job["image"]), job["question"])
+        assert answer["prompt"] == prompt
+        assert answer["pixels"] == [1, 13, 3, 512, 512] and frames.shape == (13, 3, 512, 512)
+        theirs = np.fromfile(tmp_path / f"{k}.f32", dtype="<f4").reshape(answer["pixels"])[0]
+        assert answer["ids"] == ours.runtime.generate(theirs, prompt, 16, stop_at_eos=False)
+        assert np.abs(theirs - frames).mean() < 0.05  # the same picture, resampled differently

@@ -305,7 +305,8 @@ def cmd_bench(args) -> int:
         print(f"written: {out}")
         return 0
     cfg_kwargs = {k: v for k, v in (("threads", args.threads), ("min_runs", args.min_runs),
-                                    ("warmup", args.warmup), ("min_seconds", args.min_seconds)) if v is not None}
+                                    ("warmup", args.warmup), ("min_seconds", args.min_seconds),
+                                    ("image_splitting", args.image_splitting)) if v is not None}
     targets = args.target or (["cpu"] if len(args.path) == 1 else ["cpu", "torch"])
     results = bench_paths([Path(p) for p in args.path], targets, cfg_kwargs)
     print_bench(results)
@@ -415,6 +416,7 @@ def _add_train(sub) -> None:
 
 def _add_eval(sub) -> None:
     from .evaluate import EvalConfig
+    from .preprocess import SPLITTING
 
     p = sub.add_parser("eval", help="accuracy of a model or ONNX folder (the tasks of its family)",
                        description="Evaluate a model folder (PyTorch) or an export folder (ONNX Runtime) and write "
@@ -437,7 +439,7 @@ def _add_eval(sub) -> None:
                               "rerank:  vlmedge eval runs/match --data shapes --rerank-k 16",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="model folder or ONNX export folder")
-    _add_config_flags(p, EvalConfig)
+    _add_config_flags(p, EvalConfig, choices={"image_splitting": SPLITTING})
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.set_defaults(func=cmd_eval)
@@ -579,6 +581,7 @@ def _add_recipes(sub) -> None:
 
 
 def _add_bench(sub) -> None:
+    from .preprocess import SPLITTING
     from .targets import TARGETS
 
     p = sub.add_parser("bench", help="latency of a run, an artifact folder or an ONNX file on one or more targets",
@@ -605,6 +608,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=int)
     p.add_argument("--min-runs", type=int)
     p.add_argument("--min-seconds", type=float)
+    p.add_argument("--image-splitting", choices=SPLITTING,
+                   help="generative models: time a 1024x768 image split into tiles (on), as one global image (off), "
+                        "or as the folder's processor config says (default: as-folder)")
     p.add_argument("--json", help="where to write the results (default: PATH/bench.json or PATH/profile.json)")
     p.add_argument("--profile", action="store_true",
                    help="export folders: ONNX Runtime's per-op-type kernel time of each tower instead of latency")

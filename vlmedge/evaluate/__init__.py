@@ -86,11 +86,18 @@ class EvalConfig:
     """Zero-shot prompts: a text file with one template per line, or the templates themselves separated by '|',
     each with {} where the class name goes (default: CLIP's 'a photo of a {}.'); a class's embedding is the mean
     over its prompts, as CLIP's evaluation does."""
+    image_splitting: str = "as-folder"
+    """Generative models: split each image into tiles (on: SmolVLM's processor), one global image (off), or as the
+    model's preprocessor_config.json says (as-folder)."""
     seed: int = 0
 
     def __post_init__(self):
         from ..data import is_shapes, shapes_count
 
+        from ..preprocess import SPLITTING
+
+        if self.image_splitting not in SPLITTING:
+            raise VlmedgeError(f"eval: image_splitting={self.image_splitting!r}; expected one of {', '.join(SPLITTING)}")
         if is_shapes(self.data):
             shapes_count(self.data)
         for key in ("zero_shot_images", "retrieval_pairs", "hard_negative_pairs", "vqa_questions", "max_new_tokens",

@@ -1,8 +1,8 @@
 """Accuracy of any generative VLM: VQA accuracy (VQA v2's answer normalisation), per question type and on held-out
 combinations, and captioning (BLEU-4 by sacrebleu, ROUGE-L by rouge-score, CIDEr by pycocoevalcap, caption-truth).
 
-The evaluator needs only a `Generator`: `preprocess` (raw images -> pixel values) and `answer(pixel_values,
-question, max_new_tokens) -> str` (greedy). The PyTorch model (HF `generate`) and the ONNX Runtime runtime both are
+The evaluator needs only a `Generator`: `answer(image, question, max_new_tokens) -> str` (greedy; the image as
+uint8 HWC, processed as the generator's model reads it). The PyTorch model (HF `generate`) and the ONNX Runtime runtime both are
 one, so the artifact that ships is the one that is scored.
 """
 
@@ -20,9 +20,7 @@ _PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$|~:']")
 
 
 class Generator(Protocol):
-    preprocess: Any
-
-    def answer(self, pixel_values: np.ndarray, question: str, max_new_tokens: int) -> str: ...
+    def answer(self, image: np.ndarray, question: str, max_new_tokens: int) -> str: ...
 
 
 def normalise_answer(text: str) -> str:
@@ -69,7 +67,7 @@ def evaluate_generator(generator: Generator, ds, items, max_new_tokens: int = 24
     answers: list[str] = []
     with Progress("eval", len(items), enabled=progress, unit="questions") as bar:
         for k, it in enumerate(items):
-            answers.append(generator.answer(generator.preprocess(ds.images([it.index])), it.question, max_new_tokens))
+            answers.append(generator.answer(ds.images([it.index])[0], it.question, max_new_tokens))
             bar.update(k + 1)
     vqa = [(it, vqa_score(a, it.answers)) for it, a in zip(items, answers) if it.type != "describe"]
     out: dict[str, Any] = {}

@@ -23,33 +23,72 @@ from ..runtime.onnx import MANIFEST
 from . import Family, Graph, register
 
 
-class TorchGenerator:
-    """A PyTorch `GenerativeVLM` as a `Generator`: Hugging Face `generate` (greedy, with its KV cache)."""
+class _Answers:
+    """What both generators share: an image and a question as the model reads them (`inputs`: the image's frames,
+    tiles first when it is split, and the prompt with a placeholder per image token), and greedy answers. Each sets
+    `preprocess` (SmolVLM's processing, splitting as the folder says unless `image_splitting` overrides it)."""
 
-    def __init__(self, vlm):
-        self.vlm, self.preprocess, self.prompt_ids = vlm, vlm.preprocess, vlm.prompt_ids
+    preprocess: Any
+    where: str
 
-    def generate_ids(self, pixel_values: np.ndarray, prompt: list[int], max_new_tokens: int) -> list[int]:
+    def with_splitting(self, setting: str):
+        """This generator with image splitting `on`, `off` or `as-folder` (its sessions shared)."""
+        import copy
+
+        try:
+            preprocess = self.preprocess.with_splitting(setting)
+        except ValueError as e:
+            raise VlmedgeError(f"{self.where}: {e}") from None
+        other = copy.copy(self)
+        other.preprocess = preprocess
+        return other
+
+    def inputs(self, image, question: str) -> tuple[np.ndarray, list[int]]:
+        """One image (uint8 HWC or PIL) and a question -> (frames (N, 3, H, W), prompt ids)."""
+        frames = self.preprocess.frames(image)
+        return frames.pixel_values, self.prompt_ids(question, frames.rows, frames.cols)
+
+    def answer(self, image, question: str, max_new_tokens: int) -> str:
+        from ..models.generative import decode_answer
+
+        frames, prompt = self.inputs(image, question)
+        return decode_answer(self.tokenizer, self.generate_ids(frames, prompt, max_new_tokens), self.eos_id)
+
+
+class TorchGenerator(_Answers):
+    """A PyTorch `GenerativeVLM` as a `Generator`: Hugging Face `generate` (greedy, with its KV cache; a split
+    image's frames and `pixel_attention_mask` as transformers' processor gives them)."""
+
+    def __init__(self, vlm, image_splitting: str = "as-folder"):
+        self.vlm, self.tokenizer, self.eos_id, self.where = vlm, vlm.tokenizer, vlm.eos_id, vlm.source
+        self.preprocess = vlm.preprocess
+        if image_splitting != "as-folder":
+            self.preprocess = self.with_splitting(image_splitting).preprocess
+
+    def prompt_ids(self, question: str, rows: int = 0, cols: int = 0) -> list[int]:
+        return self.vlm.prompt_ids(question, rows, cols)
+
+    def generate_ids(self, frames: np.ndarray, prompt: list[int], max_new_tokens: int) -> list[int]:
         import torch
 
         ids = torch.tensor([prompt])
+        pixels = torch.from_numpy(frames)[None]
         max_new_tokens = max(1, min(max_new_tokens, self.vlm.max_length - len(prompt)))  # the ONNX loop's bound
         with torch.inference_mode():
-            out = self.vlm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                          pixel_values=torch.from_numpy(pixel_values[:1])[:, None],
+            out = self.vlm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                                          pixel_attention_mask=torch.ones(pixels.shape[:2] + pixels.shape[3:],
+                                                                          dtype=torch.bool),
                                           max_new_tokens=max_new_tokens, do_sample=False,
                                           eos_token_id=self.vlm.eos_id, pad_token_id=self.vlm.tokenizer.pad_token_id)
         return out[0, len(prompt):].tolist()
 
-    def answer(self, pixel_values, question, max_new_tokens):
-        return self.vlm.decode_answer(self.generate_ids(pixel_values, self.vlm.prompt_ids(question), max_new_tokens))
 
-
-class OnnxGenerator:
+class OnnxGenerator(_Answers):
     """An export folder as a `Generator` (the runtime's greedy loop, with the folder's tokenizer). Threads per graph:
     `threads`, else the count tuned on this CPU (manifest), else ONNX Runtime's default."""
 
-    def __init__(self, folder, threads: int | None = None, providers=None, open_sessions: bool = True, **_):
+    def __init__(self, folder, threads: int | None = None, providers=None, open_sessions: bool = True,
+                 image_splitting: str = "as-folder", **_):
         from ..models import load_tokenizer
         from ..preprocess import Preprocess
         from ..runtime.generate import GENERATION_KEYS, Generator, GraphMismatch
@@ -57,13 +96,17 @@ class OnnxGenerator:
         from ..runtime.onnx import open_session, read_manifest
 
         self.folder = Path(folder)
+        self.where = str(self.folder)
         self.manifest = m = read_manifest(self.folder, tuple(FILES))
         gen = m.get("generation")
         if not isinstance(gen, dict) or not all(type(gen.get(k)) is int for k in GENERATION_KEYS):
             raise VlmedgeError(f"{self.folder / MANIFEST}: generation must hold the integers "
                                f"{', '.join(GENERATION_KEYS)}")
         self.preprocess = Preprocess(**m["preprocess"])
+        if image_splitting != "as-folder":
+            self.preprocess = self.with_splitting(image_splitting).preprocess
         self.tokenizer = load_tokenizer(self.folder)
+        self.eos_id = int(gen["eos_token_id"])
         self.threads = {k: threads or tuned_threads(m, k) for k in FILES}
         self.sessions = {}
         if open_sessions:
@@ -72,31 +115,23 @@ class OnnxGenerator:
             try:
                 self.runtime = Generator(self.sessions, m)
             except GraphMismatch as e:
+                hint = " (an export of vlmedge < 0.3, whose vision graph takes one image per row: export the model " \
+                       "again)" if e.graph == "vision" and "pixel_attention_mask" in e.why else ""
                 raise VlmedgeError(f"{self.folder / m['files'][e.graph]}: not this export's {e.graph} graph: it "
-                                   f"{e.why}") from None
+                                   f"{e.why}{hint}") from None
 
-    @property
-    def eos_id(self) -> int:
-        return int(self.manifest["generation"]["eos_token_id"])
-
-    def prompt_ids(self, question: str) -> list[int]:
+    def prompt_ids(self, question: str, rows: int = 0, cols: int = 0) -> list[int]:
         from ..models.generative import prompt_ids
 
         return prompt_ids(self.tokenizer, question, int(self.manifest["generation"]["image_tokens"]),
-                          int(self.manifest["max_length"]), str(self.folder))
+                          int(self.manifest["max_length"]), str(self.folder), rows, cols)
 
-    def generate_ids(self, pixel_values, prompt, max_new_tokens) -> list[int]:
+    def generate_ids(self, frames, prompt, max_new_tokens) -> list[int]:
         try:
-            return self.runtime.generate(pixel_values, prompt, max_new_tokens)
+            return self.runtime.generate(frames, prompt, max_new_tokens)
         except ValueError as e:  # the prompt's image-token count (the manifest's) against the vision graph's output
             raise VlmedgeError(f"{self.folder / MANIFEST}: generation.image_tokens does not fit "
                                f"{self.manifest['files']['vision']} ({e})") from None
-
-    def answer(self, pixel_values, question, max_new_tokens):
-        from ..models.generative import decode_answer
-
-        return decode_answer(self.tokenizer, self.generate_ids(pixel_values, self.prompt_ids(question), max_new_tokens),
-                             self.eos_id)
 
 
 PROCESSOR = "SmolVLMProcessor"
@@ -121,8 +156,7 @@ def _model_files(model, folder: Path) -> list[str]:
                                  num_attention_heads=first.q_proj.out_features // head_dim)
     write_json(folder / "config.json", config)
     model.model.generation_config.to_json_file(folder / "generation_config.json")
-    write_json(folder / "preprocessor_config.json", {**model.preprocess.to_hf(), "do_image_splitting": False,
-                                                     "processor_class": PROCESSOR})
+    write_json(folder / "preprocessor_config.json", {**model.preprocess.to_hf(), "processor_class": PROCESSOR})
     write_json(folder / "processor_config.json", {"image_seq_len": model.image_tokens, "processor_class": PROCESSOR})
     tok_config = json.loads((folder / "tokenizer_config.json").read_text())
     tok_config.update(chat_template=getattr(model.tokenizer, "chat_template", None) or CHAT_TEMPLATE,
@@ -144,8 +178,11 @@ def _modules(model):
             super().__init__()
             self.model = model
 
-        def forward(self, pixel_values):
-            return vision_features(self.model, pixel_values)
+        def forward(self, pixel_values, pixel_attention_mask):
+            """(B, N, 3, H, W) frames -> (B*N, image tokens, hidden). Padding frames (the mask's zeros) are zeroed,
+            not dropped: a batch of images with different frame counts gives features for its padding too."""
+            mask = pixel_attention_mask[:, :, None].to(pixel_values.dtype)
+            return vision_features(self.model, (pixel_values * mask).flatten(0, 1))
 
     class Embed(torch.nn.Module):
         def __init__(self):
@@ -188,19 +225,21 @@ def _forward(net, pixels, ids, mask):
 
 def _same_answers(a, b, questions: int) -> dict[str, Any]:
     """Greedy answers (24 tokens at most) of two generators on held-out shapes questions (images rendered at most
-    64 px, resized by the models' preprocessing): how many are token-identical, and the first that is not."""
+    64 px, processed as `a` processes them: resized, split when it splits): how many are token-identical, and the
+    first that is not."""
     from ..data.vqa import open_vqa
 
     ds = open_vqa(f"shapes:{max(questions, 16)}", "val", resolution=min(a.preprocess.image_size, 64))
     same, first_diff = 0, None
     items = ds.eval_items(questions)
     for it in items:
-        pixels = a.preprocess(ds.images([it.index]))
-        ids = [g.generate_ids(pixels, g.prompt_ids(it.question), 24) for g in (a, b)]
+        image = ds.images([it.index])[0]
+        frames, prompt = a.inputs(image, it.question)
+        ids = [g.generate_ids(frames, prompt, 24) for g in (a, b)]
         same += ids[0] == ids[1]
         if ids[0] != ids[1] and first_diff is None:
-            first_diff = {"question": it.question, "reference": a.answer(pixels, it.question, 24),
-                          "other": b.answer(pixels, it.question, 24)}
+            first_diff = {"question": it.question, "reference": a.answer(image, it.question, 24),
+                          "other": b.answer(image, it.question, 24)}
     return {"questions": len(items), "identical": same, "first_difference": first_diff}
 
 
@@ -316,24 +355,27 @@ class Generative(Family):
     # --- export ---
     def graphs(self, model) -> list[Graph]:
         vision, embed, decoder = _modules(model.model)
+        """The three graphs with onnx-community's axis names (batch_size, num_images, sequence_length,
+        past_sequence_length, total_sequence_length)."""
         layers, _, _ = kv_shape(model.model)
         size = model.preprocess.image_size
         past = past_names(layers)
         present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-        dynamic = {"inputs_embeds": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
-                   "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"},
-                   **{p: {0: "batch", 2: "past_sequence"} for p in past},
-                   **{p: {0: "batch", 2: "total_sequence"} for p in present}}
-        return [Graph("vision", FILES["vision"], vision, ("pixel_values",), ("image_features",),
-                      {"pixel_values": {0: "batch"}, "image_features": {0: "batch"}},
-                      {"pixel_values": ["batch", 3, size, size]}),
+        b, seq, total = "batch_size", "sequence_length", "total_sequence_length"
+        dynamic = {"inputs_embeds": {0: b, 1: seq}, "attention_mask": {0: b, 1: total},
+                   "position_ids": {0: b, 1: seq}, "logits": {0: b, 1: seq},
+                   **{p: {0: b, 2: "past_sequence_length"} for p in past}, **{p: {0: b, 2: total} for p in present}}
+        images = {0: b, 1: "num_images"}
+        return [Graph("vision", FILES["vision"], vision, ("pixel_values", "pixel_attention_mask"), ("image_features",),
+                      {"pixel_values": images, "pixel_attention_mask": images, "image_features": {0: "frames"}},
+                      {"pixel_values": [b, "num_images", 3, size, size],
+                       "pixel_attention_mask": [b, "num_images", size, size]}),
                 Graph("embed", FILES["embed"], embed, ("input_ids",), ("inputs_embeds",),
-                      {"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}},
-                      {"input_ids": ["batch", "sequence"]}),
+                      {"input_ids": {0: b, 1: seq}, "inputs_embeds": {0: b, 1: seq}}, {"input_ids": [b, seq]}),
                 Graph("decoder", FILES["decoder"], decoder, ("inputs_embeds", "attention_mask", "position_ids", *past),
                       ("logits", *present), dynamic,
-                      {"inputs_embeds": ["batch", "sequence", model.model.config.text_config.hidden_size],
-                       "attention_mask": ["batch", "total_sequence"], "position_ids": ["batch", "sequence"]})]
+                      {"inputs_embeds": [b, seq, model.model.config.text_config.hidden_size],
+                       "attention_mask": [b, total], "position_ids": [b, seq]})]
 
     def tracing(self, model):
         from ._export import patchify_as_matmul
@@ -341,7 +383,8 @@ class Generative(Family):
         return patchify_as_matmul(model.model, model.preprocess.image_size)
 
     def parity_inputs(self, model, n: int, seed: int) -> dict[str, dict[str, Any]]:
-        """Random pixels and token ids; for the decoder random embeddings after a random cache of 5 positions."""
+        """Random pixels (two frames per image) and token ids; for the decoder random embeddings after a random cache
+        of 5 positions."""
         rng = np.random.default_rng(seed)
         cfg = model.model.config.text_config
         layers, kv, head_dim = kv_shape(model.model)
@@ -352,7 +395,8 @@ class Generative(Family):
         for i in range(layers):
             for name in ("key", "value"):
                 dec[f"past_key_values.{i}.{name}"] = rng.standard_normal((n, kv, p, head_dim)).astype(np.float32)
-        return {"vision": {"pixel_values": rng.uniform(-1, 1, (n, 3, size, size)).astype(np.float32)},
+        return {"vision": {"pixel_values": rng.uniform(-1, 1, (n, 2, 3, size, size)).astype(np.float32),
+                           "pixel_attention_mask": np.ones((n, 2, size, size), dtype=bool)},
                 "embed": {"input_ids": rng.integers(0, cfg.vocab_size, (n, 12)).astype(np.int64)},  # pad included
                 "decoder": dec}
 
@@ -396,15 +440,15 @@ class Generative(Family):
         return {"answer_agreement": {**record, "fraction": record["identical"] / record["questions"]}}
 
     # --- runtime, evaluation, latency ---
-    def adapter(self, path, **options):
+    def adapter(self, path, image_splitting: str = "as-folder", **options):
         if not isinstance(path, (str, Path)):
-            return TorchGenerator(path)
+            return TorchGenerator(path, image_splitting)
         if (Path(path) / "manifest.json").is_file():
-            return OnnxGenerator(path, **options)
-        return TorchGenerator(self.load(path))
+            return OnnxGenerator(path, image_splitting=image_splitting, **options)
+        return TorchGenerator(self.load(path), image_splitting)
 
     def sanity_check(self, adapter) -> None:
-        where = getattr(adapter, "folder", None) or getattr(getattr(adapter, "vlm", None), "source", "the model")
+        where = adapter.where
         size = adapter.preprocess.image_size
         images = np.random.default_rng(0).integers(0, 256, size=(2, size, size, 3), dtype=np.uint8)
         pixels = adapter.preprocess(images)
@@ -429,6 +473,7 @@ class Generative(Family):
         from ..evaluate.vqa import evaluate_generator
 
         self.sanity_check(adapter)
+        adapter = adapter.with_splitting(eval_cfg.image_splitting)
         ds = open_vqa(eval_cfg.data, "val", resolution=adapter.preprocess.image_size, count=eval_cfg.vqa_questions,
                       seed=eval_cfg.seed)
         items = ds.eval_items(eval_cfg.vqa_questions, eval_cfg.seed)
@@ -436,26 +481,29 @@ class Generative(Family):
 
     def calibration_feeds(self, adapter, data, batches, batch_size, seed):
         """Real feeds per graph from training questions of `data` (the fp32 export computes what each graph
-        reads): vision, `batch_size` images per batch; embed, one prompt + answer per batch; decoder, per question a
+        reads): vision, `batch_size` images per batch as the frames of one; embed, one prompt + answer per batch
+        (the image processed as the export processes it, split when it splits); decoder, per question a
         prefill of the image, prompt and answer but its last two tokens (empty cache) and a step over those two
         with the prefill's cache (the two shapes the runtime calls)."""
         from ..data.vqa import open_vqa
-        from ..models.generative import answer_ids, prompt_ids
+        from ..models.generative import answer_ids
 
         ds = open_vqa(data, "train", resolution=adapter.preprocess.image_size, count=max(batches * batch_size, 16),
                       seed=seed)
         rng = np.random.default_rng(seed)
-        rt, gen = adapter.runtime, adapter.manifest["generation"]
+        rt = adapter.runtime
         out: dict[str, list] = {"vision": [], "embed": [], "decoder": []}
         for b in range(batches):
             idx = rng.integers(len(ds), size=batch_size).tolist()
             pixels = adapter.preprocess(ds.images(idx))
-            out["vision"].append({"pixel_values": pixels})
+            n, _, h, w = pixels.shape
+            out["vision"].append({"pixel_values": pixels[None],
+                                  "pixel_attention_mask": np.ones((1, n, h, w), dtype=bool)})
             (question, answer), = ds.training_captions(idx[:1], rng)[0]
-            prompt = prompt_ids(adapter.tokenizer, question, int(gen["image_tokens"]), rt.max_length, "calibration")
+            frames, prompt = adapter.inputs(ds.images(idx[:1])[0], question)
             ids = prompt + answer_ids(adapter.tokenizer, answer, rt.eos_id)
             out["embed"].append({"input_ids": np.asarray([ids], dtype=np.int64)})
-            embeds = rt.prefill_embeds(rt.image_features(pixels[:1]), ids)
+            embeds = rt.prefill_embeds(rt.image_features(frames), ids)
             split = len(ids) - 2
             prefill = rt.feeds(embeds[:, :split], None, 0)
             out["decoder"].append(prefill)
@@ -464,12 +512,16 @@ class Generative(Family):
         return out
 
     def latency_inputs(self, adapter, batch: int, seed: int = 0):
-        """One held-out shapes image and a question, preprocessed and tokenised as in deployment."""
+        """A held-out shapes scene at LATENCY_IMAGE (a camera frame's size: split into tiles when the adapter
+        splits) and a question, processed and tokenised as in deployment: (frames, prompt ids)."""
+        from PIL import Image
+
         from ..data.vqa import open_vqa
 
-        ds = open_vqa("shapes:16", "val", resolution=adapter.preprocess.image_size, seed=seed)
+        ds = open_vqa("shapes:16", "val", resolution=64, seed=seed)
         item = ds.eval_items(1, seed)[0]
-        return adapter.preprocess(ds.images([item.index])), adapter.prompt_ids(item.question)
+        image = Image.fromarray(ds.images([item.index])[0]).resize(LATENCY_IMAGE, Image.BICUBIC)
+        return adapter.inputs(image, item.question)
 
     def torch_scenarios(self, model, inputs, device: str, dtype):
         """Hugging Face's own path (`generate`, its DynamicCache), batch 1: vision (encode one image), ttft (image +
@@ -480,20 +532,20 @@ class Generative(Family):
 
         from ..models.generative import vision_features
 
-        pixels, prompt = inputs
+        frames, prompt = inputs
         net = model.model.to(device=device, dtype=dtype).eval()
-        px = torch.from_numpy(pixels).to(device=device, dtype=dtype)
+        px = torch.from_numpy(frames).to(device=device, dtype=dtype)
         ids = torch.tensor([prompt], device=device)
         pad = model.tokenizer.pad_token_id
 
         def gen(n):
             with torch.inference_mode():
-                return net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px[:, None],
+                return net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px[None],
                                     max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
 
         with torch.inference_mode():
             cache = DynamicCache(config=net.config.text_config)
-            first = net(input_ids=ids, pixel_values=px[:, None], cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            first = net(input_ids=ids, pixel_values=px[None], cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         step_mask = torch.ones(1, len(prompt) + 1, dtype=torch.long, device=device)
 
         def decode():
@@ -513,24 +565,26 @@ class Generative(Family):
 
         from ..runtime.measure import thread_record
 
-        adapter = OnnxGenerator(folder, threads=cfg.threads, providers=providers)
-        pixels, prompt = self.latency_inputs(adapter, 1)
+        adapter = OnnxGenerator(folder, threads=cfg.threads, providers=providers, image_splitting=cfg.image_splitting)
+        frames, prompt = self.latency_inputs(adapter, 1)
         rt = adapter.runtime
-        first, past = rt.step(rt.prefill_embeds(rt.image_features(pixels), prompt), None, 0)
+        first, past = rt.step(rt.prefill_embeds(rt.image_features(frames), prompt), None, 0)
         step_embeds = rt.embed.run(None, {"input_ids": np.array([[first]], dtype=np.int64)})[0]
-        scenarios = {"vision": lambda: rt.image_features(pixels),
-                     "ttft": lambda: rt.step(rt.prefill_embeds(rt.image_features(pixels), prompt), None, 0),
+        scenarios = {"vision": lambda: rt.image_features(frames),
+                     "ttft": lambda: rt.step(rt.prefill_embeds(rt.image_features(frames), prompt), None, 0),
                      "decode": lambda: rt.step(step_embeds, past, len(prompt)),
-                     "answer": lambda: rt.generate(pixels, prompt, ANSWER_TOKENS, stop_at_eos=False)}
+                     "answer": lambda: rt.generate(frames, prompt, ANSWER_TOKENS, stop_at_eos=False)}
         record = {"runtime": f"onnxruntime {ort.__version__}", "providers": rt.decoder.get_providers(),
                   "precision": adapter.manifest.get("precision", "fp32"), **thread_record(adapter.threads),
-                  "thread_tuning": adapter.manifest.get("threads")}
+                  "thread_tuning": adapter.manifest.get("threads"),
+                  "input_image": {"size": list(LATENCY_IMAGE), "splitting": adapter.preprocess.splitting,
+                            "frames": len(frames), "prompt_tokens": len(prompt)}}
         return self.time_scenarios(scenarios, cfg, record)
 
     def time_scenarios(self, scenarios, cfg, record, timer=None, sync=None):
         from ..runtime.measure import peak_rss_mb, time_fn
 
-        result = {**record, "batch": 1, "answer_tokens": ANSWER_TOKENS, "prompt_tokens": None,
+        result = {**record, "batch": 1, "answer_tokens": ANSWER_TOKENS,
                   "measure": {k: getattr(cfg, k) for k in ("warmup", "min_runs", "min_seconds")}}
         for name, fn in scenarios.items():
             result[name] = time_fn(fn, cfg, sync=sync, timer=timer)
@@ -541,6 +595,8 @@ class Generative(Family):
 
 ANSWER_TOKENS = 16
 """Tokens in the latency scenarios' whole answer (EOS ignored, so every artifact writes the same count)."""
+LATENCY_IMAGE = (1024, 768)
+"""The latency scenarios' image (width, height): a camera frame, which SmolVLM's processor splits into tiles."""
 
 
 register(Generative())

@@ -3,11 +3,12 @@ transformers implements it — a SigLIP-style vision transformer, a pixel-shuffl
 by scale_factor², and a Llama decoder with grouped-query attention.
 
 A model is a Hugging Face folder (config, safetensors, tokenizer, `preprocessor_config.json`, chat template) like
-SmolVLM-256M-Instruct's. Prompts follow SmolVLM's chat template with one global image (image splitting off):
+SmolVLM-256M-Instruct's. Prompts follow SmolVLM's chat template and processor: one global image,
 
     <|im_start|>User:<fake_token_around_image><global-img><image>...<image><fake_token_around_image>QUESTION<end_of_utterance>\nAssistant:
 
-and the answer ends with `<end_of_utterance>`. Three functions compute the model the way every consumer uses it
+or, with image splitting, each tile's `<fake_token_around_image><row_R_col_C><image>...` (a newline after each row)
+before the global image; the answer ends with `<end_of_utterance>`. Three functions compute the model the way every consumer uses it
 (training, generation, export): `vision_features` (pixels -> image tokens after the connector), `merge` (token
 embeddings with the image tokens in their placeholders) and `decode` (the decoder with an explicit KV cache, written
 with the model's own modules so that the ONNX export traces one graph for prefill and decode).
@@ -50,8 +51,8 @@ class GenerativeVLM(VLM):
     def eos_id(self) -> int:
         return int(self.tokenizer.convert_tokens_to_ids(SPECIAL["end"]))
 
-    def prompt_ids(self, question: str) -> list[int]:
-        return prompt_ids(self.tokenizer, question, self.image_tokens, self.max_length, self.source)
+    def prompt_ids(self, question: str, rows: int = 0, cols: int = 0) -> list[int]:
+        return prompt_ids(self.tokenizer, question, self.image_tokens, self.max_length, self.source, rows, cols)
 
     def answer_ids(self, answer: str) -> list[int]:
         return answer_ids(self.tokenizer, answer, self.eos_id)
@@ -66,21 +67,39 @@ class GenerativeVLM(VLM):
         folder = Path(folder)
         save_weights(self.model, folder)
         self.tokenizer.save_pretrained(folder)
-        write_json(folder / "preprocessor_config.json", {**self.preprocess.to_hf(), "do_image_splitting": False})
+        write_json(folder / "preprocessor_config.json", self.preprocess.to_hf())
         write_json(folder / "vlmedge.json", {"max_length": self.max_length, "source": self.source})
 
 
-def prompt_text(question: str, image_tokens: int) -> str:
-    image = SPECIAL["around"] + SPECIAL["global"] + SPECIAL["image"] * image_tokens + SPECIAL["around"]
-    return f"{SPECIAL['start']}User:{image}{question}{SPECIAL['end']}\nAssistant:"
+def tile_token(row: int, col: int) -> str:
+    """The token before the tile in row `row`, column `col` (from 1) of a split image."""
+    return f"<row_{row}_col_{col}>"
 
 
-def prompt_ids(tokenizer, question: str, image_tokens: int, max_length: int, where: str = "") -> list[int]:
-    """The token ids of a question's prompt; a one-line error when it does not fit the model's context."""
-    ids = tokenizer(prompt_text(question, image_tokens), add_special_tokens=False)["input_ids"]
+def prompt_text(question: str, image_tokens: int, rows: int = 0, cols: int = 0) -> str:
+    """SmolVLM's user turn for one image of `rows` x `cols` tiles (0 x 0: the global image only), as its processor
+    expands `<image>` (`image_tokens` per tile)."""
+    around, image = SPECIAL["around"], SPECIAL["image"] * image_tokens
+    tiles = "".join("".join(f"{around}{tile_token(r + 1, c + 1)}{image}" for c in range(cols)) + "\n"
+                    for r in range(rows))
+    glob = f"{around}{SPECIAL['global']}{image}{around}"
+    picture = tiles + "\n" + glob if rows else glob
+    return f"{SPECIAL['start']}User:{picture}{question}{SPECIAL['end']}\nAssistant:"
+
+
+def prompt_ids(tokenizer, question: str, image_tokens: int, max_length: int, where: str = "", rows: int = 0,
+               cols: int = 0) -> list[int]:
+    """The token ids of a question's prompt for an image of `rows` x `cols` tiles; a one-line error when the
+    tokenizer has no tile tokens or the prompt does not fit the model's context."""
+    if rows and tokenizer.convert_tokens_to_ids(tile_token(rows, cols)) in (None, tokenizer.unk_token_id):
+        raise VlmedgeError(f"{where or 'prompt'}: the tokenizer has no {tile_token(rows, cols)} token for a "
+                           f"{rows}x{cols}-tile image; use image splitting off")
+    ids = tokenizer(prompt_text(question, image_tokens, rows, cols), add_special_tokens=False)["input_ids"]
     if len(ids) >= max_length:
-        raise VlmedgeError(f"{where or 'prompt'}: the prompt is {len(ids)} tokens ({image_tokens} of them the image); "
-                           f"the model's context is {max_length} (question: {question[:60]!r})")
+        frames = rows * cols + 1
+        raise VlmedgeError(f"{where or 'prompt'}: the prompt is {len(ids)} tokens ({frames * image_tokens} of them "
+                           f"the image{f', {frames} frames' if rows else ''}); the model's context is {max_length} "
+                           f"(question: {question[:60]!r})")
     return ids
 
 
@@ -110,7 +129,9 @@ def train_tokenizer(texts: Sequence[str]):
     tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.WordPiece(prefix="##")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=SPECIAL["unk"], pad_token=SPECIAL["pad"],
                                    eos_token=SPECIAL["end"], bos_token=SPECIAL["start"])
-    fast.add_special_tokens({"additional_special_tokens": [SPECIAL[k] for k in ("around", "global", "image")]})
+    tiles = [tile_token(r, c) for r in range(1, 7) for c in range(1, 7)]  # SmolVLM's: up to 6 x 6 tiles
+    fast.add_special_tokens({"additional_special_tokens": [SPECIAL[k] for k in ("around", "global", "image")]
+                             + tiles})
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -276,16 +297,11 @@ def load(path: str | os.PathLike, *, attn_implementation: str = "sdpa") -> Gener
     check_vocab(folder, tokenizer, resolved["text_config"].get("vocab_size"))
     model = load_weights(folder, config, ARCHITECTURES, attn_implementation)
     pre_path = folder / "preprocessor_config.json"
-    pre_cfg = _mapping(pre_path)
     size = int(model.config.vision_config.image_size)
-    if pre_cfg.get("do_image_splitting"):
-        import sys
-
-        print(f"warning: {pre_path}: do_image_splitting is true; vlmedge does no image splitting and feeds the global "
-              f"image only ({size} px, as with do_image_splitting false): answers that need the tiles' detail may "
-              "differ from the splitting processor's", file=sys.stderr)
-    # SmolVLM's `size` is the longest edge before splitting, not the encoder's input: the encoder's size is used
-    preprocess = read_preprocess(pre_path, {k: v for k, v in pre_cfg.items() if k != "size"}, size)
+    preprocess = read_preprocess(pre_path, _mapping(pre_path), size)
+    if preprocess.image_size != size:
+        raise VlmedgeError(f"{pre_path}: image tiles of {preprocess.image_size} px (max_image_size), but the vision "
+                           f"encoder reads {size} px (config.json vision_config.image_size)")
     meta = _mapping(folder / "vlmedge.json")
     max_length = int(meta.get("max_length") or min(model.config.text_config.max_position_embeddings, 2048))
     if model.generation_config.eos_token_id is None:

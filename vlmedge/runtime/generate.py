@@ -3,13 +3,15 @@ board runner can carry it.
 
 The export's three graphs, in `onnx/` (the layout onnx-community publishes for SmolVLM and transformers.js loads):
 
-    vision_encoder.onnx        pixel_values (B,3,H,W) -> image_features (B, image tokens, hidden)
+    vision_encoder.onnx        pixel_values (B,N,3,H,W), pixel_attention_mask (B,N,H,W) bool
+                               -> image_features (B*N, image tokens, hidden)
     embed_tokens.onnx          input_ids (B,S) -> inputs_embeds (B,S,hidden)
     decoder_model_merged.onnx  inputs_embeds, attention_mask (B,P+S), position_ids (B,S),
                                past_key_values.N.key / .value (B,kv heads,P,head dim)
                                -> logits (B,S,vocab), present.N.key / .value (B,kv heads,P+S,head dim)
 
-One decoder graph serves the prefill (P = 0) and every decode step. The cache stays in ONNX Runtime: each step's
+N is an image's frames: its tiles and the global image when it is split (`Preprocess.frames`), else 1; the
+features fill the prompt's image tokens in order. One decoder graph serves the prefill (P = 0) and every decode step. The cache stays in ONNX Runtime: each step's
 `present` OrtValues are fed back as the next step's `past` (no copy of the whole cache into numpy per token).
 """
 
@@ -45,7 +47,7 @@ class GraphMismatch(ValueError):
 def check_sessions(sessions: dict, manifest: dict) -> None:
     """Each session takes the inputs the loop feeds it (the decoder: one past key and value per manifest layer);
     `GraphMismatch` for the first that does not."""
-    needs = {"vision": ["pixel_values"], "embed": ["input_ids"],
+    needs = {"vision": ["pixel_values", "pixel_attention_mask"], "embed": ["input_ids"],
              "decoder": ["inputs_embeds", "attention_mask", "position_ids",
                          *past_names(int(manifest["generation"]["layers"]))]}
     for graph, names in needs.items():
@@ -75,16 +77,20 @@ class Generator:
         t = next(i.type for i in self.decoder.get_inputs() if i.name == self.past_names[0])
         return np.float16 if "float16" in t else np.float32
 
-    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.vision.run(None, {"pixel_values": pixel_values})[0]
+    def image_features(self, frames: np.ndarray) -> np.ndarray:
+        """One image's frames (N, 3, H, W) -> its features (N, image tokens, hidden)."""
+        n, _, h, w = frames.shape
+        return self.vision.run(None, {"pixel_values": frames[None],
+                                      "pixel_attention_mask": np.ones((1, n, h, w), dtype=bool)})[0]
 
     def prefill_embeds(self, features: np.ndarray, prompt: Sequence[int]) -> np.ndarray:
         ids = np.asarray(prompt, dtype=np.int64)[None]
         embeds = self.embed.run(None, {"input_ids": ids})[0]
         slots = ids[0] == self.image_token_id
-        if slots.sum() != features.shape[1]:
-            raise ValueError(f"the prompt has {int(slots.sum())} image tokens; the image gives {features.shape[1]}")
-        embeds[0, slots] = features[0].astype(embeds.dtype)
+        features = features.reshape(-1, features.shape[-1])
+        if slots.sum() != len(features):
+            raise ValueError(f"the prompt has {int(slots.sum())} image tokens; the image gives {len(features)}")
+        embeds[0, slots] = features.astype(embeds.dtype)
         return embeds
 
     def feeds(self, embeds: np.ndarray, past: list | None, start: int) -> dict:
@@ -106,11 +112,11 @@ class Generator:
         logits = out[0].numpy()
         return int(np.argmax(logits[0, -1])), out[1:]
 
-    def generate(self, pixel_values: np.ndarray, prompt: Sequence[int], max_new_tokens: int,
+    def generate(self, frames: np.ndarray, prompt: Sequence[int], max_new_tokens: int,
                  stop_at_eos: bool = True) -> list[int]:
-        """Greedy ids after the prompt: until EOS (kept) or `max_new_tokens` or the context's end; with
-        `stop_at_eos=False` exactly `max_new_tokens` (what latency scenarios time)."""
-        token, past = self.step(self.prefill_embeds(self.image_features(pixel_values[:1]), prompt), None, 0)
+        """Greedy ids after the prompt for one image's `frames`: until EOS (kept) or `max_new_tokens` or the
+        context's end; with `stop_at_eos=False` exactly `max_new_tokens` (what latency scenarios time)."""
+        token, past = self.step(self.prefill_embeds(self.image_features(frames), prompt), None, 0)
         ids = [token]
         position = len(prompt)
         while (token != self.eos_id or not stop_at_eos) and len(ids) < max_new_tokens \

@@ -147,6 +147,9 @@ class MeasureConfig:
     threads: int | None = None
     """Intra-op threads; None = all cores of this machine."""
     max_cv: float = 0.25
+    image_splitting: str = "as-folder"
+    """Generative models: split the image into tiles (on), one global image (off), or as the folder's processor
+    config says (as-folder)."""
 
     def __post_init__(self):
         # ValueError, not VlmedgeError: this module runs on boards without vlmedge (the recipe loader names the line)
@@ -154,6 +157,8 @@ class MeasureConfig:
             value = getattr(self, key)
             if value is not None and value < low:
                 raise ValueError(f"measure: {key}={value}; expected an integer >= {low}")
+        if self.image_splitting not in ("on", "off", "as-folder"):
+            raise ValueError(f"measure: image_splitting={self.image_splitting!r}; expected on, off or as-folder")
         if self.min_seconds < 0 or self.max_cv <= 0:
             raise ValueError(f"measure: min_seconds={self.min_seconds}, max_cv={self.max_cv}; expected >= 0 and > 0")
 

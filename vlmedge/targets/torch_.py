@@ -19,8 +19,9 @@ def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), dev
     family = families.of(path)
     model = family.load(path)
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    scenarios = family.torch_scenarios(model, family.latency_inputs(family.adapter(model), cfg.throughput_batch),
-                                       device, torch_dtype)
+    adapter = family.adapter(model, image_splitting=cfg.image_splitting)
+    scenarios = family.torch_scenarios(model, family.latency_inputs(adapter, cfg.throughput_batch), device,
+                                       torch_dtype)
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else None
 
