@@ -220,3 +220,15 @@ def test_a_stage_keeps_its_own_data_and_takes_the_runs_otherwise(tiny_model, tmp
     execute(runs, parent, ctx, tmp_path / "runs")
     assert json.loads((tmp_path / "runs" / "pruning_plan.json").read_text())["config"]["data"] == "shapes"
     assert step_id(runs, parent, ctx) != step_id(runs, parent, Context(data=DataSpec(source="shapes:256")))
+
+
+def test_adding_precisions_to_a_flat_export_is_refused(tiny_export, tmp_path):
+    """A dual encoder's export names its graphs the same in every precision: adding a quantized one into it would
+    replace the fp32 graph, so it is refused before any work, the source untouched."""
+    from vlmedge.artifact import product_files
+    from vlmedge.stages.quantize import QuantizeConfig, quantize
+
+    before = product_files(tiny_export)
+    with pytest.raises(VlmedgeError, match="add_to_source needs an export in the onnx-community layout"):
+        quantize(tiny_export, tmp_path / "q", QuantizeConfig(add_to_source=True))
+    assert product_files(tiny_export) == before and not (tmp_path / "q").exists()

@@ -30,12 +30,9 @@ def test_transformers_js_answers_like_vlmedge_from_one_folder_of_three_precision
 
     export, fast = tmp_path / "export", ["--no-eval", "--no-tune-threads", "--quiet"]
     assert main(["export", str(vqa_model), "--out", str(export), "--parity-questions", "2", *fast]) == 0
-    for mode, dtype in (("dynamic", "q8"), ("int4", "q4")):
-        out = tmp_path / dtype
-        assert main(["quantize", str(export), "--out", str(out), "--mode", mode, "--agreement-questions", "0",
-                     *fast]) == 0
-        for graph in (out / "onnx").glob("*.onnx"):  # a user adds a precision to the folder: a file copy
-            shutil.copy(graph, export / "onnx" / graph.name)
+    for mode, dtype in (("dynamic", "q8"), ("int4", "q4")):  # each precision added to the export's onnx/
+        assert main(["quantize", str(export), "--out", str(tmp_path / dtype), "--mode", mode, "--add-to-source",
+                     "--agreement-questions", "0", *fast]) == 0
     assert Artifact.load(export).mismatches() == []  # added precisions leave what vlmedge reads as recorded
     names = sorted(p.name for p in (export / "onnx").iterdir())
     assert names == sorted(f"{g}{s}.onnx" for g in ("decoder_model_merged", "embed_tokens", "vision_encoder")

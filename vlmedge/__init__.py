@@ -3,4 +3,4 @@
 Importing the package is cheap: torch, transformers and onnxruntime are imported inside the functions that need them.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -98,6 +98,10 @@ class QuantizeConfig:
     data: str | None = None
     """Calibration data (static mode, accuracy-aware mode, drift); None: the run's data (recipe `data.source`, the
     command's --data)."""
+    add_to_source: bool = False
+    """An onnx-community export (the generative family's): also add the quantized graphs, with their dtype suffix,
+    to the source export's onnx/ beside its fp32 graphs, so that one folder carries each precision (transformers.js
+    picks one by dtype). The source's record still holds: it checks only the files it lists."""
     seed: int = 0
 
     @property
@@ -337,6 +341,10 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
     manifest = read_manifest(source)
     if manifest.get("precision", "fp32") != "fp32":
         raise VlmedgeError(f"{source}: already quantized ({manifest['precision']}); quantize the fp32 export")
+    if cfg.add_to_source and manifest.get("layout") != "onnx-community":
+        raise VlmedgeError(f"quantize: add_to_source needs an export in the onnx-community layout (the generative "
+                           f"family's); {source} is a {manifest.get('family', 'dual_encoder')} export, whose graphs "
+                           "share one name across precisions")
     from .. import families
 
     family = families.of(source)
@@ -404,7 +412,29 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
     info.update({"mode": cfg.mode, "graphs": cfg.graphs, "precision": _precision(cfg),
                  "per_channel": cfg.channelwise, "weight_scheme": scheme, "why": why, "kept_fp32": kept,
                  "size_bytes": onnx_size(out), "fp32_size_bytes": onnx_size(source)})
+    if cfg.add_to_source:
+        info["added_to_source"] = _add_to_source(Path(out), source, files)
     return info
+
+
+def _add_to_source(out: Path, source: Path, own: dict[str, str]) -> list[str]:
+    """Copy the quantized graphs of `out` (and their external data) into the source export beside its own graphs,
+    each through a hidden temporary renamed into place; a graph kept fp32 is the source's own file and is skipped.
+    Returns the files added."""
+    import shutil
+
+    added = []
+    for name in read_manifest(out)["files"].values():
+        if name in own.values():
+            continue
+        for rel in (name, f"{name}.data"):
+            if (out / rel).is_file():
+                dest = source / rel
+                tmp = dest.with_name(f".{dest.name}.tmp")
+                shutil.copy2(out / rel, tmp)
+                tmp.replace(dest)
+                added.append(rel)
+    return added
 
 
 def _forms(cfg: QuantizeConfig, files: dict[str, str]) -> list[QuantizeConfig]:
