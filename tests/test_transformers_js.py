@@ -5,6 +5,7 @@ token-identical to vlmedge's own runtime on the same images and questions. Skips
 package is absent."""
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -56,6 +57,16 @@ def test_transformers_js_answers_like_vlmedge_from_one_folder_of_three_precision
             pixels, prompt = ours.inputs(Image.open(job["image"]), job["question"])
             assert answer["prompt"] == prompt, (dtype, job["question"])
             assert answer["ids"] == ours.generate_ids(pixels, prompt, 16), (dtype, job["question"])
+
+    # the README's example, as written there, answers as vlmedge does
+    readme = (REPO / "README.md").read_text()
+    code = re.search(r"the test suite runs this.*?```js\n(.*?)```", readme, re.S).group(1)
+    job = jobs["items"][0]
+    p = subprocess.run([NODE, "--input-type=module", "-e", code, str(export), job["image"], job["question"], "q4"],
+                       cwd=JS, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    expected = OnnxGenerator(tmp_path / "q4").answer(Image.open(job["image"]), job["question"], 24)
+    assert p.stdout.strip().splitlines()[-1].strip() == expected
 
 
 def test_transformers_js_loads_a_smolvlm_256m_shaped_export_with_its_own_processor(smolvlm_export, tmp_path):
