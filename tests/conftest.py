@@ -107,3 +107,30 @@ def smolvlm_export(tmp_path_factory) -> tuple[Path, Path]:
     assert main(["export", str(folder), "--out", str(root / "onnx"), "--quiet", "--no-eval", "--no-tune-threads",
                  "--parity-questions", "4"]) == 0
     return folder, root / "onnx"
+
+
+@pytest.fixture(scope="session")
+def siglip_folder(tmp_path_factory, tiny_model):
+    """A randomly initialised SiglipModel saved as a user brings one: config, safetensors, tokenizer and SigLIP's
+    processor config (resize to the square, no crop)."""
+    import json
+
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer, SiglipConfig, SiglipModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    cfg = SiglipConfig(**tiny_tower_configs(tok, max_position_embeddings=24))
+    out = tmp_path_factory.mktemp("siglip") / "siglip"
+    torch.manual_seed(0)  # the same weights whatever ran before in this process
+    model = SiglipModel(cfg)
+    with torch.no_grad():  # a released SigLIP carries learned values (t ~ 117, b ~ -12); the paper starts at 10, -10
+        model.logit_scale.fill_(np.log(10.0))
+        model.logit_bias.fill_(-10.0)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
+         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 3}))
+    (out / "vlmedge.json").write_text(json.dumps({"max_length": 24}))
+    return out

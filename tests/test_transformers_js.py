@@ -100,3 +100,50 @@ def test_transformers_js_loads_a_smolvlm_256m_shaped_export_with_its_own_process
         theirs = np.fromfile(tmp_path / f"{k}.f32", dtype="<f4").reshape(answer["pixels"])[0]
         assert answer["ids"] == ours.runtime.generate(theirs, prompt, 16, stop_at_eos=False)
         assert np.abs(theirs - frames).mean() < 0.05  # the same picture, resampled differently
+
+
+CLIP = ["CLIPVisionModelWithProjection", "CLIPTextModelWithProjection"]
+
+
+@pytest.mark.parametrize("which, classes", [("tiny_clip", CLIP), ("tiny_model", CLIP),
+                                            ("siglip_folder", ["SiglipVisionModel", "SiglipTextModel"])])
+def test_transformers_js_embeds_like_vlmedge_from_a_dual_encoder_export(which, classes, request, tmp_path):
+    """`export --layout onnx-community` of a CLIP folder, of vlmedge's own dual encoder (ViT + BERT) and of a SigLIP
+    folder: transformers.js loads the towers as its CLIP (or SigLIP) vision and text models with the folder's
+    processor and tokenizer, fp32 and q8 from one folder, and its embeddings equal vlmedge's within the export's
+    parity tolerance (images at the model's resolution: both processors leave them as they are)."""
+    import numpy as np
+
+    from vlmedge.data import open_dataset
+    from vlmedge.runtime.onnx import OnnxEncoder
+
+    model, export, fast = request.getfixturevalue(which), tmp_path / "export", ["--no-eval", "--no-tune-threads",
+                                                                                "--quiet"]
+    assert main(["export", str(model), "--out", str(export), "--layout", "onnx-community", *fast]) == 0
+    assert main(["quantize", str(export), "--out", str(tmp_path / "q8"), "--mode", "dynamic", "--add-to-source",
+                 *fast]) == 0
+    assert sorted(p.name for p in (export / "onnx").iterdir()) == [
+        "text_model.onnx", "text_model_quantized.onnx", "vision_model.onnx", "vision_model_quantized.onnx"]
+    ours = OnnxEncoder(export)
+    data = open_dataset("shapes:8", "test", resolution=ours.preprocess.image_size)
+    jobs = {"dtypes": ["fp32", "q8"], "classes": classes, "images": [],
+            "texts": ["a red circle", "two blue squares on the left"]}
+    for k in range(4):
+        Image.fromarray(data.images([k])[0]).save(tmp_path / f"{k}.png")
+        jobs["images"].append(str(tmp_path / f"{k}.png"))
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    p = subprocess.run([NODE, str(JS / "embed.mjs"), str(export), str(tmp_path / "jobs.json")], cwd=JS,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    # padded to the longest, as transformers.js pads: INT8 dynamic quantizes by the whole tensor's range, so the
+    # padding's length moves the q8 embeddings by up to 1e-2 (measured), and the comparison needs the same inputs
+    tokens = ours.tokenizer(jobs["texts"], padding=True, truncation=True, max_length=ours.manifest["max_length"],
+                            return_tensors="np")
+    assert got["input_ids"] == tokens["input_ids"].tolist()
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in jobs["images"]])
+    for dtype, folder in (("fp32", export), ("q8", tmp_path / "q8")):
+        enc = OnnxEncoder(folder)
+        assert np.abs(np.asarray(got[dtype]["image_embeds"]) - enc.encode_images(enc.preprocess(images))).max() <= 1e-4
+        text = enc.run_text(tokens["input_ids"], tokens["attention_mask"])
+        assert np.abs(np.asarray(got[dtype]["text_embeds"]) - text).max() <= 1e-4

@@ -514,8 +514,14 @@ def _add_export(sub) -> None:
                                    "image_encoder, text_encoder and matcher.onnx), dynamic batch and sequence, check "
                                    "them with onnx.checker and against PyTorch on fresh random inputs (and greedy "
                                    "answers or rerank orders on held-out data), and write manifest.json with "
-                                   "preprocessing and tokenizer files.",
-                       epilog="example: vlmedge export runs/student --out runs/onnx --label 'a red circle'")
+                                   "preprocessing and tokenizer files. A generative export, and a dual encoder's with "
+                                   "--layout onnx-community, is a model folder transformers.js loads as written "
+                                   "(graphs in onnx/, config.json and the processor's configs beside them).",
+                       epilog="example: vlmedge export runs/student --out runs/onnx --label 'a red circle'\n"
+                              "transformers.js: vlmedge export runs/student --out runs/web --layout onnx-community\n"
+                              "         then:   vlmedge quantize runs/web --out runs/web-q8 --add-to-source  "
+                              "(q8 beside fp32 in runs/web/onnx)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model folder (or the folder of an earlier command or run step)")
     _add_common(p, "evaluation data")
     _add_config_flags(p, ExportConfig, rename=EXPORT_FLAGS,

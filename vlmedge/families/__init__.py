@@ -79,6 +79,10 @@ class Family:
     (`prunable`, on the loaded model, is the same parts)."""
     report_latency: tuple[str, ...] = ()
     """Further scenarios whose p50 the full report table shows (a generative model's ttft and decode per token)."""
+    layouts: dict[str, dict[str, str]] = {}
+    """The export layouts it writes, each graph's file per layout; the first is the default. `onnx-community`: a
+    model folder transformers.js loads as written (graphs in onnx/, config.json and the processor's configs beside
+    them; quantized graphs carry their dtype suffix, so precisions share the folder)."""
 
     # --- models (train, prune, distill, export, describe) ---
     def build(self, spec: dict[str, Any], tokenizer, *, seed: int = 0, source: str = "",
@@ -166,18 +170,23 @@ class Family:
         it writes into `folder`: tokenizer, ...)."""
         raise NotImplementedError
 
+    def model_files(self, model, folder: Path, layout: str) -> list[str]:
+        """The files besides the graphs and the tokenizer that `layout` needs (an onnx-community folder's
+        config.json and processor configs), written into `folder`; their names."""
+        return []
+
     def export_extras(self, folder: Path, adapter, labels: Sequence[str] = (), eval_cfg=None) -> dict[str, Any]:
         """Precomputed data an export carries for a device (e.g. zero-shot label embeddings: of `labels` given, else
         of the classes `eval_cfg`'s evaluation scores), computed with the export's `adapter`; manifest additions."""
         raise NotImplementedError
 
-    def verify_export(self, model, adapter, questions: int) -> dict[str, Any]:
+    def verify_export(self, model, adapter, questions: int, progress: bool = False) -> dict[str, Any]:
         """Checks of the exported files beyond per-graph parity, run by export on the open `adapter` (e.g. greedy
-        answers to `questions` held-out questions token-identical to PyTorch); raises a VlmedgeError on failure;
-        manifest additions."""
+        answers to `questions` held-out questions token-identical to PyTorch; `progress` where that takes long);
+        raises a VlmedgeError on failure; manifest additions."""
         return {}
 
-    def output_agreement(self, reference, adapter, inputs: int) -> dict[str, Any]:
+    def output_agreement(self, reference, adapter, inputs: int, progress: bool = False) -> dict[str, Any]:
         """What quantization records beyond output cosines: how often `adapter` (a quantized export) gives the same
         end result as `reference` (the fp32 export) on `inputs` held-out inputs (a generative model: identical
         greedy answers); {} where the cosines say it all."""

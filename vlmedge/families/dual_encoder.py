@@ -172,6 +172,7 @@ class DualEncoder(CaptionedFamily):
     graph_towers = {"image": "vision", "text": "text"}
     prunable_parts = ("vision_heads", "vision_mlp", "vision_layers", "text_heads", "text_mlp", "text_layers")
     architectures = ("VisionTextDualEncoderModel", "CLIPModel", "SiglipModel")
+    layouts = {"flat": GRAPH_FILES, "onnx-community": {"image": "onnx/vision_model.onnx", "text": "onnx/text_model.onnx"}}
     report_metrics = ("zero_shot.top1", "retrieval.i2t_r5", "zero_shot.top5", "retrieval.t2i_r5",
                       "hard_negatives.colour")
     headline_scenario = "pair"
@@ -284,6 +285,19 @@ class DualEncoder(CaptionedFamily):
                 "logit_scale": float(model.model.logit_scale.detach().exp()),
                 **({"logit_bias": float(model.model.logit_bias.detach())}
                    if hasattr(model.model, "logit_bias") else {})}
+
+    def model_files(self, model, folder: Path, layout: str) -> list[str]:
+        """onnx-community: the model's config.json and its image processor's config, so that transformers.js loads
+        the towers as `CLIPVisionModelWithProjection` / `CLIPTextModelWithProjection` (files vision_model.onnx,
+        text_model.onnx; outputs image_embeds, text_embeds, L2-normalised here) with `AutoProcessor` and
+        `AutoTokenizer`."""
+        from .._io import write_json
+
+        if layout != "onnx-community":
+            return []
+        write_json(folder / "config.json", model.model.config.to_dict())
+        write_json(folder / "preprocessor_config.json", model.preprocess.to_hf())
+        return ["config.json", "preprocessor_config.json"]
 
     def export_extras(self, folder: Path, adapter, labels: Sequence[str] = (), eval_cfg=None) -> dict[str, Any]:
         """Zero-shot class embeddings, so a device can classify with the image graph alone: of `labels` (captions,

@@ -223,29 +223,41 @@ def _forward(net, pixels, ids, mask):
     return logits, feats
 
 
-def _same_answers(a, b, questions: int) -> dict[str, Any]:
+SPLIT_QUESTIONS = 2
+"""Questions of a parity or agreement check whose image is split into tiles when the model splits (the rest are
+one global image each): a split image is up to 17 frames, seconds per answer at SmolVLM-256M's size."""
+
+
+def _same_answers(a, b, questions: int, label: str = "answers", progress: bool = False) -> dict[str, Any]:
     """Greedy answers (24 tokens at most) of two generators on held-out shapes questions (images rendered at most
-    64 px, processed as `a` processes them: resized, split when it splits): how many are token-identical, and the
-    first that is not."""
+    64 px, processed as `a` processes them: resized; the first SPLIT_QUESTIONS split when it splits): how many are
+    token-identical, and the first that is not."""
+    from .._progress import Progress
     from ..data.vqa import open_vqa
 
     ds = open_vqa(f"shapes:{max(questions, 16)}", "val", resolution=min(a.preprocess.image_size, 64))
     same, first_diff = 0, None
     items = ds.eval_items(questions)
-    for it in items:
-        image = ds.images([it.index])[0]
-        frames, prompt = a.inputs(image, it.question)
-        ids = [g.generate_ids(frames, prompt, 24) for g in (a, b)]
-        same += ids[0] == ids[1]
-        if ids[0] != ids[1] and first_diff is None:
-            first_diff = {"question": it.question, "reference": a.answer(image, it.question, 24),
-                          "other": b.answer(image, it.question, 24)}
-    return {"questions": len(items), "identical": same, "first_difference": first_diff}
+    whole = (a.with_splitting("off"), b.with_splitting("off")) if a.preprocess.splitting else (a, b)
+    with Progress(label, len(items), enabled=progress, unit="questions") as bar:
+        for k, it in enumerate(items):
+            ga, gb = (a, b) if k < SPLIT_QUESTIONS else whole
+            image = ds.images([it.index])[0]
+            frames, prompt = ga.inputs(image, it.question)
+            ids = [g.generate_ids(frames, prompt, 24) for g in (ga, gb)]
+            same += ids[0] == ids[1]
+            if ids[0] != ids[1] and first_diff is None:
+                first_diff = {"question": it.question, "reference": ga.answer(image, it.question, 24),
+                              "other": gb.answer(image, it.question, 24)}
+            bar.update(k + 1)
+    return {"questions": len(items), "identical": same, "first_difference": first_diff,
+            "split_questions": min(SPLIT_QUESTIONS, len(items)) if a.preprocess.splitting else 0}
 
 
 class Generative(Family):
     name = "generative"
     architectures = ARCHITECTURES
+    layouts = {"onnx-community": FILES}
     report_metrics = ("vqa.accuracy", "vqa.held_out", "caption.cider")
     headline_scenario = "answer"
     report_latency = ("vision", "ttft", "decode")
@@ -407,8 +419,7 @@ class Generative(Family):
         layers, kv, head_dim = kv_shape(model.model)
         tok = model.tokenizer
         tokenizer = save_tokenizer(tok, folder)
-        return {"layout": "onnx-community", "model_files": _model_files(model, folder),
-                "preprocess": asdict(model.preprocess), "max_length": model.max_length,
+        return {"preprocess": asdict(model.preprocess), "max_length": model.max_length,
                 "tokenizer": tokenizer, "vocab_size": len(tok),
                 "source_architecture": model.architecture,
                 "chat_template": getattr(tok, "chat_template", None),
@@ -418,25 +429,28 @@ class Generative(Family):
                                "decoding": "greedy", "layers": layers, "kv_heads": kv, "head_dim": head_dim,
                                "hidden_size": model.model.config.text_config.hidden_size}}
 
+    def model_files(self, model, folder, layout):
+        return _model_files(model, folder)
+
     def export_extras(self, folder, adapter, labels=(), eval_cfg=None):
         return {}
 
-    def verify_export(self, model, adapter, questions: int = 100) -> dict[str, Any]:
+    def verify_export(self, model, adapter, questions: int = 100, progress: bool = False) -> dict[str, Any]:
         """Greedy answers of the ONNX files against PyTorch `generate` on held-out shapes questions: at most one may
         differ (a tie between two logits can flip on the last bit)."""
-        record = _same_answers(TorchGenerator(model), adapter, questions)
+        record = _same_answers(TorchGenerator(model), adapter, questions, "export: generation parity", progress)
         if record["identical"] < record["questions"] - 1:
             raise VlmedgeError(f"export: greedy answers from the ONNX files differ from PyTorch generate on "
                                f"{record['questions'] - record['identical']} of {record['questions']} questions "
                                f"(e.g. {record['first_difference']})")
         return {"generation_parity": record}
 
-    def output_agreement(self, reference, adapter, inputs: int) -> dict[str, Any]:
+    def output_agreement(self, reference, adapter, inputs: int, progress: bool = False) -> dict[str, Any]:
         """The fraction of held-out questions whose greedy answer (token ids) the quantized export writes exactly
         as the fp32 export does."""
         if not inputs:
             return {}
-        record = _same_answers(reference, adapter, inputs)
+        record = _same_answers(reference, adapter, inputs, "quantize: answer agreement", progress)
         return {"answer_agreement": {**record, "fraction": record["identical"] / record["questions"]}}
 
     # --- runtime, evaluation, latency ---

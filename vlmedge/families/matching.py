@@ -23,6 +23,7 @@ from ..models.matching import ARCHITECTURES
 from . import CaptionedFamily, Graph, TrainBatch, register
 
 GRAPH_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx", "matcher": "matcher.onnx"}
+"""Its only layout: transformers.js has no BLIP image-text matching model, so no layout of theirs exists to follow."""
 MAX_CANDIDATES = 64
 """Candidates one matcher call may score (recorded in the manifest; a device sizes its buffers by it)."""
 RERANK_K = 16
@@ -207,6 +208,7 @@ class Matching(CaptionedFamily):
     prunable_parts = ("text_heads", "text_mlp", "text_layers", "text_cross_heads")
     name = "matching"
     architectures = ARCHITECTURES
+    layouts = {"flat": GRAPH_FILES}
     report_metrics = ("itm.mean", "retrieval.rerank_i2t_r1", "itm.relation", "itm.position",
                       "retrieval.itc_i2t_r1", "retrieval.rerank_t2i_r1", "zero_shot.top1")
     headline_scenario = "rerank"
@@ -367,7 +369,7 @@ class Matching(CaptionedFamily):
     def export_extras(self, folder, adapter, labels=(), eval_cfg=None):
         return {}
 
-    def verify_export(self, model, adapter, questions: int = 100) -> dict[str, Any]:
+    def verify_export(self, model, adapter, questions: int = 100, progress: bool = False) -> dict[str, Any]:
         """Rerank parity on held-out shapes: for `questions` images, ITC's top RERANK_K of a caption pool reranked by
         PyTorch's and by the ONNX files' match logits; at most one order may differ (a near tie can flip on the
         last bit). Records the largest match-logit difference."""

@@ -1,6 +1,7 @@
 """ONNX export of the graphs a model's family declares, with a parity check against PyTorch, and the manifest.
 
-An export folder of a dual encoder holds::
+An export folder of a dual encoder holds (with `layout: onnx-community`, the graphs are onnx/vision_model.onnx and
+onnx/text_model.onnx beside config.json and preprocessor_config.json: transformers.js loads it as written)::
 
     image_encoder.onnx   pixel_values (N,3,H,W) -> image_embeds (N,D), L2-normalised
     text_encoder.onnx    input_ids, attention_mask (N,L) -> text_embeds (N,D), L2-normalised
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,10 @@ class ExportConfig:
     tune_threads: bool = True
     """Time each tower at 1, 2, 4, ... threads on this machine and record the fastest in the manifest, which
     vlmedge's runners use when no thread count is given."""
+    layout: str | None = None
+    """The folder's layout; None: the family's own (a dual encoder or matching model: flat, image_encoder.onnx ...;
+    a generative model: onnx-community). onnx-community: a model folder transformers.js loads as written (a dual
+    encoder: onnx/vision_model.onnx and onnx/text_model.onnx, config.json, preprocessor_config.json)."""
     seed: int = 0
 
     def __post_init__(self):
@@ -55,11 +60,24 @@ class ExportConfig:
         if self.parity_questions < 1 or self.parity_samples < 1:
             raise VlmedgeError("export: parity_samples and parity_questions must be >= 1")
 
+    def check_model(self, shapes: dict[str, dict[str, int]], family) -> None:
+        """At recipe load: the layout is one the model's family writes."""
+        self.layout_of(family)
+
+    def layout_of(self, family) -> str:
+        """The layout to write (`layout`, else the family's own); a one-line error for one it does not write."""
+        layout = self.layout or next(iter(family.layouts))
+        if layout not in family.layouts:
+            raise VlmedgeError(f"export: layout {layout!r}; a {family.name} export is one of "
+                               f"{', '.join(family.layouts)}")
+        return layout
+
 
 def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig = ExportConfig(),
-           eval_cfg=None) -> dict[str, Any]:
+           eval_cfg=None, progress: bool = False) -> dict[str, Any]:
     """Export a model folder to ONNX (the graphs its family declares), check them, and write the manifest.
-    `eval_cfg` (an `EvalConfig`): its zero-shot classes are precomputed into the export (`export_extras`)."""
+    `eval_cfg` (an `EvalConfig`): its zero-shot classes are precomputed into the export (`export_extras`);
+    `progress`: the family's checks of the export report progress."""
     import onnx
     import torch
 
@@ -67,8 +85,9 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
     from ..families._export import quiet_export
 
     family = families.of(source)
+    layout = cfg.layout_of(family)
     model = family.load(source, attn_implementation="eager")  # eager attention: a graph ORT's fusions recognise
-    graphs = family.graphs(model)
+    graphs = [replace(g, file=family.layouts[layout][g.name]) for g in family.graphs(model)]
     feeds = family.parity_inputs(model, max(2, cfg.parity_samples), cfg.seed)
     parameters = family.parameters(model)
     with atomic_dir(out) as tmp:
@@ -88,9 +107,10 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
         with torch.no_grad():  # a graph's first output is the one compared (embeddings, features, logits)
             reference = {g.name: _first(g.module(*(torch.from_numpy(feeds[g.name][k]) for k in g.input_names)))
                          for g in graphs}
-        manifest = {"format": MANIFEST_FORMAT, "family": family.name, "precision": "fp32",
+        manifest = {"format": MANIFEST_FORMAT, "family": family.name, "precision": "fp32", "layout": layout,
                     "files": {g.name: g.file for g in graphs}, "opset": cfg.opset,
                     "inputs": {g.name: g.declared for g in graphs}, **family.manifest_fields(model, reference, tmp),
+                    "model_files": family.model_files(model, tmp, layout),  # after the tokenizer manifest_fields saves
                     "source_model": str(source), "parameters": parameters}
         write_json(tmp / MANIFEST, manifest)
         adapter = family.adapter(tmp)  # one set of sessions for parity, the sanity check and the extras
@@ -104,7 +124,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
         # real inputs: random token ids cannot show a collapsed text tower (a CLIP tower pools at its end-of-text
         # id, which random ids lack, so a healthy one gives them all one output)
         family.sanity_check(adapter)
-        manifest.update(family.verify_export(model, adapter, cfg.parity_questions))
+        manifest.update(family.verify_export(model, adapter, cfg.parity_questions, progress))
         manifest.update(family.export_extras(tmp, adapter, cfg.zero_shot_labels, eval_cfg))
         del adapter  # its sessions close before the thread tuning opens its own
         write_json(tmp / MANIFEST, manifest)
@@ -132,4 +152,4 @@ def copy_support_files(src: Path, dst: Path) -> None:
 
 @register(ExportConfig, kind="export", consumes="model", produces="onnx", provides="onnx")
 def run(parent: Artifact, cfg: ExportConfig, ctx: Context) -> Artifact:
-    return ctx.artifact(parent, ctx.out, export(parent.path, ctx.out, cfg, ctx.eval))
+    return ctx.artifact(parent, ctx.out, export(parent.path, ctx.out, cfg, ctx.eval, ctx.progress))

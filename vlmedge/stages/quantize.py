@@ -99,9 +99,10 @@ class QuantizeConfig:
     """Calibration data (static mode, accuracy-aware mode, drift); None: the run's data (recipe `data.source`, the
     command's --data)."""
     add_to_source: bool = False
-    """An onnx-community export (the generative family's): also add the quantized graphs, with their dtype suffix,
-    to the source export's onnx/ beside its fp32 graphs, so that one folder carries each precision (transformers.js
-    picks one by dtype). The source's record still holds: it checks only the files it lists."""
+    """An onnx-community export (`export --layout onnx-community`; the generative family's always is): also add the
+    quantized graphs, with their dtype suffix, to the source export's onnx/ beside its fp32 graphs, so that one
+    folder carries each precision (transformers.js picks one by dtype). The source's record still holds: it checks
+    only the files it lists."""
     seed: int = 0
 
     @property
@@ -342,9 +343,9 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
     if manifest.get("precision", "fp32") != "fp32":
         raise VlmedgeError(f"{source}: already quantized ({manifest['precision']}); quantize the fp32 export")
     if cfg.add_to_source and manifest.get("layout") != "onnx-community":
-        raise VlmedgeError(f"quantize: add_to_source needs an export in the onnx-community layout (the generative "
-                           f"family's); {source} is a {manifest.get('family', 'dual_encoder')} export, whose graphs "
-                           "share one name across precisions")
+        raise VlmedgeError(f"quantize: add_to_source needs an export in the onnx-community layout (vlmedge export "
+                           f"--layout onnx-community); {source} is in the {manifest.get('layout', 'flat')} layout, "
+                           "whose graphs share one name across precisions")
     from .. import families
 
     family = families.of(source)
@@ -406,7 +407,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
             _write_manifest(tmp, manifest, cfg, scheme, why, kept)
         calib = calib or calibration_batches(fp32, cfg)
         info["drift"] = _drift(fp32, encoder, calib)
-        info.update(family.output_agreement(fp32, encoder, cfg.agreement_questions))
+        info.update(family.output_agreement(fp32, encoder, cfg.agreement_questions, progress))
         record_thread_tuning(tmp, cfg.tune_threads, {g: {k: v[:1] for k, v in batches[0].items()}
                                                      for g, batches in calib.items()})
     info.update({"mode": cfg.mode, "graphs": cfg.graphs, "precision": _precision(cfg),
