@@ -298,3 +298,23 @@ def test_parity_counts_two_zero_rows_as_equal():
     zeros = np.zeros((2, 8), dtype=np.float32)
     assert _parity(zeros, zeros) == {"max_abs_diff": 0.0, "cosine_min": 1.0}
     assert _parity(zeros + 1, -(zeros + 1))["cosine_min"] == pytest.approx(-1.0)
+
+
+def test_an_export_whose_vision_graph_takes_no_frames_says_to_export_again(vqa_export, tmp_path):
+    """An export of vlmedge < 0.3: its vision graph takes pixel_values (B, 3, H, W) and no pixel_attention_mask."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from vlmedge.families.generative import OnnxGenerator
+
+    old = tmp_path / "old"
+    shutil.copytree(vqa_export, old)
+    graph = helper.make_graph([helper.make_node("Identity", ["pixel_values"], ["image_features"])], "old",
+                              [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+                              [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), old / "onnx" / "vision_encoder.onnx")
+    with pytest.raises(VlmedgeError, match=r"vision_encoder.onnx: .* no input 'pixel_attention_mask'.*export the "
+                                           r"model again"):
+        OnnxGenerator(old)

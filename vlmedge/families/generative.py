@@ -115,8 +115,9 @@ class OnnxGenerator(_Answers):
             try:
                 self.runtime = Generator(self.sessions, m)
             except GraphMismatch as e:
-                hint = " (an export of vlmedge < 0.3, whose vision graph takes one image per row: export the model " \
-                       "again)" if e.graph == "vision" and "pixel_attention_mask" in e.why else ""
+                old = e.graph == "vision" and "pixel_attention_mask" in e.why  # vlmedge < 0.3: one image per row
+                hint = " (an export of vlmedge < 0.3, whose vision graph takes no frames: export the model again)" \
+                    if old else ""
                 raise VlmedgeError(f"{self.folder / m['files'][e.graph]}: not this export's {e.graph} graph: it "
                                    f"{e.why}{hint}") from None
 
@@ -366,9 +367,9 @@ class Generative(Family):
 
     # --- export ---
     def graphs(self, model) -> list[Graph]:
-        vision, embed, decoder = _modules(model.model)
         """The three graphs with onnx-community's axis names (batch_size, num_images, sequence_length,
         past_sequence_length, total_sequence_length)."""
+        vision, embed, decoder = _modules(model.model)
         layers, _, _ = kv_shape(model.model)
         size = model.preprocess.image_size
         past = past_names(layers)
