@@ -239,7 +239,7 @@ def _same_answers(a, b, questions: int, label: str = "answers", progress: bool =
     ds = open_vqa(f"shapes:{max(questions, 16)}", "val", resolution=min(a.preprocess.image_size, 64))
     same, first_diff = 0, None
     items = ds.eval_items(questions)
-    whole = (a.with_splitting("off"), b.with_splitting("off")) if a.preprocess.splitting else (a, b)
+    whole = (a.with_splitting("off"), b.with_splitting("off"))
     with Progress(label, len(items), enabled=progress, unit="questions") as bar:
         for k, it in enumerate(items):
             ga, gb = (a, b) if k < SPLIT_QUESTIONS else whole
@@ -497,7 +497,8 @@ class Generative(Family):
     def calibration_feeds(self, adapter, data, batches, batch_size, seed):
         """Real feeds per graph from training questions of `data` (the fp32 export computes what each graph
         reads): vision, `batch_size` images per batch as the frames of one; embed, one prompt + answer per batch
-        (the image processed as the export processes it, split when it splits); decoder, per question a
+        (its image one global frame: a split image's 13-17 frames would make every decoder feed a 1,000-token
+        prefill, minutes per quantization at SmolVLM-256M's size); decoder, per question a
         prefill of the image, prompt and answer but its last two tokens (empty cache) and a step over those two
         with the prefill's cache (the two shapes the runtime calls)."""
         from ..data.vqa import open_vqa
@@ -506,7 +507,7 @@ class Generative(Family):
         ds = open_vqa(data, "train", resolution=adapter.preprocess.image_size, count=max(batches * batch_size, 16),
                       seed=seed)
         rng = np.random.default_rng(seed)
-        rt = adapter.runtime
+        rt, whole = adapter.runtime, adapter.with_splitting("off")
         out: dict[str, list] = {"vision": [], "embed": [], "decoder": []}
         for b in range(batches):
             idx = rng.integers(len(ds), size=batch_size).tolist()
@@ -515,7 +516,7 @@ class Generative(Family):
             out["vision"].append({"pixel_values": pixels[None],
                                   "pixel_attention_mask": np.ones((1, n, h, w), dtype=bool)})
             (question, answer), = ds.training_captions(idx[:1], rng)[0]
-            frames, prompt = adapter.inputs(ds.images(idx[:1])[0], question)
+            frames, prompt = whole.inputs(ds.images(idx[:1])[0], question)
             ids = prompt + answer_ids(adapter.tokenizer, answer, rt.eos_id)
             out["embed"].append({"input_ids": np.asarray([ids], dtype=np.int64)})
             embeds = rt.prefill_embeds(rt.image_features(frames), ids)
