@@ -314,7 +314,8 @@ def test_an_export_whose_vision_graph_takes_no_frames_says_to_export_again(vqa_e
     graph = helper.make_graph([helper.make_node("Identity", ["pixel_values"], ["image_features"])], "old",
                               [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 32, 32])],
                               [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, None)])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), old / "onnx" / "vision_encoder.onnx")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, old / "onnx" / "vision_encoder.onnx")
     with pytest.raises(VlmedgeError, match=r"vision_encoder.onnx: .* no input 'pixel_attention_mask'.*export the "
                                            r"model again"):
         OnnxGenerator(old)

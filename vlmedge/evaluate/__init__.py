@@ -97,7 +97,8 @@ class EvalConfig:
         from ..preprocess import SPLITTING
 
         if self.image_splitting not in SPLITTING:
-            raise VlmedgeError(f"eval: image_splitting={self.image_splitting!r}; expected one of {', '.join(SPLITTING)}")
+            raise VlmedgeError(f"eval: image_splitting={self.image_splitting!r}; expected one of "
+                               f"{', '.join(SPLITTING)}")
         if is_shapes(self.data):
             shapes_count(self.data)
         for key in ("zero_shot_images", "retrieval_pairs", "hard_negative_pairs", "vqa_questions", "max_new_tokens",

@@ -2,8 +2,8 @@
 combinations, and captioning (BLEU-4 by sacrebleu, ROUGE-L by rouge-score, CIDEr by pycocoevalcap, caption-truth).
 
 The evaluator needs only a `Generator`: `answer(image, question, max_new_tokens) -> str` (greedy; the image as
-uint8 HWC, processed as the generator's model reads it). The PyTorch model (HF `generate`) and the ONNX Runtime runtime both are
-one, so the artifact that ships is the one that is scored.
+uint8 HWC, processed as the generator's model reads it). The PyTorch model (HF `generate`) and the ONNX Runtime
+runtime both are one, so the artifact that ships is the one that is scored.
 """
 
 from __future__ import annotations

@@ -172,7 +172,8 @@ class DualEncoder(CaptionedFamily):
     graph_towers = {"image": "vision", "text": "text"}
     prunable_parts = ("vision_heads", "vision_mlp", "vision_layers", "text_heads", "text_mlp", "text_layers")
     architectures = ("VisionTextDualEncoderModel", "CLIPModel", "SiglipModel")
-    layouts = {"flat": GRAPH_FILES, "onnx-community": {"image": "onnx/vision_model.onnx", "text": "onnx/text_model.onnx"}}
+    layouts = {"flat": GRAPH_FILES,
+               "onnx-community": {"image": "onnx/vision_model.onnx", "text": "onnx/text_model.onnx"}}
     report_metrics = ("zero_shot.top1", "retrieval.i2t_r5", "zero_shot.top5", "retrieval.t2i_r5",
                       "hard_negatives.colour")
     headline_scenario = "pair"

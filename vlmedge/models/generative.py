@@ -8,8 +8,8 @@ SmolVLM-256M-Instruct's. Prompts follow SmolVLM's chat template and processor: o
     <|im_start|>User:<fake_token_around_image><global-img><image>...<image><fake_token_around_image>QUESTION<end_of_utterance>\nAssistant:
 
 or, with image splitting, each tile's `<fake_token_around_image><row_R_col_C><image>...` (a newline after each row)
-before the global image; the answer ends with `<end_of_utterance>`. Three functions compute the model the way every consumer uses it
-(training, generation, export): `vision_features` (pixels -> image tokens after the connector), `merge` (token
+before the global image; the answer ends with `<end_of_utterance>`. Three functions compute the model the way every
+consumer uses it (training, generation, export): `vision_features` (pixels -> image tokens after the connector), `merge` (token
 embeddings with the image tokens in their placeholders) and `decode` (the decoder with an explicit KV cache, written
 with the model's own modules so that the ONNX export traces one graph for prefill and decode).
 """

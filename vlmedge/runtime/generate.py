@@ -11,8 +11,9 @@ The export's three graphs, in `onnx/` (the layout onnx-community publishes for S
                                -> logits (B,S,vocab), present.N.key / .value (B,kv heads,P+S,head dim)
 
 N is an image's frames: its tiles and the global image when it is split (`Preprocess.frames`), else 1; the
-features fill the prompt's image tokens in order. One decoder graph serves the prefill (P = 0) and every decode step. The cache stays in ONNX Runtime: each step's
-`present` OrtValues are fed back as the next step's `past` (no copy of the whole cache into numpy per token).
+features fill the prompt's image tokens in order. One decoder graph serves the prefill (P = 0) and every decode
+step. The cache stays in ONNX Runtime: each step's `present` OrtValues are fed back as the next step's `past` (no
+copy of the whole cache into numpy per token).
 """
 
 from __future__ import annotations
