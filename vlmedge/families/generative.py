@@ -35,13 +35,16 @@ class _Answers:
         """This generator with image splitting `on`, `off` or `as-folder` (its sessions shared)."""
         import copy
 
+        other = copy.copy(self)
+        other._split(setting)
+        return other
+
+    def _split(self, setting: str) -> None:
+        """`preprocess` with splitting as `setting` says; a one-line error naming the model where it cannot split."""
         try:
-            preprocess = self.preprocess.with_splitting(setting)
+            self.preprocess = self.preprocess.with_splitting(setting)
         except ValueError as e:
             raise VlmedgeError(f"{self.where}: {e}") from None
-        other = copy.copy(self)
-        other.preprocess = preprocess
-        return other
 
     def inputs(self, image, question: str) -> tuple[np.ndarray, list[int]]:
         """One image (uint8 HWC or PIL) and a question -> (frames (N, 3, H, W), prompt ids)."""
@@ -62,8 +65,7 @@ class TorchGenerator(_Answers):
     def __init__(self, vlm, image_splitting: str = "as-folder"):
         self.vlm, self.tokenizer, self.eos_id, self.where = vlm, vlm.tokenizer, vlm.eos_id, vlm.source
         self.preprocess = vlm.preprocess
-        if image_splitting != "as-folder":
-            self.preprocess = self.with_splitting(image_splitting).preprocess
+        self._split(image_splitting)
 
     def prompt_ids(self, question: str, rows: int = 0, cols: int = 0) -> list[int]:
         return self.vlm.prompt_ids(question, rows, cols)
@@ -103,8 +105,7 @@ class OnnxGenerator(_Answers):
             raise VlmedgeError(f"{self.folder / MANIFEST}: generation must hold the integers "
                                f"{', '.join(GENERATION_KEYS)}")
         self.preprocess = Preprocess(**m["preprocess"])
-        if image_splitting != "as-folder":
-            self.preprocess = self.with_splitting(image_splitting).preprocess
+        self._split(image_splitting)
         self.tokenizer = load_tokenizer(self.folder)
         self.eos_id = int(gen["eos_token_id"])
         self.threads = {k: threads or tuned_threads(m, k) for k in FILES}

@@ -31,12 +31,17 @@ def record_thread_tuning(folder: Path, enabled: bool, feeds: dict | None = None)
         write_json(folder / MANIFEST, {**read_manifest(folder), "threads": tuning})
 
 
+def graph_files(folder: str | os.PathLike, name: str) -> list[str]:
+    """A graph's files in an export folder, relative to it: the ONNX file and its external data where there is any."""
+    return [rel for rel in (name, f"{name}.data") if (Path(folder) / rel).is_file()]
+
+
 def onnx_size(folder: str | os.PathLike) -> int:
     """Bytes of an export folder's graphs (the manifest's files and their external data): what ships. Other
     precisions' graphs beside them (an onnx-community folder's `onnx/`) are not counted."""
     folder = Path(folder)
     graphs = read_json(folder / MANIFEST, "")["files"].values()
-    return sum(folder_size(p) for name in graphs for p in (folder / name, folder / f"{name}.data") if p.is_file())
+    return sum(folder_size(folder / rel) for name in graphs for rel in graph_files(folder, name))
 
 
 DTYPE_SUFFIX = {"fp32": "", "dynamic": "_quantized", "static": "_int8", "int4": "_q4", "fp16": "_fp16"}

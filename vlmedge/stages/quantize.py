@@ -37,7 +37,8 @@ from .._io import atomic_dir, write_json
 from ..artifact import Artifact
 from ..errors import VlmedgeError
 from ..runtime.measure import SLOW_FUSIONS
-from ..runtime.onnx import MANIFEST, graph_file, onnx_size, open_session, read_manifest, record_thread_tuning
+from ..runtime.onnx import (MANIFEST, graph_file, graph_files, onnx_size, open_session, read_manifest,
+                            record_thread_tuning)
 from . import Context, register
 from .export import copy_support_files
 
@@ -428,13 +429,12 @@ def _add_to_source(out: Path, source: Path, own: dict[str, str]) -> list[str]:
     for name in read_manifest(out)["files"].values():
         if name in own.values():
             continue
-        for rel in (name, f"{name}.data"):
-            if (out / rel).is_file():
-                dest = source / rel
-                tmp = dest.with_name(f".{dest.name}.tmp")
-                shutil.copy2(out / rel, tmp)
-                tmp.replace(dest)
-                added.append(rel)
+        for rel in graph_files(out, name):
+            dest = source / rel
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            shutil.copy2(out / rel, tmp)
+            tmp.replace(dest)
+            added.append(rel)
     return added
 
 

@@ -59,7 +59,7 @@ def _remote(base: list[str], command: str, *, stdin: bytes | None = None, timeou
 
 def make_bundle(export_folder: Path) -> bytes:
     """A tar of the export (ONNX, manifest, tokenizer files) and the runner code."""
-    from ..runtime.onnx import read_manifest
+    from ..runtime.onnx import graph_files, read_manifest
 
     graphs = read_manifest(export_folder)["files"].values()  # a clear error for anything but an export folder
     buf = io.BytesIO()
@@ -69,9 +69,9 @@ def make_bundle(export_folder: Path) -> bytes:
             if f.is_file() and f.name not in RECORD_FILES:
                 tar.add(f, arcname=f.name)
         for name in graphs:  # graphs in a subfolder (the onnx-community layout's onnx/), with their external data
-            for f in (export_folder / name, export_folder / f"{name}.data"):
-                if f.is_file() and f.parent != export_folder:
-                    tar.add(f, arcname=f.relative_to(export_folder).as_posix())
+            for rel in graph_files(export_folder, name):
+                if (export_folder / rel).parent != export_folder:
+                    tar.add(export_folder / rel, arcname=rel)
         for name in BUNDLE_CODE:
             tar.add(package / name, arcname=Path(name).name)
     return buf.getvalue()
