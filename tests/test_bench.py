@@ -35,6 +35,25 @@ def test_time_fn_reaches_min_runs_and_keeps_raw_samples_on_request():
     assert "samples_ms" not in time_fn(lambda: None, MeasureConfig(warmup=0, min_runs=3, min_seconds=0.0))
 
 
+def test_pool_rounds_takes_each_figure_as_the_median_over_rounds(tiny_export):
+    """Three real measurements of one export: the pooled p90 is the middle round's, the sample count their sum,
+    the extremes the extremes; a figure no round has stays absent."""
+    from vlmedge.runtime.measure import MeasureConfig, pool_rounds
+    from vlmedge.targets import get_target
+
+    cfg = MeasureConfig(warmup=1, min_runs=5, min_seconds=0.0)
+    rounds = [get_target("cpu")(tiny_export, cfg) for _ in range(3)]
+    pooled = pool_rounds(rounds)
+    for part in ("image", "pair"):
+        p90 = sorted(r[part]["p90_ms"] for r in rounds)
+        assert pooled[part]["p90_ms"] == p90[1]
+        assert pooled[part]["samples"] == sum(r[part]["samples"] for r in rounds)
+        assert pooled[part]["min_ms"] == min(r[part]["min_ms"] for r in rounds)
+        assert pooled[part]["max_ms"] == max(r[part]["max_ms"] for r in rounds)
+        assert pooled[part]["stable"] == all(r[part]["stable"] for r in rounds)
+    assert pooled["threads"] == rounds[0]["threads"] and pooled["device"] == rounds[0]["device"]
+
+
 def test_bench_profile_lists_kernel_time_per_op_type(tiny_export, tiny_model, tmp_path, capsys, monkeypatch):
     out = tmp_path / "profile.json"
     monkeypatch.chdir(tiny_export.parent)  # a relative path must survive the profiler's change of directory

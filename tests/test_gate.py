@@ -15,7 +15,8 @@ def _report(tmp_path, **latency):
             "latency": {"cpu": {"target": "cpu", "threads": 2,
                                 "pair": {"p50_ms": 10.0, "p90_ms": latency.get("p90", 12.0), "p99_ms": 15.0,
                                          "cv": 0.05, "stable": True}}},
-            "speedup_vs_teacher": {"cpu": {"pair_p50": 4.5, "pair_p90": 4.2}}}
+            "speedup_vs_teacher": {"cpu": {"pair_p50": 4.5, "pair_p90": 4.2}},
+            "speedup_vs_export": {"cpu": {"pair_p50": 1.6, "pair_p90": 1.4}}}
     report = {"schema": "vlmedge.report/1", "steps": [step], "measure": {}}
     path = tmp_path / "report.json"
     path.write_text(json.dumps(report))
@@ -40,6 +41,10 @@ def test_gate_passes_and_fails_with_exit_codes_and_junit(tmp_path, capsys):
     suite = ET.parse(junit).getroot()
     assert suite.get("tests") == "5" and suite.get("failures") == "0"
     assert "passed" in md.read_text()
+
+    for threshold, code in ((1.3, 0), (1.5, 1)):  # relative to the run's fp32 export
+        budgets.write_text(f"- 'speedup_vs_export.cpu.pair_p90 >= {threshold}'\n")
+        assert main(["gate", str(path), "--budgets", str(budgets)]) == code
 
     tight = tmp_path / "tight.yaml"
     tight.write_text("- 'cpu.pair.p90_ms <= 5'\n")

@@ -36,12 +36,18 @@ def test_compress_writes_the_report_with_every_step(tiny_run):
     for part in ("image", "text", "pair", "zero_shot"):
         assert lat[part]["p50_ms"] <= lat[part]["p90_ms"] <= lat[part]["p99_ms"]
     assert lat["threads"] >= 1 and lat["batch"] == 1 and lat["device"]
+    assert lat["rounds"] == 2 and lat["pair"]["samples"] >= 2 * 5  # interleaved rounds, pooled
     # the cpu target ran each tower on the thread count tuned into the artifact's manifest
     manifest = json.loads(next(out.glob("04-quantize-*/onnx/manifest.json")).read_text())
     if (os.cpu_count() or 1) > 1:
         assert lat["tower_threads"] == {"image": manifest["threads"]["image"], "text": manifest["threads"]["text"]}
     speedup = final["speedup_vs_teacher"]["cpu"]["pair_p50"]
     assert speedup == pytest.approx(teacher["latency"]["torch"]["pair"]["p50_ms"] / lat["pair"]["p50_ms"], rel=1e-3)
+    export = on_disk["steps"][3]  # what quantizing bought: the fp32 export's cpu latency over the final step's
+    assert "speedup_vs_export" not in export or set(export["speedup_vs_export"]["cpu"].values()) == {1.0}
+    assert final["speedup_vs_export"]["cpu"]["pair_p90"] == pytest.approx(
+        export["latency"]["cpu"]["pair"]["p90_ms"] / lat["pair"]["p90_ms"], rel=1e-3)
+    assert "teacher" not in [s["name"] for s in on_disk["steps"] if "speedup_vs_export" in s]
     assert final["size_bytes"] < on_disk["steps"][3]["size_bytes"]
     for metric, kept in final["retention"].items():  # retention is the INT8 figure over the teacher's
         assert kept == pytest.approx(final["metrics"][metric] / teacher["metrics"][metric], rel=1e-6), metric
@@ -235,3 +241,25 @@ def test_a_copied_export_is_read_where_it_lies_and_a_broken_copy_names_its_file(
                  "--no-eval", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.startswith(f"error: {broken / 'onnx' / 'image_encoder.onnx'}: "), err
+
+
+def test_eval_of_a_step_writes_beside_the_runs_record_never_over_it(tiny_run, tmp_path):
+    """`vlmedge eval` on a run's step folder or on its product: the step's eval.json (the run's record) and the
+    product are left as they are; the new figures go to a new eval-<time>.json in the step folder, or to --out."""
+    from vlmedge.cli import main
+
+    out, _ = tiny_run
+    step = tmp_path / "step"
+    shutil.copytree(next(out.glob("04-quantize-*")), step)
+    record, product = (step / "eval.json").read_bytes(), sorted(p.name for p in (step / "onnx").iterdir())
+    flags = ["--zero-shot-images", "36", "--retrieval-pairs", "16", "--hard-negative-pairs", "8", "--json"]
+    for i, path in enumerate((step, step / "onnx")):
+        assert main(["eval", str(path), *flags]) == 0
+        written = sorted(step.glob("eval-*.json"))
+        assert written and json.loads(written[-1].read_text())["metrics"]["zero_shot"]["n"] == 36
+        for w in written:
+            w.unlink()
+    assert (step / "eval.json").read_bytes() == record
+    assert sorted(p.name for p in (step / "onnx").iterdir()) == product
+    assert main(["eval", str(step / "onnx"), *flags, "--out", str(tmp_path / "mine.json")]) == 0
+    assert json.loads((tmp_path / "mine.json").read_text())["config"]["zero_shot_images"] == 36

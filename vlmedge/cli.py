@@ -133,22 +133,41 @@ def cmd_eval(args) -> int:
     from pathlib import Path
 
     from . import families
+    from .artifact import Artifact
     from .evaluate import EvalConfig
 
     cfg = _config(EvalConfig, args)
-    family = families.of(args.path)
-    metrics = family.evaluate(family.adapter(args.path), cfg, progress=not args.quiet)
+    made = Artifact.load(Path(args.path))  # a run's step folder: its model or onnx folder
+    product = made.path if made is not None else args.path
+    family = families.of(product)
+    metrics = family.evaluate(family.adapter(product), cfg, progress=not args.quiet)
     if args.json:  # the results first: a folder that cannot take eval.json loses nothing
         _print_json(metrics)
     else:
         _metrics_table(metrics, f"{args.path} on {args.data}")
+    target = _eval_path(Path(args.path), args.out)
     try:
-        families.write_eval(Path(args.path), cfg, metrics)
+        families.write_eval(target, cfg, metrics)
     except OSError as e:
-        raise VlmedgeError(f"{args.path}: cannot write eval.json ({e.strerror or e}); the metrics are above") from None
+        raise VlmedgeError(f"cannot write {target} ({e.strerror or e}); the metrics are above") from None
     if not args.json:
-        print(f"written: {os.path.join(args.path, 'eval.json')}")
+        print(f"written: {target}")
     return 0
+
+
+def _eval_path(folder, out: str | None):
+    """Where `vlmedge eval` writes: --out, else FOLDER/eval.json; but never over a recorded step's eval.json (the
+    run's record) nor into the product a step vouches for: for a step (FOLDER or its parent holds artifact.json), a
+    new eval-<time>.json in the step's folder."""
+    import time
+    from pathlib import Path
+
+    if out:
+        return Path(out)
+    step = next((f for f in (folder, folder.parent) if (f / "artifact.json").is_file()), None)
+    if step is None or (step == folder and not (folder / "eval.json").exists()):
+        return folder / "eval.json"
+    return step / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
 
 
 def _report(art, out: str) -> None:
@@ -438,8 +457,12 @@ def _add_eval(sub) -> None:
                               "VQA:     vlmedge eval runs/vqa --data shapes --vqa-questions 800\n"
                               "rerank:  vlmedge eval runs/match --data shapes --rerank-k 16",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", help="model folder or ONNX export folder")
+    p.add_argument("path", help="model folder, ONNX export folder, or a run's step folder")
     _add_config_flags(p, EvalConfig, choices={"image_splitting": SPLITTING})
+    p.add_argument("--out", metavar="FILE",
+                   help="write the metrics here (default: PATH/eval.json; for a step of a run, or its model or onnx "
+                        "folder, a new eval-<time>.json in the step's folder: the step's eval.json is the run's "
+                        "record and its product is what the record vouches for)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.set_defaults(func=cmd_eval)

@@ -3,7 +3,9 @@
 A budget is one line: ``[STEP:] QUANTITY OP NUMBER``. STEP defaults to the last step of the run (what ships).
 
 * latency, absolute:     ``cpu.pair.p90_ms <= 50``, ``torch.image.p50_ms < 20``, ``cpu.throughput.images_per_s >= 100``
-* speed relative to the teacher measured in the same run (robust on noisy CI machines): ``speedup.cpu.pair_p90 >= 4``
+* speed relative to the teacher measured in the same run (robust on noisy CI machines): ``speedup.cpu.pair_p90 >= 4``;
+  relative to the run's fp32 export on the same target (what the steps after the export bought):
+  ``speedup_vs_export.cpu.answer_p90 >= 1.3``
 * accuracy:              ``zero_shot.top1 >= 0.95``, ``retrieval.i2t_r5 >= 0.6``, ``retention.zero_shot.top1 >= 0.97``
 * size:                  ``size_mb <= 20``, ``parameters <= 5e6``, ``compression >= 3`` (the run's fp32 export's
   ONNX bytes / the step's)
@@ -26,6 +28,8 @@ from xml.etree import ElementTree as ET
 
 from .errors import VlmedgeError
 
+SPEEDUPS = {"speedup": "speedup_vs_teacher", "speedup_vs_export": "speedup_vs_export"}
+"""A budget's ratio quantity -> the report field it reads."""
 OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
 _BUDGET = re.compile(r"^\s*(?:(?P<step>[\w.-]+)\s*:\s*)?(?P<quantity>[\w.]+)\s*(?P<op><=|>=|==|<|>)\s*"
                      r"(?P<value>[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*$")
@@ -94,8 +98,8 @@ def quantity(step: dict, q: str) -> tuple[float | None, dict | None]:
         for p in parts[1:]:
             node = node.get(p) if isinstance(node, dict) else None
         return (float(node) if isinstance(node, (int, float)) else None), rec
-    if parts[0] == "speedup" and len(parts) == 3:
-        return (step.get("speedup_vs_teacher") or {}).get(parts[1], {}).get(parts[2]), None
+    if parts[0] in SPEEDUPS and len(parts) == 3:
+        return (step.get(SPEEDUPS[parts[0]]) or {}).get(parts[1], {}).get(parts[2]), None
     if parts[0] == "retention":
         return (step.get("retention") or {}).get(".".join(parts[1:])), None
     if q == "size_mb":
@@ -118,7 +122,8 @@ def known_quantities(step: dict) -> set[str]:
     out = {"size_mb", *(q for q in ("parameters", "size_bytes", "compression") if step.get(q) is not None)}
     out.update(step.get("metrics") or {})
     out.update(f"retention.{m}" for m in step.get("retention") or {})
-    out.update(f"speedup.{t}.{k}" for t, rec in (step.get("speedup_vs_teacher") or {}).items() for k in rec)
+    out.update(f"{q}.{t}.{k}" for q, field in SPEEDUPS.items() for t, rec in (step.get(field) or {}).items()
+               for k in rec)
     for target, rec in (step.get("latency") or {}).items():
         for k, v in rec.items():
             if isinstance(v, dict):

@@ -89,7 +89,7 @@ def _bench(recipe: Recipe, steps: list[Artifact], out: Path, force: bool, consol
     import json
 
     from .targets import TARGET_KINDS, get_target
-    from .runtime.measure import environment
+    from .runtime.measure import environment, pool_rounds
 
     key = {"steps": [s.id for s in steps], "targets": recipe.targets, "measure": dataclasses.asdict(recipe.measure)}
     path = out / f"bench-{artifact_id(None, 'bench', key)}.json"
@@ -97,15 +97,21 @@ def _bench(recipe: Recipe, steps: list[Artifact], out: Path, force: bool, consol
         if console is not None:
             console.print(f"[dim]bench: cached ({path.name})[/]")
         return json.loads(path.read_text())
-    results: dict[str, dict[str, Any]] = {}
     runs = [(s, target, options) for s in steps if s.name != TOWER  # a means to the teacher, not a deliverable
             for target, options in recipe.targets if TARGET_KINDS[target] == s.kind]
+    rounds = recipe.measure.rounds
+    measured: dict[tuple[str, str], list[dict[str, Any]]] = {}
     t0 = time.perf_counter()
-    for k, (s, target, options) in enumerate(runs):
-        if console is not None:
-            console.print(f"bench {s.name} on {target} ({k + 1}/{len(runs)}; "
-                          f"elapsed {time.perf_counter() - t0:.0f} s)")
-        results.setdefault(s.name, {})[target] = get_target(target)(s.path, recipe.measure, **options)
+    for r in range(rounds):  # interleaved: every step once per round
+        for k, (s, target, options) in enumerate(runs):
+            if console is not None:
+                where = f"round {r + 1}/{rounds}, " if rounds > 1 else ""
+                console.print(f"bench {s.name} on {target} ({where}{k + 1}/{len(runs)}; "
+                              f"elapsed {time.perf_counter() - t0:.0f} s)")
+            measured.setdefault((s.name, target), []).append(get_target(target)(s.path, recipe.measure, **options))
+    results: dict[str, dict[str, Any]] = {}
+    for (name, target), records in measured.items():
+        results.setdefault(name, {})[target] = {**pool_rounds(records), **({"rounds": rounds} if rounds > 1 else {})}
     bench = {"environment": environment(), "measure": dataclasses.asdict(recipe.measure), "results": results}
     write_json(path, bench)
     return bench

@@ -20,6 +20,8 @@ report.json, the contract CI tools read::
                         (generative), image|rerank|query (matching)
       speedup_vs_teacher {TARGET: {SCENARIO_p50, SCENARIO_p90}}   teacher torch latency / this step's, for every
                                                                    scenario both have (image_p50, pair_p90, ...)
+      speedup_vs_export {TARGET: {SCENARIO_p50, SCENARIO_p90}}    the run's fp32 export's latency on the same target
+                                                                   / this step's (ONNX steps): what quantizing bought
       compression       the run's fp32 export's ONNX bytes / this step's (ONNX steps after the export)
       info              stage-specific facts (pruning shape, parity, quantization scheme, ...)
     gates[]           budget results when the recipe has gates: {budget, passed, value, message}
@@ -59,6 +61,12 @@ def _threads(lat: dict[str, Any]) -> str:
     return threads_label(lat["tower_threads"]) if lat.get("tower_threads") else str(lat.get("threads"))
 
 
+def _ratios(ref: dict, record: dict) -> dict[str, float]:
+    """ref's latency / record's, per scenario both have: {SCENARIO_p50, SCENARIO_p90}."""
+    return {f"{name}_{p}": ref[name][f"{p}_ms"] / record[name][f"{p}_ms"]
+            for name in _scenarios(record) if name in ref for p in ("p50", "p90")}
+
+
 def build(recipe, steps, bench: dict | None) -> dict[str, Any]:
     from .recipe import to_dict
 
@@ -75,10 +83,10 @@ def build(recipe, steps, bench: dict | None) -> dict[str, Any]:
         if export is not None and s.kind == "onnx" and s.size_bytes:
             row["compression"] = export.size_bytes / s.size_bytes
         if ref:
-            row["speedup_vs_teacher"] = {
-                t: {f"{name}_{p}": ref[name][f"{p}_ms"] / r[name][f"{p}_ms"]
-                    for name in _scenarios(r) if name in ref for p in ("p50", "p90")}
-                for t, r in row["latency"].items()}
+            row["speedup_vs_teacher"] = {t: _ratios(ref, r) for t, r in row["latency"].items()}
+        base = results.get(export.name, {}) if export is not None and s.kind == "onnx" else {}
+        if base:
+            row["speedup_vs_export"] = {t: _ratios(base[t], r) for t, r in row["latency"].items() if t in base}
         rows.append(row)
     report = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "recipe": to_dict(recipe),
               "environment": (bench or {}).get("environment"), "measure": (bench or {}).get("measure"),
@@ -111,8 +119,10 @@ def table_rows(report: dict, compact: bool = False) -> tuple[list[str], list[lis
     header = ["step", "params", "size MB"] + ([] if compact or not flops else [f"GFLOPs {flops}"])
     header += list(metrics) + [f"retention {first}"]
     extra = () if compact else family.report_latency
+    vs_export = {t for s in report["steps"] for t in s.get("speedup_vs_export", {})}
     for t in targets:
-        header += [f"{t} {head} p50/p90/p99 ms", f"{t} speedup"] + [f"{t} {x} p50 ms" for x in extra]
+        header += [f"{t} {head} p50/p90/p99 ms", f"{t} speedup"] + ([f"{t} p90 vs export"] if t in vs_export else [])
+        header += [f"{t} {x} p50 ms" for x in extra]
         if extra and any("tokens_per_s" in s.get("latency", {}).get(t, {}) for s in report["steps"]):
             header += [f"{t} tokens/s"]
     rows = []
@@ -130,6 +140,8 @@ def table_rows(report: dict, compact: bool = False) -> tuple[list[str], list[lis
                         _fmt(s.get("speedup_vs_teacher", {}).get(t, {}).get(f"{head}_p50"), ".2f") + "x"]
             else:
                 row += ["-"] * 2
+            if t in vs_export:
+                row += [_fmt(s.get("speedup_vs_export", {}).get(t, {}).get(f"{head}_p90"), ".2f") + "x"]
             row += [_fmt((rec.get(x) or {}).get("p50_ms"), ".2f") for x in extra]
             if f"{t} tokens/s" in header:
                 row += [_fmt(rec.get("tokens_per_s"), ".1f")]
@@ -151,7 +163,8 @@ def markdown(report: dict) -> str:
         lines += ["", f"Latency: batch 1, {measure.get('warmup')} warm-up runs, then at least "
                       f"{measure.get('min_runs')} runs and {measure.get('min_seconds')} s per figure; p50/p90/p99 "
                       f"from the raw samples. Speedup: teacher's PyTorch eager {head} p50 divided by the step's "
-                      f"{head} p50, measured in the same run.",
+                      f"{head} p50; vs export: the fp32 export's {head} p90 on the same target divided by the "
+                      f"step's; all measured in the same run.",
                   f"Machine: {env.get('cpu')} ({env.get('cores')} cores), {env.get('system')}; "
                   + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items())]
         for s in report["steps"]:

@@ -293,8 +293,8 @@ def of(path: str | Path) -> Family:
     return get(DEFAULT)  # its loader says what is wrong with the folder (missing, no config.json, ...)
 
 
-def write_eval(folder: Path, cfg, metrics: dict[str, Any]) -> None:
-    """`eval.json`: the data, the evaluation settings and every metric."""
+def write_eval(path: Path, cfg, metrics: dict[str, Any]) -> None:
+    """An evaluation record (a step's `eval.json`): the data, the evaluation settings and every metric."""
     from dataclasses import asdict
 
-    write_json(folder / "eval.json", {"data": cfg.data, "config": asdict(cfg), "metrics": metrics})
+    write_json(path, {"data": cfg.data, "config": asdict(cfg), "metrics": metrics})

@@ -150,10 +150,15 @@ class MeasureConfig:
     image_splitting: str = "as-folder"
     """Generative models: split the image into tiles (on), one global image (off), or as the folder's processor
     config says (as-folder)."""
+    rounds: int = 1
+    """A run's benchmark (`vlmedge compress`): every step measured in turn, this many times over (interleaved
+    rounds, so that a slow minute of a shared machine falls on one round of one step, not on one step); each figure
+    is the median over the rounds (`pool_rounds`)."""
 
     def __post_init__(self):
         # ValueError, not VlmedgeError: this module runs on boards without vlmedge (the recipe loader names the line)
-        for key, low in (("warmup", 0), ("min_runs", 1), ("max_runs", 1), ("throughput_batch", 1), ("threads", 1)):
+        for key, low in (("warmup", 0), ("min_runs", 1), ("max_runs", 1), ("throughput_batch", 1), ("threads", 1),
+                         ("rounds", 1)):
             value = getattr(self, key)
             if value is not None and value < low:
                 raise ValueError(f"measure: {key}={value}; expected an integer >= {low}")
@@ -161,6 +166,30 @@ class MeasureConfig:
             raise ValueError(f"measure: image_splitting={self.image_splitting!r}; expected on, off or as-folder")
         if self.min_seconds < 0 or self.max_cv <= 0:
             raise ValueError(f"measure: min_seconds={self.min_seconds}, max_cv={self.max_cv}; expected >= 0 and > 0")
+
+
+_POOLED = {"min_ms": min, "max_ms": max, "samples": sum, "peak_rss_mb": max}
+"""How `pool_rounds` joins a figure over rounds where the median is not it."""
+
+
+def pool_rounds(records: list[Any]) -> Any:
+    """One record from the same measurement repeated in rounds: each number the median over the rounds (min_ms, max_ms
+    their extremes, samples their sum), `stable` only if every round was, anything else as the first round has it."""
+    first = records[0]
+    if isinstance(first, dict):
+        out = {}
+        for key, value in first.items():
+            values = [r[key] for r in records if isinstance(r, dict) and key in r]
+            if isinstance(value, bool):
+                out[key] = all(values)
+            elif isinstance(value, (int, float)) and key in _POOLED:
+                out[key] = _POOLED[key](values)
+            else:
+                out[key] = pool_rounds(values) if isinstance(value, (dict, int, float)) else value
+        return out
+    if isinstance(first, (int, float)) and not isinstance(first, bool) and len(records) > 1:
+        return type(first)(np.median(records)) if isinstance(first, float) else int(np.median(records))
+    return first
 
 
 def stats(samples_ms: list[float] | np.ndarray) -> dict[str, float]:

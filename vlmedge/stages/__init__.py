@@ -250,7 +250,7 @@ def describe(art: Artifact, folder: Path, ctx: Context, parent: Artifact | None)
         t0 = time.perf_counter()
         metrics = family.evaluate(adapter, ctx.eval, progress=ctx.progress)
         art.seconds["eval"] = round(time.perf_counter() - t0, 1)
-        families.write_eval(folder, ctx.eval, metrics)
+        families.write_eval(folder / "eval.json", ctx.eval, metrics)
         art.metrics = flat_metrics(metrics)
     art.versions = library_versions()
 
