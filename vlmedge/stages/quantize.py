@@ -232,14 +232,18 @@ def quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme:
     """Quantize one ONNX file with ORT's quantizers (in the graph's mode, `cfg.mode_of`)."""
     import logging
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # ORT's quantizer logs a pre-processing suggestion on the root logger every call
+    # ORT's quantizer logs a pre-processing suggestion on the root logger every call, and importing its n-bit
+    # quantizer sets the root logger to INFO (logging.basicConfig): a line per node of the graph
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         _quantize_file(src, dst, tower, cfg, scheme, calib, extra_exclude)
     finally:
-        root.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme: str,
