@@ -24,6 +24,8 @@ def tiny_run(tmp_path_factory):
 
 
 def test_compress_writes_the_report_with_every_step(tiny_run):
+    from vlmedge.cli import main
+
     out, report = tiny_run
     assert {"report.json", "report.md", "pareto.png", "recipe.resolved.yaml"} <= {p.name for p in out.iterdir()}
     on_disk = json.loads((out / "report.json").read_text())
@@ -48,6 +50,11 @@ def test_compress_writes_the_report_with_every_step(tiny_run):
     assert final["speedup_vs_export"]["cpu"]["pair_p90"] == pytest.approx(
         export["latency"]["cpu"]["pair"]["p90_ms"] / lat["pair"]["p90_ms"], rel=1e-3)
     assert "teacher" not in [s["name"] for s in on_disk["steps"] if "speedup_vs_export" in s]
+    # a planted regression, the quantize step removed: the export judged by a gate on what quantizing bought fails
+    budgets = out.parent / "vs-export.yaml"
+    budgets.write_text("- 'speedup_vs_export.cpu.pair_p90 >= 1.01'\n- 'compression >= 1.01'\n")
+    assert main(["gate", str(out), "--budgets", str(budgets), "--step", "export", "--remeasure", "0"]) == 1
+    assert main(["gate", str(out), "--step", "nonesuch"]) == 2
     assert final["size_bytes"] < on_disk["steps"][3]["size_bytes"]
     for metric, kept in final["retention"].items():  # retention is the INT8 figure over the teacher's
         assert kept == pytest.approx(final["metrics"][metric] / teacher["metrics"][metric], rel=1e-6), metric

@@ -273,6 +273,7 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_gate(args) -> int:
+    import dataclasses
     from pathlib import Path
 
     from ._io import write_text
@@ -284,6 +285,8 @@ def cmd_gate(args) -> int:
             budgets = load_budgets(args.budgets)
         else:
             budgets = [parse_budget(g) for g in (report.get("recipe") or {}).get("gates", [])]
+        if args.step:  # a budget that names its step keeps it
+            budgets = [dataclasses.replace(b, step=b.step or args.step) for b in budgets]
         baseline = load_report(args.baseline) if args.baseline else None
         if not budgets and baseline is None:
             raise VlmedgeError("no budgets: the recipe recorded none; pass --budgets FILE or --baseline REPORT")
@@ -658,6 +661,9 @@ def _add_gate(sub) -> None:
     p.add_argument("--baseline", help="a stored report.json to check for regressions against")
     p.add_argument("--tolerance", type=float, default=0.1, help="relative tolerance for --baseline (default 0.1)")
     p.add_argument("--remeasure", type=int, default=2, help="re-measure unstable latency figures up to N times")
+    p.add_argument("--step", metavar="NAME",
+                   help="judge this step of the run instead of the last (budgets naming a step keep theirs): "
+                        "`--step export` says what the gates make of the run without its quantize step")
     p.add_argument("--junit", help="write JUnit XML here")
     p.add_argument("--markdown", help="write a Markdown summary (for a pull-request comment) here")
     p.set_defaults(func=cmd_gate)
