@@ -108,6 +108,10 @@ def _fmt(v, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _times(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def table_rows(report: dict, compact: bool = False) -> tuple[list[str], list[list[str]]]:
     """The step table; `compact` keeps what fits a terminal (two accuracy columns, retention, the family's headline
     latency and speedup)."""
@@ -137,11 +141,11 @@ def table_rows(report: dict, compact: bool = False) -> tuple[list[str], list[lis
             rec = s.get("latency", {}).get(t, {})
             if p:
                 row += [f"{p['p50_ms']:.2f}/{p['p90_ms']:.2f}/{p['p99_ms']:.2f}",
-                        _fmt(s.get("speedup_vs_teacher", {}).get(t, {}).get(f"{head}_p50"), ".2f") + "x"]
+                        _times(s.get("speedup_vs_teacher", {}).get(t, {}).get(f"{head}_p50"))]
             else:
                 row += ["-"] * 2
             if t in vs_export:
-                row += [_fmt(s.get("speedup_vs_export", {}).get(t, {}).get(f"{head}_p90"), ".2f") + "x"]
+                row += [_times(s.get("speedup_vs_export", {}).get(t, {}).get(f"{head}_p90"))]
             row += [_fmt((rec.get(x) or {}).get("p50_ms"), ".2f") for x in extra]
             if f"{t} tokens/s" in header:
                 row += [_fmt(rec.get("tokens_per_s"), ".1f")]
