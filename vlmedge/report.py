@@ -164,9 +164,12 @@ def markdown(report: dict) -> str:
     env = report.get("environment") or {}
     if env:
         measure = report.get("measure") or {}
+        rounds = measure.get("rounds") or 1
         lines += ["", f"Latency: batch 1, {measure.get('warmup')} warm-up runs, then at least "
                       f"{measure.get('min_runs')} runs and {measure.get('min_seconds')} s per figure; p50/p90/p99 "
-                      f"from the raw samples. Speedup: teacher's PyTorch eager {head} p50 divided by the step's "
+                      f"from the raw samples"
+                      + (f", every step measured in turn in {rounds} rounds, each figure the median over the rounds"
+                         if rounds > 1 else "") + f". Speedup: teacher's PyTorch eager {head} p50 divided by the step's "
                       f"{head} p50; vs export: the fp32 export's {head} p90 on the same target divided by the "
                       f"step's; all measured in the same run.",
                   f"Machine: {env.get('cpu')} ({env.get('cores')} cores), {env.get('system')}; "
