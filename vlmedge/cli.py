@@ -162,9 +162,11 @@ def _eval_path(folder, out: str | None):
     import time
     from pathlib import Path
 
+    from .artifact import RECORD
+
     if out:
         return Path(out)
-    step = next((f for f in (folder, folder.parent) if (f / "artifact.json").is_file()), None)
+    step = next((f for f in (folder, folder.parent) if (f / RECORD).is_file()), None)
     if step is None or (step == folder and not (folder / "eval.json").exists()):
         return folder / "eval.json"
     return step / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -188,7 +188,7 @@ def pool_rounds(records: list[Any]) -> Any:
                 out[key] = pool_rounds(values) if isinstance(value, (dict, int, float)) else value
         return out
     if isinstance(first, (int, float)) and not isinstance(first, bool) and len(records) > 1:
-        return type(first)(np.median(records)) if isinstance(first, float) else int(np.median(records))
+        return float(np.median(records)) if isinstance(first, float) else int(np.median(records))
     return first
 
 
