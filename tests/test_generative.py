@@ -290,6 +290,42 @@ def test_a_smolvlm_256m_shaped_folder_loads_exports_and_benches(smolvlm_export, 
     assert frames["as-folder"]["prompt_tokens"] - frames["off"]["prompt_tokens"] == 12 * (64 + 2)
 
 
+def test_a_users_folder_is_not_evaluated_on_shapes_and_its_checks_fit_a_time_budget(smolvlm_export, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """`vlmedge export` and `quantize` of a user's folder without --data: no evaluation on the built-in shapes (one
+    line says so), parity and answer agreement on as many questions as a time budget fits (a line states the count,
+    the record keeps it), plain progress lines."""
+    import vlmedge.stages.export as export_stage
+    import vlmedge.stages.quantize as quantize_stage
+    from vlmedge.cli import main
+
+    monkeypatch.setattr(export_stage, "PARITY_SECONDS", 1.0)  # the 256M shape's budgets, at this reduced depth
+    monkeypatch.setattr(quantize_stage, "AGREEMENT_SECONDS", 1.0)
+    monkeypatch.setattr(quantize_stage, "DRIFT_SECONDS", 0.1)
+    model, _ = smolvlm_export
+    onnx_dir, int8 = tmp_path / "onnx", tmp_path / "int8"
+    assert main(["export", str(model), "--out", str(onnx_dir), "--no-tune-threads"]) == 0
+    out = capsys.readouterr().out
+    assert f"eval: skipped: vlmedge has not trained or evaluated {model} on any data" in out
+    parity = json.loads((onnx_dir / "manifest.json").read_text())["generation_parity"]
+    assert parity["budget_s"] == 1.0 and parity["split_questions"] == 1 and 3 <= parity["questions"] < 100
+    said = [line for line in out.splitlines() if "budget" in line]
+    assert said == [next(line for line in said if line.startswith(
+        f"export: generation parity: {parity['questions']} questions (~"))], out
+    assert f"export: generation parity: {parity['questions']}/{parity['questions']} (100%)" in out
+    record = json.loads((onnx_dir / "artifact.json").read_text())
+    assert record["metrics"] == {} and record["data"] is None and not (onnx_dir / "eval.json").exists()
+    assert main(["quantize", str(onnx_dir), "--out", str(int8), "--no-tune-threads", "--calibration-batches", "2",
+                 "--batch-size", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"eval: skipped: vlmedge has not trained or evaluated {onnx_dir} on any data" in out
+    info = json.loads((int8 / "artifact.json").read_text())["info"]
+    agreement = info["answer_agreement"]
+    assert agreement["budget_s"] == 1.0 and 2 <= agreement["questions"] < 100
+    assert f"quantize: answer agreement: {agreement['questions']} questions (~" in out
+    assert "quantize: vision drift against fp32: 1/1 (100%)" in out  # 0.1 s: one batch, the least
+
+
 def test_parity_counts_two_zero_rows_as_equal():
     """A padding token's embedding is all zeros in both runtimes: equal, not a cosine of 0 (which failed the export
     of a SmolVLM-256M-shaped folder whose random parity ids hit the pad id)."""

@@ -184,7 +184,7 @@ def test_eval_shows_the_metrics_before_a_folder_refuses_eval_json(tiny_model, tm
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("checkpoints"))
     (model / "eval.json").mkdir()  # cannot be written, even by root
-    code = main(["eval", str(model), "--zero-shot-images", "36", "--retrieval-pairs", "16",
+    code = main(["eval", str(model), "--data", "shapes", "--zero-shot-images", "36", "--retrieval-pairs", "16",
                  "--hard-negative-pairs", "8", "--json"])
     out, err = capsys.readouterr()
     assert code == 1 and json.loads(out)["zero_shot"]["n"] == 36

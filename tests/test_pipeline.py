@@ -155,6 +155,7 @@ def test_single_commands_record_skip_and_chain_to_the_recipes_int8(tiny_run, tmp
         assert main([*args, "--no-eval", "--quiet"]) == 0
         record = json.loads((Path(args[args.index("--out") + 1]) / "artifact.json").read_text())
         assert record["family"] == "dual_encoder" and record["parameters"] > 0
+        assert record["data"] == "shapes"  # the teacher's, passed down: what a command without --data evaluates on
     made = {p: p.stat().st_mtime_ns for p in chain.rglob("*") if p.is_file()}
     capsys.readouterr()
     for args in commands:

@@ -164,6 +164,27 @@ def test_progress_prints_lines_about_every_tenth_when_not_a_terminal():
     assert quiet.getvalue() == ""
 
 
+def test_budget_fixes_the_count_by_the_pace_of_the_first_items_and_says_so():
+    """A check whose items take 50 ms each, with a 0.3 s budget: about 6 of 100 run (the two before `timed_from`
+    on top), the bar's total follows, one line states the count and the setting that fixes it."""
+    import time
+
+    from vlmedge._progress import Budget, Progress, paced
+
+    out = io.StringIO()
+    items = list(range(100))
+    budget = Budget(0.3, most=100, least=2, hint="parity_questions (--parity-questions)")
+    with Progress("parity", len(items), stream=out, unit="questions") as bar:
+        done = [k for k, _ in paced(items, budget, bar, timed_from=2) if time.sleep(0.05) is None]
+    assert 2 + 2 <= len(done) <= 2 + 7 and done == list(range(len(done))) and bar.total == len(done)
+    said = [line for line in out.getvalue().splitlines() if "budget" in line]
+    assert len(said) == 1 and said[0].startswith(f"parity: {len(done)} questions (~")
+    assert said[0].endswith("set parity_questions (--parity-questions) for more)")
+    assert [k for k, _ in paced(items, 5, bar)] == [0, 1, 2, 3, 4]  # a count: exactly that many, nothing timed
+    fast = [k for k, _ in paced(items, Budget(60, most=30), Progress("x", 100, enabled=False))]
+    assert fast == list(range(30))  # quick items: the most, in order
+
+
 def test_compress_on_class_folders_gates_zero_shot_and_logs_progress(class_folders, tmp_path):
     """A user's labelled folders through train, export, INT8 with a zero-shot gate, stdout a pipe as in CI."""
     (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")

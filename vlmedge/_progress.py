@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 
 LARGE = 4096
@@ -26,6 +27,52 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+@dataclass(frozen=True)
+class Budget:
+    """A count chosen by time, for a check whose cost grows with the model (greedy answers of a 256M-parameter VLM
+    take seconds each on a CPU, a tiny one's milliseconds): as many items as fit in `seconds` at the pace of the
+    first `least` timed ones, at least `least`, at most `most`. `hint` (the setting that fixes the count) is named in
+    the log line that states the choice."""
+
+    seconds: float
+    most: int
+    least: int = 2
+    hint: str = ""
+
+    def fit(self, pace_s: float) -> int:
+        return max(self.least, min(self.most, int(self.seconds / max(pace_s, 1e-9))))
+
+
+def upper(count: "int | Budget") -> int:
+    """The most items `count` (a number, or a `Budget`) can take: how many to prepare."""
+    return count.most if isinstance(count, Budget) else count
+
+
+def paced(items: Sequence, count: "int | Budget", bar: "Progress", timed_from: int = 0) -> Iterator[tuple[int, Any]]:
+    """(index, item) for the first `count` of `items`, or for a `Budget`: items from `timed_from` on are timed (the
+    ones before it are extra, e.g. a slow kind of item checked once), and after `least` of them the count is fixed,
+    set as `bar`'s total and said in one line ("export: generation parity: 12 questions (~46s at 3.8 s each, within
+    a 1m00s budget; set parity_questions (--parity-questions) for more)"). The time is the caller's work between
+    one item and the next."""
+    if not isinstance(count, Budget):
+        yield from enumerate(items[:count])
+        return
+    n, t0 = len(items), time.perf_counter()
+    for k, item in enumerate(items):
+        if k >= n:
+            return
+        if k == timed_from:
+            t0 = time.perf_counter()
+        yield k, item
+        if k == timed_from + count.least - 1:
+            pace = (time.perf_counter() - t0) / count.least
+            n = min(len(items), timed_from + count.fit(pace))
+            bar.retotal(n)
+            hint = f"; set {count.hint} for more" if count.hint and n < count.most else ""
+            bar.say(f"{bar.label}: {n} {bar.unit} (~{_duration(n * pace)} at {pace:.1f} s each, within a "
+                    f"{_duration(count.seconds)} budget{hint})")
+
+
 class Progress:
     """`update(completed, **fields)` as work advances; `fields` are shown as `name value` (floats to 4 digits, a
     field named `rate` as `N {unit}/s`). A context manager; `close()` is idempotent."""
@@ -36,6 +83,7 @@ class Progress:
         self.enabled = enabled and total > 0
         self.stream = stream or sys.stdout
         self.terminal = self.stream.isatty() if terminal is None else terminal
+        self.every = every
         self.step = max(1, round(self.total * every))
         self.next_line = (start // self.step + 1) * self.step
         self.t0 = time.perf_counter()
@@ -76,6 +124,25 @@ class Progress:
         elif completed >= self.next_line or completed >= self.total:
             self.next_line = (completed // self.step + 1) * self.step
             self._line()
+
+    def retotal(self, total: int) -> None:
+        """The work turned out to be `total` items (a `Budget` fixed it)."""
+        self.total = max(int(total), 1)
+        self.step = max(1, round(self.total * self.every))
+        self.next_line = (self.done // self.step + 1) * self.step
+        if self.bar is not None:
+            self.bar.update(self.task, total=self.total)
+        elif self.enabled and self.done >= self.total:
+            self._line()  # the work already done is all of it: its last line
+
+    def say(self, text: str) -> None:
+        """One line of its own (above the bar on a terminal); nothing when disabled."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=self.stream, flush=True)
 
     def _line(self) -> None:
         elapsed = time.perf_counter() - self.t0

@@ -53,6 +53,10 @@ class Artifact:
     family: str = ""
     files: dict[str, str] = field(default_factory=dict)
     """What the product ships, as written: relative file path -> sha256. Empty in records of vlmedge < 0.2."""
+    data: str | None = None
+    """The data that says how well it does: what it was evaluated on, else what it was trained on, else its
+    parent's; None for a user's folder vlmedge has neither trained nor evaluated (a single command then evaluates
+    it only on the --data given, never silently on the built-in shapes)."""
 
     @property
     def content(self) -> str:

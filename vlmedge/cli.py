@@ -94,7 +94,9 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 def _execute(config, args, parent: str | None, *, teacher: str | None = None, model=None, data=None,
              evaluate: bool = True, resume: bool | None = False):
     """Run one stage into --out through the same function the recipe pipeline calls; a rerun with the same input
-    and settings finds the recorded artifact and skips."""
+    and settings finds the recorded artifact and skips. Without --data the data is the input's (what vlmedge
+    trained or evaluated it on, as its record says); an input without any is not evaluated (the built-in shapes
+    say nothing about a user's model) and is calibrated on shapes."""
     from pathlib import Path
 
     from rich.console import Console
@@ -102,12 +104,18 @@ def _execute(config, args, parent: str | None, *, teacher: str | None = None, mo
     from .evaluate import EvalConfig
     from .stages import Context, DataSpec, execute, input_artifact
 
-    data = data or DataSpec(source=args.data)
+    source = input_artifact(parent) if parent else None
+    known = getattr(args, "data", None) or (source.data if source else None)
+    data = data or DataSpec(source=known or DataSpec().source, count=getattr(args, "data_count", None))
     evaluate = evaluate and not getattr(args, "no_eval", False)
+    if evaluate and known is None:
+        evaluate = False
+        print(f"eval: skipped: vlmedge has not trained or evaluated {parent} on any data and no --data was given "
+              "(the built-in shapes would say nothing about it); --data DATA evaluates it on yours")
     ctx = Context(data=data, eval=EvalConfig(data=data.source) if evaluate else None,
                   model=model, teacher=input_artifact(teacher) if teacher else None, progress=not args.quiet,
                   console=None if args.quiet else Console(), resume=resume)
-    return execute(config, input_artifact(parent) if parent else None, ctx, Path(args.out))
+    return execute(config, source, ctx, Path(args.out))
 
 
 def cmd_train(args) -> int:
@@ -136,15 +144,20 @@ def cmd_eval(args) -> int:
     from .artifact import Artifact
     from .evaluate import EvalConfig
 
-    cfg = _config(EvalConfig, args)
     made = Artifact.load(Path(args.path))  # a run's step folder: its model or onnx folder
     product = made.path if made is not None else args.path
+    data = args.data or (made.data if made is not None else None)
+    if data is None:
+        data = EvalConfig.data
+        print(f"eval: on the built-in {data}: vlmedge has not trained or evaluated {args.path} on any data; "
+              "--data DATA evaluates it on yours", file=sys.stderr if args.json else sys.stdout)
+    cfg = _config(EvalConfig, args, data=data)
     family = families.of(product)
     metrics = family.evaluate(family.adapter(product), cfg, progress=not args.quiet)
     if args.json:  # the results first: a folder that cannot take eval.json loses nothing
         _print_json(metrics)
     else:
-        _metrics_table(metrics, f"{args.path} on {args.data}")
+        _metrics_table(metrics, f"{args.path} on {data}")
     target = _eval_path(Path(args.path), args.out)
     try:
         families.write_eval(target, cfg, metrics)
@@ -202,11 +215,9 @@ def cmd_prune(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from .stages import DataSpec
     from .train import DistillStage
 
-    art = _execute(_config(DistillStage, args), args, args.student, teacher=args.teacher, resume=args.resume,
-                   data=DataSpec(source=args.data, count=args.data_count))
+    art = _execute(_config(DistillStage, args), args, args.student, teacher=args.teacher, resume=args.resume)
     s = art.info
     if s.get("steps"):
         print(f"distilled {s['steps']} steps in {s['seconds']} s, loss {s['first_loss']:.3f} -> "
@@ -463,7 +474,9 @@ def _add_eval(sub) -> None:
                               "rerank:  vlmedge eval runs/match --data shapes --rerank-k 16",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="model folder, ONNX export folder, or a run's step folder")
-    _add_config_flags(p, EvalConfig, choices={"image_splitting": SPLITTING})
+    p.add_argument("--data", help="held-out data: shapes, or your data (as `vlmedge train --data`) (default: the "
+                                  "data vlmedge trained or evaluated PATH on, as its record says; else shapes)")
+    _add_config_flags(p, EvalConfig, skip=("data",), choices={"image_splitting": SPLITTING})
     p.add_argument("--out", metavar="FILE",
                    help="write the metrics here (default: PATH/eval.json; for a step of a run, or its model or onnx "
                         "folder, a new eval-<time>.json in the step's folder: the step's eval.json is the run's "
@@ -485,7 +498,9 @@ def _say_threads(folder) -> None:
 
 def _add_common(p, data_help: str = "data for calibration and evaluation") -> None:
     p.add_argument("--out", required=True, help="folder to write (it records the step: the same command again skips)")
-    p.add_argument("--data", default="shapes", help=f"{data_help} (default: shapes)")
+    p.add_argument("--data", help=f"{data_help} (default: the data vlmedge trained or evaluated the input on, as "
+                                  "its record says; for a folder vlmedge has not: shapes for calibration, and no "
+                                  "evaluation)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluating the result")
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 

@@ -17,6 +17,7 @@ last checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -45,9 +46,10 @@ def run(recipe: Recipe, out: str | Path, *, force: bool = False, console=None,
     context = Context(data=recipe.data, eval=recipe.eval, model=recipe.model, console=console,
                       progress=console is not None, resume=None, force=force)
     steps: list[Artifact] = []
+    folders: dict[str, Path] = {}
 
     def step(index: int, name: str, config: Any, parent: Artifact | None, ctx: Context) -> Artifact:
-        folder = out / f"{index:02d}-{name}-{step_id(config, parent, ctx)}"
+        folder = folders[name] = out / f"{index:02d}-{name}-{step_id(config, parent, ctx)}"
         try:
             art = execute(config, parent, ctx, folder, folder / spec_for(config).product, name=name)
         except VlmedgeError as e:
@@ -72,7 +74,10 @@ def run(recipe: Recipe, out: str | Path, *, force: bool = False, console=None,
                                                                             tower=None)))
         config, index = dataclasses.replace(config, vision_init=tower.path), index + 1
     teacher = step(index, "teacher", config, None, context)
-    context = dataclasses.replace(context, teacher=teacher)
+    # the later steps answer the questions the teacher answered (a count its evaluation may have chosen by time)
+    answered = json.loads((folders["teacher"] / "eval.json").read_text())["metrics"] if context.eval else {}
+    context = dataclasses.replace(context, teacher=teacher,
+                                  eval=context.eval.pinned(answered) if context.eval else None)
     latest: dict[str, Artifact] = {"model": teacher}  # the newest artifact each later stage may consume, by kind
     for index, stage in enumerate(stages, start=index + 1):
         spec = spec_for(stage.config)
@@ -86,8 +91,6 @@ def run(recipe: Recipe, out: str | Path, *, force: bool = False, console=None,
 
 def _bench(recipe: Recipe, steps: list[Artifact], out: Path, force: bool, console) -> dict[str, Any]:
     """Every step on every target it can run on, in one process, one after the other; cached by content."""
-    import json
-
     from .targets import TARGET_KINDS, get_target
     from .runtime.measure import environment, pool_rounds
 

@@ -8,11 +8,12 @@ the one that is scored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from .._progress import Budget
 from ..errors import VlmedgeError
 
 
@@ -61,6 +62,10 @@ class TorchEncoder:
         return _normalise(torch.cat(out).float().cpu().numpy())
 
 
+VQA_SECONDS = 300.0
+"""The time an unset `vqa_questions` may take per evaluated step."""
+
+
 @dataclass
 class EvalConfig:
     """What to evaluate on. Sizes are per metric family."""
@@ -73,8 +78,11 @@ class EvalConfig:
     """Image-caption pairs for Recall@K both ways."""
     hard_negative_pairs: int = 500
     """Images per hard-negative test (colour, shape, relation swapped)."""
-    vqa_questions: int = 800
-    """Questions for a generative model (every type in turn: VQA accuracy per type, captions for 'describe')."""
+    vqa_questions: int | None = None
+    """Questions for a generative model (every type in turn: VQA accuracy per type, captions for 'describe').
+    None: up to 800, as many as fit in VQA_SECONDS at the pace of the first ten (a tiny model answers 800 in
+    seconds, a SmolVLM-256M about 110 in five minutes on 2 cores), said in the log; a recipe's later steps answer
+    the questions its first model answered."""
     max_new_tokens: int = 24
     """Longest answer a generative model may write (greedy decoding)."""
     rerank_k: int = 16
@@ -103,9 +111,21 @@ class EvalConfig:
             shapes_count(self.data)
         for key in ("zero_shot_images", "retrieval_pairs", "hard_negative_pairs", "vqa_questions", "max_new_tokens",
                     "rerank_k"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise VlmedgeError(f"eval: {key}={getattr(self, key)}; expected an integer >= 1")
         self.class_list(), self.template_list()  # bad files fail at load, before any work
+
+    def questions(self) -> int | Budget:
+        """`vqa_questions`, or when unset the time budget that chooses it."""
+        return self.vqa_questions or Budget(VQA_SECONDS, most=800, least=10, hint="vqa_questions (--vqa-questions)")
+
+    def pinned(self, metrics: dict[str, Any]) -> "EvalConfig":
+        """This configuration with an unset `vqa_questions` fixed to the count an evaluation answered (its
+        `metrics` as written in eval.json, `questions` among them): a run's later steps answer the same questions
+        as its first model."""
+        if self.vqa_questions is None and "questions" in metrics:
+            return replace(self, vqa_questions=int(metrics["questions"]))
+        return self
 
     def class_list(self) -> list[str] | None:
         """The --classes file's labels (None: take them from the data)."""

@@ -59,18 +59,20 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
     return {"bleu4": float(bleu), "rouge_l": rouge, "cider": float(cider)}
 
 
-def evaluate_generator(generator: Generator, ds, items, max_new_tokens: int = 24, progress: bool = False
-                       ) -> dict[str, Any]:
-    """VQA accuracy (all questions but captions; per type; on held-out combinations) and captioning metrics."""
-    from .._progress import Progress
+def evaluate_generator(generator: Generator, ds, items, max_new_tokens: int = 24, progress: bool = False,
+                       count=None) -> dict[str, Any]:
+    """VQA accuracy (all questions but captions; per type; on held-out combinations) and captioning metrics, on the
+    first `count` of `items` (a number, a `_progress.Budget` of time; None: all); `questions` is how many."""
+    from .._progress import Progress, paced
 
     answers: list[str] = []
     with Progress("eval", len(items), enabled=progress, unit="questions") as bar:
-        for k, it in enumerate(items):
+        for k, it in paced(items, len(items) if count is None else count, bar):
             answers.append(generator.answer(ds.images([it.index])[0], it.question, max_new_tokens))
             bar.update(k + 1)
+    items = items[:len(answers)]
     vqa = [(it, vqa_score(a, it.answers)) for it, a in zip(items, answers) if it.type != "describe"]
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"questions": len(answers)}
     if vqa:
         types = sorted({it.type for it, _ in vqa})
         out["vqa"] = {"accuracy": float(np.mean([s for _, s in vqa])), "n": len(vqa),

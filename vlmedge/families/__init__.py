@@ -180,15 +180,17 @@ class Family:
         of the classes `eval_cfg`'s evaluation scores), computed with the export's `adapter`; manifest additions."""
         raise NotImplementedError
 
-    def verify_export(self, model, adapter, questions: int, progress: bool = False) -> dict[str, Any]:
+    def verify_export(self, model, adapter, questions, progress: bool = False) -> dict[str, Any]:
         """Checks of the exported files beyond per-graph parity, run by export on the open `adapter` (e.g. greedy
-        answers to `questions` held-out questions token-identical to PyTorch; `progress` where that takes long);
+        answers to `questions` held-out questions token-identical to PyTorch: a count or a `_progress.Budget` of
+        time; `progress` where that takes long);
         raises a VlmedgeError on failure; manifest additions."""
         return {}
 
-    def output_agreement(self, reference, adapter, inputs: int, progress: bool = False) -> dict[str, Any]:
+    def output_agreement(self, reference, adapter, inputs, progress: bool = False) -> dict[str, Any]:
         """What quantization records beyond output cosines: how often `adapter` (a quantized export) gives the same
-        end result as `reference` (the fp32 export) on `inputs` held-out inputs (a generative model: identical
+        end result as `reference` (the fp32 export) on `inputs` held-out inputs (a count or a `_progress.Budget`;
+        0: none) (a generative model: identical
         greedy answers); {} where the cosines say it all."""
         return {}
 

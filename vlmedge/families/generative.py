@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .._progress import Budget, upper
 from ..errors import VlmedgeError
 from ..models.generative import ARCHITECTURES, kv_shape
 from ..runtime.generate import FILES, past_names
@@ -231,20 +232,22 @@ one global image each): a split shapes image is 17 frames and a 1,100-token pref
 full size on 2 cores at about 2 minutes a question for PyTorch and ONNX Runtime together."""
 
 
-def _same_answers(a, b, questions: int, label: str = "answers", progress: bool = False) -> dict[str, Any]:
+def _same_answers(a, b, questions: int | Budget, label: str = "answers", progress: bool = False) -> dict[str, Any]:
     """Greedy answers (24 tokens at most) of two generators on held-out shapes questions (images rendered at most
     64 px, processed as `a` processes them: resized; the first SPLIT_QUESTIONS split when it splits): how many are
-    token-identical, and the first that is not."""
-    from .._progress import Progress
+    token-identical, and the first that is not. `questions`: a count, or a `Budget` of time (the split questions
+    come on top)."""
+    from .._progress import Progress, paced, upper
     from ..data.vqa import open_vqa
 
-    ds = open_vqa(f"shapes:{max(questions, 16)}", "val", resolution=min(a.preprocess.image_size, 64))
-    same, first_diff = 0, None
-    items = ds.eval_items(questions)
+    ds = open_vqa(f"shapes:{max(upper(questions), 16)}", "val", resolution=min(a.preprocess.image_size, 64))
+    same, first_diff, done = 0, None, 0
+    items = ds.eval_items(upper(questions))
+    split = SPLIT_QUESTIONS if a.preprocess.splitting else 0
     whole = (a.with_splitting("off"), b.with_splitting("off"))
     with Progress(label, len(items), enabled=progress, unit="questions") as bar:
-        for k, it in enumerate(items):
-            ga, gb = (a, b) if k < SPLIT_QUESTIONS else whole
+        for k, it in paced(items, questions, bar, timed_from=split):
+            ga, gb = (a, b) if k < split else whole
             image = ds.images([it.index])[0]
             frames, prompt = ga.inputs(image, it.question)
             ids = [g.generate_ids(frames, prompt, 24) for g in (ga, gb)]
@@ -252,9 +255,11 @@ def _same_answers(a, b, questions: int, label: str = "answers", progress: bool =
             if ids[0] != ids[1] and first_diff is None:
                 first_diff = {"question": it.question, "reference": ga.answer(image, it.question, 24),
                               "other": gb.answer(image, it.question, 24)}
-            bar.update(k + 1)
-    return {"questions": len(items), "identical": same, "first_difference": first_diff,
-            "split_questions": min(SPLIT_QUESTIONS, len(items)) if a.preprocess.splitting else 0}
+            done = k + 1
+            bar.update(done)
+    return {"questions": done, "identical": same, "first_difference": first_diff,
+            "split_questions": min(split, done),
+            **({"budget_s": questions.seconds} if isinstance(questions, Budget) else {})}
 
 
 class Generative(Family):
@@ -438,7 +443,8 @@ class Generative(Family):
     def export_extras(self, folder, adapter, labels=(), eval_cfg=None):
         return {}
 
-    def verify_export(self, model, adapter, questions: int = 100, progress: bool = False) -> dict[str, Any]:
+    def verify_export(self, model, adapter, questions: int | Budget = 100, progress: bool = False
+                      ) -> dict[str, Any]:
         """Greedy answers of the ONNX files against PyTorch `generate` on held-out shapes questions: at most one may
         differ (a tie between two logits can flip on the last bit)."""
         record = _same_answers(TorchGenerator(model), adapter, questions, "export: generation parity", progress)
@@ -448,7 +454,7 @@ class Generative(Family):
                                f"(e.g. {record['first_difference']})")
         return {"generation_parity": record}
 
-    def output_agreement(self, reference, adapter, inputs: int, progress: bool = False) -> dict[str, Any]:
+    def output_agreement(self, reference, adapter, inputs: int | Budget, progress: bool = False) -> dict[str, Any]:
         """The fraction of held-out questions whose greedy answer (token ids) the quantized export writes exactly
         as the fp32 export does."""
         if not inputs:
@@ -491,10 +497,11 @@ class Generative(Family):
 
         self.sanity_check(adapter)
         adapter = adapter.with_splitting(eval_cfg.image_splitting)
-        ds = open_vqa(eval_cfg.data, "val", resolution=adapter.preprocess.image_size, count=eval_cfg.vqa_questions,
+        questions = eval_cfg.questions()
+        ds = open_vqa(eval_cfg.data, "val", resolution=adapter.preprocess.image_size, count=upper(questions),
                       seed=eval_cfg.seed)
-        items = ds.eval_items(eval_cfg.vqa_questions, eval_cfg.seed)
-        return evaluate_generator(adapter, ds, items, eval_cfg.max_new_tokens, progress)
+        items = ds.eval_items(upper(questions), eval_cfg.seed)
+        return evaluate_generator(adapter, ds, items, eval_cfg.max_new_tokens, progress, questions)
 
     def calibration_feeds(self, adapter, data, batches, batch_size, seed):
         """Real feeds per graph from training questions of `data` (the fp32 export computes what each graph

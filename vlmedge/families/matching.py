@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._progress import Budget, upper
 from ..errors import VlmedgeError
 from ..models.matching import ARCHITECTURES
 from . import CaptionedFamily, Graph, TrainBatch, register
@@ -369,13 +370,15 @@ class Matching(CaptionedFamily):
     def export_extras(self, folder, adapter, labels=(), eval_cfg=None):
         return {}
 
-    def verify_export(self, model, adapter, questions: int = 100, progress: bool = False) -> dict[str, Any]:
-        """Rerank parity on held-out shapes: for `questions` images, ITC's top RERANK_K of a caption pool reranked by
-        PyTorch's and by the ONNX files' match logits; at most one order may differ (a near tie can flip on the
-        last bit). Records the largest match-logit difference."""
+    def verify_export(self, model, adapter, questions: int | Budget = 100, progress: bool = False
+                      ) -> dict[str, Any]:
+        """Rerank parity on held-out shapes: for `questions` images (a `Budget`: its most, one batched pass),
+        ITC's top RERANK_K of a caption pool reranked by PyTorch's and by the ONNX files' match logits; at most one
+        order may differ (a near tie can flip on the last bit). Records the largest match-logit difference."""
         from ..data import ShapesDataset
         from ..data.shapes import load_shapes
 
+        questions = upper(questions)
         ds = ShapesDataset(load_shapes("val", max(questions, 2 * RERANK_K), model.preprocess.image_size))
         idx = list(range(questions))
         captions = ds.captions(range(len(ds)), np.random.default_rng(3))

@@ -94,11 +94,14 @@ class Context:
         if self.console is not None:
             self.console.print(text)
 
-    def artifact(self, parent: Artifact | None, path: Path, info: dict[str, Any] | None = None) -> Artifact:
-        """The record of what this step made at `path` (measured and saved by `execute`)."""
+    def artifact(self, parent: Artifact | None, path: Path, info: dict[str, Any] | None = None,
+                 trained_on: str | None = None) -> Artifact:
+        """The record of what this step made at `path` (measured and saved by `execute`); `trained_on`: the data a
+        training stage learned from (else the parent's data is the artifact's)."""
         spec = spec_for_kind(self.stage_kind)
         return Artifact(self.artifact_id, self.stage_kind, self.stage_kind, spec.produces, str(path),
-                        parent=parent.id if parent else None, info=info or {})
+                        parent=parent.id if parent else None, info=info or {},
+                        data=trained_on or (parent.data if parent else None))
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,7 @@ def describe(art: Artifact, folder: Path, ctx: Context, parent: Artifact | None)
         metrics = family.evaluate(adapter, ctx.eval, progress=ctx.progress)
         art.seconds["eval"] = round(time.perf_counter() - t0, 1)
         families.write_eval(folder / "eval.json", ctx.eval, metrics)
-        art.metrics = flat_metrics(metrics)
+        art.metrics, art.data = flat_metrics(metrics), ctx.eval.data
     art.versions = library_versions()
 
 

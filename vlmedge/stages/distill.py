@@ -18,4 +18,4 @@ def run(parent: Artifact | None, cfg: DistillStage, ctx: Context) -> Artifact:
     config = TrainConfig.from_schedule(cfg, init=parent.path, data=ctx.data.source, data_count=ctx.data.count,
                                        skip_bad=ctx.data.skip_bad)
     summary = fit(config, ctx, teacher=ctx.teacher.path, losses_cfg=cfg.losses)
-    return ctx.artifact(parent, ctx.out, summary)
+    return ctx.artifact(parent, ctx.out, summary, trained_on=ctx.data.source)

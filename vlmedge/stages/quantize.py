@@ -34,6 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .._io import atomic_dir, write_json
+from .._progress import Budget
 from ..artifact import Artifact
 from ..errors import VlmedgeError
 from ..runtime.measure import SLOW_FUSIONS
@@ -43,6 +44,10 @@ from . import Context, register
 from .export import copy_support_files
 
 DEFAULT_DATA = "shapes"
+AGREEMENT_SECONDS = 60.0
+"""The time an unset `agreement_questions` may take per form."""
+DRIFT_SECONDS = 30.0
+"""The time the drift check may take per graph (at least one calibration batch)."""
 MODES = ("dynamic", "static", "fp16", "int4", "mixed")
 GRAPH_MODES = ("dynamic", "static", "fp16", "int4", "fp32")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -93,9 +98,10 @@ class QuantizeConfig:
     metric: str = "zero_shot.top1"
     tune_threads: bool = True
     """Record the fastest thread count per tower on this machine in the manifest (see ExportConfig)."""
-    agreement_questions: int = 100
+    agreement_questions: int | None = None
     """Held-out inputs on which the quantized artifact's end result is compared with the fp32 export's (a
-    generative model: greedy answers); 0 skips."""
+    generative model: greedy answers); 0 skips. None: as many as fit in AGREEMENT_SECONDS at the pace of the first
+    two (2 to 100), said in the log; every form of `mixed` answers the same ones."""
     data: str | None = None
     """Calibration data (static mode, accuracy-aware mode, drift); None: the run's data (recipe `data.source`, the
     command's --data)."""
@@ -126,7 +132,7 @@ class QuantizeConfig:
             raise VlmedgeError(f"quantize: max_drop={self.max_drop}; expected a fraction in [0, 1)")
         if self.calibration_batches < 1:
             raise VlmedgeError("quantize: calibration_batches must be >= 1")
-        if self.agreement_questions < 0:
+        if self.agreement_questions is not None and self.agreement_questions < 0:
             raise VlmedgeError(f"quantize: agreement_questions={self.agreement_questions}; expected >= 0")
         for graph, mode in (self.graphs or {}).items():
             if mode not in GRAPH_MODES:
@@ -386,7 +392,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
             return family.adapter(folder)
 
         if len(forms) > 1:  # the chosen form's graphs are moved into `tmp`
-            cfg, info["forms"] = _choose_form(forms, source, tmp, family, build, manifest, scheme, why, fp32,
+            cfg, info["forms"], agreed = _choose_form(forms, source, tmp, family, build, manifest, scheme, why, fp32,
                                               evaluate_fn if reference else None, reference, progress)
             _write_manifest(tmp, manifest, cfg, scheme, why, kept)
             encoder = family.adapter(tmp)
@@ -412,7 +418,10 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
             _write_manifest(tmp, manifest, cfg, scheme, why, kept)
         calib = calib or calibration_batches(fp32, cfg)
         info["drift"] = _drift(fp32, encoder, calib, progress)
-        info.update(family.output_agreement(fp32, encoder, cfg.agreement_questions, progress))
+        if len(forms) > 1 and not any(kept.values()):  # the chosen form as it was checked
+            info.update(agreed)
+        else:
+            info.update(family.output_agreement(fp32, encoder, _agreement(cfg), progress))
         record_thread_tuning(tmp, cfg.tune_threads, {g: {k: v[:1] for k, v in batches[0].items()}
                                                      for g, batches in calib.items()})
     info.update({"mode": cfg.mode, "graphs": cfg.graphs, "precision": _precision(cfg),
@@ -476,23 +485,27 @@ def _int4_widths(source: Path, files: dict[str, str], cfg: QuantizeConfig) -> di
 def _choose_form(forms, source, tmp, family, build, manifest, scheme, why, fp32, evaluate_fn, reference, progress):
     """Build every form into a scratch folder of `tmp`, time the family's headline scenario on each in interleaved
     rounds (and evaluate each with `evaluate_fn`), keep the fastest within the tolerance: its graphs are moved into
-    `tmp`, the scratch folders removed. Returns (the chosen form, the record of all)."""
+    `tmp`, the scratch folders removed. Returns (the chosen form, the record of all, the chosen form's output
+    agreement)."""
     import shutil
 
     from .._progress import Progress
     from ..runtime.measure import MeasureConfig
 
     head = family.headline_scenario
-    folders, record = [], []
+    folders, record, agreement = [], [], []
+    questions = _agreement(forms[0])
     for i, form in enumerate(forms):
         folder = tmp / f".form-{i}"
         folder.mkdir()
         copy_support_files(source, folder)
         _write_manifest(folder, manifest, form, scheme, why, {g: [] for g in form.graphs})
         adapter = build(form, {g: [] for g in form.graphs}, folder)
+        agreement.append(family.output_agreement(fp32, adapter, questions, progress))
+        if isinstance(questions, Budget):  # the count the budget fixed: the other forms answer the same questions
+            questions = next((r["questions"] for r in agreement[-1].values() if "questions" in r), questions)
         entry = {"form": "+".join(sorted(set(form.graphs.values()))), "graphs": form.graphs,
-                 "precision": _precision(form), "size_bytes": onnx_size(folder),
-                 **family.output_agreement(fp32, adapter, form.agreement_questions)}
+                 "precision": _precision(form), "size_bytes": onnx_size(folder), **agreement[-1]}
         if evaluate_fn is not None:
             entry[form.metric] = evaluate_fn(adapter)[form.metric]
             entry["within_tolerance"] = reference[form.metric] - entry[form.metric] <= form.max_drop
@@ -528,7 +541,14 @@ def _choose_form(forms, source, tmp, family, build, manifest, scheme, why, fp32,
         (folders[best] / name).replace(tmp / name)
     for folder in folders:
         shutil.rmtree(folder)
-    return forms[best], {"tried": record, "chosen": best, "why": reason}
+    return forms[best], {"tried": record, "chosen": best, "why": reason}, agreement[best]
+
+
+def _agreement(cfg: QuantizeConfig) -> "int | Budget":
+    """`agreement_questions`, or when unset the time budget that chooses it."""
+    if cfg.agreement_questions is not None:
+        return cfg.agreement_questions
+    return Budget(AGREEMENT_SECONDS, most=100, hint="agreement_questions (--agreement-questions)")
 
 
 def _output_files(manifest: dict, cfg: QuantizeConfig) -> dict[str, str]:
@@ -562,20 +582,20 @@ def _cosines(ref: list[np.ndarray], got: list[np.ndarray]) -> np.ndarray:
 
 
 def _drift(ref, enc, calib: dict[str, list], progress: bool = False) -> dict[str, float]:
-    """Cosine between the fp32 and the quantized graphs' outputs on calibration inputs (1.0 = unchanged), with
-    progress per batch (minutes at SmolVLM-256M's size: 128 frames of 512 px through both vision graphs)."""
-    from .._progress import Progress
+    """Cosine between the fp32 and the quantized graphs' outputs on calibration inputs (1.0 = unchanged): per graph
+    as many batches as fit in DRIFT_SECONDS (128 frames of 512 px through both vision graphs take minutes at
+    SmolVLM-256M's size), with progress."""
+    from .._progress import Progress, paced
 
-    out, done = {}, 0
-    with Progress("quantize: drift against fp32", sum(len(calib[t]) for t in enc.sessions), enabled=progress,
-                  unit="batches") as bar:
-        for tower, session in enc.sessions.items():
-            pairs = []
-            for batch in calib[tower]:
+    out = {}
+    for tower, session in enc.sessions.items():
+        pairs, batches = [], calib[tower]
+        with Progress(f"quantize: {tower} drift against fp32", len(batches), enabled=progress,
+                      unit="batches") as bar:
+            for k, batch in paced(batches, Budget(DRIFT_SECONDS, most=len(batches), least=1), bar):
                 pairs.append((ref.sessions[tower].run(None, batch)[0], session.run(None, batch)[0]))
-                done += 1
-                bar.update(done)
-            out[f"{tower}_cosine_min"] = float(_cosines(*zip(*pairs)).min())
+                bar.update(k + 1)
+        out[f"{tower}_cosine_min"] = float(_cosines(*zip(*pairs)).min())
     return out
 
 

@@ -17,7 +17,7 @@ def run(parent: Artifact | None, cfg: TrainStage, ctx: Context) -> Artifact:
     config = TrainConfig.from_schedule(cfg, preset=(model.preset if model else None) or "small", init=init,
                                        data=ctx.data.source, data_count=ctx.data.count, skip_bad=ctx.data.skip_bad)
     summary = fit(config, ctx)
-    return ctx.artifact(parent, ctx.out, summary)
+    return ctx.artifact(parent, ctx.out, summary, trained_on=ctx.data.source)
 
 
 def fit(config: TrainConfig, ctx: Context, **distill) -> dict:
