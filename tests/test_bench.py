@@ -68,6 +68,18 @@ def test_bench_profile_lists_kernel_time_per_op_type(tiny_export, tiny_model, tm
     assert "needs an export folder" in capsys.readouterr().err
 
 
+def test_bench_profile_of_a_generative_export_splits_prefill_from_the_cached_step(vqa_export, tmp_path):
+    """Each graph on the family's real feeds; the decoder's prefill (empty cache, the whole prompt) and its cached
+    step (two tokens) apart, each with its own kernel times."""
+    out = tmp_path / "profile.json"
+    assert main(["bench", str(vqa_export), "--profile", "--min-runs", "3", "--json", str(out), "--threads", "1"]) == 0
+    prof = json.loads(out.read_text())
+    decoder = sorted((k for k in prof if k.startswith("decoder inputs_embeds 1x")), key=lambda k: -int(k.split("x")[1]))
+    assert {"vision", "embed"} <= set(prof) and len(decoder) == 2 and decoder[1].split("x")[1] == "2", list(prof)
+    prefill, step = (sum(r["ms_per_run"] for r in prof[k]) for k in decoder)
+    assert all("MatMul" in {r["op_type"] for r in prof[k]} for k in decoder) and prefill > step
+
+
 def test_device_runner_tunes_threads_when_the_artifact_was_tuned_elsewhere(tiny_export, tmp_path):
     """The on-board runner re-tunes an artifact tuned on another machine, and measures with its own choice."""
     import os

@@ -86,10 +86,13 @@ def print_bench(results: dict[str, Any]) -> None:
 
 
 def profile_export(folder: Path, runs: int = 50, threads: int | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Per-op-type time of each tower of an export folder at batch 1, from ONNX Runtime's own profiler.
+    """Per-op-type time of each graph of an export folder at batch 1, from ONNX Runtime's own profiler, on the real
+    feeds the family makes for calibration (one held-out shapes sample; a generative decoder's prefill and its
+    cached step apart).
 
-    Returns, per tower, rows {op_type, ms_per_run, share, nodes} sorted by time: what a speed push starts from
-    (unfused subgraphs, fp32 islands between quantized ops, layout conversions show up here).
+    Returns, per graph and feed (`decoder inputs_embeds 1x79x576`), rows {op_type, ms_per_run, share, nodes}
+    sorted by time: what a speed push starts from (unfused subgraphs, fp32 islands between quantized ops, layout
+    conversions show up here).
     """
     import tempfile
 
@@ -98,16 +101,29 @@ def profile_export(folder: Path, runs: int = 50, threads: int | None = None) -> 
     if artifact_kind(folder) != "onnx":
         raise VlmedgeError(f"{folder}: --profile needs an export folder (manifest.json)")
     out: dict[str, list[dict[str, Any]]] = {}
+    family = families.of(folder)
+    feeds = family.calibration_feeds(family.adapter(folder, threads=threads), "shapes", 1, 1, 0)
     with tempfile.TemporaryDirectory() as tmp:
-        family = families.of(folder)
         enc = family.adapter(folder, threads=threads, profile=Path(tmp) / "ort")
-        pixels, tokens = family.latency_inputs(enc, 1)
-        for tower, sess, feeds in (("image", enc.image_session, {"pixel_values": pixels}),
-                                   ("text", enc.text_session, tokens)):
-            for _ in range(runs):
-                sess.run(None, feeds)
-            out[tower] = _op_table(json.loads(Path(sess.end_profiling()).read_text()), runs)
+        for graph, sess in enc.sessions.items():
+            labels = []
+            for feed in feeds[graph]:
+                first = next(iter(feed))
+                labels.append(f"{graph} {first} {'x'.join(map(str, feed[first].shape))}")
+                for _ in range(runs):
+                    sess.run(None, feed)
+            events = json.loads(Path(sess.end_profiling()).read_text())
+            for k, label in enumerate(labels):
+                out[label if len(labels) > 1 else graph] = _op_table(_runs(events, k * runs, (k + 1) * runs), runs)
     return out
+
+
+def _runs(events: list[dict[str, Any]], first: int, last: int) -> list[dict[str, Any]]:
+    """The kernel events of the session's runs first..last-1 (in the order they ran; the profiler's model_run
+    events bound each run)."""
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                   if e.get("cat") == "Session" and e.get("name") == "model_run")[first:last]
+    return [e for e in events if any(a <= e.get("ts", -1) <= b for a, b in spans)]
 
 
 def _op_table(events: list[dict[str, Any]], runs: int) -> list[dict[str, Any]]:

@@ -91,7 +91,7 @@ class OnnxGenerator(_Answers):
     `threads`, else the count tuned on this CPU (manifest), else ONNX Runtime's default."""
 
     def __init__(self, folder, threads: int | None = None, providers=None, open_sessions: bool = True,
-                 image_splitting: str = "as-folder", **_):
+                 image_splitting: str = "as-folder", profile=None, **_):
         from ..models import load_tokenizer
         from ..preprocess import Preprocess
         from ..runtime.generate import GENERATION_KEYS, Generator, GraphMismatch
@@ -113,7 +113,8 @@ class OnnxGenerator(_Answers):
         self.sessions = {}
         if open_sessions:
             self.sessions = {k: open_session(self.folder / m["files"][k], self.threads[k],
-                                             providers or ["CPUExecutionProvider"]) for k in FILES}
+                                             providers or ["CPUExecutionProvider"],
+                                             f"{profile}-{k}" if profile else None) for k in FILES}
             try:
                 self.runtime = Generator(self.sessions, m)
             except GraphMismatch as e:

@@ -104,7 +104,8 @@ class OnnxMatcher(_MatcherBase):
     """An export folder as a `Matcher`: its three graphs in ONNX Runtime. Threads per graph: `threads`, else the
     count tuned on this CPU (manifest), else ONNX Runtime's default."""
 
-    def __init__(self, folder, threads: int | None = None, providers=None, open_sessions: bool = True, **_):
+    def __init__(self, folder, threads: int | None = None, providers=None, open_sessions: bool = True,
+                 profile=None, **_):
         from ..models import load_tokenizer
         from ..preprocess import Preprocess
         from ..runtime.measure import tuned_threads
@@ -121,7 +122,8 @@ class OnnxMatcher(_MatcherBase):
         self.sessions = {}
         if open_sessions:
             self.sessions = {k: open_session(self.folder / m["files"][k], self.threads[k],
-                                             providers or ["CPUExecutionProvider"]) for k in GRAPH_FILES}
+                                             providers or ["CPUExecutionProvider"],
+                                             f"{profile}-{k}" if profile else None) for k in GRAPH_FILES}
             for k, s in self.sessions.items():
                 check_inputs(self.folder / m["files"][k], {i.name: i.shape for i in s.get_inputs()},
                              m.get("inputs", {}).get(k, {}))

@@ -23,10 +23,10 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "vlmedge-onnx/1"
 
 
-def record_thread_tuning(folder: Path, enabled: bool, feeds: dict | None = None) -> None:
+def record_thread_tuning(folder: Path, enabled: bool, feeds: dict | None = None, progress: bool = False) -> None:
     """Tune the graphs' thread counts on this machine into the folder's manifest (`feeds`: batch-1 inputs per
     graph; default random image and text inputs)."""
-    tuning = tune_threads(folder, feeds=feeds) if enabled else None
+    tuning = tune_threads(folder, feeds=feeds, progress=progress) if enabled else None
     if tuning:
         write_json(folder / MANIFEST, {**read_manifest(folder), "threads": tuning})
 

@@ -135,7 +135,8 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
         manifest.update(family.export_extras(tmp, adapter, cfg.zero_shot_labels, eval_cfg))
         del adapter  # its sessions close before the thread tuning opens its own
         write_json(tmp / MANIFEST, manifest)
-        record_thread_tuning(tmp, cfg.tune_threads, {g: {k: v[:1] for k, v in f.items()} for g, f in feeds.items()})
+        record_thread_tuning(tmp, cfg.tune_threads, {g: {k: v[:1] for k, v in f.items()} for g, f in feeds.items()},
+                             progress)
     return {"parity": parity, "size_bytes": onnx_size(out)}
 
 

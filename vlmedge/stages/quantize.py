@@ -423,7 +423,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
         else:
             info.update(family.output_agreement(fp32, encoder, _agreement(cfg), progress))
         record_thread_tuning(tmp, cfg.tune_threads, {g: {k: v[:1] for k, v in batches[0].items()}
-                                                     for g, batches in calib.items()})
+                                                     for g, batches in calib.items()}, progress)
     info.update({"mode": cfg.mode, "graphs": cfg.graphs, "precision": _precision(cfg),
                  "per_channel": cfg.channelwise, "weight_scheme": scheme, "why": why, "kept_fp32": kept,
                  "size_bytes": onnx_size(out), "fp32_size_bytes": onnx_size(source)})
