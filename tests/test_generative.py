@@ -311,7 +311,7 @@ def test_a_users_folder_is_not_evaluated_on_shapes_and_its_checks_fit_a_time_bud
     assert parity["budget_s"] == 1.0 and parity["split_questions"] == 1 and 3 <= parity["questions"] < 100
     said = [line for line in out.splitlines() if "budget" in line]
     assert said == [next(line for line in said if line.startswith(
-        f"export: generation parity: {parity['questions']} questions (~"))], out
+        f"export: generation parity: {parity['questions']} questions (the first 1, then "))], out
     assert f"export: generation parity: {parity['questions']}/{parity['questions']} (100%)" in out
     record = json.loads((onnx_dir / "artifact.json").read_text())
     assert record["metrics"] == {} and record["data"] is None and not (onnx_dir / "eval.json").exists()
@@ -322,7 +322,7 @@ def test_a_users_folder_is_not_evaluated_on_shapes_and_its_checks_fit_a_time_bud
     info = json.loads((int8 / "artifact.json").read_text())["info"]
     agreement = info["answer_agreement"]
     assert agreement["budget_s"] == 1.0 and 2 <= agreement["questions"] < 100
-    assert f"quantize: answer agreement: {agreement['questions']} questions (~" in out
+    assert f"quantize: answer agreement: {agreement['questions']} questions (the first 1, then " in out
     assert "quantize: vision drift against fp32: 1/1 (100%)" in out  # 0.1 s: one batch, the least
 
 

@@ -178,11 +178,12 @@ def test_budget_fixes_the_count_by_the_pace_of_the_first_items_and_says_so():
         done = [k for k, _ in paced(items, budget, bar, timed_from=2) if time.sleep(0.05) is None]
     assert 2 + 2 <= len(done) <= 2 + 7 and done == list(range(len(done))) and bar.total == len(done)
     said = [line for line in out.getvalue().splitlines() if "budget" in line]
-    assert len(said) == 1 and said[0].startswith(f"parity: {len(done)} questions (~")
+    assert len(said) == 1 and said[0].startswith(f"parity: {len(done)} questions (the first 2, then {len(done) - 2} at ")
     assert said[0].endswith("set parity_questions (--parity-questions) for more)")
     assert [k for k, _ in paced(items, 5, bar)] == [0, 1, 2, 3, 4]  # a count: exactly that many, nothing timed
-    fast = [k for k, _ in paced(items, Budget(60, most=30), Progress("x", 100, enabled=False))]
-    assert fast == list(range(30))  # quick items: the most, in order
+    quiet = io.StringIO()
+    fast = [k for k, _ in paced(items, Budget(60, most=30), Progress("x", 100, stream=quiet, after=5))]
+    assert fast == list(range(30)) and quiet.getvalue() == ""  # quick: the most, in order; nothing to say
 
 
 def test_compress_on_class_folders_gates_zero_shot_and_logs_progress(class_folders, tmp_path):

@@ -51,9 +51,9 @@ def upper(count: "int | Budget") -> int:
 def paced(items: Sequence, count: "int | Budget", bar: "Progress", timed_from: int = 0) -> Iterator[tuple[int, Any]]:
     """(index, item) for the first `count` of `items`, or for a `Budget`: items from `timed_from` on are timed (the
     ones before it are extra, e.g. a slow kind of item checked once), and after `least` of them the count is fixed,
-    set as `bar`'s total and said in one line ("export: generation parity: 12 questions (~46s at 3.8 s each, within
-    a 1m00s budget; set parity_questions (--parity-questions) for more)"). The time is the caller's work between
-    one item and the next."""
+    set as `bar`'s total and, when the budget cuts it, said in one line ("export: generation parity: 13 questions (the first 1, then 12 at
+    4.8 s each: ~58s of a 1m00s budget; set parity_questions (--parity-questions) for more)"). The time is the
+    caller's work between one item and the next."""
     if not isinstance(count, Budget):
         yield from enumerate(items[:count])
         return
@@ -67,23 +67,27 @@ def paced(items: Sequence, count: "int | Budget", bar: "Progress", timed_from: i
         if k == timed_from + count.least - 1:
             pace = (time.perf_counter() - t0) / count.least
             n = min(len(items), timed_from + count.fit(pace))
+            if n < min(len(items), count.most):  # the budget binds: say so
+                hint = f"; set {count.hint} for more" if count.hint else ""
+                first, timed = f"the first {timed_from}, then " if timed_from else "", n - timed_from
+                each = f"{pace * 1e3:.0f} ms" if pace < 1 else f"{pace:.1f} s"
+                bar.say(f"{bar.label}: {n} {bar.unit} ({first}{timed} at {each} each: ~{_duration(timed * pace)} of "
+                        f"a {_duration(count.seconds)} budget{hint})")
             bar.retotal(n)
-            hint = f"; set {count.hint} for more" if count.hint and n < count.most else ""
-            bar.say(f"{bar.label}: {n} {bar.unit} (~{_duration(n * pace)} at {pace:.1f} s each, within a "
-                    f"{_duration(count.seconds)} budget{hint})")
 
 
 class Progress:
     """`update(completed, **fields)` as work advances; `fields` are shown as `name value` (floats to 4 digits, a
-    field named `rate` as `N {unit}/s`). A context manager; `close()` is idempotent."""
+    field named `rate` as `N {unit}/s`). A context manager; `close()` is idempotent. `after`: plain lines only once
+    this many seconds have passed (a loop whose length varies with the model, quiet when it is quick)."""
 
     def __init__(self, label: str, total: int, *, enabled: bool = True, start: int = 0, unit: str = "items",
-                 every: float = 0.1, terminal: bool | None = None, stream=None):
+                 every: float = 0.1, terminal: bool | None = None, stream=None, after: float = 0.0):
         self.label, self.total, self.unit, self.start = label, max(int(total), 1), unit, start
         self.enabled = enabled and total > 0
         self.stream = stream or sys.stdout
         self.terminal = self.stream.isatty() if terminal is None else terminal
-        self.every = every
+        self.every, self.after = every, after
         self.step = max(1, round(self.total * every))
         self.next_line = (start // self.step + 1) * self.step
         self.t0 = time.perf_counter()
@@ -146,6 +150,8 @@ class Progress:
 
     def _line(self) -> None:
         elapsed = time.perf_counter() - self.t0
+        if elapsed < self.after:
+            return  # quick work says nothing
         moved = self.done - self.start
         eta = elapsed / moved * (self.total - self.done) if moved > 0 else float("nan")
         fields = self._fields()

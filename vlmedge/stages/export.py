@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .._io import RECORD_FILES, atomic_dir, write_json
-from .._progress import Budget
+from .._progress import Budget, Progress
 from ..artifact import Artifact
 from ..errors import VlmedgeError
 from ..runtime.onnx import MANIFEST, MANIFEST_FORMAT, onnx_size, record_thread_tuning
@@ -95,20 +95,22 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
     graphs = [replace(g, file=family.layouts[layout][g.name]) for g in family.graphs(model)]
     feeds = family.parity_inputs(model, max(2, cfg.parity_samples), cfg.seed)
     parameters = family.parameters(model)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, Progress("export: tracing and checking the graphs", len(graphs), enabled=progress,
+                                          unit="graphs", every=1 / len(graphs)) as bar:
         with torch.no_grad(), quiet_export(), family.tracing(model):
-            for g in graphs:
+            for i, g in enumerate(graphs):
                 (tmp / g.file).parent.mkdir(parents=True, exist_ok=True)
                 example = tuple(torch.from_numpy(feeds[g.name][k][:1]) for k in g.input_names)
                 torch.onnx.export(g.module, example, str(tmp / g.file), input_names=list(g.input_names),
                                   output_names=list(g.output_names), opset_version=cfg.opset,
                                   dynamic_axes=g.dynamic_axes, dynamo=False)
-        for g in graphs:
-            path = tmp / g.file
-            if parameters * 4 > TWO_GB:  # protobuf cannot hold more than 2 GB: weights go to a side file
-                onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True,
-                                location=f"{Path(g.file).name}.data")
-            onnx.checker.check_model(str(path), full_check=True)
+                path = tmp / g.file
+                if parameters * 4 > TWO_GB:  # protobuf cannot hold more than 2 GB: weights go to a side file
+                    onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True,
+                                    location=f"{Path(g.file).name}.data")
+                onnx.checker.check_model(str(path), full_check=True)
+                bar.update(i + 1, graph=g.file)
+        bar.close()
         with torch.no_grad():  # a graph's first output is the one compared (embeddings, features, logits)
             reference = {g.name: _first(g.module(*(torch.from_numpy(feeds[g.name][k]) for k in g.input_names)))
                          for g in graphs}
