@@ -386,9 +386,12 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
 
         def build(form: QuantizeConfig, keep: dict[str, list[str]], folder: Path = tmp):
             written = _output_files(manifest, form)
-            for tower, name in files.items():
-                extra = tuple(re.escape(n) for g in keep[tower] for n in groups[tower].get(g, []))
-                quantize_file(source / name, folder / written[tower], tower, form, scheme, calib, extra)
+            with Progress(f"quantize: writing the {_precision(form)} graphs", len(files), enabled=progress,
+                          unit="graphs", every=1 / len(files), after=2.0) as bar:
+                for i, (tower, name) in enumerate(files.items()):
+                    extra = tuple(re.escape(n) for g in keep[tower] for n in groups[tower].get(g, []))
+                    quantize_file(source / name, folder / written[tower], tower, form, scheme, calib, extra)
+                    bar.update(i + 1, graph=written[tower])
             return family.adapter(folder)
 
         if len(forms) > 1:  # the chosen form's graphs are moved into `tmp`
@@ -591,7 +594,7 @@ def _drift(ref, enc, calib: dict[str, list], progress: bool = False) -> dict[str
     for tower, session in enc.sessions.items():
         pairs, batches = [], calib[tower]
         with Progress(f"quantize: {tower} drift against fp32", len(batches), enabled=progress,
-                      unit="batches") as bar:
+                      unit="batches", after=2.0) as bar:
             for k, batch in paced(batches, Budget(DRIFT_SECONDS, most=len(batches), least=1), bar):
                 pairs.append((ref.sessions[tower].run(None, batch)[0], session.run(None, batch)[0]))
                 bar.update(k + 1)
