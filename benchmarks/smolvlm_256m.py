@@ -5,14 +5,19 @@ Its published sizes (vision 768 wide, 12 layers, 512 px, patch 16, pixel shuffle
 576-wide Llama, 9 query and 3 key/value heads), random weights and a small word-level tokenizer (the real one's
 49k-token embedding is the only size that differs; no hub access here). Run from the repository root:
 
-    python benchmarks/smolvlm_256m.py runs/smolvlm-256m
+    python benchmarks/smolvlm_256m.py runs/smolvlm-256m [--forms int8,int4-acc4] [--rounds 3]
 
-writes DIR/model, DIR/onnx, DIR/<form> and DIR/results.json (export sizes, parity, each form's size and latency,
-the 16-token answer p90 ratio of eager to the best form). Its weights are random: latency and size only.
+writes DIR/model, DIR/onnx (`vlmedge export` with no flags but --no-eval), DIR/<form> and DIR/results.json
+(export sizes, parity, each form's size and latency, the 16-token answer p90 ratio of eager to the best form, and
+this CPU's ceilings measured in every round: fp32 and int8 GEMM at the vision MLP's shape through ONNX Runtime,
+memory bandwidth; per form the vision encoder's GOP/s and share of the ceiling, the prefill in decode steps, the
+decode step against its weights' bytes / bandwidth). Timed on one 512 px frame (`--image-splitting off`, the
+figures of the issues) unless told otherwise. Its weights are random: latency and size only.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -22,16 +27,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from generative import time_interleaved  # noqa: E402  (the peers' interleaved timing)
 from test_generative import smolvlm_256m_folder  # noqa: E402  (the test suite's builder, at full depth here)
+
+from vlmedge import families  # noqa: E402
 
 
 def vlmedge(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "vlmedge", *args], check=True, cwd=ROOT)
 
 
-def main(out: Path, rounds: int = 3) -> int:
+FORMS = {"int8": ["--mode", "dynamic"],
+         "int4": ["--mode", "int4", "--graph", "vision=dynamic", "--block-size", "32"],
+         "int4-acc4": ["--mode", "int4", "--graph", "vision=dynamic", "--block-size", "32", "--accuracy-level", "4"],
+         "mixed": ["--mode", "mixed", "--block-size", "32", "--accuracy-level", "4"],
+         "fp16": ["--mode", "fp16"]}
+
+
+def main(out: Path, rounds: int = 3, forms: tuple[str, ...] = tuple(FORMS), splitting: str = "off") -> int:
     out.mkdir(parents=True, exist_ok=True)
     model, onnx_dir = out / "model", out / "onnx"
     t0 = time.perf_counter()
@@ -40,53 +55,93 @@ def main(out: Path, rounds: int = 3) -> int:
         smolvlm_256m_folder(model, vision_layers=12, text_layers=30)
     t1 = time.perf_counter()
     if not (onnx_dir / "manifest.json").is_file():
-        vlmedge("export", str(model), "--out", str(onnx_dir), "--no-eval", "--parity-questions", "10")
+        vlmedge("export", str(model), "--out", str(onnx_dir), "--no-eval")
     t2 = time.perf_counter()
-    forms = {"int8": ["--mode", "dynamic"],
-             "int4": ["--mode", "int4", "--graph", "vision=dynamic", "--block-size", "32"],
-             "int4-acc4": ["--mode", "int4", "--graph", "vision=dynamic", "--block-size", "32", "--accuracy-level", "4"],
-             "mixed": ["--mode", "mixed", "--block-size", "32", "--accuracy-level", "4"],
-             "fp16": ["--mode", "fp16"]}
     quantize_s = {}
-    for name, flags in forms.items():
+    for name in forms:
         if not (out / name / "manifest.json").is_file():
             t = time.perf_counter()
             # random weights: no answer agreement to speak of; 2 x 2 calibration images for the drift cosines
             vlmedge("quantize", str(onnx_dir), "--out", str(out / name), "--no-eval", "--no-tune-threads",
-                    "--agreement-questions", "0", "--calibration-batches", "2", "--batch-size", "2", *flags)
+                    "--agreement-questions", "0", "--calibration-batches", "2", "--batch-size", "2", *FORMS[name])
             quantize_s[name] = round(time.perf_counter() - t, 1)
     results = {"parameters": json.loads((onnx_dir / "manifest.json").read_text())["parameters"],
                "build_s": round(t1 - t0, 1), "export_s": round(t2 - t1, 1), "quantize_s": quantize_s,
-               **interleaved(model, {"fp32": onnx_dir, **{n: out / n for n in forms}}, rounds)}
+               **interleaved(model, {"fp32": onnx_dir, **{n: out / n for n in forms}}, rounds, splitting)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v for k, v in results.items() if k != "rounds"}, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k != "forms"}, indent=2))
     return 0
 
 
-def interleaved(model: Path, folders: dict[str, Path], rounds: int) -> dict:
+def work(family, model) -> dict[str, float]:
+    """GOP of one 512 px frame through the vision encoder, split into its linears (the int8 kernels of a quantized
+    form) and its attention products (fp32 in every form), from the model's configuration."""
+    v = model.model.config.vision_config
+    patches = (v.image_size // v.patch_size) ** 2
+    attention = 4 * patches * patches * v.hidden_size * v.num_hidden_layers
+    flops = family.flops(model)
+    return {"vision_gop": flops["vision"] / 1e9, "vision_attention_gop": attention / 1e9,
+            "vision_linear_gop": (flops["vision"] - attention) / 1e9, "patches": patches}
+
+
+def interleaved(model: Path, folders: dict[str, Path], rounds: int, splitting: str) -> dict:
     """PyTorch eager and every ONNX form, each once per round (vision, ttft, decode, 16-token answer; 2 threads),
-    p50 / p90 as the median over rounds; sizes; the eager answer p90 over the best form's."""
+    p50 / p90 as the median over rounds, and this CPU's ceilings measured in each round (GEMM at the vision's
+    linear shape, fp32 and int8; memory bandwidth): per form the vision encoder's GOP/s and its share of the
+    ceiling (its linears at the int8 ceiling when they are int8, attention at the fp32 ceiling), the prefill in
+    decode steps ((ttft - vision) / decode) and the decode step against its weight bytes / bandwidth."""
+    import numpy as np
     import torch
 
-    from vlmedge import families
-    from vlmedge.runtime.measure import MeasureConfig
+    from ceilings import bandwidth, gemm
+    from vlmedge.runtime.measure import MeasureConfig, environment
     from vlmedge.runtime.onnx import onnx_size, read_manifest
 
     torch.set_num_threads(2)
     family = families.of(model)
     vlm = family.load(model)
-    cfg = MeasureConfig(warmup=1, min_runs=3, min_seconds=0.0, threads=2)
-    inputs = family.latency_inputs(family.adapter(folders["fp32"]), 1)
-    table = time_interleaved(family, {"torch eager fp32": vlm}, folders, inputs, cfg, rounds)
-    for name, folder in folders.items():
-        m = read_manifest(folder)
-        table[name].update({"size_bytes": onnx_size(folder), "precision": m.get("precision"),
-                            "graphs": (m.get("quantization") or {}).get("graphs")})
+    cfg = MeasureConfig(warmup=1, min_runs=3, min_seconds=0.0, threads=2, image_splitting=splitting)
+    inputs = family.latency_inputs(family.adapter(folders["fp32"], image_splitting=splitting), 1)
+    w = work(family, vlm)
+    width = vlm.model.config.vision_config.hidden_size
+    ceilings: list[dict[str, float]] = []  # at the vision MLP's shape: patches x width x 4 width
+    table = time_interleaved(family, {"torch eager fp32": vlm}, folders, inputs, cfg, rounds,
+                             between=lambda: ceilings.append({**gemm(w["patches"], width, 4 * width, 2, 1.0),
+                                                              "bandwidth_gbps": bandwidth(256, 1.0)}))
+    ceiling = {k: float(np.median([c[k] for c in ceilings])) for k in ceilings[0]}
+    for name, row in table.items():
+        folder = folders.get(name)
+        m = read_manifest(folder) if folder else {}
+        int8_vision = (m.get("quantization") or {}).get("graphs", {}).get("vision") in ("dynamic", "static")
+        ideal_s = (w["vision_linear_gop"] / (ceiling["int8_gops"] if int8_vision else ceiling["fp32_gflops"])
+                   + w["vision_attention_gop"] / ceiling["fp32_gflops"])
+        vision_s = row["vision"]["p50_ms"] / 1e3
+        row.update({"vision_gops": w["vision_gop"] / vision_s, "vision_share_of_ceiling": ideal_s / vision_s,
+                    "prefill_decode_steps": (row["ttft"]["p50_ms"] - row["vision"]["p50_ms"]) / row["decode"]["p50_ms"]})
+        if folder:
+            decoder = folder / m["files"]["decoder"]
+            weights = sum(f.stat().st_size for f in decoder.parent.glob(decoder.name + "*"))
+            row.update({"size_bytes": onnx_size(folder), "precision": m.get("precision"),
+                        "graphs": (m.get("quantization") or {}).get("graphs"), "decoder_bytes": weights,
+                        "decode_bound_ms": weights / (ceiling["bandwidth_gbps"] * 1e9) * 1e3})
     best = min(folders, key=lambda n: table[n]["answer"]["p90_ms"])
-    return {"threads": 2, "rounds": rounds, "measure": {"warmup": 1, "min_runs": 3}, "forms": table,
-            "best_form": best, "answer_p90_eager_over_best": table["torch eager fp32"]["answer"]["p90_ms"] /
+    return {"environment": environment(), "threads": 2, "rounds": rounds, "image_splitting": splitting,
+            "measure": {"warmup": 1, "min_runs": 3}, "ceilings": ceiling, "ceilings_per_round": ceilings, "work": w,
+            "forms": table, "best_form": best,
+            "answer_p90_eager_over_best": table["torch eager fp32"]["answer"]["p90_ms"] /
             table[best]["answer"]["p90_ms"]}
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/smolvlm-256m")))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", type=Path, nargs="?", default=Path("runs/smolvlm-256m"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated, of {', '.join(FORMS)}")
+    ap.add_argument("--image-splitting", default="off", choices=("on", "off", "as-folder"),
+                    help="off (default): one 512 px frame, the figures of the issue; on: a 1024x768 image in tiles")
+    a = ap.parse_args()
+    chosen = tuple(f for f in a.forms.split(",") if f)
+    unknown = [f for f in chosen if f not in FORMS]
+    if unknown:
+        ap.error(f"--forms: unknown {', '.join(unknown)}; expected some of {', '.join(FORMS)}")
+    sys.exit(main(a.out, a.rounds, chosen, a.image_splitting))

@@ -51,8 +51,9 @@ def upper(count: "int | Budget") -> int:
 def paced(items: Sequence, count: "int | Budget", bar: "Progress", timed_from: int = 0) -> Iterator[tuple[int, Any]]:
     """(index, item) for the first `count` of `items`, or for a `Budget`: items from `timed_from` on are timed (the
     ones before it are extra, e.g. a slow kind of item checked once), and after `least` of them the count is fixed,
-    set as `bar`'s total and, when the budget cuts it, said in one line ("export: generation parity: 13 questions (the first 1, then 12 at
-    4.8 s each: ~58s of a 1m00s budget; set parity_questions (--parity-questions) for more)"). The time is the
+    set as `bar`'s total and, when the budget cuts it, said in one line ("quantize: answer agreement: 16 questions
+    (the first 1, then 15 at 4.0 s each: ~59s of a 1m00s budget; set agreement_questions (--agreement-questions)
+    for more)", measured on the SmolVLM-256M shape). The time is the
     caller's work between one item and the next."""
     if not isinstance(count, Budget):
         yield from enumerate(items[:count])

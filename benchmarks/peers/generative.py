@@ -62,9 +62,11 @@ def _nbits_by_hand(export: Path, out: Path) -> Path:
 SCENARIOS = ("vision", "ttft", "decode", "answer")
 
 
-def time_interleaved(family, models: dict, folders: dict, inputs, cfg, rounds: int) -> dict[str, dict]:
+def time_interleaved(family, models: dict, folders: dict, inputs, cfg, rounds: int, between=None
+                     ) -> dict[str, dict]:
     """Each PyTorch model (HF `generate`, the `torch` scenarios) and each ONNX folder once per round, `rounds`
-    rounds: name -> {scenario: {p50_ms, p90_ms}, tokens_per_s}, each the median over the rounds."""
+    rounds: name -> {scenario: {p50_ms, p90_ms}, tokens_per_s}, each the median over the rounds. `between()` runs
+    at the start of every round (a ceiling measured alongside)."""
     import torch
 
     timers = {name: (lambda m=m: family.time_scenarios(family.torch_scenarios(m, inputs, "cpu", torch.float32), cfg,
@@ -74,6 +76,8 @@ def time_interleaved(family, models: dict, folders: dict, inputs, cfg, rounds: i
     recs: dict[str, list[dict]] = {name: [] for name in timers}
     for r in range(rounds):
         print(f"round {r + 1}/{rounds}", flush=True)
+        if between is not None:
+            between()
         for name, fn in timers.items():
             recs[name].append(fn())
     return {name: {**{sc: {f"{p}_ms": float(np.median([x[sc][f"{p}_ms"] for x in rs])) for p in ("p50", "p90")}

@@ -342,36 +342,11 @@ def evaluate_all(variants: list[Variant], eval_cfg) -> None:
 
 
 def ceilings(seconds: float = 3.0) -> dict[str, float]:
-    """This machine's ONNX Runtime GEMM ceilings (2048^3, 2 threads): fp32 MatMul and u8s8 MatMulInteger."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    """This machine's ONNX Runtime GEMM ceilings (2048^3, all cores): fp32 MatMul and u8s8 MatMulInteger."""
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from ceilings import gemm
 
-    n = 2048
-    rng = np.random.default_rng(0)
-    out = {}
-    for name, (op, a_type, b) in {
-        "fp32_gflops": ("MatMul", TensorProto.FLOAT, rng.standard_normal((n, n)).astype(np.float32)),
-        "int8_gops": ("MatMulInteger", TensorProto.UINT8, rng.integers(-127, 127, (n, n)).astype(np.int8)),
-    }.items():
-        graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], name,
-                                  [helper.make_tensor_value_info("a", a_type, [n, n])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT if op == "MatMul"
-                                                                 else TensorProto.INT32, [n, n])],
-                                  [numpy_helper.from_array(b, "b")])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = os.cpu_count() or 1
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        a = rng.standard_normal((n, n)).astype(np.float32) if op == "MatMul" else rng.integers(0, 255, (n, n)).astype(np.uint8)
-        sess.run(None, {"a": a})
-        times = []
-        t_end = time.perf_counter() + seconds
-        while time.perf_counter() < t_end or len(times) < 3:
-            t0 = time.perf_counter()
-            sess.run(None, {"a": a})
-            times.append(time.perf_counter() - t0)
-        out[name] = 2 * n ** 3 / float(np.median(times)) / 1e9
-    return out
+    return gemm(2048, 2048, 2048, os.cpu_count(), seconds)
 
 
 # --- main -----------------------------------------------------------------------------------------------------------

@@ -26,7 +26,22 @@ MANIFEST_FORMAT = "vlmedge-onnx/1"
 def record_thread_tuning(folder: Path, enabled: bool, feeds: dict | None = None, progress: bool = False) -> None:
     """Tune the graphs' thread counts on this machine into the folder's manifest (`feeds`: batch-1 inputs per
     graph; default random image and text inputs)."""
-    tuning = tune_threads(folder, feeds=feeds, progress=progress) if enabled else None
+    from .._progress import Progress
+
+    bars: dict[str, Progress] = {}
+
+    def on_round(tower: str, done: int, rounds: int) -> None:
+        if tower not in bars:
+            bars[tower] = Progress(f"threads: timing {tower} at each thread count", rounds, enabled=progress, unit="rounds",
+                                   every=1 / rounds, after=2.0)
+        if done == rounds:  # the tower is done (early when its budget ran out)
+            bars[tower].retotal(rounds)
+            bars[tower].update(done)
+            bars[tower].close()
+        else:
+            bars[tower].update(done)
+
+    tuning = tune_threads(folder, feeds=feeds, on_round=on_round) if enabled else None
     if tuning:
         write_json(folder / MANIFEST, {**read_manifest(folder), "threads": tuning})
 

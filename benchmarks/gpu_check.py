@@ -1,0 +1,92 @@
+"""The generative family on a CUDA GPU, as one JSON (`benchmarks/gpu_check.sh` runs it after the `gpu` tests).
+
+Two models: the vqa-small teacher (trained here, briefly: latency does not depend on how well) and a
+SmolVLM-256M-shaped folder at full depth (published sizes, random weights). Each is timed with the `torch` target on
+CUDA in fp16 and fp32, the `cuda` target (ONNX Runtime's CUDA execution provider, when this onnxruntime has it) on
+its fp32 export, and, as the reference of the same run, the `cpu` target on that export. A target that cannot run
+records its one-line error instead of figures. Run from the repository root:
+
+    python benchmarks/gpu_check.py runs/gpu-check [--quick]
+
+`--quick` (a check of the script on any machine): the 256M shape at 2 vision and 2 decoder layers, vqa-small for
+20 steps, few timing runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from test_generative import smolvlm_256m_folder  # noqa: E402  (the test suite's builder, at full depth here)
+
+from vlmedge.errors import VlmedgeError  # noqa: E402
+from vlmedge.runtime.measure import MeasureConfig, environment  # noqa: E402
+from vlmedge.targets import get_target  # noqa: E402
+
+
+def vlmedge(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "vlmedge", *args, "--quiet"], check=True, cwd=ROOT)
+
+
+def timed(target: str, path: Path, cfg: MeasureConfig, **options) -> dict:
+    t0 = time.perf_counter()
+    try:
+        record = get_target(target)(path, cfg, **options)
+    except (VlmedgeError, RuntimeError) as e:
+        return {"error": str(e).splitlines()[0]}
+    keep = ("vision", "ttft", "decode", "answer", "tokens_per_s", "device", "precision", "providers", "threads")
+    return {**{k: record[k] for k in keep if k in record}, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(out: Path, quick: bool) -> int:
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = MeasureConfig(warmup=2, min_runs=5 if quick else 20, min_seconds=0.2 if quick else 2.0)
+    cuda = torch.cuda.is_available()
+    result: dict = {"environment": environment(), "cuda": torch.cuda.get_device_name() if cuda else None,
+                    "quick": quick, "models": {}}
+    models = {"vqa-small": out / "vqa-small", "smolvlm-256m": out / "smolvlm-256m"}
+    t0 = time.perf_counter()
+    if not (models["vqa-small"] / "config.json").is_file():
+        vlmedge("train", "--preset", "vqa-small", "--steps", "20" if quick else "300", "--out",
+                str(models["vqa-small"]))
+    if not (models["smolvlm-256m"] / "config.json").is_file():
+        models["smolvlm-256m"].mkdir(parents=True, exist_ok=True)
+        smolvlm_256m_folder(models["smolvlm-256m"], vision_layers=2 if quick else 12, text_layers=2 if quick else 30)
+    result["build_s"] = round(time.perf_counter() - t0, 1)
+    for name, model in models.items():
+        export = out / f"{name}-onnx"
+        t = time.perf_counter()
+        if not (export / "manifest.json").is_file():
+            vlmedge("export", str(model), "--out", str(export), "--no-eval", "--no-tune-threads",
+                    "--parity-questions", "2")
+        row = {"export_s": round(time.perf_counter() - t, 1)}
+        gpu = {"torch-cuda-fp16": ("torch", model, {"device": "cuda", "dtype": "fp16"}),
+               "torch-cuda-fp32": ("torch", model, {"device": "cuda", "dtype": "fp32"}),
+               "cuda": ("cuda", export, {})}
+        for label, (target, path, options) in gpu.items():
+            row[label] = timed(target, path, cfg, **options) if cuda else {"error": "no CUDA GPU"}
+        row["cpu"] = timed("cpu", export, cfg)
+        result["models"][name] = row
+        print(json.dumps({name: {k: (v.get("answer", v) if isinstance(v, dict) else v) for k, v in row.items()}}),
+              flush=True)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+    print(f"written: {out / 'gpu_check.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    sys.exit(main(a.out, a.quick))
