@@ -34,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .._io import atomic_dir, write_json
-from .._progress import Budget
+from .._progress import Budget, Progress, paced
 from ..artifact import Artifact
 from ..errors import VlmedgeError
 from ..runtime.measure import SLOW_FUSIONS
@@ -347,8 +347,6 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
     `evaluate_fn` (the family's adapter of an export folder -> flat metrics) is needed for the accuracy-aware mode
     (`cfg.max_drop`); `progress` reports its rounds (each one evaluation).
     """
-    from .._progress import Progress
-
     source = Path(source)
     manifest = read_manifest(source)
     if manifest.get("precision", "fp32") != "fp32":
@@ -395,8 +393,8 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
             return family.adapter(folder)
 
         if len(forms) > 1:  # the chosen form's graphs are moved into `tmp`
-            cfg, info["forms"], agreed = _choose_form(forms, source, tmp, family, build, manifest, scheme, why, fp32,
-                                              evaluate_fn if reference else None, reference, progress)
+            cfg, info["forms"], agreed = _choose_form(forms, source, tmp, family, build, manifest, scheme, why,
+                                                      fp32, evaluate_fn if reference else None, reference, progress)
             _write_manifest(tmp, manifest, cfg, scheme, why, kept)
             encoder = family.adapter(tmp)
         else:
@@ -492,7 +490,6 @@ def _choose_form(forms, source, tmp, family, build, manifest, scheme, why, fp32,
     agreement)."""
     import shutil
 
-    from .._progress import Progress
     from ..runtime.measure import MeasureConfig
 
     head = family.headline_scenario
@@ -588,8 +585,6 @@ def _drift(ref, enc, calib: dict[str, list], progress: bool = False) -> dict[str
     """Cosine between the fp32 and the quantized graphs' outputs on calibration inputs (1.0 = unchanged): per graph
     as many batches as fit in DRIFT_SECONDS (128 frames of 512 px through both vision graphs take minutes at
     SmolVLM-256M's size), with progress."""
-    from .._progress import Progress, paced
-
     out = {}
     for tower, session in enc.sessions.items():
         pairs, batches = [], calib[tower]
