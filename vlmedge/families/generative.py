@@ -251,6 +251,9 @@ def _same_answers(a, b, questions: int | Budget, label: str = "answers", progres
             ga, gb = (a, b) if k < split else whole
             image = ds.images([it.index])[0]
             frames, prompt = ga.inputs(image, it.question)
+            if k < split:  # minutes at SmolVLM-256M's size: say so before it starts
+                bar.say(f"{label}: question {k + 1}, its image split into {len(frames)} frames "
+                        f"({len(prompt)} prompt tokens)")
             ids = [g.generate_ids(frames, prompt, 24) for g in (ga, gb)]
             same += ids[0] == ids[1]
             if ids[0] != ids[1] and first_diff is None:
