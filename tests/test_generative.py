@@ -232,19 +232,22 @@ def test_vision_init_from_another_architecture_is_refused(vqa_model, tmp_path):
     assert code != 0 and "not a model folder" in err and "Traceback" not in err
 
 
-def smolvlm_256m_folder(folder, vision_layers: int, text_layers: int):
+def smolvlm_256m_folder(folder, vision_layers: int, text_layers: int, tokenizer=None):
     """A folder laid out as SmolVLM-256M-Instruct's: its published config sizes (vision 768 wide at 512 px, patch
     16, pixel shuffle 4 -> 64 image tokens; a 576-wide Llama with 9 query and 3 key/value heads), random weights,
-    depth reduced as asked, a small word-level tokenizer with its special tokens and chat template, and its
-    processor config (image splitting on, as published)."""
+    depth reduced as asked, a small word-level tokenizer with its special tokens and chat template (or the
+    `tokenizer` given, e.g. the peers' byte-level BPE of the published vocabulary size), and its processor config
+    (image splitting on, as published)."""
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
     from vlmedge.data.vqa import open_vqa
     from vlmedge.models.generative import SPECIAL, train_tokenizer
 
-    ds = open_vqa("shapes:200", "train", resolution=32)
-    pairs, _ = ds.training_captions(range(200), np.random.default_rng(0))
-    tok = train_tokenizer([t for qa in pairs for t in qa])
+    tok = tokenizer
+    if tok is None:
+        ds = open_vqa("shapes:200", "train", resolution=32)
+        pairs, _ = ds.training_captions(range(200), np.random.default_rng(0))
+        tok = train_tokenizer([t for qa in pairs for t in qa])
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in SPECIAL.items()}
     cfg = SmolVLMConfig(
         vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=vision_layers,

@@ -5,6 +5,10 @@
 #   env-inc:     Intel Neural Compressor 3.x for PyTorch and its ONNX sibling (onnx-neural-compressor), plus vlmedge
 #                itself: the harness runs here, because INC's PyTorch result is a compiled in-memory graph that can
 #                only be timed in the process that made it (same torch, transformers and onnxruntime as vlmedge's).
+#   env-openvino: OpenVINO through optimum-intel (its own transformers pin), for the SmolVLM-256M comparison
+#   llama.cpp:   llama-mtmd-cli and llama-quantize built for this CPU from the llama-cpp-python sdist's vendored
+#                llama.cpp (PyPI is reachable where GitHub is not), and a venv with its gguf-py for the converter
+# Usage: envs.sh [env-optimum env-inc env-openvino llama.cpp]   (no argument: all of them)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=runs/peers
@@ -20,6 +24,33 @@ make_env() {  # name, import check, packages...
   "$env/bin/pip" install -q "$@"
   "$env/bin/python" -c "$check"
 }
-make_env env-optimum "import optimum.onnxruntime" "optimum-onnx[onnxruntime]==0.1.0" "transformers<4.58" onnxruntime==1.32.0
-make_env env-inc "import neural_compressor.torch, onnx_neural_compressor, PIL, yaml, rich, vlmedge" "neural-compressor-pt==3.10" \
-  "onnx-neural-compressor==1.0" scipy "transformers>=5" onnxruntime==1.32.0 -e .  # scipy: an undeclared import of it
+LLAMA_CPP_PYTHON=0.3.36  # its vendored llama.cpp has tools/mtmd (libmtmd) and convert_hf_to_gguf.py with --mmproj
+make_llama_cpp() {
+  local src=$root/dl/llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp build=$root/llama-build
+  if [[ -x $build/bin/llama-mtmd-cli && -x $build/bin/llama-quantize && -x $root/env-gguf/bin/python ]]; then return 0; fi
+  mkdir -p "$root/dl"
+  if [[ ! -d $src ]]; then
+    pip download -q --no-deps --no-binary :all: -d "$root/dl" "llama-cpp-python==$LLAMA_CPP_PYTHON"
+    tar xzf "$root/dl/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz" -C "$root/dl"
+  fi
+  cmake -S "$src" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON >/dev/null
+  ninja -C "$build" llama-mtmd-cli llama-quantize
+  python3 -m venv "$root/env-gguf"
+  "$root/env-gguf/bin/pip" install -q --upgrade pip
+  "$root/env-gguf/bin/pip" install -q torch==2.13.0
+  "$root/env-gguf/bin/pip" install -q "transformers>=5" sentencepiece safetensors numpy "$src/gguf-py"
+}
+want() { [[ ${#ALL[@]} -eq 0 ]] || [[ " ${ALL[*]} " == *" $1 "* ]]; }
+ALL=("$@")
+if want env-optimum; then
+  make_env env-optimum "import optimum.onnxruntime" "optimum-onnx[onnxruntime]==0.1.0" "transformers<4.58" onnxruntime==1.32.0
+fi
+if want env-inc; then
+  make_env env-inc "import neural_compressor.torch, onnx_neural_compressor, PIL, yaml, rich, vlmedge" "neural-compressor-pt==3.10" \
+    "onnx-neural-compressor==1.0" scipy "transformers>=5" onnxruntime==1.32.0 -e .  # scipy: an undeclared import of it
+fi
+if want env-openvino; then
+  make_env env-openvino "import optimum.intel.openvino, openvino, nncf, PIL, datasets" "optimum-intel[openvino]" pillow "datasets<5" "transformers<4.58"
+fi
+if want llama.cpp; then make_llama_cpp; fi

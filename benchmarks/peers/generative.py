@@ -62,17 +62,19 @@ def _nbits_by_hand(export: Path, out: Path) -> Path:
 SCENARIOS = ("vision", "ttft", "decode", "answer")
 
 
-def time_interleaved(family, models: dict, folders: dict, inputs, cfg, rounds: int, between=None
+def time_interleaved(family, models: dict, folders: dict, inputs, cfg, rounds: int, between=None, extra=None
                      ) -> dict[str, dict]:
-    """Each PyTorch model (HF `generate`, the `torch` scenarios) and each ONNX folder once per round, `rounds`
-    rounds: name -> {scenario: {p50_ms, p90_ms}, tokens_per_s}, each the median over the rounds. `between()` runs
-    at the start of every round (a ceiling measured alongside)."""
+    """Each PyTorch model (HF `generate`, the `torch` scenarios), each ONNX folder and each of `extra` (name -> a
+    callable returning the same record, e.g. a peer timed in its own environment) once per round, `rounds` rounds:
+    name -> {scenario: {p50_ms, p90_ms}, tokens_per_s}, each the median over the rounds. `between()` runs at the
+    start of every round (a ceiling measured alongside)."""
     import torch
 
     timers = {name: (lambda m=m: family.time_scenarios(family.torch_scenarios(m, inputs, "cpu", torch.float32), cfg,
                                                        {})) for name, m in models.items()}
     timers.update({name: (lambda f=f: family.onnx_latency(f, cfg, ["CPUExecutionProvider"]))
                    for name, f in folders.items()})
+    timers.update(extra or {})
     recs: dict[str, list[dict]] = {name: [] for name in timers}
     for r in range(rounds):
         print(f"round {r + 1}/{rounds}", flush=True)
