@@ -114,7 +114,7 @@ class Progress:
         parts = []
         for k, v in self.fields.items():
             if k == "rate":
-                parts.append(f"{v:.0f} {self.unit}/s")
+                parts.append(f"{v:.0f} {self.unit}/s" if v >= 10 else f"{v:.2g} {self.unit}/s")  # 0.14, not 0
             else:
                 parts.append(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
         return ", ".join(parts)

@@ -5,7 +5,9 @@
 #   env-inc:     Intel Neural Compressor 3.x for PyTorch and its ONNX sibling (onnx-neural-compressor), plus vlmedge
 #                itself: the harness runs here, because INC's PyTorch result is a compiled in-memory graph that can
 #                only be timed in the process that made it (same torch, transformers and onnxruntime as vlmedge's).
-#   env-openvino: OpenVINO through optimum-intel (its own transformers pin), for the SmolVLM-256M comparison
+#   env-openvino: OpenVINO through optimum-intel, for the SmolVLM-256M comparison; transformers < 4.58 because
+#                optimum-intel 2.2 refuses to export SmolVLM with 5.x ("Maximum required is 4.57.6"), datasets < 5
+#                because 5.x needs a huggingface-hub that transformers 4.57 does not accept
 #   llama.cpp:   llama-mtmd-cli and llama-quantize built for this CPU from the llama-cpp-python sdist's vendored
 #                llama.cpp (PyPI is reachable where GitHub is not), and a venv with its gguf-py for the converter
 # Usage: envs.sh [env-optimum env-inc env-openvino llama.cpp]   (no argument: all of them)

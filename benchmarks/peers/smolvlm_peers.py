@@ -104,8 +104,9 @@ def build_folder(model: Path) -> None:
 
 
 def write_prompts(out: Path, questions: int) -> tuple[Path, Path]:
-    """The latency scenarios' image and question first (what `vlmedge bench` times), then held-out shapes scenes at
-    the same camera size for agreement; 16 training scenes for OpenVINO's static calibration."""
+    """Held-out shapes scenes at the latency scenarios' camera size (1024x768) with a question each: the peers time
+    the first (vlmedge's rows time `latency_inputs`, a scene of the same size: the same work, one 512 px frame),
+    all of them are asked for agreement; 16 training scenes for OpenVINO's static calibration."""
     from PIL import Image
 
     from vlmedge.data.vqa import open_vqa

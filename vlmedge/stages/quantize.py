@@ -402,9 +402,12 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
             _write_manifest(tmp, manifest, cfg, scheme, why, kept)
             encoder = build(cfg, kept)
         if reference is not None:
-            order = _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32)
             score = evaluate_fn(encoder)[cfg.metric]
             info["accuracy_aware"] = {"metric": cfg.metric, "reference": reference[cfg.metric], "steps": []}
+            # ranking the groups quantizes each alone and runs it on the calibration batches: minutes at SmolVLM-256M's
+            # size, so only when a group has to go back
+            order = [] if reference[cfg.metric] - score <= cfg.max_drop else \
+                _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32, progress)
             with Progress("quantize: layer groups back to fp32", len(order), enabled=progress, unit="groups") as bar:
                 for k, (tower, group) in enumerate(order):
                     bar.update(k, **{cfg.metric: score})
@@ -597,21 +600,24 @@ def _drift(ref, enc, calib: dict[str, list], progress: bool = False) -> dict[str
     return out
 
 
-def _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32) -> list[tuple[str, str]]:
-    """Layer groups, most damaging first: each quantized alone, scored by embedding cosine to fp32."""
+def _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32,
+                       progress: bool = False) -> list[tuple[str, str]]:
+    """Layer groups, most damaging first: each quantized alone, scored by embedding cosine to fp32, with progress."""
     calib = calib or calibration_batches(fp32, cfg)
+    towers = [(t, n) for t, n in files.items() if cfg.mode_of(t) != "fp32"]
     scores = []
-    for tower, name in files.items():
-        if cfg.mode_of(tower) == "fp32":
-            continue
-        ref = _outputs(fp32.sessions[tower], calib[tower])
-        for group in groups[tower]:
-            others = tuple(re.escape(n) for g, nodes in groups[tower].items() if g != group for n in nodes)
-            probe = Path(tmp) / f".probe-{Path(name).name}"
-            quantize_file(source / name, probe, tower, cfg, scheme, calib, others)
-            got = _outputs(open_session(probe), calib[tower])
-            probe.unlink()
-            scores.append((float(_cosines(ref, got).mean()), tower, group))
+    with Progress("quantize: ranking layer groups by their damage", sum(len(groups[t]) for t, _ in towers),
+                  enabled=progress, unit="groups", after=2.0) as bar:
+        for tower, name in towers:
+            ref = _outputs(fp32.sessions[tower], calib[tower])
+            for group in groups[tower]:
+                others = tuple(re.escape(n) for g, nodes in groups[tower].items() if g != group for n in nodes)
+                probe = Path(tmp) / f".probe-{Path(name).name}"
+                quantize_file(source / name, probe, tower, cfg, scheme, calib, others)
+                got = _outputs(open_session(probe), calib[tower])
+                probe.unlink()
+                scores.append((float(_cosines(ref, got).mean()), tower, group))
+                bar.update(len(scores), graph=tower)
     return [(t, g) for _, t, g in sorted(scores)]
 
 
