@@ -99,6 +99,20 @@ def test_a_quantity_no_step_has_is_a_usage_error_naming_the_closest(tmp_path, ca
     assert e.value.exit_code == 2
 
 
+def test_a_retention_of_a_first_step_that_scores_zero_says_why_it_is_missing(tmp_path):
+    """A model that has not learned the task (a random-weights folder: VQA 0) gives no retention; the error says so
+    instead of suggesting the plain metric."""
+    report = load_report(_report(tmp_path))
+    first = report["steps"][0]
+    metric = next(iter(first["metrics"]))
+    report["steps"] = [{**s, "metrics": {**s["metrics"], metric: 0.0},
+                        "retention": {k: v for k, v in s.get("retention", {}).items() if k != metric}}
+                       for s in report["steps"]]
+    with pytest.raises(VlmedgeError, match=rf"scores {metric} = 0, so no retention can be computed") as e:
+        check(report, [parse_budget(f"retention.{metric} >= 0.97")])
+    assert e.value.exit_code == 2
+
+
 def test_an_unstable_figure_over_budget_is_measured_again_on_the_artifact(tiny_export, tmp_path):
     """A latency figure marked unstable (its CV over max_cv) is re-measured on the step's real artifact before it
     counts as failed; a stable one is not."""

@@ -142,6 +142,12 @@ def _unknown(report: dict, b: Budget) -> VlmedgeError | None:
         return None
     close = difflib.get_close_matches(b.quantity, sorted(known), n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(close)}?" if close else f"known, e.g.: {', '.join(sorted(known)[:6])}"
+    metric = b.quantity.removeprefix("retention.")
+    steps = report.get("steps") or []
+    if metric != b.quantity and steps and steps[0].get("metrics", {}).get(metric) == 0:
+        # a retention divides by the first step's figure: a model that scores 0 has not learned the task
+        hint = (f"the first step ({steps[0].get('name')}) scores {metric} = 0, so no retention can be computed: it "
+                f"has not learned this task on this data (check it before compressing it)")
     error = VlmedgeError(f"budget {b.text!r}: no step of the report has a quantity {b.quantity!r}; {hint}")
     error.exit_code = 2
     return error

@@ -88,11 +88,12 @@ TUNE_SECONDS = 30.0
 def tune_threads(folder: str | os.PathLike, rounds: int = 5, feeds: dict[str, dict[str, np.ndarray]] | None = None,
                  on_round: Callable[[str, int, int], None] | None = None) -> dict[str, Any] | None:
     """Batch-1 p50 of each tower of an export folder at 1, 2, 4, ... threads (up to all cores), timed in interleaved
-    rounds (at least 5 runs and 50 ms per count and round; as many of `rounds` as fit in TUNE_SECONDS per tower, at
-    least one), and the fastest count per tower on this machine; None on a 1-core machine. One tower's sessions are
-    open at a time. `feeds`: batch-1 inputs per graph (default: random image and text inputs of the manifest's
-    shapes). `on_round(tower, rounds done, rounds planned)`: before each round, and with both equal when a tower is
-    done (progress; this module is bundled to boards without the rest of vlmedge).
+    rounds (at least 5 runs and 50 ms per count and round, one run where a first run says that would not fit; as
+    many of `rounds` as fit in TUNE_SECONDS per tower, at least one), and the fastest count per tower on this
+    machine; None on a 1-core machine. One tower's sessions are open at a time. `feeds`: batch-1 inputs per graph
+    (default: random image and text inputs of the manifest's shapes). `on_round(tower, rounds done, rounds
+    planned)`: before each round, and with both equal when a tower is done (progress; this module is bundled to
+    boards without the rest of vlmedge).
 
     Small towers run faster on fewer threads: waking a second thread for every operator costs more than it saves
     (measured here, 2 cores: the quickstart INT8 image tower 0.29 ms p50 on 1 thread, 0.42 ms on 2)."""
@@ -111,12 +112,16 @@ def tune_threads(folder: str | os.PathLike, rounds: int = 5, feeds: dict[str, di
         sessions = {n: ort_session(folder / manifest["files"][tower], n) for n in counts}
         samples: dict[int, list[float]] = {n: [] for n in counts}
         start, done = time.perf_counter(), 0
+        sessions[counts[-1]].run(None, feed)  # a probe: a graph whose run takes seconds gets one run per count
+        probe = time.perf_counter() - start   # (SmolVLM-256M's vision feed: 4m21s for one round of 7 runs each)
+        per_round = cfg if probe * len(counts) * (cfg.warmup + cfg.min_runs) <= TUNE_SECONDS else \
+            MeasureConfig(warmup=0, min_runs=1, min_seconds=0.0)
         while done < rounds:
             if on_round is not None:
                 on_round(tower, done, rounds)
             for n, session in sessions.items():
                 run = lambda s=session, f=feed: s.run(None, f)  # noqa: E731
-                samples[n] += time_fn(run, cfg, keep_samples=True)["samples_ms"]
+                samples[n] += time_fn(run, per_round, keep_samples=True)["samples_ms"]
             done += 1
             if (time.perf_counter() - start) * (done + 1) / done > TUNE_SECONDS:
                 break  # the next round would pass the budget: a slow graph stops early
