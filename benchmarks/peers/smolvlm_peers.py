@@ -3,6 +3,7 @@ images and questions, interleaved rounds, each peer in its own environment.
 
     bash benchmarks/peers/envs.sh env-openvino llama.cpp      # once: the peers' environments and llama.cpp's build
     python benchmarks/peers/smolvlm_peers.py runs/peers256 [--rounds 3] [--questions 8]
+    python benchmarks/peers/smolvlm_peers.py runs/peers256x3 --text-scale 3 --rounds 0   # agreement only
 
 The folder (OUT/model): SmolVLM-256M's published sizes at full depth, random weights, and a byte-level BPE
 tokenizer of the published vocabulary size (49152) trained on this Python's standard library source, with
@@ -80,11 +81,21 @@ def bpe_tokenizer(vocab_size: int = VOCAB):
     return fast
 
 
-def build_folder(model: Path) -> None:
+def build_folder(model: Path, text_scale: float = 1.0) -> None:
+    """The folder; `text_scale` multiplies the decoder's matrices (embedding included): at the default random init
+    every question gets the same greedy answer (" Mis" 16 times here), at 3x the answer depends on the question
+    and agreement between runtimes means something."""
     from test_generative import smolvlm_256m_folder
 
     model.mkdir(parents=True, exist_ok=True)
     smolvlm_256m_folder(model, vision_layers=12, text_layers=30, tokenizer=bpe_tokenizer())
+    if text_scale != 1.0:
+        from safetensors.torch import load_file, save_file
+
+        weights = model / "model.safetensors"
+        tensors = load_file(weights)
+        save_file({k: v * text_scale if v.dim() == 2 and "text_model" in k else v for k, v in tensors.items()},
+                  weights, metadata={"format": "pt"})
     pre = model / "preprocessor_config.json"
     pre.write_text(json.dumps({**json.loads(pre.read_text()), **ONE_FRAME}, indent=2))
     # transformers 5 writes its own class name and a list of extra special tokens; the OpenVINO environment's
@@ -199,7 +210,7 @@ def llama_run(gguf: Path, mmproj: Path, item: dict, threads: int, tokens: int = 
     p = subprocess.run([str(LLAMA / "llama-mtmd-cli"), "-m", str(gguf), "--mmproj", str(mmproj), "--image",
                         item["image"], "-p", item["question"], "-n", str(tokens), "--ignore-eos", "--temp", "0",
                         "-t", str(threads), "-tb", str(threads), "--no-warmup", "-c", "1024"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, errors="replace")  # a token may end inside a UTF-8 character
     wall = (time.perf_counter() - t) * 1e3
     if p.returncode:
         raise RuntimeError(f"llama-mtmd-cli failed ({p.returncode}): {p.stderr[-2000:]}")
@@ -298,7 +309,7 @@ def answers_all(vlm, family, folders, ov, llama, prompts: list[dict], prompts_pa
     return out
 
 
-def main(out: Path, rounds: int, questions: int, threads: int = 2) -> int:
+def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: float = 1.0) -> int:
     import torch
 
     from generative import time_interleaved
@@ -310,7 +321,7 @@ def main(out: Path, rounds: int, questions: int, threads: int = 2) -> int:
     model = out / "model"
     if not (model / "config.json").is_file():
         log("building the folder (byte-level BPE of 49152 tokens, SmolVLM-256M sizes)")
-        build_folder(model)
+        build_folder(model, text_scale)
     prompts_path, calibration = write_prompts(out, questions)
     folders = vlmedge_forms(model, out)
     ov = openvino_forms(model, out, calibration)
@@ -327,6 +338,15 @@ def main(out: Path, rounds: int, questions: int, threads: int = 2) -> int:
     own = {name: agreement(texts["llama.cpp f32"], rows, vlm.tokenizer) for name, rows in texts.items()
            if name.startswith("llama.cpp ")}
 
+    results = {"environment": environment(), "threads": threads, "rounds": rounds, "questions": len(prompts),
+               "text_scale": text_scale, "answers": texts, "agreement": agree, "llama_cpp_vs_its_f32": own,
+               # 1 means the random weights answer every question alike: agreement then says little
+               "distinct_reference_answers": len(set(texts["torch eager fp32"])), "versions": peer_versions()}
+    if rounds == 0:  # agreement only
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        print(json.dumps({k: results[k] for k in ("agreement", "llama_cpp_vs_its_f32", "distinct_reference_answers")},
+                         indent=1))
+        return 0
     cfg = MeasureConfig(warmup=1, min_runs=3, min_seconds=0.0, threads=threads, image_splitting="as-folder")
     inputs = family.latency_inputs(family.adapter(folders["vlmedge fp32"]), 1)
     extra = {name: openvino_timer(f, prompts_path, threads, 3) for name, f in ov.items()}
@@ -338,12 +358,8 @@ def main(out: Path, rounds: int, questions: int, threads: int = 2) -> int:
     for name, row in table.items():
         row["answer_p90_vs_eager"] = eager / row["answer"]["p90_ms"]
         row["agreement"] = agree.get(name)
-    results = {"environment": environment(), "threads": threads, "rounds": rounds, "questions": len(prompts),
-               "input": {"image": list(LATENCY_IMAGE), "frames": 1, "question": prompts[0]["question"]},
-               "rows": table, "answers": texts,
-               "llama_cpp_f32_agreement": agree.get("llama.cpp f32"), "llama_cpp_vs_its_f32": own,
-               # 1 means the random weights answer every question alike: agreement then says little
-               "distinct_reference_answers": len(set(texts["torch eager fp32"])), "versions": peer_versions()}
+    results.update({"input": {"image": list(LATENCY_IMAGE), "frames": 1, "question": prompts[0]["question"]},
+                    "rows": table})
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(markdown(table))
     return 0
@@ -374,7 +390,9 @@ def markdown(table: dict) -> str:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, nargs="?", default=Path("runs/peers256"))
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="0: agreement only")
+    ap.add_argument("--text-scale", type=float, default=1.0,
+                    help="multiply the new folder's decoder matrices (3: answers that depend on the question)")
     ap.add_argument("--questions", type=int, default=8)
     a = ap.parse_args()
-    sys.exit(main(a.out, a.rounds, a.questions))
+    sys.exit(main(a.out, a.rounds, a.questions, text_scale=a.text_scale))
