@@ -317,6 +317,13 @@ def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: f
     from vlmedge.families.generative import LATENCY_IMAGE
     from vlmedge.runtime.measure import MeasureConfig, environment
 
+    needed = [PEERS / "env-openvino" / "bin" / "python", PEERS / "env-gguf" / "bin" / "python",
+              LLAMA / "llama-mtmd-cli", LLAMA / "llama-quantize"]
+    missing = [str(p.relative_to(ROOT)) for p in needed if not p.exists()]
+    if missing:
+        print(f"error: {missing[0]} not found: run `bash benchmarks/peers/envs.sh env-openvino llama.cpp` first",
+              file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     model = out / "model"
     if not (model / "config.json").is_file():
