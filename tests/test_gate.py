@@ -131,3 +131,24 @@ def test_an_unstable_figure_over_budget_is_measured_again_on_the_artifact(tiny_e
     assert again.passed and again.value < absurd / 10 and "re-measured 1x" in again.message
     rec["pair"]["stable"] = True  # stable figures are not second-guessed
     assert not check(report, budget, remeasure=1)[0].passed
+
+
+def test_a_recipe_gate_naming_a_missing_quantity_fails_alone_and_the_others_are_judged():
+    """The report judges a recipe's gates one by one: a gate no step can answer (a retention over a teacher that
+    scores 0) fails with its reason, and the compression gate beside it still gets its verdict."""
+    import dataclasses
+
+    from vlmedge.artifact import Artifact
+    from vlmedge.recipe import load_recipe, recipes_dir
+    from vlmedge.report import build
+
+    recipe = dataclasses.replace(load_recipe(recipes_dir() / "quickstart.yaml"),
+                                 gates=("retention.zero_shot.top1 >= 0.97", "compression >= 3"))
+    steps = [Artifact(id="a", name="teacher", stage="source", kind="model", path="t", metrics={"zero_shot.top1": 0.0}),
+             Artifact(id="b", name="export", stage="export", kind="onnx", path="e", size_bytes=4_000_000),
+             Artifact(id="c", name="final", stage="quantize", kind="onnx", path="q", size_bytes=1_000_000)]
+    gates = {g["budget"]: g for g in build(recipe, steps, {"results": {}})["gates"]}
+    assert not gates["retention.zero_shot.top1 >= 0.97"]["passed"]
+    assert "no retention can be computed" in gates["retention.zero_shot.top1 >= 0.97"]["message"]
+    assert gates["compression >= 3"]["passed"] and gates["compression >= 3"]["value"] == 4.0
+
