@@ -7,8 +7,8 @@ MODEL_FOLDER is a SmolVLM-shaped Hugging Face folder (e.g. `runs/peers256/model`
 `runs/b256/model` from `smolvlm_256m.py`). The VQA set: shapes scenes written as PNG files with a `metadata.jsonl` of
 file_name / question / answer (the layout the template documents), split by vlmedge as for any image folder. Extra
 `--set` values go to `vlmedge compress` unchanged (e.g. fewer distillation steps: at 256M on 2 cores the template's
-500 steps of 16 x 4 take hours). Prints and writes OUT/wall.json: the wall time, the overrides and the report's
-final metrics.
+500 steps of 16 x 4 take hours). Prints and writes OUT/wall.json: the wall time, the overrides, and per step its
+seconds, metrics, size, compression and speedup, and the gates' verdicts.
 """
 
 from __future__ import annotations
@@ -43,6 +43,15 @@ def vqa_folder(out: Path, images: int) -> Path:
     return out
 
 
+def summary(report: Path) -> dict:
+    """Per step its seconds (stage, eval), metrics, size, compression and speedup against the teacher; the gates."""
+    if not report.is_file():
+        return {}
+    r = json.loads(report.read_text())
+    keys = ("name", "seconds", "metrics", "size_bytes", "compression", "speedup_vs_teacher")
+    return {"steps": [{k: s.get(k) for k in keys} for s in r["steps"]], "gates": r.get("gates")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", type=Path)
@@ -59,12 +68,8 @@ def main() -> int:
     t = time.perf_counter()
     code = subprocess.run(cmd).returncode
     wall = time.perf_counter() - t
-    record = {"wall_s": round(wall, 1), "returncode": code, "sets": sets, "images": a.images}
-    report = a.out / "report.json"
-    if report.is_file():
-        steps = json.loads(report.read_text())["steps"]
-        record["steps"] = [{k: s.get(k) for k in ("name", "metrics", "size_bytes", "speedup", "gates")}
-                           for s in steps]
+    record = {"wall_s": round(wall, 1), "returncode": code, "sets": sets, "images": a.images,
+              **summary(a.out / "report.json")}
     (a.out / "wall.json").write_text(json.dumps(record, indent=2))
     print(json.dumps({k: v for k, v in record.items() if k != "steps"}, indent=2))
     return code

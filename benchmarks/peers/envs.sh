@@ -29,19 +29,18 @@ make_env() {  # name, import check, packages...
 LLAMA_CPP_PYTHON=0.3.36  # its vendored llama.cpp has tools/mtmd (libmtmd) and convert_hf_to_gguf.py with --mmproj
 make_llama_cpp() {
   local src=$root/dl/llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp build=$root/llama-build
-  if [[ -x $build/bin/llama-mtmd-cli && -x $build/bin/llama-quantize && -x $root/env-gguf/bin/python ]]; then return 0; fi
   mkdir -p "$root/dl"
   if [[ ! -d $src ]]; then
     pip download -q --no-deps --no-binary :all: -d "$root/dl" "llama-cpp-python==$LLAMA_CPP_PYTHON"
     tar xzf "$root/dl/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz" -C "$root/dl"
   fi
-  cmake -S "$src" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON >/dev/null
-  ninja -C "$build" llama-mtmd-cli llama-quantize
-  python3 -m venv "$root/env-gguf"
-  "$root/env-gguf/bin/pip" install -q --upgrade pip
-  "$root/env-gguf/bin/pip" install -q torch==2.13.0
-  "$root/env-gguf/bin/pip" install -q "transformers>=5" sentencepiece safetensors numpy "$src/gguf-py"
+  if [[ ! -x $build/bin/llama-mtmd-cli || ! -x $build/bin/llama-quantize ]]; then
+    cmake -S "$src" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON >/dev/null
+    ninja -C "$build" llama-mtmd-cli llama-quantize
+  fi
+  make_env env-gguf "import gguf, transformers, safetensors" "transformers>=5" sentencepiece safetensors numpy \
+    "$src/gguf-py"  # the converter's environment
 }
 want() { [[ ${#ALL[@]} -eq 0 ]] || [[ " ${ALL[*]} " == *" $1 "* ]]; }
 ALL=("$@")

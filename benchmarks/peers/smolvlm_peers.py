@@ -42,11 +42,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
 
+from vlmedge.families.generative import ANSWER_TOKENS  # noqa: E402  (the latency scenarios' answer length)
+from vlmedge.runtime.measure import stats  # noqa: E402
+
 PEERS = ROOT / "runs" / "peers"
 LLAMA = PEERS / "llama-build" / "bin"
 VOCAB = 49152  # SmolVLM-256M's published vocabulary (SmolLM2's tokenizer)
 ONE_FRAME = {"do_image_splitting": False, "size": {"longest_edge": 512}}
-ANSWER_TOKENS = 16
 
 
 def log(msg: str) -> None:
@@ -234,8 +236,7 @@ def llama_timer(gguf: Path, mmproj: Path, item: dict, threads: int, runs: int):
             steps = (whole["work"] - whole["encode"]) - (one["work"] - one["encode"])
             samples.append({"vision": whole["encode"], "ttft": one["work"], "answer": whole["work"],
                             "decode": steps / (ANSWER_TOKENS - 1), "frames": whole["frames"]})
-        rec = {sc: {"p50_ms": statistics.median(s[sc] for s in samples), "p90_ms": _p90([s[sc] for s in samples])}
-               for sc in ("vision", "ttft", "decode", "answer")}
+        rec = {sc: stats([s[sc] for s in samples]) for sc in ("vision", "ttft", "decode", "answer")}
         return {**rec, "tokens_per_s": ANSWER_TOKENS / (rec["answer"]["p50_ms"] / 1e3),
                 "input_image": {"frames": samples[0]["frames"]}}
     return fn
@@ -250,12 +251,6 @@ def openvino_timer(folder: Path, prompts: Path, threads: int, runs: int):
             raise RuntimeError(f"openvino time failed: {p.stderr[-2000:]}")
         return json.loads(p.stdout.strip().splitlines()[-1])
     return fn
-
-
-def _p90(samples: list[float]) -> float:
-    import numpy as np
-
-    return float(np.percentile(samples, 90))
 
 
 def agreement(reference: list[str], answers: list[str], tokenizer) -> dict:
