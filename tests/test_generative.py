@@ -358,3 +358,46 @@ def test_an_export_whose_vision_graph_takes_no_frames_says_to_export_again(vqa_e
     with pytest.raises(VlmedgeError, match=r"vision_encoder.onnx: .* no input 'pixel_attention_mask'.*export the "
                                            r"model again"):
         OnnxGenerator(old)
+
+
+def test_export_fuses_unmasked_self_attention_only(vqa_export, smolvlm_export, tiny_export):
+    """The vision towers' attention is one MultiHeadAttention per layer (no SkipLayerNormalization, which is slower
+    here); the causal decoder and a padded text tower keep theirs. Parity with PyTorch is checked at export."""
+    import onnx
+
+    for folder, layers in ((vqa_export, 2), (smolvlm_export[1], 1)):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["fused_attention"] == {"vision": layers}
+        ops = [n.op_type for n in onnx.load(str(folder / manifest["files"]["vision"])).graph.node]
+        assert ops.count("MultiHeadAttention") == layers and "Softmax" not in ops
+        assert "SkipLayerNormalization" not in ops
+        decoder = onnx.load(str(folder / manifest["files"]["decoder"]), load_external_data=False)
+        assert "MultiHeadAttention" not in {n.op_type for n in decoder.graph.node}
+    assert "text" not in json.loads((tiny_export / "manifest.json").read_text()).get("fused_attention", {})
+
+
+def test_a_fused_graph_whose_outputs_differ_is_not_kept(vqa_export, tmp_path):
+    """The guard behind the fusion: a rewritten graph that computes something else leaves the original in place."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from vlmedge.stages.export import _fused
+
+    manifest = json.loads((vqa_export / "manifest.json").read_text())
+    graph = tmp_path / "vision.onnx"
+    shutil.copyfile(vqa_export / manifest["files"]["vision"], graph)
+    before = graph.read_bytes()
+
+    def wrong(src, dst):  # the same graph with one weight changed
+        model = onnx.load(str(src))
+        init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 2, init.name))
+        onnx.save(model, str(dst))
+        return 1
+
+    feeds = {"pixel_values": np.random.default_rng(0).standard_normal((1, 1, 3, 32, 32)).astype(np.float32),
+             "pixel_attention_mask": np.ones((1, 1, 32, 32), dtype=bool)}
+    assert _fused(graph, feeds, 1e-4, wrong) == 0
+    assert graph.read_bytes() == before and not list(tmp_path.glob("*.fused"))

@@ -182,6 +182,11 @@ class QuantizeConfig:
                                    f"{bad[0]}; choose a block size that divides {', '.join(map(str, sorted(set(ks))))}")
 
 
+CONTRIB_TYPES = {"DefaultTensorType": 1}
+"""The element type (onnx FLOAT) ORT's quantizers assume for outputs of contrib ops its shape inference cannot type
+(an export's MultiHeadAttention)."""
+
+
 def choose_weight_scheme(requested: str) -> tuple[str, str]:
     """(scheme, why). VNNI (AVX512-VNNI or AVX-VNNI) computes u8s8 dot products without 16-bit saturation."""
     if requested != "auto":
@@ -297,7 +302,8 @@ def _quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme
     per_channel = cfg.channelwise_for(mode)
     if mode == "dynamic":
         quantize_dynamic(src, dst, op_types_to_quantize=op_types, per_channel=per_channel,
-                         reduce_range=reduce_range, weight_type=weight_type, nodes_to_exclude=exclude)
+                         reduce_range=reduce_range, weight_type=weight_type, nodes_to_exclude=exclude,
+                         extra_options=CONTRIB_TYPES)
         level = "extended" if cfg.optimize == "auto" else cfg.optimize
         if level != "none":
             optimize_offline(dst, level)
@@ -307,7 +313,8 @@ def _quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme
     quantize_static(src, dst, _Calibration(calib[tower]), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=op_types, per_channel=per_channel, reduce_range=reduce_range,
                     activation_type=QuantType.QUInt8, weight_type=weight_type, nodes_to_exclude=exclude,
-                    calibrate_method=method, extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                    calibrate_method=method,
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, **CONTRIB_TYPES})
 
 
 def optimize_offline(path: Path, level: str) -> None:
