@@ -66,7 +66,8 @@ def time_interleaved(family, models: dict, folders: dict, inputs, cfg, rounds: i
                      ) -> dict[str, dict]:
     """Each PyTorch model (HF `generate`, the `torch` scenarios), each ONNX folder and each of `extra` (name -> a
     callable returning the same record, e.g. a peer timed in its own environment) once per round, `rounds` rounds:
-    name -> {scenario: {p50_ms, p90_ms}, tokens_per_s}, each the median over the rounds. `between()` runs at the
+    name -> {scenario: {p50_ms, p90_ms, by_round}, tokens_per_s}, each the median over the rounds (by_round: each
+    round's figures, for the spread). `between()` runs at the
     start of every round (a ceiling measured alongside)."""
     import torch
 
@@ -82,7 +83,8 @@ def time_interleaved(family, models: dict, folders: dict, inputs, cfg, rounds: i
             between()
         for name, fn in timers.items():
             recs[name].append(fn())
-    return {name: {**{sc: {f"{p}_ms": float(np.median([x[sc][f"{p}_ms"] for x in rs])) for p in ("p50", "p90")}
+    return {name: {**{sc: {**{f"{p}_ms": float(np.median([x[sc][f"{p}_ms"] for x in rs])) for p in ("p50", "p90")},
+                           "by_round": {f"{p}_ms": [float(x[sc][f"{p}_ms"]) for x in rs] for p in ("p50", "p90")}}
                       for sc in SCENARIOS},
                    "tokens_per_s": float(np.median([x["tokens_per_s"] for x in rs]))} for name, rs in recs.items()}
 

@@ -74,11 +74,13 @@ def export(model: Path, out: Path, form: str, calibration: Path) -> None:
     AutoProcessor.from_pretrained(model).save_pretrained(out)
 
 
-def _load(folder: Path, threads: int):
+def _load(folder: Path, threads: int, precision: str = ""):
     from optimum.intel import OVModelForVisualCausalLM
     from transformers import AutoProcessor
 
     ov_config = {"INFERENCE_NUM_THREADS": str(threads), "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": ""}
+    if precision:  # OpenVINO's CPU default is bf16 where the CPU has AVX512_BF16 or AMX, else f32
+        ov_config["INFERENCE_PRECISION_HINT"] = precision
     return OVModelForVisualCausalLM.from_pretrained(folder, ov_config=ov_config), AutoProcessor.from_pretrained(folder)
 
 
@@ -86,7 +88,7 @@ def _generate(model, inputs, n: int):
     return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
 
-def time_scenarios(folder: Path, prompts: Path, threads: int, warmup: int, runs: int) -> dict:
+def time_scenarios(folder: Path, prompts: Path, threads: int, warmup: int, runs: int, precision: str = "") -> dict:
     """vision (the vision embeddings model on the processed frames), ttft (generate 1 token), answer (16 tokens,
     EOS ignored), each `runs` times after `warmup`; decode per token = (answer - ttft) / 15 at each percentile."""
     import numpy as np
@@ -94,7 +96,7 @@ def time_scenarios(folder: Path, prompts: Path, threads: int, warmup: int, runs:
     import torch
 
     torch.set_num_threads(threads)
-    model, processor = _load(folder, threads)
+    model, processor = _load(folder, threads, precision)
     inputs = _inputs(processor, _prompts(prompts)[0])
     scenarios = {"vision": lambda: model.get_vision_embeddings(inputs["pixel_values"], inputs["input_ids"],
                                                                pixel_attention_mask=inputs.get("pixel_attention_mask")),
@@ -114,14 +116,16 @@ def time_scenarios(folder: Path, prompts: Path, threads: int, warmup: int, runs:
     out["decode"] = {p: (out["answer"][p] - out["ttft"][p]) / (ANSWER_TOKENS - 1) for p in ("p50_ms", "p90_ms")}
     out["tokens_per_s"] = ANSWER_TOKENS / (out["answer"]["p50_ms"] / 1e3)
     out["runtime"] = f"openvino {openvino.__version__}"
+    out["inference_precision"] = str(openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")) \
+        if not precision else precision
     out["input_image"] = {"frames": int(inputs["pixel_values"].shape[1]),
                           "prompt_tokens": int(inputs["input_ids"].shape[1])}
     return out
 
 
-def answers(folder: Path, prompts: Path, threads: int) -> list[list[int]]:
+def answers(folder: Path, prompts: Path, threads: int, precision: str = "") -> list[list[int]]:
     """Greedy ANSWER_TOKENS new token ids (EOS ignored) for every prompt."""
-    model, processor = _load(folder, threads)
+    model, processor = _load(folder, threads, precision)
     result = []
     for item in _prompts(prompts):
         inputs = _inputs(processor, item)
@@ -145,14 +149,16 @@ def main() -> int:
         s.add_argument("--threads", type=int, default=2)
         s.add_argument("--warmup", type=int, default=1)
         s.add_argument("--runs", type=int, default=3)
+        s.add_argument("--precision", choices=("", "f32", "bf16"), default="",
+                       help="OpenVINO's INFERENCE_PRECISION_HINT (default: the plugin's choice for this CPU)")
     a = ap.parse_args()
     if a.cmd == "export":
         export(a.model, a.out, a.form, a.calibration)
         print(json.dumps({"out": str(a.out)}))
     elif a.cmd == "time":
-        print(json.dumps(time_scenarios(a.folder, a.prompts, a.threads, a.warmup, a.runs)))
+        print(json.dumps(time_scenarios(a.folder, a.prompts, a.threads, a.warmup, a.runs, a.precision)))
     else:
-        print(json.dumps(answers(a.folder, a.prompts, a.threads)))
+        print(json.dumps(answers(a.folder, a.prompts, a.threads, a.precision)))
     return 0
 
 

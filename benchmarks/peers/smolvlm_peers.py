@@ -14,7 +14,8 @@ and is told it is SmolLM's ("smollm": the same byte-level BPE with single digits
 
 Rows: PyTorch eager fp32 (Hugging Face `generate`), vlmedge's fp32 export, INT8 dynamic and INT4 (accuracy level 4,
 vision INT8); OpenVINO int8 (8-bit weights, static int8 vision: its documented SmolVLM recipe) and int4 (4-bit
-weights); llama.cpp Q8_0 and Q4_K_M (text model), each with the mmproj in Q8_0. Each row once per round (a
+weights), and int8 again with the f32 inference hint (OpenVINO computes what is not quantized in bf16 on a CPU with
+AVX512_BF16 or AMX: that row shows what bf16 buys it); llama.cpp Q8_0 and Q4_K_M (text model), each with the mmproj in Q8_0. Each row once per round (a
 subprocess per peer per round; vlmedge's and eager in this process), 2 threads (this host has 2 cores: all
 threads), batch 1, the scenarios of `vlmedge bench`: vision, ttft, decode per token, a 16-token answer (EOS ignored).
 Peers are timed by their own means: OpenVINO by wall clock around its calls (decode = (answer - ttft) / 15),
@@ -23,7 +24,7 @@ llama.cpp by its own perf lines (image encode, prompt eval, eval per token; mode
 Agreement (random weights: the accuracy proxy): each row's 16 greedy tokens, as text, against PyTorch eager fp32's
 on the same questions; identical answers and the mean common prefix in tokens. llama.cpp's F32 GGUF is also
 compared, which shows what its own prompt and image path changes before any quantization.
-Writes OUT/results.json.
+Writes OUT/results.json (`--results NAME` another file; `--row NAME` times only the rows named, besides eager).
 """
 
 from __future__ import annotations
@@ -100,11 +101,17 @@ def build_folder(model: Path, text_scale: float = 1.0) -> None:
                   weights, metadata={"format": "pt"})
     pre = model / "preprocessor_config.json"
     pre.write_text(json.dumps({**json.loads(pre.read_text()), **ONE_FRAME}, indent=2))
+    peer_ready(model)
+
+
+def peer_ready(model: Path) -> None:
+    """Make a vlmedge-written SmolVLM folder readable by the peers' converters, in place: spellings transformers 4.57
+    reads and the fields SmolVLM-256M-Instruct publishes."""
     # transformers 5 writes its own class name and a list of extra special tokens; the OpenVINO environment's
     # transformers 4.57 reads the older spellings (which transformers 5 reads too)
     tc = model / "tokenizer_config.json"
     config = json.loads(tc.read_text())
-    config["additional_special_tokens"] = config.pop("extra_special_tokens", [])
+    config["additional_special_tokens"] = config.pop("extra_special_tokens", config.get("additional_special_tokens", []))
     tc.write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
     # as SmolVLM-256M-Instruct publishes them: its text config names its architecture (llama.cpp's converter
     # picks its text model class by it), and transformers' processor otherwise assumes Idefics3's 169 image tokens
@@ -112,7 +119,9 @@ def build_folder(model: Path, text_scale: float = 1.0) -> None:
     config = json.loads(cfg.read_text())
     config["text_config"]["architectures"] = ["VLlama3ForCausalLM"]
     cfg.write_text(json.dumps(config, indent=2))
-    (model / "processor_config.json").write_text(json.dumps({"image_seq_len": 64,
+    vision = config["vision_config"]
+    tokens = (vision["image_size"] // vision["patch_size"]) ** 2 // config.get("scale_factor", 1) ** 2
+    (model / "processor_config.json").write_text(json.dumps({"image_seq_len": tokens,
                                                              "processor_class": "Idefics3Processor"}))
 
 
@@ -160,7 +169,10 @@ def vlmedge_forms(model: Path, out: Path) -> dict[str, Path]:
     return folders
 
 
-def openvino_forms(model: Path, out: Path, calibration: Path) -> dict[str, Path]:
+def openvino_forms(model: Path, out: Path, calibration: Path) -> dict[str, tuple[Path, str]]:
+    """Row name -> (folder, OpenVINO inference precision hint; "" its default). OpenVINO's CPU plugin computes what
+    is not quantized in bf16 where the CPU has AVX512_BF16 or AMX, in f32 elsewhere: the int8 form is also timed
+    with the f32 hint, ONNX Runtime's arithmetic on any CPU."""
     python = PEERS / "env-openvino" / "bin" / "python"
     folders = {}
     for form in ("int8", "int4"):
@@ -169,7 +181,8 @@ def openvino_forms(model: Path, out: Path, calibration: Path) -> dict[str, Path]
             log(f"openvino export {form}")
             subprocess.run([str(python), str(ROOT / "benchmarks/peers/openvino_smolvlm.py"), "export", str(model),
                             str(dest), "--form", form, "--calibration", str(calibration)], check=True)
-        folders[f"openvino {form}"] = dest
+        folders[f"openvino {form}"] = (dest, "")
+    folders["openvino int8 f32"] = (out / "openvino-int8", "f32")
     return folders
 
 
@@ -242,11 +255,12 @@ def llama_timer(gguf: Path, mmproj: Path, item: dict, threads: int, runs: int):
     return fn
 
 
-def openvino_timer(folder: Path, prompts: Path, threads: int, runs: int):
+def openvino_timer(folder: Path, prompts: Path, threads: int, runs: int, precision: str = ""):
     def fn() -> dict:
         p = subprocess.run([str(PEERS / "env-openvino" / "bin" / "python"),
                             str(ROOT / "benchmarks/peers/openvino_smolvlm.py"), "time", str(folder), str(prompts),
-                            "--threads", str(threads), "--runs", str(runs)], capture_output=True, text=True)
+                            "--threads", str(threads), "--runs", str(runs), "--precision", precision],
+                           capture_output=True, text=True)
         if p.returncode:
             raise RuntimeError(f"openvino time failed: {p.stderr[-2000:]}")
         return json.loads(p.stdout.strip().splitlines()[-1])
@@ -293,10 +307,11 @@ def answers_all(vlm, family, folders, ov, llama, prompts: list[dict], prompts_pa
             rows.append(tok.decode(gen.runtime.generate(frames, prompt, ANSWER_TOKENS, stop_at_eos=False),
                                    skip_special_tokens=False))
         out[name] = rows
-    for name, folder in ov.items():
+    for name, (folder, precision) in ov.items():
         p = subprocess.run([str(PEERS / "env-openvino" / "bin" / "python"),
                             str(ROOT / "benchmarks/peers/openvino_smolvlm.py"), "answer", str(folder),
-                            str(prompts_path), "--threads", str(threads)], capture_output=True, text=True, check=True)
+                            str(prompts_path), "--threads", str(threads), "--precision", precision],
+                           capture_output=True, text=True, check=True)
         rows = json.loads(p.stdout.strip().splitlines()[-1])
         out[name] = [tok.decode(ids, skip_special_tokens=False) for ids in rows]
     for name, (gguf, mmproj) in llama.items():
@@ -304,7 +319,8 @@ def answers_all(vlm, family, folders, ov, llama, prompts: list[dict], prompts_pa
     return out
 
 
-def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: float = 1.0) -> int:
+def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: float = 1.0,
+         rows: tuple[str, ...] = (), results_file: str = "results.json") -> int:
     import torch
 
     from generative import time_interleaved
@@ -325,9 +341,11 @@ def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: f
         log("building the folder (byte-level BPE of 49152 tokens, SmolVLM-256M sizes)")
         build_folder(model, text_scale)
     prompts_path, calibration = write_prompts(out, questions)
-    folders = vlmedge_forms(model, out)
-    ov = openvino_forms(model, out, calibration)
-    llama = llama_forms(model, out)
+    kept = lambda forms: {k: v for k, v in forms.items() if not rows or k in rows}  # noqa: E731
+    forms = vlmedge_forms(model, out)
+    folders = kept(forms)
+    ov = kept(openvino_forms(model, out, calibration))
+    llama = kept(llama_forms(model, out)) if not rows or any(r.startswith("llama.cpp") for r in rows) else {}
 
     torch.set_num_threads(threads)
     family = families.of(model)
@@ -338,20 +356,20 @@ def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: f
     agree = {name: agreement(texts["torch eager fp32"], rows, vlm.tokenizer) for name, rows in texts.items()}
     # llama.cpp's own prompt and image path (two frames: it always adds a tile) changes the answer at F32 already
     own = {name: agreement(texts["llama.cpp f32"], rows, vlm.tokenizer) for name, rows in texts.items()
-           if name.startswith("llama.cpp ")}
+           if name.startswith("llama.cpp ")} if "llama.cpp f32" in texts else {}
 
     results = {"environment": environment(), "threads": threads, "rounds": rounds, "questions": len(prompts),
                "text_scale": text_scale, "answers": texts, "agreement": agree, "llama_cpp_vs_its_f32": own,
                # 1 means the random weights answer every question alike: agreement then says little
                "distinct_reference_answers": len(set(texts["torch eager fp32"])), "versions": peer_versions()}
     if rounds == 0:  # agreement only
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / results_file).write_text(json.dumps(results, indent=2))
         print(json.dumps({k: results[k] for k in ("agreement", "llama_cpp_vs_its_f32", "distinct_reference_answers")},
                          indent=1))
         return 0
     cfg = MeasureConfig(warmup=1, min_runs=3, min_seconds=0.0, threads=threads, image_splitting="as-folder")
-    inputs = family.latency_inputs(family.adapter(folders["vlmedge fp32"]), 1)
-    extra = {name: openvino_timer(f, prompts_path, threads, 3) for name, f in ov.items()}
+    inputs = family.latency_inputs(family.adapter(forms["vlmedge fp32"]), 1)
+    extra = {name: openvino_timer(f, prompts_path, threads, 3, precision) for name, (f, precision) in ov.items()}
     extra.update({name: llama_timer(g, m, prompts[0], threads, 3) for name, (g, m) in llama.items()
                   if name != "llama.cpp f32"})
     log(f"timing: {rounds} interleaved rounds")
@@ -362,7 +380,7 @@ def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: f
         row["agreement"] = agree.get(name)
     results.update({"input": {"image": list(LATENCY_IMAGE), "frames": 1, "question": prompts[0]["question"]},
                     "rows": table})
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / results_file).write_text(json.dumps(results, indent=2))
     print(markdown(table))
     return 0
 
@@ -396,5 +414,8 @@ if __name__ == "__main__":
     ap.add_argument("--text-scale", type=float, default=1.0,
                     help="multiply the new folder's decoder matrices (3: answers that depend on the question)")
     ap.add_argument("--questions", type=int, default=8)
+    ap.add_argument("--row", action="append", default=[],
+                    help="time only these rows besides eager (repeatable; e.g. 'vlmedge int8', 'openvino int8 f32')")
+    ap.add_argument("--results", default="results.json", help="file name under OUT")
     a = ap.parse_args()
-    sys.exit(main(a.out, a.rounds, a.questions, text_scale=a.text_scale))
+    sys.exit(main(a.out, a.rounds, a.questions, text_scale=a.text_scale, rows=tuple(a.row), results_file=a.results))

@@ -1,0 +1,123 @@
+"""VQA accuracy of vlmedge's forms and OpenVINO's on a trained SmolVLM-architecture folder, on the same held-out
+shapes questions and pixels: the accuracy half of the peers comparison, which random weights cannot give.
+
+    bash benchmarks/peers/envs.sh env-openvino llama.cpp      # once (as for smolvlm_peers.py)
+    vlmedge train --preset small --steps 300 --out runs/vqapeers/dual
+    vlmedge train --preset vqa-wide --vision-init runs/vqapeers/dual --out runs/vqapeers/model
+    python benchmarks/peers/smolvlm_vqa_peers.py runs/vqapeers/model runs/vqapeers [--questions 280]
+
+Rows: PyTorch eager fp32, vlmedge's fp32 export, INT8 dynamic and INT4 (accuracy level 4, vision INT8), OpenVINO
+int8 (8-bit weights, static int8 vision calibrated on 16 training scenes) and int4 (4-bit weights, group 32), and
+OpenVINO int8 with the f32 inference hint. Every row answers the same questions on the same images at the model's
+resolution with 16 greedy tokens, cut at the end-of-utterance token and scored by vlmedge's VQA score
+(`evaluate.vqa.vqa_score`); agreement is the count of answers identical to eager's. llama.cpp's converter is tried
+on the same folder; where it refuses, the row says why in its own words. Writes OUT/vqa-results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from smolvlm_peers import PEERS, ROOT, llama_forms, log, openvino_forms, peer_ready, vlmedge_forms
+
+from vlmedge.families.generative import ANSWER_TOKENS
+
+
+def write_questions(out: Path, image_size: int, questions: int) -> tuple[list, Path, Path]:
+    """Held-out items (as vlmedge's evaluation draws them), their images as PNG at the model's size, the prompts
+    file the peers read, and 16 training scenes for OpenVINO's calibration."""
+    from PIL import Image
+
+    from vlmedge.data.vqa import open_vqa
+
+    folder = out / "vqa-prompts"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split, n, name in (("val", questions, "eval"), ("train", 16, "calibration")):
+        ds = open_vqa("shapes", split, resolution=image_size, count=n, seed=0)
+        rows = []
+        for k, it in enumerate(ds.eval_items(n, 0)):
+            path = folder / f"{name}-{k:04d}.png"
+            Image.fromarray(ds.images([it.index])[0]).save(path)
+            rows.append({"image": str(path.resolve()), "question": it.question, "answers": list(it.answers),
+                         "type": it.type})
+        (folder / f"{name}.json").write_text(json.dumps(rows, indent=1))
+        written[name] = rows
+    return written["eval"], folder / "eval.json", folder / "calibration.json"
+
+
+def main(model: Path, out: Path, questions: int, threads: int = 2) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from vlmedge import families
+    from vlmedge.evaluate.vqa import vqa_score
+    from vlmedge.models.generative import decode_answer
+
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = out / "hf"  # the model folder as the peers read it
+    if not (hf / "config.json").is_file():
+        shutil.copytree(model, hf, dirs_exist_ok=True)
+        peer_ready(hf)
+    family = families.of(model)
+    eager = family.adapter(model)
+    items, prompts, calibration = write_questions(out, eager.preprocess.image_size, questions)
+    folders = vlmedge_forms(model, out)
+    answers: dict[str, list[str]] = {}
+    for name, adapter in {"torch eager fp32": eager,
+                          **{n: family.adapter(f, threads=threads) for n, f in folders.items()}}.items():
+        log(f"{name}: {len(items)} questions")
+        answers[name] = [adapter.answer(Image.open(it["image"]).convert("RGB"), it["question"], ANSWER_TOKENS)
+                         for it in items]
+    tokenizer, eos = eager.tokenizer, eager.eos_id
+    errors = {}
+    try:
+        ov = openvino_forms(hf, out, calibration)
+    except subprocess.CalledProcessError as e:
+        ov, errors["openvino"] = {}, f"export failed with exit code {e.returncode}"
+    for name, (folder, precision) in ov.items():
+        log(f"{name}: {len(items)} questions")
+        p = subprocess.run([str(PEERS / "env-openvino" / "bin" / "python"),
+                            str(ROOT / "benchmarks/peers/openvino_smolvlm.py"), "answer", str(folder), str(prompts),
+                            "--threads", str(threads), "--precision", precision], capture_output=True, text=True)
+        if p.returncode:
+            errors[name] = p.stderr.strip().splitlines()[-1]
+            continue
+        answers[name] = [decode_answer(tokenizer, ids, eos) for ids in json.loads(p.stdout.strip().splitlines()[-1])]
+    try:
+        llama_forms(hf, out)
+    except subprocess.CalledProcessError as e:  # the converter's own message is the last line it printed above
+        errors["llama.cpp"] = f"{Path(e.cmd[-1]).name if e.cmd else 'conversion'}: exit code {e.returncode}"
+
+    reference = answers["torch eager fp32"]
+    rows = {}
+    for name, texts in answers.items():
+        scores = [vqa_score(a, it["answers"]) for a, it in zip(texts, items) if it["type"] != "describe"]
+        rows[name] = {"vqa_accuracy": float(np.mean(scores)), "n": len(scores),
+                      "identical_to_eager": sum(a == r for a, r in zip(texts, reference)), "of": len(texts)}
+    result = {"model": str(model), "questions": len(items), "answer_tokens": ANSWER_TOKENS, "threads": threads,
+              "rows": rows, "errors": errors, "examples": {n: t[:8] for n, t in answers.items()},
+              "expected": [it["answers"][0] for it in items[:8]]}
+    (out / "vqa-results.json").write_text(json.dumps(result, indent=2))
+    print("| row | VQA accuracy | identical to eager |\n|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['vqa_accuracy']:.3f} (n={r['n']}) | {r['identical_to_eager']}/{r['of']} |")
+    for name, why in errors.items():
+        print(f"| {name} | - | {why} |")
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--questions", type=int, default=280)
+    a = ap.parse_args()
+    sys.exit(main(a.model, a.out, a.questions))
