@@ -28,11 +28,14 @@ def fuse_attention(src: Path, dst: Path) -> int:
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.onnx_model_clip import ClipOnnxModel
 
+    graph = onnx.load(str(src))
+    if not _unmasked_softmax(graph):  # a causal decoder's: its optimizer passes would take half a minute at 256M
+        return 0
     quiet = logging.getLogger("onnxruntime.transformers")  # it logs one line per pattern it tries
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        model = ClipOnnxModel(onnx.load(str(src)), num_heads=0, hidden_size=0)  # 0: read from each Reshape
+        model = ClipOnnxModel(graph, num_heads=0, hidden_size=0)  # 0: read from each Reshape
         fusion = model.clip_attention_fusion
         fusion.use_multi_head_attention = True
         fusion.fused_op_type = "MultiHeadAttention"
@@ -63,6 +66,19 @@ def fuse_attention(src: Path, dst: Path) -> int:
         model.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.save(model.model, str(dst))
     return fused
+
+
+def _unmasked_softmax(model) -> bool:
+    """Does a Softmax read scaled scores straight from their MatMul (no mask added between)?"""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        if n.op_type == "Softmax":
+            p = producer.get(n.input[0])
+            if p is not None and (p.op_type == "MatMul" or p.op_type in ("Mul", "Div")
+                                  and any(producer.get(i) is not None and producer[i].op_type == "MatMul"
+                                          for i in p.input)):
+                return True
+    return False
 
 
 def _split_skip_layer_norm(model) -> None:
