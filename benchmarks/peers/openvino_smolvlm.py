@@ -3,7 +3,7 @@
 
     python openvino_smolvlm.py export MODEL OUT --form int8|int4 --calibration PROMPTS.json
     python openvino_smolvlm.py time OUT PROMPTS.json --threads 2 [--warmup 1 --runs 3]
-    python openvino_smolvlm.py answer OUT PROMPTS.json --threads 2
+    python openvino_smolvlm.py answer OUT PROMPTS.json --threads 2 [--until-eos]
 
 Forms, as optimum-intel documents them for SmolVLM ("Get your VLM running in 3 simple steps on Intel CPUs",
 OVPipelineQuantizationConfig per component):
@@ -84,7 +84,11 @@ def _load(folder: Path, threads: int, precision: str = ""):
     return OVModelForVisualCausalLM.from_pretrained(folder, ov_config=ov_config), AutoProcessor.from_pretrained(folder)
 
 
-def _generate(model, inputs, n: int):
+def _generate(model, inputs, n: int, until_eos: bool = False):
+    """Greedy: `n` new tokens (EOS suppressed until then: what the latency scenarios time), or with `until_eos` up to
+    `n`, stopping at EOS (what answers are scored on)."""
+    if until_eos:
+        return model.generate(**inputs, max_new_tokens=n, do_sample=False)
     return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
 
@@ -123,13 +127,14 @@ def time_scenarios(folder: Path, prompts: Path, threads: int, warmup: int, runs:
     return out
 
 
-def answers(folder: Path, prompts: Path, threads: int, precision: str = "") -> list[list[int]]:
-    """Greedy ANSWER_TOKENS new token ids (EOS ignored) for every prompt."""
+def answers(folder: Path, prompts: Path, threads: int, precision: str = "", until_eos: bool = False
+            ) -> list[list[int]]:
+    """Greedy ANSWER_TOKENS new token ids for every prompt (EOS suppressed; with `until_eos` stopping at it)."""
     model, processor = _load(folder, threads, precision)
     result = []
     for item in _prompts(prompts):
         inputs = _inputs(processor, item)
-        ids = _generate(model, inputs, ANSWER_TOKENS)
+        ids = _generate(model, inputs, ANSWER_TOKENS, until_eos)
         result.append([int(t) for t in ids[0, inputs["input_ids"].shape[1]:]])
     return result
 
@@ -151,6 +156,7 @@ def main() -> int:
         s.add_argument("--runs", type=int, default=3)
         s.add_argument("--precision", choices=("", "f32", "bf16"), default="",
                        help="OpenVINO's INFERENCE_PRECISION_HINT (default: the plugin's choice for this CPU)")
+    sub.choices["answer"].add_argument("--until-eos", action="store_true", help="stop each answer at EOS")
     a = ap.parse_args()
     if a.cmd == "export":
         export(a.model, a.out, a.form, a.calibration)
@@ -158,7 +164,7 @@ def main() -> int:
     elif a.cmd == "time":
         print(json.dumps(time_scenarios(a.folder, a.prompts, a.threads, a.warmup, a.runs, a.precision)))
     else:
-        print(json.dumps(answers(a.folder, a.prompts, a.threads, a.precision)))
+        print(json.dumps(answers(a.folder, a.prompts, a.threads, a.precision, a.until_eos)))
     return 0
 
 

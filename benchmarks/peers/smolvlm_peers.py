@@ -216,15 +216,18 @@ def llama_forms(model: Path, out: Path) -> dict[str, tuple[Path, Path]]:
     return forms
 
 
-def llama_run(gguf: Path, mmproj: Path, item: dict, threads: int, tokens: int = ANSWER_TOKENS) -> tuple[str, dict]:
-    """One llama-mtmd-cli run (greedy, `tokens` new tokens, EOS ignored): its answer text and timings in ms. The CLI
+def llama_run(gguf: Path, mmproj: Path, item: dict, threads: int, tokens: int = ANSWER_TOKENS,
+              until_eos: bool = False) -> tuple[str, dict]:
+    """One llama-mtmd-cli run (greedy, `tokens` new tokens, EOS ignored; with `until_eos` up to `tokens`, stopping at
+    EOS): its answer text and timings in ms. The CLI
     prints no perf summary in single-turn mode, so: `encode` = its "mtmd batch encoding done in X ms" lines (one
     per frame), `work` = the process's wall clock minus its log's timestamp of the first image encoding (model
     loading and process start excluded; exit included)."""
     t = time.perf_counter()
     p = subprocess.run([str(LLAMA / "llama-mtmd-cli"), "-m", str(gguf), "--mmproj", str(mmproj), "--image",
-                        item["image"], "-p", item["question"], "-n", str(tokens), "--ignore-eos", "--temp", "0",
-                        "-t", str(threads), "-tb", str(threads), "--no-warmup", "-c", "1024"],
+                        item["image"], "-p", item["question"], "-n", str(tokens), "--temp", "0",
+                        "-t", str(threads), "-tb", str(threads), "--no-warmup", "-c", "1024",
+                        *([] if until_eos else ["--ignore-eos"])],
                        capture_output=True, text=True, errors="replace")  # a token may end inside a UTF-8 character
     wall = (time.perf_counter() - t) * 1e3
     if p.returncode:

@@ -2,16 +2,18 @@
 shapes questions and pixels: the accuracy half of the peers comparison, which random weights cannot give.
 
     bash benchmarks/peers/envs.sh env-openvino llama.cpp      # once (as for smolvlm_peers.py)
-    vlmedge train --preset small --steps 300 --out runs/vqapeers/dual
-    vlmedge train --preset vqa-wide --vision-init runs/vqapeers/dual --out runs/vqapeers/model
+    vlmedge train --preset small --steps 300 --data shapes --data-count 20000 --out runs/vqapeers/dual
+    vlmedge train --preset vqa-wide --data shapes --data-count 20000 --vision-init runs/vqapeers/dual \
+        --out runs/vqapeers/model                            # vqa-quickstart's teacher, 9 minutes here
     python benchmarks/peers/smolvlm_vqa_peers.py runs/vqapeers/model runs/vqapeers [--questions 280]
 
 Rows: PyTorch eager fp32, vlmedge's fp32 export, INT8 dynamic and INT4 (accuracy level 4, vision INT8), OpenVINO
-int8 (8-bit weights, static int8 vision calibrated on 16 training scenes) and int4 (4-bit weights, group 32), and
-OpenVINO int8 with the f32 inference hint. Every row answers the same questions on the same images at the model's
-resolution with 16 greedy tokens, cut at the end-of-utterance token and scored by vlmedge's VQA score
-(`evaluate.vqa.vqa_score`); agreement is the count of answers identical to eager's. llama.cpp's converter is tried
-on the same folder; where it refuses, the row says why in its own words. Writes OUT/vqa-results.json.
+fp32 (f32 inference: its own prompt and pixel path before any quantization), int8 (8-bit weights, static int8 vision calibrated on 16 training scenes) and int4 (4-bit weights, group 32), and
+OpenVINO int8 with the f32 inference hint, llama.cpp F32, Q8_0 and Q4_K_M (mmproj Q8_0; its own prompt and image
+path, `llama-mtmd-cli`). Every row answers the same questions on the same images at the model's
+resolution with up to 16 greedy tokens, stopping at the end-of-utterance token and scored by vlmedge's VQA score
+(`evaluate.vqa.vqa_score`); agreement is the count of answers identical to eager's. Where a peer's converter
+refuses the folder, the row says so (its own message is in the log). Writes OUT/vqa-results.json.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from smolvlm_peers import PEERS, ROOT, llama_forms, log, openvino_forms, peer_ready, vlmedge_forms
+from smolvlm_peers import PEERS, ROOT, llama_forms, llama_run, log, openvino_forms, peer_ready, vlmedge_forms
 
 from vlmedge.families.generative import ANSWER_TOKENS
 
@@ -78,23 +80,36 @@ def main(model: Path, out: Path, questions: int, threads: int = 2) -> int:
                          for it in items]
     tokenizer, eos = eager.tokenizer, eager.eos_id
     errors = {}
-    try:
-        ov = openvino_forms(hf, out, calibration)
+    try:  # OpenVINO's fp32 too: what its own prompt and pixel path give before any quantization
+        fp32 = out / "openvino-fp32"
+        if not (fp32 / "openvino_language_model.xml").is_file():
+            subprocess.run([str(PEERS / "env-openvino" / "bin" / "python"),
+                            str(ROOT / "benchmarks/peers/openvino_smolvlm.py"), "export", str(hf), str(fp32),
+                            "--form", "fp32"], check=True)
+        ov = {"openvino fp32": (fp32, "f32"), **openvino_forms(hf, out, calibration)}
     except subprocess.CalledProcessError as e:
         ov, errors["openvino"] = {}, f"export failed with exit code {e.returncode}"
     for name, (folder, precision) in ov.items():
         log(f"{name}: {len(items)} questions")
         p = subprocess.run([str(PEERS / "env-openvino" / "bin" / "python"),
                             str(ROOT / "benchmarks/peers/openvino_smolvlm.py"), "answer", str(folder), str(prompts),
-                            "--threads", str(threads), "--precision", precision], capture_output=True, text=True)
+                            "--threads", str(threads), "--precision", precision, "--until-eos"],
+                           capture_output=True, text=True)
         if p.returncode:
             errors[name] = p.stderr.strip().splitlines()[-1]
             continue
         answers[name] = [decode_answer(tokenizer, ids, eos) for ids in json.loads(p.stdout.strip().splitlines()[-1])]
     try:
-        llama_forms(hf, out)
+        llama = llama_forms(hf, out)
     except subprocess.CalledProcessError as e:  # the converter's own message is the last line it printed above
-        errors["llama.cpp"] = f"{Path(e.cmd[-1]).name if e.cmd else 'conversion'}: exit code {e.returncode}"
+        llama, errors["llama.cpp"] = {}, f"{Path(e.cmd[-1]).name if e.cmd else 'conversion'}: exit code {e.returncode}"
+    for name, (gguf, mmproj) in llama.items():
+        log(f"{name}: {len(items)} questions")
+        try:
+            answers[name] = [llama_run(gguf, mmproj, it, threads, ANSWER_TOKENS, until_eos=True)[0] for it in items]
+        except RuntimeError as e:  # e.g. a word-level tokenizer: the GGUF has no merges and llama.cpp cannot load it
+            errors[name] = next((line.split(" E ", 1)[-1] for line in str(e).splitlines() if "error" in line),
+                                str(e).splitlines()[0])
 
     reference = answers["torch eager fp32"]
     rows = {}
