@@ -169,21 +169,40 @@ def vlmedge_forms(model: Path, out: Path) -> dict[str, Path]:
     return folders
 
 
-def openvino_forms(model: Path, out: Path, calibration: Path) -> dict[str, tuple[Path, str]]:
+def openvino(cmd: str, *args: str, capture: bool = True):
+    """`openvino_smolvlm.py CMD ARGS` in OpenVINO's environment; its last stdout line as JSON when captured. A failure
+    raises RuntimeError with the script's last error line."""
+    script = ROOT / "benchmarks" / "peers" / "openvino_smolvlm.py"
+    p = subprocess.run([str(PEERS / "env-openvino" / "bin" / "python"), str(script), cmd, *map(str, args)],
+                       capture_output=capture, text=True)
+    if p.returncode:
+        lines = (p.stderr or "").strip().splitlines()
+        raise RuntimeError(f"openvino_smolvlm.py {cmd} failed ({p.returncode}): {lines[-1] if lines else ''}")
+    return json.loads(p.stdout.strip().splitlines()[-1]) if capture else None
+
+
+def openvino_forms(model: Path, out: Path, calibration: Path, forms: tuple[str, ...] = ("int8", "int4")
+                   ) -> dict[str, tuple[Path, str]]:
     """Row name -> (folder, OpenVINO inference precision hint; "" its default). OpenVINO's CPU plugin computes what
     is not quantized in bf16 where the CPU has AVX512_BF16 or AMX, in f32 elsewhere: the int8 form is also timed
-    with the f32 hint, ONNX Runtime's arithmetic on any CPU."""
-    python = PEERS / "env-openvino" / "bin" / "python"
+    with the f32 hint, ONNX Runtime's arithmetic on any CPU (fp32, where asked, runs with that hint too)."""
     folders = {}
-    for form in ("int8", "int4"):
+    for form in forms:
         dest = out / f"openvino-{form}"
         if not (dest / "openvino_language_model.xml").is_file():
             log(f"openvino export {form}")
-            subprocess.run([str(python), str(ROOT / "benchmarks/peers/openvino_smolvlm.py"), "export", str(model),
-                            str(dest), "--form", form, "--calibration", str(calibration)], check=True)
-        folders[f"openvino {form}"] = (dest, "")
-    folders["openvino int8 f32"] = (out / "openvino-int8", "f32")
+            openvino("export", model, dest, "--form", form, "--calibration", calibration, capture=False)
+        folders[f"openvino {form}"] = (dest, "f32" if form == "fp32" else "")
+    if "int8" in forms:
+        folders["openvino int8 f32"] = (out / "openvino-int8", "f32")
     return folders
+
+
+def openvino_answers(folder: Path, prompts: Path, threads: int, precision: str, until_eos: bool = False
+                     ) -> list[list[int]]:
+    """OpenVINO's greedy answer ids for every prompt (`openvino_smolvlm.answers`)."""
+    return openvino("answer", folder, prompts, "--threads", threads, "--precision", precision,
+                    *(["--until-eos"] if until_eos else []))
 
 
 def llama_forms(model: Path, out: Path) -> dict[str, tuple[Path, Path]]:
@@ -260,13 +279,7 @@ def llama_timer(gguf: Path, mmproj: Path, item: dict, threads: int, runs: int):
 
 def openvino_timer(folder: Path, prompts: Path, threads: int, runs: int, precision: str = ""):
     def fn() -> dict:
-        p = subprocess.run([str(PEERS / "env-openvino" / "bin" / "python"),
-                            str(ROOT / "benchmarks/peers/openvino_smolvlm.py"), "time", str(folder), str(prompts),
-                            "--threads", str(threads), "--runs", str(runs), "--precision", precision],
-                           capture_output=True, text=True)
-        if p.returncode:
-            raise RuntimeError(f"openvino time failed: {p.stderr[-2000:]}")
-        return json.loads(p.stdout.strip().splitlines()[-1])
+        return openvino("time", folder, prompts, "--threads", threads, "--runs", runs, "--precision", precision)
     return fn
 
 
@@ -311,12 +324,8 @@ def answers_all(vlm, family, folders, ov, llama, prompts: list[dict], prompts_pa
                                    skip_special_tokens=False))
         out[name] = rows
     for name, (folder, precision) in ov.items():
-        p = subprocess.run([str(PEERS / "env-openvino" / "bin" / "python"),
-                            str(ROOT / "benchmarks/peers/openvino_smolvlm.py"), "answer", str(folder),
-                            str(prompts_path), "--threads", str(threads), "--precision", precision],
-                           capture_output=True, text=True, check=True)
-        rows = json.loads(p.stdout.strip().splitlines()[-1])
-        out[name] = [tok.decode(ids, skip_special_tokens=False) for ids in rows]
+        out[name] = [tok.decode(ids, skip_special_tokens=False)
+                     for ids in openvino_answers(folder, prompts_path, threads, precision)]
     for name, (gguf, mmproj) in llama.items():
         out[name] = [llama_run(gguf, mmproj, item, threads)[0] for item in prompts]
     return out

@@ -8,7 +8,8 @@ shapes questions and pixels: the accuracy half of the peers comparison, which ra
     python benchmarks/peers/smolvlm_vqa_peers.py runs/vqapeers/model runs/vqapeers [--questions 280]
 
 Rows: PyTorch eager fp32, vlmedge's fp32 export, INT8 dynamic and INT4 (accuracy level 4, vision INT8), OpenVINO
-fp32 (f32 inference: its own prompt and pixel path before any quantization), int8 (8-bit weights, static int8 vision calibrated on 16 training scenes) and int4 (4-bit weights, group 32), and
+fp32 (f32 inference: its own prompt and pixel path before any quantization), int8 (8-bit weights, static int8
+vision calibrated on 16 training scenes) and int4 (4-bit weights, group 32), and
 OpenVINO int8 with the f32 inference hint, llama.cpp F32, Q8_0 and Q4_K_M (mmproj Q8_0; its own prompt and image
 path, `llama-mtmd-cli`). Every row answers the same questions on the same images at the model's
 resolution with up to 16 greedy tokens, stopping at the end-of-utterance token and scored by vlmedge's VQA score
@@ -25,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from smolvlm_peers import PEERS, ROOT, llama_forms, llama_run, log, openvino_forms, peer_ready, vlmedge_forms
+from smolvlm_peers import llama_forms, llama_run, log, openvino_answers, openvino_forms, peer_ready, vlmedge_forms
 
 from vlmedge.families.generative import ANSWER_TOKENS
 
@@ -81,24 +82,16 @@ def main(model: Path, out: Path, questions: int, threads: int = 2) -> int:
     tokenizer, eos = eager.tokenizer, eager.eos_id
     errors = {}
     try:  # OpenVINO's fp32 too: what its own prompt and pixel path give before any quantization
-        fp32 = out / "openvino-fp32"
-        if not (fp32 / "openvino_language_model.xml").is_file():
-            subprocess.run([str(PEERS / "env-openvino" / "bin" / "python"),
-                            str(ROOT / "benchmarks/peers/openvino_smolvlm.py"), "export", str(hf), str(fp32),
-                            "--form", "fp32"], check=True)
-        ov = {"openvino fp32": (fp32, "f32"), **openvino_forms(hf, out, calibration)}
-    except subprocess.CalledProcessError as e:
-        ov, errors["openvino"] = {}, f"export failed with exit code {e.returncode}"
+        ov = openvino_forms(hf, out, calibration, ("fp32", "int8", "int4"))
+    except RuntimeError as e:
+        ov, errors["openvino"] = {}, str(e)
     for name, (folder, precision) in ov.items():
         log(f"{name}: {len(items)} questions")
-        p = subprocess.run([str(PEERS / "env-openvino" / "bin" / "python"),
-                            str(ROOT / "benchmarks/peers/openvino_smolvlm.py"), "answer", str(folder), str(prompts),
-                            "--threads", str(threads), "--precision", precision, "--until-eos"],
-                           capture_output=True, text=True)
-        if p.returncode:
-            errors[name] = p.stderr.strip().splitlines()[-1]
-            continue
-        answers[name] = [decode_answer(tokenizer, ids, eos) for ids in json.loads(p.stdout.strip().splitlines()[-1])]
+        try:
+            answers[name] = [decode_answer(tokenizer, ids, eos)
+                             for ids in openvino_answers(folder, prompts, threads, precision, until_eos=True)]
+        except RuntimeError as e:
+            errors[name] = str(e)
     try:
         llama = llama_forms(hf, out)
     except subprocess.CalledProcessError as e:  # the converter's own message is the last line it printed above
