@@ -67,21 +67,30 @@ def main(out: Path, quick: bool) -> int:
     for name, model in models.items():
         export = out / f"{name}-onnx"
         t = time.perf_counter()
+        exported = None
         if not (export / "manifest.json").is_file():
-            vlmedge("export", str(model), "--out", str(export), "--no-eval", "--no-tune-threads",
-                    "--parity-questions", "2")
+            try:
+                vlmedge("export", str(model), "--out", str(export), "--no-eval", "--no-tune-threads",
+                        "--parity-questions", "2")
+            except subprocess.CalledProcessError as e:  # the torch rows need no export: time them anyway
+                exported = {"error": f"vlmedge export exited {e.returncode} (its log is above)"}
         row = {"export_s": round(time.perf_counter() - t, 1)}
         gpu = {"torch-cuda-fp16": ("torch", model, {"device": "cuda", "dtype": "fp16"}),
                "torch-cuda-fp32": ("torch", model, {"device": "cuda", "dtype": "fp32"}),
-               "cuda": ("cuda", export, {})}
+               "cuda": ("cuda", export, {}), "cpu": ("cpu", export, {})}
         for label, (target, path, options) in gpu.items():
-            row[label] = timed(target, path, cfg, **options) if cuda else {"error": "no CUDA GPU"}
-        row["cpu"] = timed("cpu", export, cfg)
+            if label != "cpu" and not cuda:
+                row[label] = {"error": "no CUDA GPU"}
+            elif path == export and exported:
+                row[label] = exported
+            else:
+                row[label] = timed(target, path, cfg, **options)
         result["models"][name] = row
         print(json.dumps({name: {k: (v.get("answer", v) if isinstance(v, dict) else v) for k, v in row.items()}}),
               flush=True)
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+        # written after each model, so a run stopped by its time limit keeps what it measured
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
     print(f"written: {out / 'gpu_check.json'}")
     return 0
 

@@ -10,12 +10,12 @@ shift || true
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1
 set +e
-python -m pytest -m gpu tests/test_hardware.py -q -rs -p no:cacheprovider --junitxml "$out/gpu-tests.xml" \
+python3 -m pytest -m gpu tests/test_hardware.py -q -rs -p no:cacheprovider --junitxml "$out/gpu-tests.xml" \
   | tee "$out/gpu-tests.txt"
 tests_rc=${PIPESTATUS[0]}
 set -e
-python benchmarks/gpu_check.py "$out" "$@"
-python - "$out" "$tests_rc" <<'EOF'
+python3 benchmarks/gpu_check.py "$out" "$@"
+python3 - "$out" "$tests_rc" <<'EOF'
 import json, sys, xml.etree.ElementTree as ET
 out, rc = sys.argv[1], int(sys.argv[2])
 suite = ET.parse(f"{out}/gpu-tests.xml").getroot()
