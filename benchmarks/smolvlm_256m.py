@@ -2,15 +2,17 @@
 MatMulNBits, FP16, mixed), and time every form against PyTorch eager in interleaved rounds.
 
 Its published sizes (vision 768 wide, 12 layers, 512 px, patch 16, pixel shuffle 4 -> 64 image tokens; a 30-layer
-576-wide Llama, 9 query and 3 key/value heads), random weights and a small word-level tokenizer (the real one's
-49k-token embedding is the only size that differs; no hub access here). Run from the repository root:
+576-wide Llama, 9 query and 3 key/value heads), random weights and a byte-level BPE tokenizer of the published
+vocabulary size (49152, trained on local text: `peers/smolvlm_peers.bpe_tokenizer`; no hub access here), so the
+decoder's vocabulary-wide head and embedding are the real size too. Run from the repository root:
 
     python benchmarks/smolvlm_256m.py runs/smolvlm-256m [--forms int8,int4-acc4] [--rounds 3]
 
 writes DIR/model, DIR/onnx (`vlmedge export` with no flags but --no-eval), DIR/<form> and DIR/results.json
 (export sizes, parity, each form's size and latency, the 16-token answer p90 ratio of eager to the best form, and
 this CPU's ceilings measured in every round: fp32 and int8 GEMM at the vision MLP's shape through ONNX Runtime,
-memory bandwidth; per form the vision encoder's GOP/s and share of the ceiling, the prefill in decode steps, the
+memory bandwidth; per form the vision encoder's GOP/s and share of the ceiling, the prefill in decode steps (the
+decoder's prefill timed on its own, and TTFT minus vision), the
 decode step against its weights' bytes / bandwidth). Timed on one 512 px frame (`--image-splitting off`, the
 figures of the issues) unless told otherwise. Its weights are random: latency and size only.
 """
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from generative import time_interleaved  # noqa: E402  (the peers' interleaved timing)
 from test_generative import smolvlm_256m_folder  # noqa: E402  (the test suite's builder, at full depth here)
+from smolvlm_peers import bpe_tokenizer  # noqa: E402  (a tokenizer of the published vocabulary size)
 
 from vlmedge import families  # noqa: E402
 
@@ -52,7 +55,7 @@ def main(out: Path, rounds: int = 3, forms: tuple[str, ...] = tuple(FORMS), spli
     t0 = time.perf_counter()
     if not (model / "config.json").is_file():
         model.mkdir(exist_ok=True)
-        smolvlm_256m_folder(model, vision_layers=12, text_layers=30)
+        smolvlm_256m_folder(model, vision_layers=12, text_layers=30, tokenizer=bpe_tokenizer())
     t1 = time.perf_counter()
     if not (onnx_dir / "manifest.json").is_file():
         vlmedge("export", str(model), "--out", str(onnx_dir), "--no-eval")
@@ -89,7 +92,8 @@ def interleaved(model: Path, folders: dict[str, Path], rounds: int, splitting: s
     p50 / p90 as the median over rounds, and this CPU's ceilings measured in each round (GEMM at the vision's
     linear shape, fp32 and int8; memory bandwidth): per form the vision encoder's GOP/s and its share of the
     ceiling (its linears at the int8 ceiling when they are int8, attention at the fp32 ceiling), the prefill in
-    decode steps ((ttft - vision) / decode) and the decode step against its weight bytes / bandwidth."""
+    decode steps (prefill / decode; and (ttft - vision) / decode, which carries the vision's spread) and the decode
+    step against its weight bytes / bandwidth."""
     import numpy as np
     import torch
 
@@ -117,7 +121,9 @@ def interleaved(model: Path, folders: dict[str, Path], rounds: int, splitting: s
                    + w["vision_attention_gop"] / ceiling["fp32_gflops"])
         vision_s = row["vision"]["p50_ms"] / 1e3
         row.update({"vision_gops": w["vision_gop"] / vision_s, "vision_share_of_ceiling": ideal_s / vision_s,
-                    "prefill_decode_steps": (row["ttft"]["p50_ms"] - row["vision"]["p50_ms"]) / row["decode"]["p50_ms"]})
+                    "prefill_decode_steps": row["prefill"]["p50_ms"] / row["decode"]["p50_ms"],
+                    "ttft_minus_vision_decode_steps":
+                        (row["ttft"]["p50_ms"] - row["vision"]["p50_ms"]) / row["decode"]["p50_ms"]})
         if folder:
             decoder = folder / m["files"]["decoder"]
             weights = sum(f.stat().st_size for f in decoder.parent.glob(decoder.name + "*"))

@@ -115,6 +115,30 @@ def test_export_has_the_edge_layout_and_generates_like_pytorch(vqa_export):
     assert all(p["max_abs_diff"] < 1e-4 for p in manifest["parity"].values())
 
 
+def test_the_decoder_keeps_the_last_logits_when_asked_and_all_by_default(vqa_export):
+    """`logits_to_keep` is an input with a default (transformers.js, which feeds no such input, sees only the
+    required ones and gets every position's logits); the runtime's prefill asks for the last position's only."""
+    import onnxruntime as ort
+
+    from vlmedge.runtime.generate import past_names
+
+    gen = json.loads((vqa_export / "manifest.json").read_text())["generation"]
+    session = ort.InferenceSession(str(vqa_export / "onnx" / "decoder_model_merged.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    assert "logits_to_keep" not in [i.name for i in session.get_inputs()]
+    assert [i.name for i in session.get_overridable_initializers()] == ["logits_to_keep"]
+    rng, s = np.random.default_rng(0), 6
+    feeds = {"inputs_embeds": rng.standard_normal((2, s, gen["hidden_size"])).astype(np.float32),
+             "attention_mask": np.ones((2, s), dtype=np.int64), "position_ids": np.tile(np.arange(s), (2, 1)),
+             **{n: np.zeros((2, gen["kv_heads"], 0, gen["head_dim"]), dtype=np.float32)
+                for n in past_names(gen["layers"])}}
+    every = session.run(["logits"], feeds)[0]
+    assert every.shape[:2] == (2, s)
+    for keep in (1, 3, s + 4):  # more than the positions: all of them
+        kept = session.run(["logits"], {**feeds, "logits_to_keep": np.array([keep], dtype=np.int64)})[0]
+        np.testing.assert_array_equal(kept, every[:, -keep:])
+
+
 def test_onnx_runtime_generation_equals_pytorch_generate(vqa_model, vqa_export):
     """The numpy + onnxruntime greedy loop against HF generate, answer by answer, on held-out questions; and the
     evaluation of both within 0.005."""
@@ -143,9 +167,9 @@ def test_bench_times_the_generation_phases_on_torch_and_cpu(vqa_model, vqa_expor
     results = json.loads(out.read_text())["results"]
     torch_rec, cpu_rec = results[vqa_model.name]["torch"], results[vqa_export.name]["cpu"]
     for rec in (torch_rec, cpu_rec):
-        assert {"vision", "ttft", "decode", "answer"} <= set(rec) and rec["tokens_per_s"] > 0
+        assert {"vision", "prefill", "ttft", "decode", "answer"} <= set(rec) and rec["tokens_per_s"] > 0
         assert rec["answer"]["p50_ms"] > rec["decode"]["p50_ms"]
-    assert "ttft" in stdout and "decode" in stdout
+    assert "prefill" in stdout and "ttft" in stdout and "decode" in stdout
 
 
 def test_gate_reads_the_generative_latency(vqa_export, tmp_path):

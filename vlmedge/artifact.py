@@ -159,10 +159,10 @@ def content_id(files: dict[str, str]) -> str:
 # change of every stage's id.
 STAGE_REVISIONS = {
     "*": 2,  # 2: ids include the content of the inputs (vlmedge 0.2)
-    "export": 6,  # 2: patch embedding exported as patchify + MatMul; 3: tuned thread counts in the manifest;
+    "export": 7,  # 2: patch embedding exported as patchify + MatMul; 3: tuned thread counts in the manifest;
     # 4: the generative export in the onnx-community layout (config.json, processor configs, graphs in onnx/);
     # 5: the generative vision graph takes (B, N, 3, H, W) frames and pixel_attention_mask (SmolVLM's processor);
-    # 6: unmasked self-attention fused into MultiHeadAttention
+    # 6: unmasked self-attention fused into MultiHeadAttention; 7: the decoder's optional logits_to_keep input
     "quantize": 4,  # 2: no SkipLayerNormalization in the saved graph, Conv no longer a default op type; 3: threads;
     # 4: graphs of an onnx-community export carry their dtype suffix (_quantized, _int8, _q4, _fp16)
 }

@@ -76,8 +76,8 @@ def print_bench(results: dict[str, Any]) -> None:
         table.add_column(col, justify="left" if col in ("artifact", "target", "part") else "right")
     for name, per_target in results["results"].items():
         for target, rec in per_target.items():
-            for part in ("image", "text", "pair", "zero_shot", "model", "vision", "ttft", "decode", "answer", "rerank",
-                         "query"):
+            for part in ("image", "text", "pair", "zero_shot", "model", "vision", "prefill", "ttft", "decode",
+                         "answer", "rerank", "query"):
                 s = rec.get(part)
                 if s:
                     table.add_row(name, target, part, f"{s['p50_ms']:.2f}", f"{s['p90_ms']:.2f}", f"{s['p99_ms']:.2f}",

@@ -16,7 +16,7 @@ report.json, the contract CI tools read::
       latency {TARGET: {target, device, threads, runtime, precision, batch,
                         SCENARIO: {p50_ms, p90_ms, p99_ms, mean_ms, min_ms, max_ms, cv, samples, stable},
                         throughput {batch, images_per_s} (dual encoders), peak_rss_mb}}
-                        scenarios per family: image|text|pair|zero_shot (dual encoder), vision|ttft|decode|answer
+                        scenarios per family: image|text|pair|zero_shot (dual encoder), vision|prefill|ttft|decode|answer
                         (generative), image|rerank|query (matching)
       speedup_vs_teacher {TARGET: {SCENARIO_p50, SCENARIO_p90}}   teacher torch latency / this step's, for every
                                                                    scenario both have (image_p50, pair_p90, ...)

@@ -59,7 +59,7 @@ def _nbits_by_hand(export: Path, out: Path) -> Path:
     return out
 
 
-SCENARIOS = ("vision", "ttft", "decode", "answer")
+SCENARIOS = ("vision", "prefill", "ttft", "decode", "answer")  # prefill: vlmedge's and eager's records only
 
 
 def time_interleaved(family, models: dict, folders: dict, inputs, cfg, rounds: int, between=None, extra=None
@@ -85,7 +85,7 @@ def time_interleaved(family, models: dict, folders: dict, inputs, cfg, rounds: i
             recs[name].append(fn())
     return {name: {**{sc: {**{f"{p}_ms": float(np.median([x[sc][f"{p}_ms"] for x in rs])) for p in ("p50", "p90")},
                            "by_round": {f"{p}_ms": [float(x[sc][f"{p}_ms"]) for x in rs] for p in ("p50", "p90")}}
-                      for sc in SCENARIOS},
+                      for sc in SCENARIOS if all(sc in x for x in rs)},
                    "tokens_per_s": float(np.median([x["tokens_per_s"] for x in rs]))} for name, rs in recs.items()}
 
 

@@ -38,6 +38,9 @@ class Graph:
     dynamic_axes: dict[str, dict[int, str]]
     declared: dict[str, list[Any]] = field(default_factory=dict)
     """Each input's shape as recorded in the manifest, named axes ('batch', 'sequence') for dynamic ones."""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Inputs the graph holds a value for (numpy arrays): written as initializers that are also graph inputs, so a
+    runtime that knows one may feed it and one that does not (transformers.js) sees no extra required input."""
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 
 class patchify_as_matmul:
     """While exporting, compute each patch-embedding Conv (kernel == stride, no padding: the ViT and CLIP stems) as
@@ -72,3 +74,20 @@ def save_tokenizer(tokenizer, folder: Path) -> list[str]:
     before = set(os.listdir(folder))
     tokenizer.save_pretrained(folder)
     return sorted(set(os.listdir(folder)) - before)
+
+
+def hold_defaults(path: Path, defaults: dict) -> None:
+    """Give the graph's inputs named in `defaults` those values (numpy arrays) as initializers of the same name:
+    in ONNX an initializer that is also a graph input is its default, so the input becomes optional."""
+    if not defaults:
+        return
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)  # a side file's weights stay where they are
+    names = {i.name for i in model.graph.input}
+    missing = sorted(set(defaults) - names)
+    if missing:  # the tracer drops an input that no output depends on
+        raise ValueError(f"{path.name}: no graph input {missing[0]!r} to give a default")
+    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), name) for name, v in defaults.items())
+    onnx.save_model(model, str(path))

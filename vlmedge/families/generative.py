@@ -19,7 +19,7 @@ import numpy as np
 from .._progress import Budget, upper
 from ..errors import VlmedgeError
 from ..models.generative import ARCHITECTURES, kv_shape
-from ..runtime.generate import FILES, past_names
+from ..runtime.generate import FILES, LOGITS_TO_KEEP, past_names
 from ..runtime.onnx import MANIFEST
 from . import Family, Graph, register
 
@@ -202,9 +202,10 @@ def _modules(model):
             self.model = model
             self.layers = layer_modules(model)  # nodes named /layers.N/...: quantization's layer groups
 
-        def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        def forward(self, inputs_embeds, attention_mask, position_ids, *past_and_keep):
+            *past, keep = past_and_keep
             logits, presents = decode(self.model, inputs_embeds, attention_mask, position_ids,
-                                      [(past[2 * i], past[2 * i + 1]) for i in range(layers)], self.layers)
+                                      [(past[2 * i], past[2 * i + 1]) for i in range(layers)], self.layers, keep)
             return (logits, *[t for kv in presents for t in kv])
 
     return Vision().eval(), Embed().eval(), Decoder().eval()
@@ -272,7 +273,7 @@ class Generative(Family):
     layouts = {"onnx-community": FILES}
     report_metrics = ("vqa.accuracy", "vqa.held_out", "caption.cider")
     headline_scenario = "answer"
-    report_latency = ("vision", "ttft", "decode")
+    report_latency = ("vision", "prefill", "ttft", "decode")
     graph_towers = {"vision": "vision", "embed": "text", "decoder": "text"}
     prunable_parts = ("vision_heads", "vision_mlp", "vision_layers", "text_heads", "text_mlp", "text_layers")
 
@@ -387,7 +388,7 @@ class Generative(Family):
         present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
         b, seq, total = "batch_size", "sequence_length", "total_sequence_length"
         dynamic = {"inputs_embeds": {0: b, 1: seq}, "attention_mask": {0: b, 1: total},
-                   "position_ids": {0: b, 1: seq}, "logits": {0: b, 1: seq},
+                   "position_ids": {0: b, 1: seq}, "logits": {0: b, 1: "logits_sequence_length"},
                    **{p: {0: b, 2: "past_sequence_length"} for p in past}, **{p: {0: b, 2: total} for p in present}}
         images = {0: b, 1: "num_images"}
         return [Graph("vision", FILES["vision"], vision, ("pixel_values", "pixel_attention_mask"), ("image_features",),
@@ -396,10 +397,12 @@ class Generative(Family):
                        "pixel_attention_mask": [b, "num_images", size, size]}),
                 Graph("embed", FILES["embed"], embed, ("input_ids",), ("inputs_embeds",),
                       {"input_ids": {0: b, 1: seq}, "inputs_embeds": {0: b, 1: seq}}, {"input_ids": [b, seq]}),
-                Graph("decoder", FILES["decoder"], decoder, ("inputs_embeds", "attention_mask", "position_ids", *past),
+                Graph("decoder", FILES["decoder"], decoder,
+                      ("inputs_embeds", "attention_mask", "position_ids", *past, LOGITS_TO_KEEP),
                       ("logits", *present), dynamic,
                       {"inputs_embeds": [b, seq, model.model.config.text_config.hidden_size],
-                       "attention_mask": [b, total], "position_ids": [b, seq]})]
+                       "attention_mask": [b, total], "position_ids": [b, seq]},
+                      defaults={LOGITS_TO_KEEP: np.zeros(1, dtype=np.int64)})]
 
     def tracing(self, model):
         from ._export import patchify_as_matmul
@@ -419,6 +422,7 @@ class Generative(Family):
         for i in range(layers):
             for name in ("key", "value"):
                 dec[f"past_key_values.{i}.{name}"] = rng.standard_normal((n, kv, p, head_dim)).astype(np.float32)
+        dec[LOGITS_TO_KEEP] = np.zeros(1, dtype=np.int64)  # every position's logits are compared
         return {"vision": {"pixel_values": rng.uniform(-1, 1, (n, 2, 3, size, size)).astype(np.float32),
                            "pixel_attention_mask": np.ones((n, 2, size, size), dtype=bool)},
                 "embed": {"input_ids": rng.integers(0, cfg.vocab_size, (n, 12)).astype(np.int64)},  # pad included
@@ -553,13 +557,15 @@ class Generative(Family):
         return adapter.inputs(image, item.question)
 
     def torch_scenarios(self, model, inputs, device: str, dtype):
-        """Hugging Face's own path (`generate`, its DynamicCache), batch 1: vision (encode one image), ttft (image +
-        prompt -> first token), decode (one cached step at the prompt's length; the cache is cropped back after each
-        call) and answer (a whole greedy answer of ANSWER_TOKENS tokens, EOS ignored)."""
+        """Hugging Face's own path (`generate`, its DynamicCache), batch 1: vision (encode one image), prefill (the
+        decoder over the image features and prompt -> the first token's logits, as `generate` runs it: a fresh cache,
+        the last position's logits only), ttft (image + prompt -> first token), decode (one cached step at the
+        prompt's length; the cache is cropped back after each call) and answer (a whole greedy answer of
+        ANSWER_TOKENS tokens, EOS ignored)."""
         import torch
         from transformers import DynamicCache
 
-        from ..models.generative import vision_features
+        from ..models.generative import merge, vision_features
 
         frames, prompt = inputs
         net = model.model.to(device=device, dtype=dtype).eval()
@@ -586,7 +592,16 @@ class Generative(Family):
             with torch.inference_mode():
                 return vision_features(net, px)
 
-        return {"vision": vision, "ttft": lambda: gen(1), "decode": decode, "answer": lambda: gen(ANSWER_TOKENS)}
+        with torch.inference_mode():
+            embeds = merge(net, ids, vision())
+
+        def prefill():
+            with torch.inference_mode():
+                return net(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), use_cache=True,
+                           cache=DynamicCache(config=net.config.text_config), logits_to_keep=1).logits
+
+        return {"vision": vision, "prefill": prefill, "ttft": lambda: gen(1), "decode": decode,
+                "answer": lambda: gen(ANSWER_TOKENS)}
 
     def onnx_latency(self, folder, cfg, providers):
         """The same scenarios on the export with the runtime's greedy loop (the cache kept as OrtValues)."""
@@ -597,9 +612,10 @@ class Generative(Family):
         adapter = OnnxGenerator(folder, threads=cfg.threads, providers=providers, image_splitting=cfg.image_splitting)
         frames, prompt = self.latency_inputs(adapter, 1)
         rt = adapter.runtime
-        first, past = rt.step(rt.prefill_embeds(rt.image_features(frames), prompt), None, 0)
+        embeds = rt.prefill_embeds(rt.image_features(frames), prompt)
+        first, past = rt.step(embeds, None, 0)
         step_embeds = rt.embed.run(None, {"input_ids": np.array([[first]], dtype=np.int64)})[0]
-        scenarios = {"vision": lambda: rt.image_features(frames),
+        scenarios = {"vision": lambda: rt.image_features(frames), "prefill": lambda: rt.step(embeds, None, 0),
                      "ttft": lambda: rt.step(rt.prefill_embeds(rt.image_features(frames), prompt), None, 0),
                      "decode": lambda: rt.step(step_embeds, past, len(prompt)),
                      "answer": lambda: rt.generate(frames, prompt, ANSWER_TOKENS, stop_at_eos=False)}

@@ -351,9 +351,12 @@ def merge(model, input_ids, image_features):
     return embeds.masked_scatter(mask, image_features.to(embeds.dtype))
 
 
-def decode(model, inputs_embeds, attention_mask, position_ids, past: Sequence[tuple[Any, Any]], layers=None):
+def decode(model, inputs_embeds, attention_mask, position_ids, past: Sequence[tuple[Any, Any]], layers=None,
+           logits_to_keep=None):
     """The Llama decoder with an explicit cache: `past` holds per layer (key, value) of shape (B, kv heads, P, d)
     (P may be 0: prefill); returns logits (B, S, V) and the presents (past + this call's keys and values).
+    `logits_to_keep` (a (1,) int64 tensor): logits of the last that many positions only, 0 for all (a prefill
+    needs one row of the vocabulary-wide head, not one per prompt token).
 
     The model's own modules (norms, rotary embedding, projections, MLP) computed in plain tensor ops, so one traced
     graph serves every past length; equal to transformers' forward with a DynamicCache (tested). `layers`: one
@@ -377,7 +380,19 @@ def decode(model, inputs_embeds, attention_mask, position_ids, past: Sequence[tu
     for step, (pk, pv) in zip(steps, past):
         h, k, v = step(h, pk, pv, cos, sin, bias)
         presents.append((k, v))
-    return model.lm_head(lm.norm(h)), presents
+    h = lm.norm(h)
+    if logits_to_keep is not None:
+        h = h[:, last_positions(h.shape[1], logits_to_keep, h.device)]
+    return model.lm_head(h), presents
+
+
+def last_positions(length, keep, device=None):
+    """A mask over `length` positions of the last `keep` ((1,) int64 tensor; 0: all). Computed from the keep
+    tensor, so a traced graph takes any value at run time."""
+    import torch
+
+    pos = torch.arange(length, device=device)
+    return pos >= torch.where(keep > 0, length - keep, torch.zeros_like(keep))
 
 
 def layer_step(layer, h, pk, pv, cos, sin, bias):

@@ -8,12 +8,15 @@ The export's three graphs, in `onnx/` (the layout onnx-community publishes for S
     embed_tokens.onnx          input_ids (B,S) -> inputs_embeds (B,S,hidden)
     decoder_model_merged.onnx  inputs_embeds, attention_mask (B,P+S), position_ids (B,S),
                                past_key_values.N.key / .value (B,kv heads,P,head dim)
+                               [logits_to_keep (1,) int64, default 0: all]
                                -> logits (B,S,vocab), present.N.key / .value (B,kv heads,P+S,head dim)
 
 N is an image's frames: its tiles and the global image when it is split (`Preprocess.frames`), else 1; the
 features fill the prompt's image tokens in order. One decoder graph serves the prefill (P = 0) and every decode
 step. The cache stays in ONNX Runtime: each step's `present` OrtValues are fed back as the next step's `past` (no
-copy of the whole cache into numpy per token).
+copy of the whole cache into numpy per token). `logits_to_keep` is an input with a default (an initializer that is
+also a graph input), so transformers.js, which does not know it, gets every position's logits; this loop asks for the
+last position's only, so a prefill runs the vocabulary-wide head once, not once per prompt token.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ FILES = {"vision": "onnx/vision_encoder.onnx", "embed": "onnx/embed_tokens.onnx"
          "decoder": "onnx/decoder_model_merged.onnx"}
 """Where the export writes each graph: the onnx-community layout (graphs in `onnx/` beside config.json)."""
 
+
+LOGITS_TO_KEEP = "logits_to_keep"
+"""The decoder's optional input: logits of the last that many positions ((1,) int64), 0 (its default) for all."""
 
 GENERATION_KEYS = ("image_token_id", "image_tokens", "eos_token_id", "layers", "kv_heads", "head_dim")
 """The manifest's `generation` integers the loop needs."""
@@ -73,6 +79,9 @@ class Generator:
         self.past_names = past_names(self.layers)
         self.present_names = [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         self._empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self._past_dtype())
+        # an export from before the input existed computes every position's logits: nothing to feed
+        self._last_only = ({LOGITS_TO_KEEP: np.ones(1, dtype=np.int64)}
+                           if LOGITS_TO_KEEP in {i.name for i in self.decoder.get_overridable_initializers()} else {})
 
     def _past_dtype(self):
         t = next(i.type for i in self.decoder.get_inputs() if i.name == self.past_names[0])
@@ -108,7 +117,7 @@ class Generator:
         import onnxruntime as ort
 
         feeds = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v)
-                 for k, v in self.feeds(embeds, past, start).items()}
+                 for k, v in {**self.feeds(embeds, past, start), **self._last_only}.items()}
         out = self.decoder.run_with_ort_values(["logits", *self.present_names], feeds)
         logits = out[0].numpy()
         return int(np.argmax(logits[0, -1])), out[1:]

@@ -91,7 +91,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
     import torch
 
     from .. import families
-    from ..families._export import quiet_export
+    from ..families._export import hold_defaults, quiet_export
     from ..runtime.fusion import fuse_attention
 
     family = families.of(source)
@@ -111,6 +111,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
                                   output_names=list(g.output_names), opset_version=cfg.opset,
                                   dynamic_axes=g.dynamic_axes, dynamo=False)
                 path = tmp / g.file
+                hold_defaults(path, g.defaults)
                 if cfg.fuse_attention and parameters * 4 <= TWO_GB:
                     fused[g.name] = _fused(path, feeds[g.name], cfg.max_abs_diff, fuse_attention)
                 if parameters * 4 > TWO_GB:  # protobuf cannot hold more than 2 GB: weights go to a side file
