@@ -109,6 +109,10 @@ def test_export_has_the_edge_layout_and_generates_like_pytorch(vqa_export):
     assert inputs[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
     assert inputs[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
     assert outputs[:3] == ["logits", "present.0.key", "present.0.value"]
+    # each layer's q/k/v projections are one MatMul, its gate and up projections another
+    matmuls = {n.name for n in decoder.graph.node if n.op_type == "MatMul"}
+    assert {"/layers.0/qkv/MatMul", "/layers.0/gate_up/MatMul"} <= matmuls
+    assert not [n for n in matmuls if "q_proj" in n or "gate_proj" in n]
     assert manifest["generation"]["image_tokens"] == 4 and manifest["chat_template"]
     parity = manifest["generation_parity"]
     assert parity["questions"] == 100 and parity["identical"] >= 99

@@ -162,7 +162,8 @@ STAGE_REVISIONS = {
     "export": 7,  # 2: patch embedding exported as patchify + MatMul; 3: tuned thread counts in the manifest;
     # 4: the generative export in the onnx-community layout (config.json, processor configs, graphs in onnx/);
     # 5: the generative vision graph takes (B, N, 3, H, W) frames and pixel_attention_mask (SmolVLM's processor);
-    # 6: unmasked self-attention fused into MultiHeadAttention; 7: the decoder's optional logits_to_keep input
+    # 6: unmasked self-attention fused into MultiHeadAttention; 7: the decoder's optional logits_to_keep input and
+    # its q/k/v and gate/up projections traced as one MatMul each
     "quantize": 4,  # 2: no SkipLayerNormalization in the saved graph, Conv no longer a default op type; 3: threads;
     # 4: graphs of an onnx-community export carry their dtype suffix (_quantized, _int8, _q4, _fp16)
 }

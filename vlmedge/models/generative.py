@@ -395,8 +395,10 @@ def last_positions(length, keep, device=None):
     return pos >= torch.where(keep > 0, length - keep, torch.zeros_like(keep))
 
 
-def layer_step(layer, h, pk, pv, cos, sin, bias):
-    """One Llama decoder layer on hidden states `h` after its cache (pk, pv): (new h, keys, values)."""
+def layer_step(layer, h, pk, pv, cos, sin, bias, qkv=None, gate_up=None):
+    """One Llama decoder layer on hidden states `h` after its cache (pk, pv): (new h, keys, values). `qkv`,
+    `gate_up`: the layer's query, key and value projections as one linear, and its MLP's gate and up projections
+    as one (`fused_projections`), where given."""
     import torch
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -405,9 +407,13 @@ def layer_step(layer, h, pk, pv, cos, sin, bias):
     head_dim = attn.head_dim  # head counts per layer: pruning may have removed some
     heads, kv = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
     x = layer.input_layernorm(h)
-    q = attn.q_proj(x).view(b, s, heads, head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(b, s, kv, head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(b, s, kv, head_dim).transpose(1, 2)
+    if qkv is None:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    else:
+        q, k, v = qkv(x).split([heads * head_dim, kv * head_dim, kv * head_dim], dim=-1)
+    q = q.view(b, s, heads, head_dim).transpose(1, 2)
+    k = k.view(b, s, kv, head_dim).transpose(1, 2)
+    v = v.view(b, s, kv, head_dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
     rep = heads // kv
@@ -416,21 +422,44 @@ def layer_step(layer, h, pk, pv, cos, sin, bias):
     scores = q @ kr.transpose(-1, -2) * attn.scaling + bias
     out = (torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vr).transpose(1, 2).reshape(b, s, heads * head_dim)
     h = h + attn.o_proj(out)
-    return h + layer.mlp(layer.post_attention_layernorm(h)), k, v
+    x = layer.post_attention_layernorm(h)
+    if gate_up is None:
+        return h + layer.mlp(x), k, v
+    gate, up = gate_up(x).chunk(2, dim=-1)
+    return h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up), k, v
 
 
-def layer_modules(model):
+def fused_linear(*linears):
+    """One linear computing `linears` side by side (their weights and biases concatenated on the output axis)."""
+    import torch
+
+    first = linears[0]
+    fused = torch.nn.Linear(first.in_features, sum(lin.out_features for lin in linears),
+                            bias=first.bias is not None, dtype=first.weight.dtype, device=first.weight.device)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([lin.weight for lin in linears]))
+        if first.bias is not None:
+            fused.bias.copy_(torch.cat([lin.bias for lin in linears]))
+    return fused
+
+
+def layer_modules(model, fuse_projections: bool = True):
     """The decoder's layers as modules whose forward is `layer_step` (a ModuleList: traced inside a module that
-    holds it as `layers`, each layer's nodes carry its index)."""
+    holds it as `layers`, each layer's nodes carry its index). `fuse_projections`: each layer's query, key and
+    value projections traced as one MatMul, and its gate and up projections as one: the same arithmetic in fewer,
+    wider matrix products (fewer kernel calls and activation quantizations per step, wider GEMMs in a prefill)."""
     import torch
 
     class Step(torch.nn.Module):
         def __init__(self, layer):
             super().__init__()
             self.layer = layer
+            attn, mlp = layer.self_attn, layer.mlp
+            self.qkv = fused_linear(attn.q_proj, attn.k_proj, attn.v_proj) if fuse_projections else None
+            self.gate_up = fused_linear(mlp.gate_proj, mlp.up_proj) if fuse_projections else None
 
         def forward(self, *args):
-            return layer_step(self.layer, *args)
+            return layer_step(self.layer, *args, qkv=self.qkv, gate_up=self.gate_up)
 
     return torch.nn.ModuleList(Step(layer) for layer in model.model.text_model.layers)
 
