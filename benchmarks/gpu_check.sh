@@ -3,6 +3,10 @@
 # target on CUDA fp16/fp32, the cuda target, and the cpu target for reference, on the vqa-small teacher and the
 # SmolVLM-256M shape), all into OUT/gpu_check.json (default runs/gpu-check). From the repository root, with vlmedge
 # installed (`pip install -e .[dev]`; onnxruntime-gpu for the cuda target). `--quick` checks the script anywhere.
+# On a lent machine whose own Python has an older transformers (the device tool's image: 5.17), carry 5.25 and its
+# dependencies as wheels: `pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64
+# --platform manylinux2014_x86_64 -d .whl transformers==5.25.0` (drop numpy), then there `pip install --no-deps
+# --target /tmp/site .whl/*.whl` and PYTHONPATH=/tmp/site:$PWD before this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/gpu-check}"
