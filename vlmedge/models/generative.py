@@ -398,7 +398,7 @@ def last_positions(length, keep, device=None):
 def layer_step(layer, h, pk, pv, cos, sin, bias, qkv=None, gate_up=None):
     """One Llama decoder layer on hidden states `h` after its cache (pk, pv): (new h, keys, values). `qkv`,
     `gate_up`: the layer's query, key and value projections as one linear, and its MLP's gate and up projections
-    as one (`fused_projections`), where given."""
+    as one (`layer_modules` with fuse_projections), where given."""
     import torch
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
