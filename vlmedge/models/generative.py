@@ -398,7 +398,7 @@ def last_positions(length, keep, device=None):
 def layer_step(layer, h, pk, pv, cos, sin, bias, qkv=None, gate_up=None):
     """One Llama decoder layer on hidden states `h` after its cache (pk, pv): (new h, keys, values). `qkv`,
     `gate_up`: the layer's query, key and value projections as one linear, and its MLP's gate and up projections
-    as one (`layer_modules` with fuse_projections), where given."""
+    as one (`layer_modules`), where given."""
     import torch
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -443,11 +443,11 @@ def fused_linear(*linears):
     return fused
 
 
-def layer_modules(model, fuse_projections: bool = True):
+def layer_modules(model):
     """The decoder's layers as modules whose forward is `layer_step` (a ModuleList: traced inside a module that
-    holds it as `layers`, each layer's nodes carry its index). `fuse_projections`: each layer's query, key and
-    value projections traced as one MatMul, and its gate and up projections as one: the same arithmetic in fewer,
-    wider matrix products (fewer kernel calls and activation quantizations per step, wider GEMMs in a prefill)."""
+    holds it as `layers`, each layer's nodes carry its index), each layer's query, key and value projections
+    traced as one MatMul and its gate and up projections as one: the same arithmetic in fewer, wider matrix
+    products (fewer kernel calls and activation quantizations per step, wider GEMMs in a prefill)."""
     import torch
 
     class Step(torch.nn.Module):
@@ -455,8 +455,8 @@ def layer_modules(model, fuse_projections: bool = True):
             super().__init__()
             self.layer = layer
             attn, mlp = layer.self_attn, layer.mlp
-            self.qkv = fused_linear(attn.q_proj, attn.k_proj, attn.v_proj) if fuse_projections else None
-            self.gate_up = fused_linear(mlp.gate_proj, mlp.up_proj) if fuse_projections else None
+            self.qkv = fused_linear(attn.q_proj, attn.k_proj, attn.v_proj)
+            self.gate_up = fused_linear(mlp.gate_proj, mlp.up_proj)
 
         def forward(self, *args):
             return layer_step(self.layer, *args, qkv=self.qkv, gate_up=self.gate_up)
