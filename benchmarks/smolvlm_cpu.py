@@ -28,7 +28,7 @@ def vqa_folder(out: Path, images: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    from vlmedge.data.vqa import open_vqa
+    from vlmedge.families.generative.data import open_vqa
 
     if (out / "metadata.jsonl").is_file():
         return out

@@ -32,7 +32,7 @@ def test_vision_init_maps_the_dual_encoder_tower_and_freezes_it(tiny_model, tmp_
     no class slot)."""
     from vlmedge import families
     from vlmedge.models import load_model
-    from vlmedge.models.generative import vision_encode
+    from vlmedge.families.generative.model import vision_encode
 
     out = tmp_path / "frozen"
     train(TrainConfig(steps=4, vision_init=str(tiny_model), freeze_vision_steps=4, **TINY), out, progress=False)
@@ -68,7 +68,7 @@ def test_kv_cache_decoding_equals_full_recomputation(vqa_model):
     """The export's decoder function: prefill + one cached step per token gives the logits of recomputing the whole
     sequence, and both equal transformers' own forward."""
     from vlmedge import families
-    from vlmedge.models.generative import decode, empty_past, make_batch, merge, vision_features
+    from vlmedge.families.generative.model import decode, empty_past, make_batch, merge, vision_features
 
     vlm = families.of(vqa_model).load(vqa_model, attn_implementation="eager")
     net = vlm.model
@@ -147,7 +147,7 @@ def test_onnx_runtime_generation_equals_pytorch_generate(vqa_model, vqa_export):
     """The numpy + onnxruntime greedy loop against HF generate, answer by answer, on held-out questions; and the
     evaluation of both within 0.005."""
     from vlmedge import families
-    from vlmedge.data.vqa import open_vqa
+    from vlmedge.families.generative.data import open_vqa
     from vlmedge.evaluate import EvalConfig
 
     fam = families.of(vqa_export)
@@ -197,7 +197,7 @@ def _png(path, colour):
 
 
 def test_vqa_v2_pair_and_metadata_rows_load(tmp_path):
-    from vlmedge.data.vqa import open_vqa
+    from vlmedge.families.generative.data import open_vqa
 
     _png(tmp_path / "v2" / "COCO_000000000001.jpg", (200, 0, 0))
     _png(tmp_path / "v2" / "COCO_000000000002.jpg", (0, 0, 200))
@@ -219,7 +219,7 @@ def test_vqa_v2_pair_and_metadata_rows_load(tmp_path):
 
 
 def test_vqa_score_normalises_as_vqa_v2():
-    from vlmedge.evaluate.vqa import normalise_answer, vqa_score
+    from vlmedge.families.generative.tasks import normalise_answer, vqa_score
 
     assert normalise_answer("Two.") == "2" and normalise_answer("the top-left") == "top left"
     assert vqa_score("red", ["red"] * 2 + ["crimson"] * 8) == pytest.approx(2 / 3)
@@ -231,7 +231,7 @@ def test_vqa_score_normalises_as_vqa_v2():
     ("answer_not_text", "answers[0]: answer 5 is empty or not text"),
 ])
 def test_bad_vqa_files_get_one_line_errors(tmp_path, case, expected):
-    from vlmedge.data.vqa import open_vqa
+    from vlmedge.families.generative.data import open_vqa
 
     _png(tmp_path / "COCO_000000000001.jpg", (200, 0, 0))
     (tmp_path / "questions.json").write_text(json.dumps({"questions": [
@@ -268,8 +268,8 @@ def smolvlm_256m_folder(folder, vision_layers: int, text_layers: int, tokenizer=
     (image splitting on, as published)."""
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
-    from vlmedge.data.vqa import open_vqa
-    from vlmedge.models.generative import SPECIAL, train_tokenizer
+    from vlmedge.families.generative.data import open_vqa
+    from vlmedge.families.generative.model import SPECIAL, train_tokenizer
 
     tok = tokenizer
     if tok is None:

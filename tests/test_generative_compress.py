@@ -13,7 +13,7 @@ from vlmedge.errors import VlmedgeError
 
 
 def _inputs(vlm):
-    from vlmedge.models.generative import make_batch
+    from vlmedge.families.generative.model import make_batch
 
     pixels = torch.from_numpy(vlm.preprocess(np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), np.uint8)))
     ids, mask, _ = (torch.from_numpy(a) for a in make_batch(vlm, [("what colour is the circle?", "red"),
@@ -68,7 +68,7 @@ def test_gqa_head_and_gated_mlp_pruning_equals_masking_and_reloads(vqa_model, tm
     torch.testing.assert_close(_logits(pruned.model, pixels, ids, mask), _logits(full.model, pixels, ids, mask),
                                atol=2e-5, rtol=1e-4)
     # the generation path (the explicit-cache decoder the export traces) agrees with transformers' forward
-    from vlmedge.models.generative import decode, empty_past, merge, vision_features
+    from vlmedge.families.generative.model import decode, empty_past, merge, vision_features
 
     with torch.no_grad():
         net = pruned.model
@@ -133,7 +133,7 @@ def test_token_distillation_is_zero_against_itself_and_lowers_the_kl(vqa_model, 
 
 def _agreement(a, b, n=12):
     """Fraction of held-out shapes questions whose greedy answers two generators write identically."""
-    from vlmedge.data.vqa import open_vqa
+    from vlmedge.families.generative.data import open_vqa
 
     ds = open_vqa("shapes:32", "val", resolution=a.preprocess.image_size)
     items = ds.eval_items(n)

@@ -10,7 +10,7 @@ import torch
 
 from vlmedge import families
 from vlmedge.errors import VlmedgeError
-from vlmedge.models.matching import encode_image, encode_text, load, match_logits
+from vlmedge.families.matching.model import encode_image, encode_text, load, match_logits
 
 MATCHING = families.get("matching")
 
@@ -44,7 +44,7 @@ def _inputs(vlm, texts):
 def test_two_stage_start_copies_the_dual_encoder_tower(matcher, tmp_path):
     """The image encoder of a freshly built model started from a dual encoder computes that ViT's hidden states."""
     from vlmedge.models import load_model, load_preset
-    from vlmedge.models.matching import build
+    from vlmedge.families.matching.model import build
 
     tower = load_model(matcher.parent / "tower", attn_implementation="eager")
     spec = load_preset("match-tiny")
@@ -133,7 +133,7 @@ def test_reranker_bad_inputs_are_one_line_errors(matcher, matcher_export, tiny_m
         load(tiny_model)
     with pytest.raises(VlmedgeError, match="--vision-init: .*unsupported architecture.*; expected a vlmedge dual encoder with a ViT"):
         from vlmedge.models import load_preset
-        from vlmedge.models.matching import build
+        from vlmedge.families.matching.model import build
         build(load_preset("match-tiny"), load(matcher).tokenizer, vision_init=str(matcher))
 
 

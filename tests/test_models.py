@@ -4,13 +4,15 @@ import shutil
 import pytest
 import torch
 
-from vlmedge.evaluate import TorchEncoder, evaluate, EvalConfig
+from vlmedge.families.dual_encoder.tasks import TorchEncoder, evaluate
+from vlmedge.evaluate import EvalConfig
 from vlmedge.models import count_parameters, load_model
 from vlmedge.errors import VlmedgeError
 
 
 def test_presets_are_the_advertised_size():
-    from vlmedge.models import build_from_preset, load_preset, train_tokenizer
+    from vlmedge.families.dual_encoder.model import build_from_preset
+    from vlmedge.models import load_preset, train_tokenizer
 
     tok = train_tokenizer(["a red circle", "a blue square"], 64)
     assert count_parameters(build_from_preset("tiny", tok).model) < 2_000_000
@@ -21,7 +23,8 @@ def test_presets_are_the_advertised_size():
 
 def test_clip_preset_builds_a_clipmodel_with_sincos_positions(tmp_path):
     """`architecture: clip` presets build a CLIPModel that pools text at [SEP] and starts from 2-D sin-cos positions."""
-    from vlmedge.models import build_from_preset, load_preset, text_features, train_tokenizer
+    from vlmedge.families.dual_encoder.model import build_from_preset, text_features
+    from vlmedge.models import load_preset, train_tokenizer
 
     spec = load_preset("small-clip")
     spec["vision"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
@@ -48,7 +51,7 @@ def test_model_folder_round_trip(tiny_model, tmp_path):
     a.save(tmp_path / "copy")
     b = load_model(tmp_path / "copy")
     px = torch.randn(2, 3, 32, 32)
-    from vlmedge.models import image_features
+    from vlmedge.families.dual_encoder.model import image_features
     with torch.no_grad():
         assert torch.equal(image_features(a.model, px), image_features(b.model, px))
 

@@ -17,7 +17,7 @@ SIZES = {"square": (600, 600), "wide": (1024, 768), "tall": (500, 1400), "smalle
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from vlmedge.models.generative import CHAT_TEMPLATE, train_tokenizer
+    from vlmedge.families.generative.model import CHAT_TEMPLATE, train_tokenizer
 
     tok = train_tokenizer(["what colour is the square", "red"])
     tok.chat_template = CHAT_TEMPLATE
@@ -39,7 +39,7 @@ def test_frames_and_prompt_ids_equal_transformers(tokenizer, name, splitting):
     from transformers import Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    from vlmedge.models.generative import prompt_ids
+    from vlmedge.families.generative.model import prompt_ids
 
     cfg = {**SMOLVLM_PROCESSOR, "do_image_splitting": splitting}
     theirs = Idefics3Processor(Idefics3ImageProcessorPil(**cfg), tokenizer, image_seq_len=64,

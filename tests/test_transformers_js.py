@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_transformers_js_answers_like_vlmedge_from_one_folder_of_three_precisions(vqa_model, tmp_path):
-    from vlmedge.data.vqa import open_vqa
+    from vlmedge.families.generative.data import open_vqa
     from vlmedge.families.generative import OnnxGenerator
 
     export, fast = tmp_path / "export", ["--no-eval", "--no-tune-threads", "--quiet"]
@@ -77,7 +77,7 @@ def test_transformers_js_loads_a_smolvlm_256m_shaped_export_with_its_own_process
     transformers (and vlmedge) resample the image with PIL's Lanczos."""
     import numpy as np
 
-    from vlmedge.data.vqa import open_vqa
+    from vlmedge.families.generative.data import open_vqa
     from vlmedge.families.generative import OnnxGenerator
 
     _, export = smolvlm_export

@@ -71,7 +71,7 @@ def test_distinct_text_recall_on_repeated_captions(class_folders):
     """An encoder that knows each image's class exactly: over every drawn caption, the top five texts of an image are
     copies of a few captions and R@5 cannot exceed R@1's reach; over the distinct captions every image finds one of
     its own at rank 1."""
-    from vlmedge.evaluate import _retrieval
+    from vlmedge.families.dual_encoder.tasks import _retrieval
 
     class Oracle:  # a perfect class encoder (test input for the metric, not a stand-in for it)
         preprocess = staticmethod(lambda images: images)
@@ -96,7 +96,8 @@ def test_distinct_text_recall_on_repeated_captions(class_folders):
 
 
 def test_zero_shot_classes_and_templates_errors(tmp_path, class_folders):
-    from vlmedge.evaluate import EvalConfig, user_classes
+    from vlmedge.evaluate import EvalConfig
+    from vlmedge.families.dual_encoder.tasks import user_classes
 
     classes = tmp_path / "classes.txt"
     classes.write_text("maple_leaf\nsea-turtle\n")

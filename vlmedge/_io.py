@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import VlmedgeError
+
 
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
@@ -43,8 +45,6 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 def read_json(path: str | os.PathLike, missing: str) -> Any:
     """Parse a JSON file; a missing file raises `missing`, bad JSON a one-line error naming the file."""
-    from .errors import VlmedgeError
-
     path = Path(path)
     if not path.is_file():
         raise VlmedgeError(missing)
@@ -62,8 +62,6 @@ def read_yaml(path: str | os.PathLike, text: str | None = None) -> Any:
     (a 700-byte file of nested aliases expands to gigabytes), at most 1 MB; every failure one line naming the
     file (and the line, where YAML knows it)."""
     import yaml
-
-    from .errors import VlmedgeError
 
     path = Path(path)
     try:
@@ -159,8 +157,6 @@ def claim_output(out: str | os.PathLike, command: str, inputs: tuple = ()) -> Pa
     """The one output-folder policy of every command and the pipeline, checked before any work: `out` must not
     exist, be empty, or be a folder vlmedge made for the same command; never a file, an input or a folder above an
     input, nor somewhere that cannot be written. Marks the folder as `command`'s and returns it."""
-    from .errors import VlmedgeError
-
     out = Path(out)
     target = out.resolve()
     for src in inputs:

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-
 LARGE = 4096
 """Sets of items (images to embed or decode) at least this large report their progress; smaller ones are quick."""
 
@@ -96,8 +95,9 @@ class Progress:
         self.fields: dict[str, Any] = {}
         self.bar = None
         if self.enabled and self.terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn
             from rich.progress import Progress as Bar
+            from rich.progress import TextColumn, TimeRemainingColumn
 
             self.bar = Bar(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[text]}"),
                            TimeRemainingColumn(), transient=False)

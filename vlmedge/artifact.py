@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from ._io import RECORD_FILES, write_json
 
 RECORD = "artifact.json"
@@ -177,8 +178,6 @@ def artifact_id(parent: str | None, stage: str, config: Any) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    from . import __version__
-
     out = {"vlmedge": __version__}
     for mod in ("torch", "transformers", "onnx", "onnxruntime"):
         try:

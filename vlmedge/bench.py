@@ -9,9 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from . import families
 from .errors import VlmedgeError
+from .runtime.measure import MeasureConfig, cpu_info, environment, time_fn
+from .runtime.onnx import open_session
 from .targets import TARGET_KINDS, artifact_kind, get_target
-from .runtime.measure import MeasureConfig, environment, time_fn
 
 
 def bench_paths(paths: list[Path], targets: list[str], cfg_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -53,9 +55,6 @@ def bench_path(path: Path, targets: list[str], cfg_kwargs: dict[str, Any]) -> di
 
 def bench_onnx_file(path: Path, cfg: MeasureConfig) -> dict[str, Any]:
     """One ONNX file with random inputs (dynamic dimensions: batch 1, sequence 16)."""
-    from .runtime.onnx import open_session
-    from .runtime.measure import cpu_info
-
     sess = open_session(path, cfg.threads)
     rng = np.random.default_rng(0)
     feeds = {}
@@ -95,8 +94,6 @@ def profile_export(folder: Path, runs: int = 50, threads: int | None = None) -> 
     conversions show up here).
     """
     import tempfile
-
-    from . import families
 
     if artifact_kind(folder) != "onnx":
         raise VlmedgeError(f"{folder}: --profile needs an export folder (manifest.json)")

@@ -13,7 +13,27 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
+from . import __version__, families
+from ._io import write_json, write_text
+from .artifact import RECORD, Artifact
+from .bench import bench_paths, print_bench, print_profile, profile_export
 from .errors import VlmedgeError
+from .evaluate import EvalConfig
+from .gate import __doc__ as gate_doc
+from .gate import check, junit, load_budgets, load_report, markdown, parse_budget, regression
+from .models import preset_names
+from .pipeline import run
+from .preprocess import SPLITTING
+from .recipe import __doc__ as recipe_doc
+from .recipe import load_recipe, recipe_summary, recipes_dir, shipped_recipes
+from .report import print_table
+from .runtime.onnx import read_manifest
+from .stages import Context, DataSpec, ModelSpec, execute, input_artifact
+from .stages.export import ExportConfig
+from .stages.prune import IMPORTANCE, PruneConfig
+from .stages.quantize import CALIBRATION, MODES, OPTIMIZE, WEIGHT_SCHEMES, QuantizeConfig
+from .targets import TARGETS
+from .train import PRECISIONS, DistillStage, TrainStage
 
 EPILOG = """\
 The pipeline, one command per stage (each writes a folder the next one reads):
@@ -80,8 +100,6 @@ def _is_mapping(tp) -> bool:
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
     """NAME=VALUE flag values as a mapping; a one-line error for one without '='."""
-    from .errors import VlmedgeError
-
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -101,9 +119,6 @@ def _execute(config, args, parent: str | None, *, teacher: str | None = None, mo
 
     from rich.console import Console
 
-    from .evaluate import EvalConfig
-    from .stages import Context, DataSpec, execute, input_artifact
-
     source = input_artifact(parent) if parent else None
     known = getattr(args, "data", None) or (source.data if source else None)
     data = data or DataSpec(source=known or DataSpec().source, count=getattr(args, "data_count", None))
@@ -119,9 +134,6 @@ def _execute(config, args, parent: str | None, *, teacher: str | None = None, mo
 
 
 def cmd_train(args) -> int:
-    from .stages import DataSpec, ModelSpec
-    from .train import TrainStage
-
     model = ModelSpec(path=args.init) if args.init else ModelSpec(preset=args.preset)
     data = DataSpec(source=args.data, count=args.data_count, skip_bad=args.skip_bad)
     # no evaluation here (as before): `vlmedge eval OUT`, printed below
@@ -139,10 +151,6 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from pathlib import Path
-
-    from . import families
-    from .artifact import Artifact
-    from .evaluate import EvalConfig
 
     made = Artifact.load(Path(args.path))  # a run's step folder: its model or onnx folder
     product = made.path if made is not None else args.path
@@ -175,8 +183,6 @@ def _eval_path(folder, out: str | None):
     import time
     from pathlib import Path
 
-    from .artifact import RECORD
-
     if out:
         return Path(out)
     step = next((f for f in (folder, folder.parent) if (f / RECORD).is_file()), None)
@@ -199,8 +205,6 @@ def _report(art, out: str) -> None:
 
 
 def cmd_prune(args) -> int:
-    from .stages.prune import PruneConfig
-
     for tower in ("vision", "text"):  # --heads/--mlp/--layers set both towers, --vision-*/--text-* override one
         for kind in ("heads", "mlp", "layers"):
             if getattr(args, f"{tower}_{kind}") is None:
@@ -215,8 +219,6 @@ def cmd_prune(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from .train import DistillStage
-
     art = _execute(_config(DistillStage, args), args, args.student, teacher=args.teacher, resume=args.resume)
     s = art.info
     if s.get("steps"):
@@ -227,8 +229,6 @@ def cmd_distill(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .stages.export import ExportConfig
-
     art = _execute(_config(ExportConfig, args, EXPORT_FLAGS), args, args.model)
     for tower, p in art.info["parity"].items():
         print(f"{tower}: max abs diff {p['max_abs_diff']:.2e}, min cosine {p['cosine_min']:.7f}")
@@ -239,8 +239,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .stages.quantize import QuantizeConfig
-
     art = _execute(_config(QuantizeConfig, args, QUANTIZE_FLAGS, data=None), args, args.onnx)
     r = art.info
     if r.get("forms"):
@@ -262,15 +260,11 @@ def cmd_quantize(args) -> int:
 def cmd_compress(args) -> int:
     from rich.console import Console
 
-    from .pipeline import run
-    from .recipe import load_recipe
-
     recipe = load_recipe(args.recipe, args.set or [])
     out = args.out or recipe.output or os.path.join("runs", recipe.name)
     console = Console(width=None if sys.stdout.isatty() else 160)
     report = run(recipe, out, force=args.force, console=None if args.quiet else console)
     if args.quiet:
-        from .report import print_table
         print_table(report, console)
     print(f"report: {os.path.join(out, 'report.md')}, {os.path.join(out, 'report.json')}, "
           f"{os.path.join(out, 'pareto.png')}")
@@ -278,8 +272,6 @@ def cmd_compress(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    from .recipe import recipe_summary, recipes_dir, shipped_recipes
-
     for name in shipped_recipes():
         print(f"{name:24s} {recipe_summary(recipes_dir() / name)}")
     return 0
@@ -288,9 +280,6 @@ def cmd_recipes(args) -> int:
 def cmd_gate(args) -> int:
     import dataclasses
     from pathlib import Path
-
-    from ._io import write_text
-    from .gate import check, junit, load_budgets, load_report, markdown, parse_budget, regression
 
     try:
         report = load_report(args.report)
@@ -324,12 +313,7 @@ def cmd_gate(args) -> int:
 def cmd_bench(args) -> int:
     from pathlib import Path
 
-    from ._io import write_json
-    from .bench import bench_paths, print_bench
-
     if args.profile:
-        from .bench import print_profile, profile_export
-
         if len(args.path) > 1:
             raise VlmedgeError("bench --profile: one export folder at a time")
         args.path = args.path[0]
@@ -414,10 +398,6 @@ QUANTIZE_FLAGS = {"exclude_nodes": "exclude_node", "op_types": "op_type", "exclu
 
 
 def _add_train(sub) -> None:
-    from .train import PRECISIONS, TrainStage
-
-    from .models import preset_names
-
     p = sub.add_parser("train", help="train a model (a dual encoder, or a generative VLM) and write its folder",
                        description="Train a preset from scratch or fine-tune a folder with the model family's own "
                                    "objective: the seed's dual encoder (ViT + BERT + projections) with contrastive "
@@ -450,9 +430,6 @@ def _add_train(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    from .evaluate import EvalConfig
-    from .preprocess import SPLITTING
-
     p = sub.add_parser("eval", help="accuracy of a model or ONNX folder (the tasks of its family)",
                        description="Evaluate a model folder (PyTorch) or an export folder (ONNX Runtime) and write "
                                    "PATH/eval.json; the tasks come from the folder's model family. A dual encoder on "
@@ -487,8 +464,6 @@ def _add_eval(sub) -> None:
 
 
 def _say_threads(folder) -> None:
-    from .runtime.onnx import read_manifest
-
     tuning = read_manifest(folder).get("threads")
     if tuning:
         print("threads tuned on this CPU (batch-1 p50): " + "; ".join(
@@ -506,8 +481,6 @@ def _add_common(p, data_help: str = "data for calibration and evaluation") -> No
 
 
 def _add_prune(sub) -> None:
-    from .stages.prune import IMPORTANCE, PruneConfig
-
     p = sub.add_parser("prune", help="structured pruning: attention heads, MLP neurons, layers, both towers",
                        description="Remove the least important heads, MLP neurons and layers. Ratios are fractions "
                                    "removed per layer (heads, mlp) or per tower (layers); --heads/--mlp/--layers set "
@@ -528,8 +501,6 @@ def _add_prune(sub) -> None:
 
 
 def _add_distill(sub) -> None:
-    from .train import PRECISIONS, DistillStage
-
     p = sub.add_parser("distill", help="distil a teacher into a student (contrastive, affinity, feature, matching)",
                        description="Train the student (a pruned teacher, or any model folder) against a frozen "
                                    "teacher with weighted losses: its own InfoNCE, affinity mimicking (KL of the "
@@ -548,8 +519,6 @@ def _add_distill(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    from .stages.export import ExportConfig
-
     p = sub.add_parser("export", help="export the family's graphs to ONNX with a parity check and a manifest",
                        description="Write the graphs of the model's family (a dual encoder: image_encoder.onnx and "
                                    "text_encoder.onnx, normalised embeddings; a generative VLM: vision_encoder, "
@@ -573,8 +542,6 @@ def _add_export(sub) -> None:
 
 
 def _add_quantize(sub) -> None:
-    from .stages.quantize import CALIBRATION, MODES, OPTIMIZE, WEIGHT_SCHEMES, QuantizeConfig
-
     p = sub.add_parser("quantize", help="INT8 (dynamic or static QDQ), INT4 weight-only or FP16 with ONNX Runtime's "
                                         "quantizers, per graph",
                        description="Quantize an fp32 export folder. dynamic: the fast CPU default. static: QDQ with "
@@ -603,8 +570,6 @@ def _add_quantize(sub) -> None:
 
 
 def _add_compress(sub) -> None:
-    from .recipe import __doc__ as recipe_doc
-
     p = sub.add_parser("compress", help="run a recipe: train, prune, distill, export, quantize, benchmark, report",
                        description="Run every stage of a YAML recipe into OUT (one folder per step, cached by "
                                    "content hash: a rerun skips finished steps, an interrupted one resumes), "
@@ -630,9 +595,6 @@ def _add_recipes(sub) -> None:
 
 
 def _add_bench(sub) -> None:
-    from .preprocess import SPLITTING
-    from .targets import TARGETS
-
     p = sub.add_parser("bench", help="latency of a run, an artifact folder or an ONNX file on one or more targets",
                        description="Measure p50/p90/p99 (and mean, min, max, CV) at batch 1 of the scenarios of the "
                                    "artifact's model family. A dual encoder: the image tower, the text tower, the "
@@ -670,8 +632,6 @@ def _add_bench(sub) -> None:
 
 
 def _add_gate(sub) -> None:
-    from .gate import __doc__ as gate_doc
-
     p = sub.add_parser("gate", help="check a report against budgets; exit 0 (pass), 1 (fail) or 2 (usage error)",
                        description=gate_doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example: vlmedge gate runs/quickstart/report.json --junit gate.xml --markdown gate.md")
@@ -693,8 +653,6 @@ PARSER_BUILDERS: list[Callable] = [_add_train, _add_eval, _add_prune, _add_disti
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="vlmedge", description="Train, compress (prune, distill, quantize), export and benchmark "
                                     "vision-language dual encoders for CPUs, GPUs and Jetson boards.",

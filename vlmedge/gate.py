@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
+from ._io import read_json, read_yaml
 from .errors import VlmedgeError
+from .runtime.measure import MeasureConfig
+from .targets import get_target
 
 SPEEDUPS = {"speedup": "speedup_vs_teacher", "speedup_vs_export": "speedup_vs_export"}
 """A budget's ratio quantity -> the report field it reads."""
@@ -52,8 +55,6 @@ def parse_budget(text: str) -> Budget:
 
 
 def load_budgets(path: str | Path) -> list[Budget]:
-    from ._io import read_yaml
-
     path = Path(path)
     if not path.is_file():
         raise VlmedgeError(f"budgets file not found: {path}")
@@ -65,8 +66,6 @@ def load_budgets(path: str | Path) -> list[Budget]:
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
-    from ._io import read_json
-
     path = Path(path)
     if path.is_dir():
         path = path / "report.json"
@@ -185,9 +184,6 @@ def _stable(rec: dict, q: str) -> bool:
 
 
 def _remeasure(report: dict, step: dict, rec: dict) -> dict:
-    from .targets import get_target
-    from .runtime.measure import MeasureConfig
-
     cfg = MeasureConfig(**{**report.get("measure", {}), "threads": rec.get("threads")})
     return get_target(rec["target"])(step["path"], cfg)
 

@@ -28,7 +28,11 @@ from ._io import claim_output, write_json, write_text
 from .artifact import Artifact, artifact_id
 from .errors import VlmedgeError
 from .recipe import Recipe, to_dict
-
+from .report import write_report
+from .runtime.measure import environment, pool_rounds
+from .stages import Context, execute, spec_for, step_id
+from .targets import TARGET_KINDS, get_target
+from .train import TrainStage
 
 TOWER = "tower"
 """The step that trains a two-stage recipe's image tower (`model.tower`)."""
@@ -37,9 +41,6 @@ TOWER = "tower"
 def run(recipe: Recipe, out: str | Path, *, force: bool = False, console=None,
         on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every stage of `recipe` into `out`, benchmark, write the report; returns the report."""
-    from .report import write_report
-    from .stages import Context, execute, spec_for, step_id
-
     sources = (recipe.model.path, recipe.data.source, recipe.eval.data)
     out = claim_output(out, "compress", tuple(s for s in sources if s and Path(s).exists()))
     write_text(out / "recipe.resolved.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
@@ -66,7 +67,6 @@ def run(recipe: Recipe, out: str | Path, *, force: bool = False, console=None,
     index = 0
     config = first.config if first else recipe.model
     if recipe.model.tower is not None:  # two-stage: the dual-encoder tower first, its image tower starts the teacher
-        from .train import TrainStage
 
         t = recipe.model.tower
         tower = step(index, TOWER, TrainStage(steps=t.steps, batch_size=t.batch_size), None,
@@ -91,9 +91,6 @@ def run(recipe: Recipe, out: str | Path, *, force: bool = False, console=None,
 
 def _bench(recipe: Recipe, steps: list[Artifact], out: Path, force: bool, console) -> dict[str, Any]:
     """Every step on every target it can run on, in one process, one after the other; cached by content."""
-    from .targets import TARGET_KINDS, get_target
-    from .runtime.measure import environment, pool_rounds
-
     key = {"steps": [s.id for s in steps], "targets": recipe.targets, "measure": dataclasses.asdict(recipe.measure)}
     path = out / f"bench-{artifact_id(None, 'bench', key)}.json"
     if path.is_file() and not force:

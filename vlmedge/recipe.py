@@ -30,8 +30,15 @@ from typing import Any
 
 import yaml
 
+from . import families
+from ._io import read_yaml
 from .errors import VlmedgeError
-from .stages import DataSpec, ModelSpec
+from .evaluate import EvalConfig
+from .gate import parse_budget
+from .models import load_preset, preset_names, tower_shapes
+from .runtime.measure import MeasureConfig
+from .stages import DataSpec, ModelSpec, recipe_kinds, spec_for_kind
+from .targets import TARGETS
 
 
 @dataclass(frozen=True)
@@ -166,7 +173,6 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             path = shipped
         else:
             raise VlmedgeError(f"recipe not found: {path} (shipped recipes: {', '.join(shipped_recipes())})")
-    from ._io import read_yaml
 
     text = path.read_text(errors="replace")
     data = read_yaml(path, text)  # bounded: no aliases, so the line map below walks the file as written
@@ -230,9 +236,6 @@ def _stage_index(items: list, part: str) -> int | None:
 
 
 def parse_recipe(data: Any, where: _Where, source_file: str = "") -> Recipe:
-    from .targets import TARGETS
-    from .runtime.measure import MeasureConfig
-
     if not isinstance(data, dict):
         raise where.error("", "a recipe is a mapping with keys: " + ", ".join(TOP_LEVEL))
     unknown = [k for k in data if k not in TOP_LEVEL]
@@ -248,11 +251,9 @@ def parse_recipe(data: Any, where: _Where, source_file: str = "") -> Recipe:
     if model.tower is not None and model.preset is None:
         raise where.error("model.tower", "a tower starts a preset's image encoder; a model folder (path) has one")
     if model.preset:
-        from .models import preset_names
         if model.preset not in preset_names() and not model.preset.endswith(".json"):
             raise where.error("model.preset", f"unknown preset {model.preset!r}; expected one of "
                                               f"{', '.join(preset_names())}")
-    from .evaluate import EvalConfig
 
     data_spec = build(DataSpec, data.get("data"), "data", where)
     raw_eval = data.get("eval") or {}
@@ -280,7 +281,6 @@ def parse_recipe(data: Any, where: _Where, source_file: str = "") -> Recipe:
     gates = data.get("gates") or []
     if not isinstance(gates, list) or not all(isinstance(g, str) for g in gates):
         raise where.error("gates", "expected a list of budget expressions like 'cpu.pair.p90_ms <= 50'")
-    from .gate import parse_budget
     for i, g in enumerate(gates):
         try:
             parse_budget(g)
@@ -300,8 +300,6 @@ def parse_recipe(data: Any, where: _Where, source_file: str = "") -> Recipe:
 
 
 def _parse_stages(items: Any, model: ModelSpec, where: _Where) -> list[Stage]:
-    from .stages import recipe_kinds, spec_for_kind
-
     kinds = recipe_kinds()
     if not isinstance(items, list):
         raise where.error("stages", "expected a list like [{train: {...}}, {export: {}}]")
@@ -339,9 +337,6 @@ def _check_against_model(stages: list[Stage], model: ModelSpec, where: _Where) -
     """Stage settings the model's family or shape makes impossible (another family's keys or graphs, a head ratio
     leaving no key/value head, an INT4 block size that does not divide a width, a tower that is not a dual
     encoder), refused at load with the recipe's line, before any work."""
-    from . import families
-    from .models import load_preset, tower_shapes
-
     if model.tower is not None:
         try:
             tower = families.for_preset(load_preset(model.tower.preset))

@@ -35,7 +35,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import families
 from ._io import write_json, write_text
+from .errors import VlmedgeError
+from .gate import Result, check, parse_budget
+from .recipe import to_dict
+from .runtime.measure import threads_label
 
 SCHEMA = "vlmedge.report/1"
 REFERENCE = ("teacher", "torch")
@@ -43,8 +48,6 @@ REFERENCE = ("teacher", "torch")
 
 def _family(report: dict):
     """The run's model family: its teacher's (a two-stage recipe's tower is a dual encoder)."""
-    from . import families
-
     steps = report["steps"]
     teacher = next((s for s in steps if s["name"] == REFERENCE[0]), steps[0] if steps else {})
     return families.get(teacher.get("family") or families.DEFAULT)
@@ -56,8 +59,6 @@ def _scenarios(record: dict) -> list[str]:
 
 def _threads(lat: dict[str, Any]) -> str:
     """'2', or 'image 1, text 2' when the towers ran on different counts (tuned per tower)."""
-    from .runtime.measure import threads_label
-
     return threads_label(lat["tower_threads"]) if lat.get("tower_threads") else str(lat.get("threads"))
 
 
@@ -68,8 +69,6 @@ def _ratios(ref: dict, record: dict) -> dict[str, float]:
 
 
 def build(recipe, steps, bench: dict | None) -> dict[str, Any]:
-    from .recipe import to_dict
-
     teacher = next((s for s in steps if s.name == REFERENCE[0]), steps[0] if steps else None)
     export = next((s for s in steps if s.stage == "export"), None)
     results = (bench or {}).get("results", {})
@@ -93,9 +92,6 @@ def build(recipe, steps, bench: dict | None) -> dict[str, Any]:
               "reference": {"step": REFERENCE[0], "target": REFERENCE[1]}, "steps": rows,
               "complete": bench is not None}
     if bench is not None and recipe.gates:
-        from .errors import VlmedgeError
-        from .gate import Result, check, parse_budget
-
         results = []
         for g in recipe.gates:  # one at a time: a gate naming a quantity the run lacks fails, saying why; the
             try:                # others are still judged

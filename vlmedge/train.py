@@ -22,12 +22,15 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import families
 from ._io import atomic_dir, write_json
 from ._progress import Progress
 from .artifact import FOLDER
 from .errors import Interrupted, VlmedgeError
 from .families import TrainBatch
 from .families.dual_encoder import DistillLosses
+from .models import load_preset
+
 
 @dataclass
 class TrainSchedule:
@@ -112,8 +115,6 @@ class TrainConfig(TrainStage):
                       {g.name for g in fields(TrainStage)}}, **where)
 
     def resolved(self) -> "TrainConfig":
-        from .models import load_preset
-
         defaults = load_preset(self.preset).get("train", {}) if not self.init else {}
         fallback = {"steps": 1000, "batch_size": 64, "lr": 5e-4, "warmup_steps": 50, "data_count": 20000,
                     "freeze_vision_steps": 0, "text_negatives": 0.0}
@@ -292,9 +293,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     the family's distillation objective weighted by `losses_cfg`.
     """
     import torch
-
-    from . import families
-    from .models import load_preset
 
     cfg = cfg.resolved()
     out = Path(out)

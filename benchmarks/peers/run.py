@@ -185,8 +185,9 @@ def inc_onnx_flow(fp32_export: Path, out: Path) -> tuple[Path, dict]:
 def torch_variant(model_name: str, name: str, flow: str, folder: Path, ao_int8: bool = False) -> Variant:
     import torch
 
-    from vlmedge.evaluate import TorchEncoder
-    from vlmedge.models import image_features, load_model, text_features
+    from vlmedge.families.dual_encoder.tasks import TorchEncoder
+    from vlmedge.families.dual_encoder.model import image_features, text_features
+    from vlmedge.models import load_model
 
     vlm = load_model(folder)
     if ao_int8:
@@ -240,7 +241,8 @@ def inc_pt_variant(model_name: str, folder: Path) -> Variant:
     from neural_compressor.torch.quantization import DynamicQuantConfig, convert, prepare
     from torch._inductor import config as inductor_config
 
-    from vlmedge.models import image_features, load_model, text_features
+    from vlmedge.families.dual_encoder.model import image_features, text_features
+    from vlmedge.models import load_model
 
     vlm = load_model(folder)
     model = vlm.model.eval()
@@ -331,7 +333,8 @@ def measure(variants: list[Variant], rounds: int, runs: int) -> None:
 
 
 def evaluate_all(variants: list[Variant], eval_cfg) -> None:
-    from vlmedge.evaluate import evaluate, flat_metrics
+    from vlmedge.families.dual_encoder.tasks import evaluate
+    from vlmedge.evaluate import flat_metrics
 
     for v in variants:
         if v.error is None and v.model != "base":

@@ -64,7 +64,7 @@ def bpe_tokenizer(vocab_size: int = VOCAB):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from vlmedge.models.generative import CHAT_TEMPLATE, SPECIAL, tile_token
+    from vlmedge.families.generative.model import CHAT_TEMPLATE, SPECIAL, tile_token
 
     std = Path(sysconfig.get_paths()["stdlib"])
     texts = [p.read_text(errors="replace") for p in sorted(std.rglob("*.py")) if "site-packages" not in p.parts]
@@ -131,7 +131,7 @@ def write_prompts(out: Path, questions: int) -> tuple[Path, Path]:
     all of them are asked for agreement; 16 training scenes for OpenVINO's static calibration."""
     from PIL import Image
 
-    from vlmedge.data.vqa import open_vqa
+    from vlmedge.families.generative.data import open_vqa
     from vlmedge.families.generative import LATENCY_IMAGE
 
     folder = out / "prompts"

@@ -36,7 +36,7 @@ def write_questions(out: Path, image_size: int, questions: int) -> tuple[list, P
     file the peers read, and 16 training scenes for OpenVINO's calibration."""
     from PIL import Image
 
-    from vlmedge.data.vqa import open_vqa
+    from vlmedge.families.generative.data import open_vqa
 
     folder = out / "vqa-prompts"
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,8 +60,8 @@ def main(model: Path, out: Path, questions: int, threads: int = 2) -> int:
     from PIL import Image
 
     from vlmedge import families
-    from vlmedge.evaluate.vqa import vqa_score
-    from vlmedge.models.generative import decode_answer
+    from vlmedge.families.generative.tasks import vqa_score
+    from vlmedge.families.generative.model import decode_answer
 
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._progress import LARGE, Progress
 from ..errors import VlmedgeError
+from ..preprocess import resize_crop
 from .shapes import COLOURS, SHAPES, ShapesData, load_shapes, relation
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -344,8 +346,6 @@ def _decode(data: bytes | Path, resolution: int | None):
     Raises OSError or ValueError for what is not an image or is too large (checked from the header)."""
     from PIL import Image
 
-    from ..preprocess import resize_crop
-
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:  # checked from the header, before decoding
@@ -360,8 +360,6 @@ def _decode(data: bytes | Path, resolution: int | None):
 
 def _load_pairs(items, resolution: int, skip_bad: bool, progress: bool = False) -> PairsDataset:
     """Items are (path, captions, name) or (path, captions, name, label)."""
-    from .._progress import LARGE, Progress
-
     images, texts, names, labels, skipped = [], [], [], [], []
     with Progress("decoding images", len(items), enabled=progress and len(items) >= LARGE, unit="images") as bar:
         for k, (path, caps, name, *label) in enumerate(items):
@@ -417,8 +415,6 @@ def _load_webdataset(source: str, resolution: int, count: int | None, skip_bad: 
                      progress: bool = False) -> ShardDataset:
     """Index shards: one pass over the tar headers (image data is skipped by seeking; only each image's first
     bytes are read, to check it opens), captions read. Samples are `key.<image ext>` + `key.txt` pairs."""
-    from .._progress import Progress
-
     shards = _shard_list(source)
     where, texts, names, skipped = [], [], [], []
     with Progress("indexing shards", len(shards), enabled=progress and len(shards) > 1, unit="shards") as bar:

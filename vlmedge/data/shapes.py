@@ -26,6 +26,7 @@ import numpy as np
 
 from .._io import atomic_file, cache_dir
 from .._progress import Progress
+from ..errors import VlmedgeError
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -295,7 +296,6 @@ def load_shapes(split: str = "train", count: int = 20000, resolution: int = 64, 
                 single_object: bool = False, progress: bool = False) -> ShapesData:
     """Generate (or load from the cache) `count` images of a split. `seed` offsets every split's own seed."""
     if split not in SPLIT_SEEDS:
-        from ..errors import VlmedgeError
         raise VlmedgeError(f"shapes: unknown split {split!r}; expected one of {', '.join(SPLIT_SEEDS)}")
     base_seed = SPLIT_SEEDS[split] + 1000 * seed + (500 if single_object else 0)
     path = _cache_path(split, count, resolution, base_seed, single_object)

@@ -1,13 +1,16 @@
 """Model families: what the stages, the evaluator and the targets ask of a kind of model.
 
-A family is one module that registers one `Family`. Stages never branch on a family's name: they ask the family of
+A family is one package (`families/<name>/`) that registers one `Family`: its `__init__` holds the `Family`
+subclass, beside it the family's model code (`model.py`), its data adapters (`data.py`, where the shared datasets
+of `vlmedge.data` do not serve) and its tasks (`tasks.py`: the evaluation). Stages never branch on a family's name: they ask the family of
 their input (`of(path)`) to load it, count it, show its prunable structure, give its training loss and calibration
 inputs, declare the graphs it exports, open an exported artifact for evaluation and timing, and evaluate it. A model
 folder says its family through `config.json` (`architectures`), an export folder through `manifest.json`
 (`family`), a preset through its `family` key (default `dual_encoder`).
 
-Adding a family: write `families/<name>.py` with a `Family` subclass, `register(...)` an instance at the end of the
-module, add the module's name to `MODULES`, and ship its presets as JSON (`models/presets/`, with `"family"`).
+Adding a family: write the package `families/<name>/` with a `Family` subclass in its `__init__`, `register(...)` an
+instance at the end of it, add its name to `MODULES`, and ship its presets as JSON (`models/presets/`, with
+`"family"`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from typing import Any, Callable, Sequence
 
 from .._io import read_json, write_json
 from .._registry import Registry
+from ..data import open_dataset
 from ..errors import VlmedgeError
+from ..models import count_parameters, train_tokenizer
+from ..models.structure import apply_plan, shape_of
 
 MODULES = ("dual_encoder", "generative", "matching")
 DEFAULT = "dual_encoder"
@@ -125,8 +131,6 @@ class Family:
     def apply_plan(self, model, plan: dict[str, Any]) -> None:
         """Cut the model to the kept layers, heads and neurons (the surgery of `models.structure`), and record the
         pruned shape of the towers in the plan in config.json so the folder reloads."""
-        from ..models.structure import apply_plan, shape_of
-
         apply_plan(model.model, plan)
         model.model.config.vlmedge_pruning = shape_of(model.model, tuple(plan))
 
@@ -242,19 +246,13 @@ class CaptionedFamily(Family):
     tokenizer learnt from the captions, the captioned datasets and the parameter count."""
 
     def tokenizer(self, spec, ds, rng):
-        from ..models import train_tokenizer
-
         sample = rng.integers(len(ds), size=min(len(ds) * 3, 30000))
         return train_tokenizer(ds.captions(sample, rng), spec["vocab_size"])
 
     def open_data(self, source, split, **options):
-        from ..data import open_dataset
-
         return open_dataset(source, split, **options)
 
     def parameters(self, model) -> int:
-        from ..models import count_parameters
-
         return count_parameters(model.model)
 
 _REGISTRY: Registry[Family] = Registry(__name__, MODULES, "model family")

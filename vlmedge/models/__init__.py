@@ -1,7 +1,10 @@
-"""Models: presets (data, not code), building the seed's dual encoder, loading local folders, and embedding.
+"""Models: presets (data, not code) and what every family's folders share: loading a local folder offline
+(config, safetensors weights, tokenizer, preprocessing), saving one, a WordPiece tokenizer, parameter counts;
+`structure.py` holds the prunable parts and the surgery. Each family's own model code lives in its package
+(`families/<name>/model.py`).
 
 The model format is a Hugging Face `save_pretrained` folder with safetensors weights, a tokenizer and a
-`preprocessor_config.json`. Three architectures load through the same call and behave the same downstream:
+`preprocessor_config.json`. `load_model`'s default are the dual encoders' architectures:
 `VisionTextDualEncoderModel` (the seed's ViT + BERT with linear projections), `CLIPModel` and `SiglipModel`
 (sigmoid loss; attention-pooled vision tower, text pooled at the last position).
 A model pruned by vlmedge carries its pruning plan in `config.json` (`vlmedge_pruning`) and is rebuilt from it.
@@ -16,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from .._hf import quiet_transformers
+from .._io import read_json, write_json
 from ..errors import VlmedgeError
 from ..preprocess import Preprocess
+from .structure import load_pruned
 
 PRESET_DIR = Path(__file__).parent / "presets"
 SUPPORTED_ARCHITECTURES = ("VisionTextDualEncoderModel", "CLIPModel", "SiglipModel")
@@ -29,8 +34,6 @@ def preset_names() -> list[str]:
 
 def load_preset(name: str) -> dict[str, Any]:
     """A preset by name, or a path to a user's preset JSON of the same shape."""
-    from .._io import read_json
-
     path = Path(name) if name.endswith(".json") else PRESET_DIR / f"{name}.json"
     return read_json(path, f"unknown preset {name!r}; available: {', '.join(preset_names())} (or a path to a .json)")
 
@@ -38,8 +41,6 @@ def load_preset(name: str) -> dict[str, Any]:
 def tower_shapes(preset: str | None = None, path: str | None = None) -> dict[str, dict[str, int]]:
     """Each tower's hidden width, MLP width, attention heads and key/value heads, read from a preset or a model
     folder's config.json without building anything (what stage configs check at recipe load); {} when unknown."""
-    from .._io import read_json
-
     if path:
         cfg = Path(path) / "config.json"
         raw = read_json(cfg, "") if cfg.is_file() else {}
@@ -81,8 +82,6 @@ class VLM:
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write a self-contained model folder (weights, config, tokenizer, preprocessing)."""
-        from .._io import write_json
-
         folder = Path(folder)
         save_weights(self.model, folder)
         self.tokenizer.save_pretrained(folder)
@@ -120,7 +119,6 @@ def load_weights(folder: Path, config: dict[str, Any], architectures: tuple[str,
     plan = config.get("vlmedge_pruning")
     try:
         if plan:
-            from .structure import load_pruned
             return load_pruned(model_cls, folder, plan, attn_implementation)
         _check_size(folder, model_cls)
         model, info = model_cls.from_pretrained(folder, local_files_only=True, attn_implementation=attn_implementation,
@@ -159,100 +157,6 @@ def _check_size(folder: Path, model_cls) -> None:
         raise VlmedgeError(f"{folder / 'config.json'}: describes {described / 1e6:.1f} M parameters, the weights hold "
                            f"{stored / 1e6:.1f} M; a section missing (text_config, vision_config: transformers would "
                            "build its default) or the config of another model")
-
-
-# --- embedding (the same two functions serve training, evaluation, distillation and export) -----------------------
-
-def image_features(model, pixel_values):
-    """Projected, unnormalised image embeddings of a dual encoder (VisionTextDualEncoder or CLIP)."""
-    out = model.get_image_features(pixel_values=pixel_values)
-    return out if not hasattr(out, "pooler_output") else out.pooler_output
-
-
-def text_features(model, input_ids, attention_mask):
-    out = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-    return out if not hasattr(out, "pooler_output") else out.pooler_output
-
-
-# --- building ------------------------------------------------------------------------------------------------------
-
-def build_from_preset(preset: dict[str, Any] | str, tokenizer, *, seed: int = 0, source: str = "") -> VLM:
-    """A freshly initialised dual encoder of a preset's shape, with the given tokenizer.
-
-    `architecture` (default `dual_encoder`) picks the seed's VisionTextDualEncoder (any HF vision and text tower by
-    their `model_type`), `clip` (a CLIPModel: CLIP vision and text configs; the text tower pools at [SEP]) or
-    `siglip` (a SiglipModel: the text tower pools at the last position, projected to the vision width).
-    """
-    import math
-
-    import torch
-    from transformers import AutoConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
-
-    quiet_transformers()
-    spec = load_preset(preset) if isinstance(preset, str) else preset
-    vision = dict(spec["vision"])
-    text = dict(spec["text"])
-    architecture = spec.get("architecture", "dual_encoder")
-    tokens = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
-    torch.manual_seed(seed)
-    if architecture == "clip":
-        from transformers import CLIPConfig, CLIPModel
-
-        text.update(tokens, bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
-        config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=spec["projection_dim"])
-        model = CLIPModel(config)
-        positions = model.vision_model.embeddings.position_embedding.weight
-    elif architecture == "dual_encoder":
-        dropout_free = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # deterministic, resumable
-        vision_cfg = AutoConfig.for_model(vision.pop("model_type"), **{**dropout_free, **vision})
-        text_cfg = AutoConfig.for_model(text.pop("model_type"), **{**dropout_free, **tokens, **text})
-        config = VisionTextDualEncoderConfig.from_vision_text_configs(vision_cfg, text_cfg,
-                                                                      projection_dim=spec["projection_dim"])
-        model = VisionTextDualEncoderModel(config=config)
-        positions = getattr(model.vision_model.embeddings, "position_embeddings", None)
-    elif architecture == "siglip":
-        from transformers import SiglipConfig, SiglipModel
-
-        text.update(tokens, bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-                    projection_size=vision["hidden_size"])
-        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
-        with torch.no_grad():  # the SigLIP paper's start, t = 10 and b = -10 (Hugging Face's init is t = 1, b = 0:
-            model.logit_scale.fill_(math.log(10.0))  # every pair's logit near 0, and a 64-pair batch learned
-            model.logit_bias.fill_(-10.0)  # nothing in 300 steps; from the paper's start, as much as InfoNCE)
-        positions = model.vision_model.embeddings.position_embedding.weight
-    else:
-        raise VlmedgeError(f"preset: architecture={architecture!r}; expected dual_encoder, clip or siglip")
-    if spec.get("vision_position_init") == "sincos":
-        if positions is None:
-            raise VlmedgeError("preset: vision_position_init=sincos needs a ViT-style learned position table")
-        _sincos_positions(positions.data.view(-1, positions.shape[-1]))
-    pre = Preprocess(**spec["preprocess"])
-    return VLM(model.eval(), tokenizer, pre, int(spec["max_length"]), source or "preset")
-
-
-def _sincos_positions(table) -> None:
-    """Start a ViT's learned position table (1 + g*g, d; SigLIP's g*g, no class token) at 2-D sine-cosine values
-    (MAE), the class slot at 0.
-
-    At a small init std the position signal is dwarfed by the patch content and a narrow ViT trained contrastively
-    never picks it up (measured: a linear probe read an object's position at chance after 800 steps), so captions
-    that say where an object is could not be matched.
-    """
-    import math
-
-    import torch
-
-    d, n = table.shape[-1], table.shape[0]
-    cls = 0 if math.isqrt(n) ** 2 == n else 1
-    g = math.isqrt(n - cls)
-    q = d // 4
-    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float32) / q)
-    ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float32), torch.arange(g, dtype=torch.float32), indexing="ij")
-    parts = [f(c.reshape(-1, 1) * omega) for c in (xs, ys) for f in (torch.sin, torch.cos)]
-    grid = torch.cat(parts, dim=1)
-    with torch.no_grad():
-        table.zero_()
-        table[cls:, :grid.shape[1]] = grid
 
 
 def train_tokenizer(texts, vocab_size: int):
@@ -296,7 +200,6 @@ def check_model_folder(path: str | os.PathLike, architectures: tuple[str, ...] =
         raise VlmedgeError(f"model folder not found: {folder}")
     if not folder.is_dir():
         raise VlmedgeError(f"{folder}: expected a model folder (config.json + model.safetensors), got a file")
-    from .._io import read_json
 
     cfg_path = folder / "config.json"
     config = read_json(cfg_path, f"{folder}: no config.json; not a saved model folder")
@@ -370,8 +273,6 @@ def read_preprocess(path: Path, cfg: dict[str, Any], size: int) -> Preprocess:
 
 def _mapping(path: Path) -> dict[str, Any]:
     """An optional JSON object of a model folder ({} when absent); malformed, a one-line error naming the file."""
-    from .._io import read_json
-
     if not path.is_file():
         return {}
     data = read_json(path, "")

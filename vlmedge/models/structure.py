@@ -303,16 +303,3 @@ def count_flops(parts: dict[str, Any]) -> dict[str, int]:
                 fn()
             out[name] = int(counter.get_total_flops())
     return out
-
-
-def measure_flops(vlm) -> dict[str, int]:
-    """FLOPs of one image and one caption (batch 1) of a dual encoder, counted on the real model."""
-    import torch
-
-    from . import image_features, text_features
-
-    size = vlm.preprocess.image_size
-    tok = vlm.tokenize(["a photo"])
-    return count_flops({"image": lambda: image_features(vlm.model, torch.zeros(1, 3, size, size)),
-                        "text": lambda: text_features(vlm.model, torch.from_numpy(tok["input_ids"]),
-                                                      torch.from_numpy(tok["attention_mask"]))})

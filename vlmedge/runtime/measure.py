@@ -20,7 +20,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-
 # ONNX Runtime fusions whose fused kernel is slower on CPU than what it replaces, disabled in every session we open
 # and in the graphs we save. SkipLayerNormalization (residual Add + LayerNormalization in one op), ORT 1.32, 2 threads:
 # 0.44 ms vs 0.086 ms for Add + LayerNormalization at [1, 197, 768], 0.054 vs 0.023 ms at [1, 16, 768], 0.087 vs

@@ -14,7 +14,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._hf import quiet_transformers
 from .._io import folder_size, read_json, write_json
+from .._progress import Progress
 from ..errors import VlmedgeError
 from ..preprocess import Preprocess
 from .measure import ort_session, tune_threads, tuned_threads
@@ -26,8 +28,6 @@ MANIFEST_FORMAT = "vlmedge-onnx/1"
 def record_thread_tuning(folder: Path, enabled: bool, feeds: dict | None = None, progress: bool = False) -> None:
     """Tune the graphs' thread counts on this machine into the folder's manifest (`feeds`: batch-1 inputs per
     graph; default random image and text inputs)."""
-    from .._progress import Progress
-
     bars: dict[str, Progress] = {}
 
     def on_round(tower: str, done: int, rounds: int) -> None:
@@ -180,7 +180,6 @@ class OnnxEncoder:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            from .._hf import quiet_transformers
             quiet_transformers()
             self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         return self._tokenizer

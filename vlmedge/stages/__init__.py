@@ -21,10 +21,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import families
 from .._io import OUTPUT_MARK, claim_output, folder_size, write_json
 from .._registry import Registry
 from ..artifact import FOLDER, RECORD, Artifact, artifact_id, content_id, library_versions, product_files
+from ..data import is_shapes, shapes_count
 from ..errors import VlmedgeError
+from ..evaluate import flat_metrics
+from ..runtime.onnx import onnx_size, read_manifest
 
 MODULES = ("source", "train", "prune", "distill", "export", "quantize")
 
@@ -61,8 +65,6 @@ class DataSpec:
     """Skip (and count) unreadable images instead of failing."""
 
     def __post_init__(self):
-        from ..data import is_shapes, shapes_count
-
         if is_shapes(self.source):
             shapes_count(self.source)
         if self.count is not None and self.count < 1:
@@ -229,10 +231,6 @@ def execute(config: Any, parent: Artifact | None, ctx: Context, folder: Path, pr
 
 def describe(art: Artifact, folder: Path, ctx: Context, parent: Artifact | None) -> None:
     """Fill in family, size, parameters and FLOPs of a finished step, evaluate it and write its eval.json."""
-    from .. import families
-    from ..evaluate import flat_metrics
-    from ..runtime.onnx import onnx_size
-
     path = Path(art.path)
     family = families.of(path)
     art.family = family.name
@@ -243,8 +241,6 @@ def describe(art: Artifact, folder: Path, ctx: Context, parent: Artifact | None)
         art.flops = family.flops(model)
         art.size_bytes = sum(folder_size(p) for p in path.glob("*.safetensors"))
     else:
-        from ..runtime.onnx import read_manifest
-
         adapter = family.adapter(path) if ctx.eval is not None else None
         art.parameters = read_manifest(path).get("parameters") or (parent.parameters if parent else None)
         art.flops = parent.flops if parent else None

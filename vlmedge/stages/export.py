@@ -21,10 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from .. import families
 from .._io import RECORD_FILES, atomic_dir, write_json
 from .._progress import Budget, Progress
 from ..artifact import Artifact
 from ..errors import VlmedgeError
+from ..families._export import hold_defaults, quiet_export
+from ..runtime.fusion import fuse_attention
+from ..runtime.measure import ort_session
 from ..runtime.onnx import MANIFEST, MANIFEST_FORMAT, onnx_size, record_thread_tuning
 from . import Context, register
 
@@ -90,10 +94,6 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
     import onnx
     import torch
 
-    from .. import families
-    from ..families._export import hold_defaults, quiet_export
-    from ..runtime.fusion import fuse_attention
-
     family = families.of(source)
     layout = cfg.layout_of(family)
     model = family.load(source, attn_implementation="eager")  # eager attention: a graph ORT's fusions recognise
@@ -155,8 +155,6 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
 def _fused(path: Path, feeds: dict[str, np.ndarray], tolerance: float, fuse) -> int:
     """Replace the graph at `path` by its attention-fused form where that gives the same outputs (max |diff| within
     `tolerance` on the parity inputs); the number of fused attention nodes kept."""
-    from ..runtime.measure import ort_session
-
     candidate = path.with_name(path.name + ".fused")
     count = fuse(path, candidate)
     if not count:

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import families
+from .._io import atomic_dir, write_json
 from ..artifact import Artifact
 from ..errors import VlmedgeError
 from ..models.structure import TOWERS, LayerParts
@@ -191,9 +193,6 @@ def make_plan(family, model, cfg: PruneConfig, data: str = DEFAULT_DATA) -> dict
 
 def prune(source: str | os.PathLike, out: str | os.PathLike, cfg: PruneConfig = PruneConfig()) -> dict[str, Any]:
     """Prune a model folder into `out` (written atomically). Returns parameters and FLOPs before and after."""
-    from .. import families
-    from .._io import atomic_dir, write_json
-
     family = families.of(source)
     model = family.load(source, attn_implementation="eager")
     before = {"parameters": family.parameters(model), "flops": family.flops(model)}

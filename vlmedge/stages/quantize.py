@@ -33,11 +33,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import families
 from .._io import atomic_dir, write_json
 from .._progress import Budget, Progress, paced
 from ..artifact import Artifact
 from ..errors import VlmedgeError
-from ..runtime.measure import SLOW_FUSIONS
+from ..evaluate import EvalConfig, flat_metrics
+from ..runtime.measure import SLOW_FUSIONS, MeasureConfig, cpu_info
 from ..runtime.onnx import (MANIFEST, graph_file, graph_files, onnx_size, open_session, read_manifest,
                             record_thread_tuning)
 from . import Context, register
@@ -191,7 +193,6 @@ def choose_weight_scheme(requested: str) -> tuple[str, str]:
     """(scheme, why). VNNI (AVX512-VNNI or AVX-VNNI) computes u8s8 dot products without 16-bit saturation."""
     if requested != "auto":
         return requested, "requested"
-    from ..runtime.measure import cpu_info
 
     flags = cpu_info()[1]
     if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
@@ -220,8 +221,6 @@ class _Calibration:
 
 def calibration_batches(encoder, cfg: QuantizeConfig) -> dict[str, list[dict[str, np.ndarray]]]:
     """Real preprocessed inputs per graph (the family makes them from `cfg.data`)."""
-    from .. import families
-
     return families.of(encoder.folder).calibration_feeds(encoder, cfg.data or DEFAULT_DATA, cfg.calibration_batches,
                                                          cfg.batch_size, cfg.seed)
 
@@ -271,8 +270,7 @@ def _quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme
         return
     if mode == "int4":
         import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                     MatMulNBitsQuantizer)
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
         model = onnx.load(str(src))
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -362,7 +360,6 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
         raise VlmedgeError(f"quantize: add_to_source needs an export in the onnx-community layout (vlmedge export "
                            f"--layout onnx-community); {source} is in the {manifest.get('layout', 'flat')} layout, "
                            "whose graphs share one name across precisions")
-    from .. import families
 
     family = families.of(source)
     files = manifest["files"]
@@ -500,8 +497,6 @@ def _choose_form(forms, source, tmp, family, build, manifest, scheme, why, fp32,
     agreement)."""
     import shutil
 
-    from ..runtime.measure import MeasureConfig
-
     head = family.headline_scenario
     folders, record, agreement = [], [], []
     questions = _agreement(forms[0])
@@ -630,9 +625,6 @@ def _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32,
 
 @register(QuantizeConfig, kind="quantize", consumes="onnx", produces="onnx", provides=None, reads=("data",))
 def run(parent: Artifact, cfg: QuantizeConfig, ctx: Context) -> Artifact:
-    from .. import families
-    from ..evaluate import EvalConfig, flat_metrics
-
     cfg = replace(cfg, data=cfg.data or ctx.data.source)
     family = families.of(parent.path)
     eval_cfg = ctx.eval or EvalConfig(data=cfg.data)

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import families
+from .._io import atomic_dir
 from ..artifact import Artifact
+from ..models import load_preset
 from . import Context, ModelSpec, register
 
 
 @register(ModelSpec, kind="source", consumes=None, produces="model", provides="model", reads=("data", "model"))
 def run(parent: Artifact | None, cfg: ModelSpec, ctx: Context) -> Artifact:
-    from .. import families
-
     if cfg.path:
         families.of(cfg.path).check_folder(cfg.path)
         return ctx.artifact(None, Path(cfg.path).resolve())
@@ -21,10 +22,6 @@ def run(parent: Artifact | None, cfg: ModelSpec, ctx: Context) -> Artifact:
 
 def _untrained_preset(preset: str, ctx: Context) -> Path:
     import numpy as np
-
-    from .. import families
-    from .._io import atomic_dir
-    from ..models import load_preset
 
     spec = load_preset(preset)
     family = families.for_preset(spec)

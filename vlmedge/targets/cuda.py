@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .. import families
 from ..errors import VlmedgeError
 from ..runtime.measure import MeasureConfig
 
@@ -27,8 +28,6 @@ def gpu_name() -> str | None:
 
 def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), **_: Any) -> dict[str, Any]:
     import onnxruntime as ort
-
-    from .. import families
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise VlmedgeError("cuda target: this onnxruntime has no CUDAExecutionProvider; pip install vlmedge[gpu] "

@@ -24,6 +24,7 @@ from typing import Any
 from .._io import RECORD_FILES
 from ..errors import VlmedgeError
 from ..runtime.measure import MeasureConfig
+from ..runtime.onnx import graph_files, read_manifest
 
 # the runner and the board-safe runtime modules it imports (standard library, numpy, ONNX Runtime)
 BUNDLE_CODE = ("targets/runner.py", "runtime/measure.py", "runtime/parsers.py", "runtime/trtexec.py")
@@ -59,8 +60,6 @@ def _remote(base: list[str], command: str, *, stdin: bytes | None = None, timeou
 
 def make_bundle(export_folder: Path) -> bytes:
     """A tar of the export (ONNX, manifest, tokenizer files) and the runner code."""
-    from ..runtime.onnx import graph_files, read_manifest
-
     graphs = read_manifest(export_folder)["files"].values()  # a clear error for anything but an export folder
     buf = io.BytesIO()
     package = Path(__file__).resolve().parent.parent

@@ -21,8 +21,10 @@ from typing import Any
 
 from ..errors import VlmedgeError
 from ..runtime.measure import MeasureConfig
+from ..runtime.onnx import read_manifest
 from ..runtime.parsers import parse_trtexec
 from ..runtime.trtexec import PrecisionError, build_command, fixed_shapes, version_of
+from .cuda import gpu_name
 
 DEFAULT_TRTEXEC = ("trtexec", "/usr/src/tensorrt/bin/trtexec")
 
@@ -45,9 +47,6 @@ def trtexec_version(trtexec: str) -> tuple[int, int]:
 
 def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), trtexec: str | None = None,
               **_: Any) -> dict[str, Any]:
-    from ..runtime.onnx import read_manifest
-    from .cuda import gpu_name
-
     folder = Path(path)
     manifest = read_manifest(folder)
     exe = find_trtexec(trtexec)

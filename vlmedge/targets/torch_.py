@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .. import families
 from ..runtime.measure import MeasureConfig, cpu_info
 
 
 def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), device: str = "cpu",
               dtype: str = "fp32", **_: Any) -> dict[str, Any]:
     import torch
-
-    from .. import families
 
     threads = cfg.threads or os.cpu_count()
     torch.set_num_threads(threads)

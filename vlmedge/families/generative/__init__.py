@@ -16,12 +16,22 @@ from typing import Any
 
 import numpy as np
 
-from .._progress import Budget, upper
-from ..errors import VlmedgeError
-from ..models.generative import ARCHITECTURES, kv_shape
-from ..runtime.generate import FILES, LOGITS_TO_KEEP, past_names
-from ..runtime.onnx import MANIFEST
-from . import Family, Graph, register
+from ..._io import write_json
+from ..._progress import Budget, Progress, paced, upper
+from ...errors import VlmedgeError
+from ...models import check_model_folder, load_tokenizer
+from ...models.structure import TOWERS, tower_layers
+from ...preprocess import Preprocess
+from ...runtime.generate import FILES, GENERATION_KEYS, LOGITS_TO_KEEP, Generator, GraphMismatch, past_names
+from ...runtime.measure import peak_rss_mb, thread_record, time_fn, tuned_threads
+from ...runtime.onnx import MANIFEST, open_session, read_manifest
+from .. import Family, Graph, register
+from .._export import patchify_as_matmul, save_tokenizer
+from .data import open_vqa
+from .model import (ARCHITECTURES, CHAT_TEMPLATE, SPECIAL, answer_ids, build, decode, decode_answer, empty_past,
+                    kv_shape, layer_modules, load, make_batch, merge, prompt_ids, train_tokenizer, vision_encode,
+                    vision_features)
+from .tasks import evaluate_generator
 
 
 class _Answers:
@@ -53,8 +63,6 @@ class _Answers:
         return frames.pixel_values, self.prompt_ids(question, frames.rows, frames.cols)
 
     def answer(self, image, question: str, max_new_tokens: int) -> str:
-        from ..models.generative import decode_answer
-
         frames, prompt = self.inputs(image, question)
         return decode_answer(self.tokenizer, self.generate_ids(frames, prompt, max_new_tokens), self.eos_id)
 
@@ -92,12 +100,6 @@ class OnnxGenerator(_Answers):
 
     def __init__(self, folder, threads: int | None = None, providers=None, open_sessions: bool = True,
                  image_splitting: str = "as-folder", profile=None, **_):
-        from ..models import load_tokenizer
-        from ..preprocess import Preprocess
-        from ..runtime.generate import GENERATION_KEYS, Generator, GraphMismatch
-        from ..runtime.measure import tuned_threads
-        from ..runtime.onnx import open_session, read_manifest
-
         self.folder = Path(folder)
         self.where = str(self.folder)
         self.manifest = m = read_manifest(self.folder, tuple(FILES))
@@ -125,8 +127,6 @@ class OnnxGenerator(_Answers):
                                    f"{e.why}{hint}") from None
 
     def prompt_ids(self, question: str, rows: int = 0, cols: int = 0) -> list[int]:
-        from ..models.generative import prompt_ids
-
         return prompt_ids(self.tokenizer, question, int(self.manifest["generation"]["image_tokens"]),
                           int(self.manifest["max_length"]), str(self.folder), rows, cols)
 
@@ -149,9 +149,6 @@ def _model_files(model, folder: Path) -> list[str]:
     names."""
     import json
 
-    from .._io import write_json
-    from ..models.generative import CHAT_TEMPLATE
-
     layers, kv, head_dim = kv_shape(model.model)
     first = model.model.model.text_model.layers[0].self_attn
     config = model.model.config.to_dict()
@@ -172,8 +169,6 @@ def _model_files(model, folder: Path) -> list[str]:
 
 def _modules(model):
     import torch
-
-    from ..models.generative import decode, layer_modules, vision_features
 
     layers = len(model.model.text_model.layers)
 
@@ -216,8 +211,6 @@ def _forward(net, pixels, ids, mask):
     vision tower frozen by the two-stage schedule keeps no graph."""
     import torch
 
-    from ..models.generative import decode, empty_past, merge, vision_encode
-
     frozen = not any(p.requires_grad for p in net.model.vision_model.parameters())
     with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
         encoded = vision_encode(net, pixels)
@@ -239,9 +232,6 @@ def _same_answers(a, b, questions: int | Budget, label: str = "answers", progres
     64 px, processed as `a` processes them: resized; the first SPLIT_QUESTIONS split when it splits): how many are
     token-identical, and the first that is not. `questions`: a count, or a `Budget` of time (the split questions
     come on top)."""
-    from .._progress import Progress, paced, upper
-    from ..data.vqa import open_vqa
-
     ds = open_vqa(f"shapes:{max(upper(questions), 16)}", "val", resolution=min(a.preprocess.image_size, 64))
     same, first_diff, done = 0, None, 0
     items = ds.eval_items(upper(questions))
@@ -279,30 +269,20 @@ class Generative(Family):
 
     # --- models ---
     def build(self, spec, tokenizer, *, seed=0, source="", vision_init=None):
-        from ..models.generative import build
-
         return build(spec, tokenizer, seed=seed, source=source, vision_init=vision_init)
 
     def tokenizer(self, spec, ds, rng):
-        from ..models.generative import train_tokenizer
-
         sample = rng.integers(len(ds), size=min(len(ds) * 4, 40000))
         pairs, _ = ds.training_captions(sample, rng)
         return train_tokenizer([t for qa in pairs for t in qa])
 
     def open_data(self, source, split, **kw):
-        from ..data.vqa import open_vqa
-
         return open_vqa(source, split, **kw)
 
     def load(self, path, *, attn_implementation="sdpa"):
-        from ..models.generative import load
-
         return load(path, attn_implementation=attn_implementation)
 
     def check_folder(self, path):
-        from ..models import check_model_folder
-
         return check_model_folder(path, self.architectures)
 
     def parameters(self, model) -> int:
@@ -329,8 +309,6 @@ class Generative(Family):
         """Both parts: the vision encoder (heads, MLP neurons, layers) and the Llama decoder (layers, grouped-query
         head groups, gated MLP neurons), as the `vision` and `text` towers of a pruning plan. Pruning keeps the
         widths, so the connector (vision width x scale² -> decoder width) is unchanged."""
-        from ..models.structure import TOWERS, tower_layers
-
         return {t: tower_layers(model.model, t) for t in TOWERS}
 
     # --- training ---
@@ -341,8 +319,6 @@ class Generative(Family):
         (`feature`, when both feed the same decoder width)."""
         import torch
         import torch.nn.functional as F
-
-        from ..models.generative import make_batch
 
         b = batch
         rows = b.indices[b.local]
@@ -405,8 +381,6 @@ class Generative(Family):
                       defaults={LOGITS_TO_KEEP: np.zeros(1, dtype=np.int64)})]
 
     def tracing(self, model):
-        from ._export import patchify_as_matmul
-
         return patchify_as_matmul(model.model, model.preprocess.image_size)
 
     def parity_inputs(self, model, n: int, seed: int) -> dict[str, dict[str, Any]]:
@@ -429,9 +403,6 @@ class Generative(Family):
                 "decoder": dec}
 
     def manifest_fields(self, model, reference, folder: Path) -> dict[str, Any]:
-        from ..models.generative import SPECIAL
-        from ._export import save_tokenizer
-
         layers, kv, head_dim = kv_shape(model.model)
         tok = model.tokenizer
         tokenizer = save_tokenizer(tok, folder)
@@ -494,15 +465,10 @@ class Generative(Family):
             return adapter.runtime.image_features(pixels)
         import torch
 
-        from ..models.generative import vision_features
-
         with torch.inference_mode():
             return vision_features(adapter.vlm.model, torch.from_numpy(pixels)).numpy()
 
     def evaluate(self, adapter, eval_cfg, progress: bool = False) -> dict[str, Any]:
-        from ..data.vqa import open_vqa
-        from ..evaluate.vqa import evaluate_generator
-
         self.sanity_check(adapter)
         adapter = adapter.with_splitting(eval_cfg.image_splitting)
         questions = eval_cfg.questions()
@@ -518,9 +484,6 @@ class Generative(Family):
         prefill, minutes per quantization at SmolVLM-256M's size); decoder, per question a
         prefill of the image, prompt and answer but its last two tokens (empty cache) and a step over those two
         with the prefill's cache (the two shapes the runtime calls)."""
-        from ..data.vqa import open_vqa
-        from ..models.generative import answer_ids
-
         ds = open_vqa(data, "train", resolution=adapter.preprocess.image_size, count=max(batches * batch_size, 16),
                       seed=seed)
         rng = np.random.default_rng(seed)
@@ -549,8 +512,6 @@ class Generative(Family):
         splits) and a question, processed and tokenised as in deployment: (frames, prompt ids)."""
         from PIL import Image
 
-        from ..data.vqa import open_vqa
-
         ds = open_vqa("shapes:16", "val", resolution=64, seed=seed)
         item = ds.eval_items(1, seed)[0]
         image = Image.fromarray(ds.images([item.index])[0]).resize(LATENCY_IMAGE, Image.BICUBIC)
@@ -564,8 +525,6 @@ class Generative(Family):
         ANSWER_TOKENS tokens, EOS ignored)."""
         import torch
         from transformers import DynamicCache
-
-        from ..models.generative import merge, vision_features
 
         frames, prompt = inputs
         net = model.model.to(device=device, dtype=dtype).eval()
@@ -607,8 +566,6 @@ class Generative(Family):
         """The same scenarios on the export with the runtime's greedy loop (the cache kept as OrtValues)."""
         import onnxruntime as ort
 
-        from ..runtime.measure import thread_record
-
         adapter = OnnxGenerator(folder, threads=cfg.threads, providers=providers, image_splitting=cfg.image_splitting)
         frames, prompt = self.latency_inputs(adapter, 1)
         rt = adapter.runtime
@@ -627,8 +584,6 @@ class Generative(Family):
         return self.time_scenarios(scenarios, cfg, record)
 
     def time_scenarios(self, scenarios, cfg, record, timer=None, sync=None):
-        from ..runtime.measure import peak_rss_mb, time_fn
-
         result = {**record, "batch": 1, "answer_tokens": ANSWER_TOKENS,
                   "measure": {k: getattr(cfg, k) for k in ("warmup", "min_runs", "min_seconds")}}
         for name, fn in scenarios.items():

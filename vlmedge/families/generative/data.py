@@ -24,8 +24,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import VlmedgeError
-from .shapes import COLOURS, HELD_OUT, SHAPES, Obj, _articles, _where, caption, matches, relation
+from ...data import _caption, _inside, _load_pairs, _short, is_shapes, open_dataset
+from ...data.shapes import COLOURS, HELD_OUT, SHAPES, Obj, _articles, _where, caption, matches, relation
+from ...errors import VlmedgeError
 
 QUESTION_TYPES = ("colour", "shape", "size", "count", "position", "relation", "yes/no", "describe")
 DESCRIBE = ("describe the image.", "what is in the picture?", "write a caption for this image.")
@@ -237,16 +238,12 @@ class UserVQA:
 
 
 def _text(value, where: str, what: str) -> str:
-    from . import _caption
-
     return _caption(value, where, what).strip()
 
 
 def _id(value, where: str, what: str):
     """A question or image id: an integer or a non-empty string (JSON lists, objects, booleans and floats are not
     ids)."""
-    from . import _short
-
     if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not value.strip()):
         raise VlmedgeError(f"{where}: {what} {_short(value)} is not an id (an integer or a string)")
     return value
@@ -255,8 +252,6 @@ def _id(value, where: str, what: str):
 def _vqa_v2(questions_path: Path, annotations_path: Path, root: Path) -> list[tuple[Path, list, str]]:
     """VQA v2's pair: questions (`questions`: image_id, question, question_id) and annotations (`annotations`:
     question_id, answers [{answer}], answer_type / question_type)."""
-    from . import _inside
-
     def load(path: Path, key: str) -> list:
         try:
             data = json.loads(path.read_text())
@@ -313,8 +308,6 @@ def _vqa_v2(questions_path: Path, annotations_path: Path, root: Path) -> list[tu
 
 def _metadata_rows(root: Path) -> tuple[list[tuple[Path, list, str]], bool]:
     """An image folder's metadata.jsonl rows with `question` + `answer` (a string or a list), or `text` captions."""
-    from . import _inside, _short
-
     meta = root / "metadata.jsonl"
     items, captions = {}, True
     try:
@@ -358,8 +351,6 @@ def open_vqa(source: str, split: str = "train", *, resolution: int, count: int |
     holding `*questions*.json` and `*annotations*.json` beside the images), an image folder with metadata.jsonl
     (question/answer or text rows), or any caption source of `open_dataset` (COCO .json, .tar shards) asked as
     "describe the image"."""
-    from . import _load_pairs, is_shapes, open_dataset
-
     if is_shapes(source):
         return ShapesVQA(open_dataset(source, split, resolution=resolution, count=count, seed=seed,
                                       progress=progress))

@@ -20,10 +20,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._hf import quiet_transformers
-from ..errors import VlmedgeError
-from ..preprocess import Preprocess
-from . import VLM
+from ..._hf import quiet_transformers
+from ...errors import VlmedgeError
+from ...models import VLM, check_model_folder, load_model
+from ...preprocess import Preprocess
 
 ARCHITECTURES = ("BlipForImageTextRetrieval",)
 
@@ -98,8 +98,6 @@ def init_vision(model, folder: str | os.PathLike) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
-    from . import check_model_folder
-
     folder = Path(folder)
     want = "expected a vlmedge dual encoder with a ViT image tower"
     try:
@@ -146,6 +144,4 @@ def init_vision(model, folder: str | os.PathLike) -> dict[str, Any]:
 
 def load(path: str | os.PathLike, *, attn_implementation: str = "sdpa") -> MatchingVLM:
     """A `BlipForImageTextRetrieval` folder, offline (eager attention: transformers has no SDPA path for BLIP)."""
-    from . import load_model
-
     return load_model(path, attn_implementation="eager", architectures=ARCHITECTURES, cls=MatchingVLM)

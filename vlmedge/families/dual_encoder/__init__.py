@@ -15,9 +15,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._io import write_json
-from ..errors import VlmedgeError
-from . import CaptionedFamily, Graph, register
+from ..._io import write_json
+from ...data import open_dataset
+from ...data.shapes import load_shapes
+from ...errors import VlmedgeError
+from ...models import check_model_folder, load_model
+from ...models.structure import TOWERS, tower_layers
+from ...runtime.measure import random_feeds, run_ort, suite
+from ...runtime.onnx import OnnxEncoder
+from .. import CaptionedFamily, Graph, register
+from .._export import patchify_as_matmul, save_tokenizer
+from .model import build_from_preset, image_features, measure_flops, text_features
+from .tasks import TorchEncoder, class_embeddings, evaluate, zero_shot_classes
 
 GRAPH_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx"}
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learnable temperature at 1/100
@@ -146,8 +155,6 @@ def _tower_modules(model):
     import torch
     import torch.nn.functional as F
 
-    from ..models import image_features, text_features
-
     class ImageEncoder(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -179,37 +186,25 @@ class DualEncoder(CaptionedFamily):
     headline_scenario = "pair"
 
     def build(self, spec, tokenizer, *, seed=0, source="", vision_init=None):
-        from ..models import build_from_preset
-
         if vision_init:
             raise VlmedgeError("--vision-init starts a generative or matching model's image encoder; a dual encoder preset "
                                "trains both towers from scratch (or start from a folder: --init)")
         return build_from_preset(spec, tokenizer, seed=seed, source=source)
 
     def load(self, path, *, attn_implementation="sdpa"):
-        from ..models import load_model
-
         return load_model(path, attn_implementation=attn_implementation)
 
     def check_folder(self, path):
-        from ..models import check_model_folder
-
         return check_model_folder(path)
 
     def flops(self, model) -> dict[str, int]:
-        from ..models.structure import measure_flops
-
         return measure_flops(model)
 
     def prunable(self, model) -> dict[str, list]:
-        from ..models.structure import TOWERS, tower_layers
-
         return {t: tower_layers(model.model, t) for t in TOWERS}
 
     def training_loss(self, model, batch, teacher=None, weights=None):
         import torch
-
-        from ..models import image_features, text_features
 
         b, net = batch, model.model
         images, captions = b.data.images(b.indices[b.local]), b.captions[b.local]
@@ -262,14 +257,10 @@ class DualEncoder(CaptionedFamily):
                       {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]})]
 
     def tracing(self, model):
-        from ._export import patchify_as_matmul
-
         return patchify_as_matmul(model.model, model.preprocess.image_size)
 
     def parity_inputs(self, model, n: int, seed: int) -> dict[str, dict[str, Any]]:
         """Random pixels; random token ids with random padding (the padding path is checked too)."""
-        from ..runtime.measure import random_feeds
-
         tok = model.tokenizer
         if len(tok) < 8:
             raise VlmedgeError(f"{model.source}: the tokenizer has {len(tok)} tokens; not a usable text tokenizer")
@@ -278,8 +269,6 @@ class DualEncoder(CaptionedFamily):
         return {"image": {"pixel_values": pixels}, "text": tokens}
 
     def manifest_fields(self, model, reference, folder: Path) -> dict[str, Any]:
-        from ._export import save_tokenizer
-
         return {"embedding_dim": int(reference["image"].shape[-1]), "preprocess": asdict(model.preprocess),
                 "max_length": model.max_length, "tokenizer": save_tokenizer(model.tokenizer, folder),
                 "vocab_size": len(model.tokenizer), "source_architecture": model.architecture,
@@ -292,8 +281,6 @@ class DualEncoder(CaptionedFamily):
         the towers as `CLIPVisionModelWithProjection` / `CLIPTextModelWithProjection` (files vision_model.onnx,
         text_model.onnx; outputs image_embeds, text_embeds, L2-normalised here) with `AutoProcessor` and
         `AutoTokenizer`."""
-        from .._io import write_json
-
         if layout != "onnx-community":
             return []
         write_json(folder / "config.json", model.model.config.to_dict())
@@ -304,8 +291,6 @@ class DualEncoder(CaptionedFamily):
         """Zero-shot class embeddings, so a device can classify with the image graph alone: of `labels` (captions,
         each its own prompt), else of the classes zero-shot evaluation scores on `eval_cfg.data` (shapes' colour x
         shape, or the user's labels with the --templates prompts, averaged as evaluation averages them)."""
-        from ..evaluate import class_embeddings, zero_shot_classes
-
         classes = [(label, [label]) for label in labels] or \
             (zero_shot_classes(eval_cfg, adapter.preprocess.image_size) if eval_cfg is not None else None)
         if not classes:
@@ -320,19 +305,13 @@ class DualEncoder(CaptionedFamily):
     def adapter(self, path, **options):
         """An export folder as an `OnnxEncoder` (options: threads, providers, profile), a model folder (or a loaded
         model) as a `TorchEncoder`."""
-        from ..evaluate import TorchEncoder
-
         if not isinstance(path, (str, Path)):
             return TorchEncoder(path)
         if (Path(path) / "manifest.json").is_file():
-            from ..runtime.onnx import OnnxEncoder
-
             return OnnxEncoder(path, **options)
         return TorchEncoder(self.load(path))
 
     def evaluate(self, adapter, eval_cfg, progress: bool = False) -> dict[str, Any]:
-        from ..evaluate import evaluate
-
         self.sanity_check(adapter)
         return evaluate(adapter, eval_cfg, progress)
 
@@ -352,8 +331,6 @@ class DualEncoder(CaptionedFamily):
                                "weights and preprocessor_config.json")
 
     def calibration_feeds(self, adapter, data: str, batches: int, batch_size: int, seed: int):
-        from ..data import open_dataset
-
         ds = open_dataset(data, "val", resolution=adapter.preprocess.image_size, count=batches * batch_size,
                           seed=seed)
         rng = np.random.default_rng(seed)
@@ -370,8 +347,6 @@ class DualEncoder(CaptionedFamily):
 
     def latency_inputs(self, adapter, batch: int, seed: int = 0):
         """A deterministic synthetic image batch and caption batch, preprocessed and tokenised as in deployment."""
-        from ..data.shapes import load_shapes
-
         data = load_shapes("val", max(batch, 16), adapter.preprocess.image_size, seed=seed)
         pixels = adapter.preprocess(data.images[:batch])
         rng = np.random.default_rng(seed)
@@ -381,23 +356,17 @@ class DualEncoder(CaptionedFamily):
 
     def onnx_latency(self, folder, cfg, providers):
         """The board runner's ORT timing path, with real preprocessed images and captions."""
-        from ..runtime.measure import run_ort
-
         inputs = self.latency_inputs(self.adapter(folder, open_sessions=False), cfg.throughput_batch)
         # threads: cfg.threads, else each tower's count tuned on this CPU (manifest), else ONNX Runtime's default
         return run_ort(Path(folder), cfg, providers=providers, tune=False, inputs=inputs)
 
     def time_scenarios(self, scenarios, cfg, record, timer=None, sync=None):
-        from ..runtime.measure import suite
-
         return suite(scenarios["image"], scenarios["text"], scenarios["zero_shot"], cfg, record, timer=timer,
                      sync=sync)
 
     def torch_scenarios(self, model, inputs, device: str, dtype):
         """image(b), text(b) and zero_shot() on the PyTorch model (36 class embeddings, as the cpu target)."""
         import torch
-
-        from ..models import image_features, text_features
 
         pixels, tokens = inputs
         net = model.model.to(device=device, dtype=dtype).eval()

@@ -15,7 +15,9 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from .._progress import Progress
+from ..._progress import Progress
+from ...data import ShapesDataset, is_shapes, open_dataset
+from ...data.shapes import load_shapes, swapped_caption, zero_shot_classes, zero_shot_prompts
 
 HARD_NEGATIVE_KINDS = ("colour", "shape", "position", "relation")
 
@@ -87,8 +89,6 @@ def retrieval(matcher: Matcher, patches: np.ndarray, img: np.ndarray, captions: 
 
 def hard_negatives(matcher: Matcher, data_single, data_mixed, n: int, seed: int) -> tuple[dict, dict]:
     """(ITM accuracy, ITC accuracy) per kind on `n` images each: the true caption must score above the false one."""
-    from ..data.shapes import swapped_caption
-
     rng = np.random.default_rng([seed, 5])
     itm, itc = {}, {}
     pairs = [i for i, o in enumerate(data_mixed.objects) if len(o) == 2][:n]
@@ -109,8 +109,6 @@ def hard_negatives(matcher: Matcher, data_single, data_mixed, n: int, seed: int)
 def zero_shot(matcher: Matcher, data, k: int) -> dict[str, Any]:
     """Colour x shape classification: ITC's nearest classes (mean embedding over the prompts), the top k reranked by
     the ITM logit of the class's first prompt."""
-    from ..data.shapes import zero_shot_classes, zero_shot_prompts
-
     classes = zero_shot_classes()
     prompts = [zero_shot_prompts(c, s) for c, s in classes]
     truth = np.array([classes.index((o[0].colour, o[0].shape)) for o in data.objects])
@@ -126,9 +124,6 @@ def zero_shot(matcher: Matcher, data, k: int) -> dict[str, Any]:
 
 
 def evaluate(matcher: Matcher, cfg, progress: bool = False) -> dict[str, Any]:
-    from ..data import ShapesDataset, is_shapes, open_dataset
-    from ..data.shapes import load_shapes
-
     size = matcher.preprocess.image_size
     if is_shapes(cfg.data):
         single = load_shapes("test", cfg.zero_shot_images, size, seed=cfg.seed, single_object=True)

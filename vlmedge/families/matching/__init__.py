@@ -18,10 +18,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._progress import Budget, upper
-from ..errors import VlmedgeError
-from ..models.matching import ARCHITECTURES
-from . import CaptionedFamily, Graph, TrainBatch, register
+from ..._progress import Budget, upper
+from ...data import ShapesDataset, open_dataset
+from ...data.shapes import load_shapes
+from ...errors import VlmedgeError
+from ...models import check_model_folder, load_tokenizer
+from ...models.structure import count_flops, tower_layers
+from ...preprocess import Preprocess
+from ...runtime.measure import peak_rss_mb, random_feeds, thread_record, time_fn, tuned_threads
+from ...runtime.onnx import check_inputs, open_session, read_manifest
+from .. import CaptionedFamily, Graph, TrainBatch, register
+from .._export import patchify_as_matmul, save_tokenizer
+from ..dual_encoder import affinity_loss, contrastive_loss
+from .model import ARCHITECTURES, build, encode_image, encode_text, load, match_logits
+from .tasks import encode_all, evaluate
 
 GRAPH_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx", "matcher": "matcher.onnx"}
 """Its only layout: transformers.js has no BLIP image-text matching model, so no layout of theirs exists to follow."""
@@ -70,16 +80,12 @@ class TorchMatcher(_MatcherBase):
     def encode(self, pixel_values):
         import torch
 
-        from ..models.matching import encode_image
-
         with torch.inference_mode():
             p, e = encode_image(self.vlm.model, torch.from_numpy(pixel_values))
         return p.numpy(), e.numpy()
 
     def encode_texts(self, texts):
         import torch
-
-        from ..models.matching import encode_text
 
         out = []
         with torch.inference_mode():
@@ -90,8 +96,6 @@ class TorchMatcher(_MatcherBase):
 
     def match(self, patches, texts):
         import torch
-
-        from ..models.matching import match_logits
 
         self._check(patches, texts)
         tok = self.tokenize(texts)
@@ -106,11 +110,6 @@ class OnnxMatcher(_MatcherBase):
 
     def __init__(self, folder, threads: int | None = None, providers=None, open_sessions: bool = True,
                  profile=None, **_):
-        from ..models import load_tokenizer
-        from ..preprocess import Preprocess
-        from ..runtime.measure import tuned_threads
-        from ..runtime.onnx import check_inputs, open_session, read_manifest
-
         self.folder = Path(folder)
         self.where = str(self.folder)
         self.manifest = m = read_manifest(self.folder, tuple(GRAPH_FILES))
@@ -144,8 +143,6 @@ class OnnxMatcher(_MatcherBase):
 
 def _modules(model):
     import torch
-
-    from ..models.matching import encode_image, encode_text, match_logits
 
     class Image(torch.nn.Module):
         def __init__(self):
@@ -218,27 +215,18 @@ class Matching(CaptionedFamily):
 
     # --- models ---
     def build(self, spec, tokenizer, *, seed=0, source="", vision_init=None):
-        from ..models.matching import build
-
         return build(spec, tokenizer, seed=seed, source=source, vision_init=vision_init)
 
     def load(self, path, *, attn_implementation="sdpa"):
-        from ..models.matching import load
-
         return load(path, attn_implementation=attn_implementation)
 
     def check_folder(self, path):
-        from ..models import check_model_folder
-
         return check_model_folder(path, self.architectures)
 
     def flops(self, model) -> dict[str, int]:
         """FLOPs counted by PyTorch on the real model: one image's encoding, one caption's ITC embedding, one
         (image, caption) match."""
         import torch
-
-        from ..models.matching import encode_image, encode_text, match_logits
-        from ..models.structure import count_flops
 
         size = model.preprocess.image_size
         tok = {k: torch.from_numpy(v) for k, v in TorchMatcher(model).tokenize(["a photo"]).items()}
@@ -252,17 +240,12 @@ class Matching(CaptionedFamily):
     def prunable(self, model):
         """The text encoder: self-attention heads, MLP neurons, layers and each layer's cross-attention heads (the
         image encoder's fused qkv projection is not sliced yet)."""
-        from ..models.structure import tower_layers
-
         return {"text": tower_layers(model.model, "text")}
 
     # --- training ---
     def training_loss(self, model, batch, teacher=None, weights=None):
         import torch
         import torch.nn.functional as F
-
-        from ..models.matching import encode_image, encode_text, match_logits
-        from .dual_encoder import contrastive_loss
 
         b, net = batch, model.model
         rows = b.indices[b.local]
@@ -294,9 +277,6 @@ class Matching(CaptionedFamily):
         KL between the teacher's and the student's match probabilities on the same pairs."""
         import torch
         import torch.nn.functional as F
-
-        from ..models.matching import encode_image, encode_text, match_logits
-        from .dual_encoder import affinity_loss
 
         tnet = teacher.model
         tm = TorchMatcher(teacher)
@@ -345,14 +325,10 @@ class Matching(CaptionedFamily):
                       {"patch_embeds": ["images", model.patches, width], **tokens})]
 
     def tracing(self, model):
-        from ._export import patchify_as_matmul
-
         return patchify_as_matmul(model.model, model.preprocess.image_size)
 
     def parity_inputs(self, model, n: int, seed: int) -> dict[str, dict[str, Any]]:
         """Random pixels; random token ids with random padding; random patch embeddings (one per pair)."""
-        from ..runtime.measure import random_feeds
-
         tok = model.tokenizer
         pixels, tokens = random_feeds(model.preprocess.image_size, model.max_length, len(tok), n, seed,
                                       pad_id=tok.pad_token_id or 0, cls_id=tok.cls_token_id)
@@ -361,8 +337,6 @@ class Matching(CaptionedFamily):
         return {"image": {"pixel_values": pixels}, "text": tokens, "matcher": {"patch_embeds": patches, **tokens}}
 
     def manifest_fields(self, model, reference, folder: Path) -> dict[str, Any]:
-        from ._export import save_tokenizer
-
         return {"preprocess": asdict(model.preprocess), "max_length": model.max_length,
                 "tokenizer": save_tokenizer(model.tokenizer, folder), "vocab_size": len(model.tokenizer),
                 "source_architecture": model.architecture, "embedding_dim": int(model.model.config.image_text_hidden_size),
@@ -377,9 +351,6 @@ class Matching(CaptionedFamily):
         """Rerank parity on held-out shapes: for `questions` images (a `Budget`: its most, one batched pass),
         ITC's top RERANK_K of a caption pool reranked by PyTorch's and by the ONNX files' match logits; at most one
         order may differ (a near tie can flip on the last bit). Records the largest match-logit difference."""
-        from ..data import ShapesDataset
-        from ..data.shapes import load_shapes
-
         questions = upper(questions)
         ds = ShapesDataset(load_shapes("val", max(questions, 2 * RERANK_K), model.preprocess.image_size))
         idx = list(range(questions))
@@ -423,15 +394,11 @@ class Matching(CaptionedFamily):
                                "weights and preprocessor_config.json")
 
     def evaluate(self, adapter, eval_cfg, progress: bool = False) -> dict[str, Any]:
-        from ..evaluate.matching import evaluate
-
         self.sanity_check(adapter)
         return evaluate(adapter, eval_cfg, progress)
 
     def calibration_feeds(self, adapter, data, batches, batch_size, seed):
         """Real preprocessed feeds per graph; the matcher's patch embeddings come from the fp32 image encoder."""
-        from ..data import open_dataset
-
         ds = open_dataset(data, "val", resolution=adapter.preprocess.image_size, count=batches * batch_size,
                           seed=seed)
         rng = np.random.default_rng(seed)
@@ -450,9 +417,6 @@ class Matching(CaptionedFamily):
     def latency_inputs(self, adapter, batch: int, seed: int = 0):
         """One held-out shapes image, its RERANK_K candidate captions (ITC's top of the val captions), a text query
         and a gallery of GALLERY images' cached patch and ITC embeddings, all made by `adapter` as a device would."""
-        from ..data.shapes import load_shapes
-        from ..evaluate.matching import encode_all
-
         data = load_shapes("val", GALLERY, adapter.preprocess.image_size, seed=seed)
         captions = data.captions(range(GALLERY), np.random.default_rng(seed))
         patches, emb = encode_all(adapter, data.images)
@@ -463,8 +427,6 @@ class Matching(CaptionedFamily):
 
     def torch_scenarios(self, model, inputs, device: str, dtype):
         import torch
-
-        from ..models.matching import encode_image, encode_text, match_logits
 
         net = model.model.to(device=device, dtype=dtype).eval()
         t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
@@ -493,8 +455,6 @@ class Matching(CaptionedFamily):
         return {"image": image, "rerank": rerank, "query": query_fn}
 
     def time_scenarios(self, scenarios, cfg, record, timer=None, sync=None):
-        from ..runtime.measure import peak_rss_mb, time_fn
-
         result = {**record, "batch": 1, "rerank_k": RERANK_K, "gallery": GALLERY,
                   "measure": {k: getattr(cfg, k) for k in ("warmup", "min_runs", "min_seconds")}}
         for name, fn in scenarios.items():
@@ -505,8 +465,6 @@ class Matching(CaptionedFamily):
     def onnx_latency(self, folder, cfg, providers):
         """The same scenarios on the export's three sessions."""
         import onnxruntime as ort
-
-        from ..runtime.measure import thread_record
 
         adapter = OnnxMatcher(folder, threads=cfg.threads, providers=providers)
         inputs = self.latency_inputs(adapter, 1)

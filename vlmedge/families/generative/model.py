@@ -23,10 +23,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._hf import quiet_transformers
-from ..errors import VlmedgeError
-from ..preprocess import Preprocess
-from . import VLM
+from ..._hf import quiet_transformers
+from ..._io import read_json, write_json
+from ...errors import VlmedgeError
+from ...models import (VLM, _mapping, check_model_folder, check_vocab, load_tokenizer, load_weights, read_preprocess,
+                       save_weights)
+from ...preprocess import Preprocess
 
 ARCHITECTURES = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration")
 SPECIAL = {"pad": "<pad>", "unk": "<unk>", "start": "<|im_start|>", "end": "<end_of_utterance>",
@@ -61,9 +63,6 @@ class GenerativeVLM(VLM):
         return decode_answer(self.tokenizer, ids, self.eos_id)
 
     def save(self, folder: str | os.PathLike) -> None:
-        from .._io import write_json
-        from . import save_weights
-
         folder = Path(folder)
         save_weights(self.model, folder)
         self.tokenizer.save_pretrained(folder)
@@ -206,9 +205,6 @@ def init_vision(model, folder: str | os.PathLike) -> dict[str, Any]:
     `SiglipVisionModel`: the same classes, copied as they are). Shapes must agree with the preset's vision config."""
     from safetensors.torch import load_file
 
-    from . import check_model_folder
-    from .._io import read_json
-
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise VlmedgeError(f"--vision-init {folder}: not a model folder (no config.json)")
@@ -278,8 +274,6 @@ def _vit_to_siglip(w: dict[str, Any], layers: int) -> dict[str, Any]:
 # --- loading -------------------------------------------------------------------------------------------------------
 
 def load(path: str | os.PathLike, *, attn_implementation: str = "sdpa") -> GenerativeVLM:
-    from . import _mapping, check_model_folder, check_vocab, load_tokenizer, load_weights, read_preprocess
-
     folder = Path(path)
     config = check_model_folder(folder, ARCHITECTURES)
     resolved = _resolved_config(folder, config)  # sizes a saved config leaves out are its class's defaults

@@ -13,6 +13,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from ..._progress import Progress, paced
+
 _NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 _NUMBERS["none"] = "0"
 _ARTICLES = {"a", "an", "the"}
@@ -63,8 +65,6 @@ def evaluate_generator(generator: Generator, ds, items, max_new_tokens: int = 24
                        count=None) -> dict[str, Any]:
     """VQA accuracy (all questions but captions; per type; on held-out combinations) and captioning metrics, on the
     first `count` of `items` (a number, a `_progress.Budget` of time; None: all); `questions` is how many."""
-    from .._progress import Progress, paced
-
     answers: list[str] = []
     with Progress("eval", len(items), enabled=progress, unit="questions") as bar:
         for k, it in paced(items, len(items) if count is None else count, bar):
