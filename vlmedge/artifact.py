@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,11 @@ NOT_SHIPPED = ("checkpoints", "engines")
 the `tensorrt` target's engine cache."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Artifact:
+    """What a stage made: its product's path, its family, its measurements. Frozen: `stages.execute` completes a
+    stage's record (`dataclasses.replace`) before anything else reads it."""
+
     id: str
     name: str
     """The step's name in reports (teacher, prune, distill, export, quantize-dynamic, ...)."""
@@ -52,6 +55,7 @@ class Artifact:
     seconds: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     family: str = ""
+    """The model family's name (`vlmedge.families`), resolved once when the record is made."""
     files: dict[str, str] = field(default_factory=dict)
     """What the product ships, as written: relative file path -> sha256. Empty in records of vlmedge < 0.2."""
     data: str | None = None
@@ -103,8 +107,7 @@ class Artifact:
             return None
         if not isinstance(art.path, str) or not isinstance(art.files, dict):
             return None
-        art.path = str(_product(folder, art.path, legacy="files" not in record and art.stage != "source"))
-        return art
+        return replace(art, path=str(_product(folder, art.path, legacy="files" not in record and art.stage != "source")))
 
 
 def _product(folder: Path, recorded: str, legacy: bool) -> Path:

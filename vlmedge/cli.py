@@ -160,7 +160,7 @@ def cmd_eval(args) -> int:
         print(f"eval: on the built-in {data}: vlmedge has not trained or evaluated {args.path} on any data; "
               "--data DATA evaluates it on yours", file=sys.stderr if args.json else sys.stdout)
     cfg = _config(EvalConfig, args, data=data)
-    family = families.of(product)
+    family = families.of_artifact(made) if made is not None else families.of(product)
     metrics = family.evaluate(family.adapter(product), cfg, progress=not args.quiet)
     if args.json:  # the results first: a folder that cannot take eval.json loses nothing
         _print_json(metrics)

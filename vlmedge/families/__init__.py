@@ -296,6 +296,12 @@ def of(path: str | Path) -> Family:
     return get(DEFAULT)  # its loader says what is wrong with the folder (missing, no config.json, ...)
 
 
+def of_artifact(art) -> Family:
+    """The family of a stage's record (`Artifact.family`, resolved when it was made); a record without one (vlmedge
+    < 0.3) is read from its product's files."""
+    return get(art.family) if art.family else of(art.path)
+
+
 def write_eval(path: Path, cfg, metrics: dict[str, Any]) -> None:
     """An evaluation record (a step's `eval.json`): the data, the evaluation settings and every metric."""
     from dataclasses import asdict

@@ -7,8 +7,8 @@ stage, its config and what else it reads), skips a step whose folder already rec
 runs the stage, measures what it made (size, parameters, FLOPs, and the family's evaluation on held-out data) and
 writes `artifact.json` last, so a folder without it is unfinished whatever else it holds.
 
-Stages ask the family of their input (`vlmedge.families.of`) for everything model-specific; they never branch on a
-family's name, and they know nothing of the CLI or the pipeline.
+Stages ask the family of their input (`vlmedge.families.of_artifact`: the record's family, resolved once when the
+record is made) for everything model-specific; they never branch on a family's name, and they know nothing of the CLI or the pipeline.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import dataclasses
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -212,46 +212,44 @@ def execute(config: Any, parent: Artifact | None, ctx: Context, folder: Path, pr
         shutil.rmtree(partial, ignore_errors=True)
     t0 = time.perf_counter()
     try:
-        art = spec.run(parent, config, dataclasses.replace(ctx, out=product, artifact_id=aid, stage_kind=spec.kind))
+        art = spec.run(parent, config, replace(ctx, out=product, artifact_id=aid, stage_kind=spec.kind))
     except BaseException:
         if created and folder.is_dir() and {p.name for p in folder.iterdir()} <= {OUTPUT_MARK}:
             shutil.rmtree(folder, ignore_errors=True)  # failed before writing anything: leave no empty folder behind
         raise
     if product == folder:
         write_json(folder / OUTPUT_MARK, {"command": spec.kind})  # the product replaced the folder: mark it again
-    art.name, art.config = name, {"stage": asdict(config)}
-    art.seconds["stage"] = round(time.perf_counter() - t0, 1)
+    art = replace(art, name=name, config={"stage": asdict(config)},
+                  seconds={**art.seconds, "stage": round(time.perf_counter() - t0, 1)})
     if os.environ.get("RANK", "0") != "0":
         return art  # data-parallel training: rank 0 describes and records the step
-    describe(art, folder, ctx, parent)
-    art.files = product_files(Path(art.path))
+    art = describe(art, folder, ctx, parent)
     art.save(folder)
     return art
 
 
-def describe(art: Artifact, folder: Path, ctx: Context, parent: Artifact | None) -> None:
-    """Fill in family, size, parameters and FLOPs of a finished step, evaluate it and write its eval.json."""
+def describe(art: Artifact, folder: Path, ctx: Context, parent: Artifact | None) -> Artifact:
+    """The finished step's record: its family, size, parameters, FLOPs and files, and its evaluation (written to
+    its eval.json)."""
     path = Path(art.path)
-    family = families.of(path)
-    art.family = family.name
+    family = families.of(path)  # resolved here, once: later stages read it from the record
+    fields: dict[str, Any] = {"family": family.name, "seconds": dict(art.seconds)}
     if art.kind == "model":
         model = family.load(path)
         adapter = family.adapter(model) if ctx.eval is not None else None
-        art.parameters = family.parameters(model)
-        art.flops = family.flops(model)
-        art.size_bytes = sum(folder_size(p) for p in path.glob("*.safetensors"))
+        fields.update(parameters=family.parameters(model), flops=family.flops(model),
+                      size_bytes=sum(folder_size(p) for p in path.glob("*.safetensors")))
     else:
         adapter = family.adapter(path) if ctx.eval is not None else None
-        art.parameters = read_manifest(path).get("parameters") or (parent.parameters if parent else None)
-        art.flops = parent.flops if parent else None
-        art.size_bytes = onnx_size(path)
+        fields.update(parameters=read_manifest(path).get("parameters") or (parent.parameters if parent else None),
+                      flops=parent.flops if parent else None, size_bytes=onnx_size(path))
     if adapter is not None:
         t0 = time.perf_counter()
         metrics = family.evaluate(adapter, ctx.eval, progress=ctx.progress)
-        art.seconds["eval"] = round(time.perf_counter() - t0, 1)
+        fields["seconds"]["eval"] = round(time.perf_counter() - t0, 1)
         families.write_eval(folder / "eval.json", ctx.eval, metrics)
-        art.metrics, art.data = flat_metrics(metrics), ctx.eval.data
-    art.versions = library_versions()
+        fields.update(metrics=flat_metrics(metrics), data=ctx.eval.data)
+    return replace(art, **fields, versions=library_versions(), files=product_files(path))
 
 
 def input_artifact(path: str | os.PathLike) -> Artifact:
@@ -273,7 +271,8 @@ def input_artifact(path: str | os.PathLike) -> Artifact:
         return made
     kind = "onnx" if (folder / "manifest.json").is_file() else "model"
     files = product_files(folder)
-    return Artifact(content_id(files), folder.name, "source", kind, str(folder), files=files)
+    return Artifact(content_id(files), folder.name, "source", kind, str(folder), files=files,
+                    family=families.of(folder).name)
 
 
 def _first(changed: list[str]) -> str:

@@ -87,14 +87,15 @@ class ExportConfig:
 
 
 def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig = ExportConfig(),
-           eval_cfg=None, progress: bool = False) -> dict[str, Any]:
+           eval_cfg=None, progress: bool = False, family: families.Family | None = None) -> dict[str, Any]:
     """Export a model folder to ONNX (the graphs its family declares), check them, and write the manifest.
     `eval_cfg` (an `EvalConfig`): its zero-shot classes are precomputed into the export (`export_extras`);
-    `progress`: the family's checks of the export report progress."""
+    `progress`: the family's checks of the export report progress; `family`: the model's (default: read from the
+    folder)."""
     import onnx
     import torch
 
-    family = families.of(source)
+    family = family or families.of(source)
     layout = cfg.layout_of(family)
     model = family.load(source, attn_implementation="eager")  # eager attention: a graph ORT's fusions recognise
     graphs = [replace(g, file=family.layouts[layout][g.name]) for g in family.graphs(model)]
@@ -193,4 +194,5 @@ def copy_support_files(src: Path, dst: Path) -> None:
 
 @register(ExportConfig, kind="export", consumes="model", produces="onnx", provides="onnx")
 def run(parent: Artifact, cfg: ExportConfig, ctx: Context) -> Artifact:
-    return ctx.artifact(parent, ctx.out, export(parent.path, ctx.out, cfg, ctx.eval, ctx.progress))
+    return ctx.artifact(parent, ctx.out, export(parent.path, ctx.out, cfg, ctx.eval, ctx.progress,
+                                                     families.of_artifact(parent)))

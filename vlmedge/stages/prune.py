@@ -191,9 +191,11 @@ def make_plan(family, model, cfg: PruneConfig, data: str = DEFAULT_DATA) -> dict
     return plan
 
 
-def prune(source: str | os.PathLike, out: str | os.PathLike, cfg: PruneConfig = PruneConfig()) -> dict[str, Any]:
-    """Prune a model folder into `out` (written atomically). Returns parameters and FLOPs before and after."""
-    family = families.of(source)
+def prune(source: str | os.PathLike, out: str | os.PathLike, cfg: PruneConfig = PruneConfig(),
+          family: families.Family | None = None) -> dict[str, Any]:
+    """Prune a model folder (of `family`; default: read from the folder) into `out` (written atomically). Returns
+    parameters and FLOPs before and after."""
+    family = family or families.of(source)
     model = family.load(source, attn_implementation="eager")
     before = {"parameters": family.parameters(model), "flops": family.flops(model)}
     plan = make_plan(family, model, cfg, cfg.data or DEFAULT_DATA)
@@ -210,4 +212,4 @@ def prune(source: str | os.PathLike, out: str | os.PathLike, cfg: PruneConfig = 
 @register(PruneConfig, kind="prune", consumes="model", produces="model", provides="model", reads=("data",))
 def run(parent: Artifact, cfg: PruneConfig, ctx: Context) -> Artifact:
     cfg = replace(cfg, data=cfg.data or ctx.data.source)
-    return ctx.artifact(parent, ctx.out, prune(parent.path, ctx.out, cfg))
+    return ctx.artifact(parent, ctx.out, prune(parent.path, ctx.out, cfg, families.of_artifact(parent)))

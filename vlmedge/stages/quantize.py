@@ -219,10 +219,10 @@ class _Calibration:
         self.pos = 0
 
 
-def calibration_batches(encoder, cfg: QuantizeConfig) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Real preprocessed inputs per graph (the family makes them from `cfg.data`)."""
-    return families.of(encoder.folder).calibration_feeds(encoder, cfg.data or DEFAULT_DATA, cfg.calibration_batches,
-                                                         cfg.batch_size, cfg.seed)
+def calibration_batches(family, encoder, cfg: QuantizeConfig) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Real preprocessed inputs per graph of the export `encoder` (its `family` makes them from `cfg.data`)."""
+    return family.calibration_feeds(encoder, cfg.data or DEFAULT_DATA, cfg.calibration_batches, cfg.batch_size,
+                                    cfg.seed)
 
 
 def _node_names(path: Path) -> list[tuple[str, str]]:
@@ -345,12 +345,14 @@ def _layer_groups(path: Path) -> dict[str, list[str]]:
 
 
 def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfig(),
-             evaluate_fn: Callable[[Any], dict[str, float]] | None = None, progress: bool = False) -> dict[str, Any]:
+             evaluate_fn: Callable[[Any], dict[str, float]] | None = None, progress: bool = False,
+             family: families.Family | None = None) -> dict[str, Any]:
     """Quantize an export folder into `out` (written atomically). Returns sizes, scheme, the per-graph modes (and
     for `mixed` every form tried), and what was kept in fp32.
 
     `evaluate_fn` (the family's adapter of an export folder -> flat metrics) is needed for the accuracy-aware mode
-    (`cfg.max_drop`); `progress` reports its rounds (each one evaluation).
+    (`cfg.max_drop`); `progress` reports its rounds (each one evaluation). `family`: the export's (default: read
+    from the folder).
     """
     source = Path(source)
     manifest = read_manifest(source)
@@ -361,7 +363,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
                            f"--layout onnx-community); {source} is in the {manifest.get('layout', 'flat')} layout, "
                            "whose graphs share one name across precisions")
 
-    family = families.of(source)
+    family = family or families.of(source)
     files = manifest["files"]
     cfg.check_graphs(list(files), str(source))
     forms = _forms(cfg, files)
@@ -371,7 +373,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
     scheme, why = choose_weight_scheme(cfg.weight_scheme) if int8 else ("none", "no INT8 graph")
     fp32 = family.adapter(source)
     static = any(m == "static" for f in forms for m in f.graphs.values())
-    calib = calibration_batches(fp32, cfg) if static or cfg.max_drop is not None else None
+    calib = calibration_batches(family, fp32, cfg) if static or cfg.max_drop is not None else None
     kept: dict[str, list[str]] = {graph: [] for graph in files}
     info: dict[str, Any] = {}
     reference = None
@@ -411,7 +413,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
             # ranking the groups quantizes each alone and runs it on the calibration batches: minutes at SmolVLM-256M's
             # size, so only when a group has to go back
             order = [] if reference[cfg.metric] - score <= cfg.max_drop else \
-                _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32, progress)
+                _sensitivity_order(family, source, tmp, files, groups, cfg, scheme, calib, fp32, progress)
             with Progress("quantize: layer groups back to fp32", len(order), enabled=progress, unit="groups") as bar:
                 for k, (tower, group) in enumerate(order):
                     bar.update(k, **{cfg.metric: score})
@@ -424,7 +426,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
             info["accuracy_aware"]["final"] = score
             info["accuracy_aware"]["within_tolerance"] = reference[cfg.metric] - score <= cfg.max_drop
             _write_manifest(tmp, manifest, cfg, scheme, why, kept)
-        calib = calib or calibration_batches(fp32, cfg)
+        calib = calib or calibration_batches(family, fp32, cfg)
         info["drift"] = _drift(fp32, encoder, calib, progress)
         if len(forms) > 1 and not any(kept.values()):  # the chosen form as it was checked
             info.update(agreed)
@@ -602,10 +604,10 @@ def _drift(ref, enc, calib: dict[str, list], progress: bool = False) -> dict[str
     return out
 
 
-def _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32,
+def _sensitivity_order(family, source, tmp, files, groups, cfg, scheme, calib, fp32,
                        progress: bool = False) -> list[tuple[str, str]]:
     """Layer groups, most damaging first: each quantized alone, scored by embedding cosine to fp32, with progress."""
-    calib = calib or calibration_batches(fp32, cfg)
+    calib = calib or calibration_batches(family, fp32, cfg)
     towers = [(t, n) for t, n in files.items() if cfg.mode_of(t) != "fp32"]
     scores = []
     with Progress("quantize: ranking layer groups by their damage", sum(len(groups[t]) for t, _ in towers),
@@ -626,8 +628,9 @@ def _sensitivity_order(source, tmp, files, groups, cfg, scheme, calib, fp32,
 @register(QuantizeConfig, kind="quantize", consumes="onnx", produces="onnx", provides=None, reads=("data",))
 def run(parent: Artifact, cfg: QuantizeConfig, ctx: Context) -> Artifact:
     cfg = replace(cfg, data=cfg.data or ctx.data.source)
-    family = families.of(parent.path)
+    family = families.of_artifact(parent)
     eval_cfg = ctx.eval or EvalConfig(data=cfg.data)
     info = quantize(parent.path, ctx.out, cfg,
-                    evaluate_fn=lambda adapter: flat_metrics(family.evaluate(adapter, eval_cfg)), progress=ctx.progress)
+                    evaluate_fn=lambda adapter: flat_metrics(family.evaluate(adapter, eval_cfg)), progress=ctx.progress,
+                    family=family)
     return ctx.artifact(parent, ctx.out, info)
