@@ -15,6 +15,7 @@ instance at the end of it, add its name to `MODULES`, and ship its presets as JS
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,8 +24,10 @@ from .._io import read_json, write_json
 from .._registry import Registry
 from ..data import open_dataset
 from ..errors import VlmedgeError
-from ..models import count_parameters, train_tokenizer
+from ..models import check_model_folder, count_parameters, train_tokenizer
 from ..models.structure import apply_plan, shape_of
+from ..runtime.measure import time_each
+from ._export import patchify_as_matmul
 
 MODULES = ("dual_encoder", "generative", "matching")
 DEFAULT = "dual_encoder"
@@ -70,63 +73,58 @@ class TrainBatch:
     (text-side hard negatives, NegCLIP)."""
 
 
-class Family:
-    """The interface. Each method says which stage asks for it; a family implements all of them."""
-
+class _Capability:
     name: str = ""
+
+    def _lacks(self, what: str):
+        return VlmedgeError(f"the {self.name} family cannot {what}")
+
+
+class Model(_Capability):
+    """Building, loading, counting and pruning a model (train, source, prune, distill, and every record). `load` and
+    `build` are what a family must have; the rest have defaults."""
+
     architectures: tuple[str, ...] = ()
     """Hugging Face `architectures` (config.json) of the folders this family loads."""
-    report_metrics: tuple[str, ...] = ()
-    """The run report's accuracy columns (flat metric names): the first is the Pareto plot's accuracy axis and the
-    retention column's metric, the first two fit a terminal."""
-    headline_scenario: str = ""
-    """The latency scenario the report's latency columns and the Pareto plot show."""
-    graph_towers: dict[str, str] = {}
-    """Which tower (vision, text) each exported graph computes: what a recipe checks stage settings against."""
     prunable_parts: tuple[str, ...] = ()
     """The prune ratios (`{tower}_{kind}`) its models take: what a recipe's prune stage is checked against at load
     (`prunable`, on the loaded model, is the same parts)."""
-    report_latency: tuple[str, ...] = ()
-    """Further scenarios whose p50 the full report table shows (a generative model's ttft and decode per token)."""
-    layouts: dict[str, dict[str, str]] = {}
-    """The export layouts it writes, each graph's file per layout; the first is the default. `onnx-community`: a
-    model folder transformers.js loads as written (graphs in onnx/, config.json and the processor's configs beside
-    them; quantized graphs carry their dtype suffix, so precisions share the folder)."""
 
-    # --- models (train, prune, distill, export, describe) ---
     def build(self, spec: dict[str, Any], tokenizer, *, seed: int = 0, source: str = "",
               vision_init: str | None = None):
         """A freshly initialised model of a preset's shape (`vision_init`: a model folder whose image tower starts
         this model's, for the families that take one)."""
-        raise NotImplementedError
+        raise self._lacks("build a model from a preset")
 
     def tokenizer(self, spec: dict[str, Any], ds, rng):
-        """A tokenizer learnt from the training data `ds` (what a preset trained from scratch uses)."""
-        raise NotImplementedError
+        """A tokenizer learnt from the training data `ds` (what a preset trained from scratch uses): by default a
+        WordPiece vocabulary of its captions."""
+        sample = rng.integers(len(ds), size=min(len(ds) * 3, 30000))
+        return train_tokenizer(ds.captions(sample, rng), spec["vocab_size"])
 
     def open_data(self, source: str, split: str, **options):
-        """The dataset the training loop draws from (`data.open_dataset`'s options)."""
-        raise NotImplementedError
+        """The dataset the training loop draws from (`data.open_dataset`'s options): by default the captioned
+        datasets."""
+        return open_dataset(source, split, **options)
 
     def load(self, path: str | Path, *, attn_implementation: str = "sdpa"):
         """A model folder, loaded offline (safetensors only)."""
-        raise NotImplementedError
+        raise self._lacks(f"load {path}")
 
     def check_folder(self, path: str | Path) -> dict[str, Any]:
-        """Validate a model folder without building it; its config."""
-        raise NotImplementedError
+        """Validate a model folder of this family's architectures without building it; its config."""
+        return check_model_folder(path, self.architectures)
 
     def parameters(self, model) -> int:
-        raise NotImplementedError
+        return count_parameters(model.model)
 
     def flops(self, model) -> dict[str, int]:
-        """FLOPs of one sample per part (batch 1)."""
-        raise NotImplementedError
+        """FLOPs of one sample per part (batch 1); {} where they are not counted."""
+        return {}
 
-    # --- pruning ---
     def prunable(self, model) -> dict[str, list]:
-        """Per part, its transformer layers as `models.structure.LayerParts` (heads, MLP neurons)."""
-        raise NotImplementedError
+        """Per part, its transformer layers as `models.structure.LayerParts` (heads, MLP neurons); {}: nothing."""
+        return {}
 
     def apply_plan(self, model, plan: dict[str, Any]) -> None:
         """Cut the model to the kept layers, heads and neurons (the surgery of `models.structure`), and record the
@@ -134,10 +132,14 @@ class Family:
         apply_plan(model.model, plan)
         model.model.config.vlmedge_pruning = shape_of(model.model, tuple(plan))
 
+
+class Training(_Capability):
+    """The loss of the one training loop (train, distill) and what pruning's Taylor importance draws."""
+
     def training_loss(self, model, batch: TrainBatch, teacher=None, weights=None):
         """The loss of one micro-batch (the one training loop calls it): the family's own objective, or with a
         frozen `teacher` the distillation objective weighted by `weights`."""
-        raise NotImplementedError
+        raise self._lacks("be trained")
 
     def before_step(self, model, step: int, cfg) -> None:
         """Before each optimizer step (e.g. a tower frozen for the first steps of a two-stage schedule)."""
@@ -148,8 +150,6 @@ class Family:
     def calibration_data(self, model, data: str, count: int, seed: int) -> Callable[[int, Any], TrainBatch]:
         """A batch drawer `(batch_size, rng) -> TrainBatch` over the data (random training batches, one process,
         CPU, fp32): Taylor importance takes the gradient of `training_loss` on such batches."""
-        import contextlib
-
         ds = self.open_data(data, "train", resolution=model.preprocess.image_size, count=count, seed=seed)
 
         def draw(batch_size: int, rng) -> TrainBatch:
@@ -160,22 +160,34 @@ class Family:
 
         return draw
 
-    # --- export ---
+
+class Exporting(_Capability):
+    """The graphs the export stage traces, checks and describes. `graphs` and `parity_inputs` are what a family
+    must have to be exported."""
+
+    graph_towers: dict[str, str] = {}
+    """Which tower (vision, text) each exported graph computes: what a recipe checks stage settings against."""
+    layouts: dict[str, dict[str, str]] = {}
+    """The export layouts it writes, each graph's file per layout; the first is the default. `onnx-community`: a
+    model folder transformers.js loads as written (graphs in onnx/, config.json and the processor's configs beside
+    them; quantized graphs carry their dtype suffix, so precisions share the folder)."""
+
     def graphs(self, model) -> list[Graph]:
-        raise NotImplementedError
+        raise self._lacks("be exported")
 
     def tracing(self, model):
-        """A context manager around the export (graph-form rewrites such as the patchify MatMul)."""
-        raise NotImplementedError
+        """A context manager around the export (graph-form rewrites): by default each ViT-style patch-embedding Conv
+        traced as patchify + MatMul."""
+        return patchify_as_matmul(model.model, model.preprocess.image_size)
 
     def parity_inputs(self, model, n: int, seed: int) -> dict[str, dict[str, Any]]:
         """Fresh random feeds per graph for the parity check (numpy)."""
-        raise NotImplementedError
+        raise self._lacks("check an export's parity")
 
     def manifest_fields(self, model, reference: dict[str, Any], folder: Path) -> dict[str, Any]:
         """What the family records in an export's manifest besides files, inputs and parity (and the support files
         it writes into `folder`: tokenizer, ...)."""
-        raise NotImplementedError
+        return {}
 
     def model_files(self, model, folder: Path, layout: str) -> list[str]:
         """The files besides the graphs and the tokenizer that `layout` needs (an onnx-community folder's
@@ -185,7 +197,7 @@ class Family:
     def export_extras(self, folder: Path, adapter, labels: Sequence[str] = (), eval_cfg=None) -> dict[str, Any]:
         """Precomputed data an export carries for a device (e.g. zero-shot label embeddings: of `labels` given, else
         of the classes `eval_cfg`'s evaluation scores), computed with the export's `adapter`; manifest additions."""
-        raise NotImplementedError
+        return {}
 
     def verify_export(self, model, adapter, questions, progress: bool = False) -> dict[str, Any]:
         """Checks of the exported files beyond per-graph parity, run by export on the open `adapter` (e.g. greedy
@@ -194,66 +206,77 @@ class Family:
         raises a VlmedgeError on failure; manifest additions."""
         return {}
 
-    def output_agreement(self, reference, adapter, inputs, progress: bool = False) -> dict[str, Any]:
-        """What quantization records beyond output cosines: how often `adapter` (a quantized export) gives the same
-        end result as `reference` (the fp32 export) on `inputs` held-out inputs (a count or a `_progress.Budget`;
-        0: none) (a generative model: identical
-        greedy answers); {} where the cosines say it all."""
-        return {}
 
-    # --- runtime, evaluation, latency ---
+class Tasks(_Capability):
+    """What evaluation, export checks and quantization ask: the artifact as an object that answers, its tasks and
+    real inputs. `adapter` is what a family must have to be evaluated or timed."""
+
+    report_metrics: tuple[str, ...] = ()
+    """The run report's accuracy columns (flat metric names): the first is the Pareto plot's accuracy axis and the
+    retention column's metric, the first two fit a terminal."""
+
     def adapter(self, path: str | Path, **options):
         """The artifact (model folder or export folder) as the object evaluation and timing use; for an export folder
         it has `folder` and `sessions` (graph name -> ONNX Runtime session), which export parity and quantization
         run."""
-        raise NotImplementedError
+        raise self._lacks(f"open {path}")
 
     def sanity_check(self, adapter) -> None:
         """Raise a VlmedgeError naming the likely cause when distinct real inputs all give one output (a collapsed
         tower evaluates at chance without a word); export and evaluation call it."""
-        raise NotImplementedError
 
     def evaluate(self, adapter, eval_cfg, progress: bool = False) -> dict[str, Any]:
-        """Every task that applies, as nested metrics; `flat_metrics` names them for gates. `progress`: report the
-        long parts (`vlmedge._progress`)."""
-        raise NotImplementedError
+        """Every task that applies, as nested metrics; `flat_metrics` names them for gates; {}: no task.
+        `progress`: report the long parts (`vlmedge._progress`)."""
+        return {}
 
     def calibration_feeds(self, adapter, data: str, batches: int, batch_size: int, seed: int
                           ) -> dict[str, list[dict[str, Any]]]:
         """Real preprocessed feeds per graph of an export folder, for static quantization and drift."""
-        raise NotImplementedError
+        raise self._lacks("calibrate a static quantization")
+
+    def output_agreement(self, reference, adapter, inputs, progress: bool = False) -> dict[str, Any]:
+        """What quantization records beyond output cosines: how often `adapter` (a quantized export) gives the same
+        end result as `reference` (the fp32 export) on `inputs` held-out inputs (a count or a `_progress.Budget`;
+        0: none) (a generative model: identical greedy answers); {} where the cosines say it all."""
+        return {}
+
+
+class Scenarios(_Capability):
+    """Latency: the family's scenarios, named callables on the PyTorch model and on an export; the runtime times
+    them (`runtime.measure.time_each`) and assembles the record."""
+
+    headline_scenario: str = ""
+    """The latency scenario the report's latency columns and the Pareto plot show."""
+    report_latency: tuple[str, ...] = ()
+    """Further scenarios whose p50 the full report table shows (a generative model's ttft and decode per token)."""
+    latency_record: dict[str, Any] = {}
+    """Settings of the scenarios a latency record states (a generative answer's token count, ...)."""
 
     def latency_inputs(self, adapter, batch: int) -> tuple[Any, ...]:
         """Deployment-like inputs for the latency scenarios (the `cpu` and `torch` targets)."""
-        raise NotImplementedError
+        raise self._lacks("be timed")
 
     def torch_scenarios(self, model, inputs, device: str, dtype) -> dict[str, Callable]:
         """The latency scenarios on the PyTorch model (the `torch` target), as `time_scenarios` takes them."""
-        raise NotImplementedError
+        raise self._lacks("be timed in PyTorch")
 
     def time_scenarios(self, scenarios: dict[str, Callable], cfg, record: dict[str, Any], timer=None, sync=None
                        ) -> dict[str, Any]:
-        """Time the scenarios with the shared method (`runtime.measure.time_fn`): the latency record."""
-        raise NotImplementedError
+        """The latency record: each scenario timed with the shared method, after `record` and `latency_record`."""
+        return time_each(scenarios, cfg, {**record, **self.latency_record}, timer=timer, sync=sync)
 
     def onnx_latency(self, folder: Path, cfg, providers: list[str]) -> dict[str, Any]:
         """The same scenarios on an export folder in ONNX Runtime (the `cpu` and `cuda` targets)."""
-        raise NotImplementedError
+        raise self._lacks("be timed in ONNX Runtime")
 
 
-class CaptionedFamily(Family):
-    """What the families trained on captioned images share (the dual encoder, the matching model): a WordPiece
-    tokenizer learnt from the captions, the captioned datasets and the parameter count."""
+class Family(Model, Training, Exporting, Tasks, Scenarios):
+    """A kind of model: the capabilities the stages, the evaluator and the targets ask of it. Each method says which
+    stage asks for it; a family overrides what it has (what it lacks is a one-line error naming the family)."""
 
-    def tokenizer(self, spec, ds, rng):
-        sample = rng.integers(len(ds), size=min(len(ds) * 3, 30000))
-        return train_tokenizer(ds.captions(sample, rng), spec["vocab_size"])
+    name: str = ""
 
-    def open_data(self, source, split, **options):
-        return open_dataset(source, split, **options)
-
-    def parameters(self, model) -> int:
-        return count_parameters(model.model)
 
 _REGISTRY: Registry[Family] = Registry(__name__, MODULES, "model family")
 

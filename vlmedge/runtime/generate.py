@@ -65,7 +65,7 @@ def check_sessions(sessions: dict, manifest: dict) -> None:
                                        f"{', ...' * (len(have) > 4)})")
 
 
-class Generator:
+class GreedyDecoder:
     """Batch-1 greedy decoding over three ONNX Runtime sessions (`sessions`: vision, embed, decoder)."""
 
     def __init__(self, sessions: dict, manifest: dict):

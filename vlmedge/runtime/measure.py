@@ -292,13 +292,22 @@ def suite(image: Callable[[int], Callable[[], Any]], text: Callable[[int], Calla
         img1()
         txt1()
 
-    result = dict(record)
-    result.update({"batch": 1, "measure": {k: getattr(cfg, k) for k in ("warmup", "min_runs", "min_seconds")}})
-    for name, fn in (("image", img1), ("text", txt1), ("pair", pair), ("zero_shot", zero_shot)):
-        result[name] = time_fn(fn, cfg, sync=sync, timer=timer)
+    result = time_each({"image": img1, "text": txt1, "pair": pair, "zero_shot": zero_shot}, cfg, record, timer=timer,
+                       sync=sync)
     b = cfg.throughput_batch
     batched = time_fn(image(b), MeasureConfig(warmup=2, min_runs=10, min_seconds=0.5), sync=sync, timer=timer)
     result["throughput"] = {"batch": b, "images_per_s": b / (batched["p50_ms"] / 1e3), "p50_ms": batched["p50_ms"]}
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def time_each(scenarios: dict[str, Callable[[], Any]], cfg: MeasureConfig, record: dict[str, Any], timer=None,
+              sync=None) -> dict[str, Any]:
+    """Batch-1 latency of each named scenario, one after another with `time_fn`: the latency record (`record`, the
+    measurement settings, a `stats` per scenario, the process's peak RSS)."""
+    result = {**record, "batch": 1, "measure": {k: getattr(cfg, k) for k in ("warmup", "min_runs", "min_seconds")}}
+    for name, fn in scenarios.items():
+        result[name] = time_fn(fn, cfg, sync=sync, timer=timer)
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 

@@ -1,14 +1,15 @@
-"""ONNX export of the graphs a model's family declares, with a parity check against PyTorch, and the manifest.
+"""ONNX export of the graphs a model's family declares (`Family.graphs`), with a parity check against PyTorch, the
+family's own checks (`verify_export`) and the manifest. The folder follows the layout asked for (`Family.layouts`;
+the first is the default); every export folder also holds manifest.json (family, preprocessing, tokenizer files,
+opset, source, parity, precision) and the tokenizer files, so a device needs nothing else.
 
-An export folder of a dual encoder holds (with `layout: onnx-community`, the graphs are onnx/vision_model.onnx and
-onnx/text_model.onnx beside config.json and preprocessor_config.json: transformers.js loads it as written)::
-
-    image_encoder.onnx   pixel_values (N,3,H,W) -> image_embeds (N,D), L2-normalised
-    text_encoder.onnx    input_ids, attention_mask (N,L) -> text_embeds (N,D), L2-normalised
-    manifest.json        family, preprocessing, tokenizer files, embedding size, opset, source, parity, precision
-    tokenizer files      so a device needs nothing else
-    zero_shot_labels.json + zero_shot_text_embeds.npy: a device can classify with the image encoder alone (the
-                         classes the run's evaluation scores, or the --label captions given)
+- dual encoder: image_encoder.onnx (pixel_values -> image_embeds, L2-normalised) and text_encoder.onnx
+  (input_ids, attention_mask -> text_embeds), plus zero_shot_labels.json + zero_shot_text_embeds.npy, so a device
+  can classify with the image encoder alone; `layout: onnx-community` writes onnx/vision_model.onnx and
+  onnx/text_model.onnx beside config.json and preprocessor_config.json, a folder transformers.js loads as written.
+- generative: onnx-community's vision_encoder.onnx, embed_tokens.onnx and decoder_model_merged.onnx (with its KV
+  cache) in onnx/, beside the model's configs.
+- matching: image_encoder.onnx, text_encoder.onnx and matcher.onnx (the cross-attention ITM head).
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class ExportConfig:
 
     def layout_of(self, family) -> str:
         """The layout to write (`layout`, else the family's own); a one-line error for one it does not write."""
+        if not family.layouts:
+            raise VlmedgeError(f"the {family.name} family cannot be exported")
         layout = self.layout or next(iter(family.layouts))
         if layout not in family.layouts:
             raise VlmedgeError(f"export: layout {layout!r}; a {family.name} export is one of "

@@ -19,12 +19,12 @@ from ..._io import write_json
 from ...data import open_dataset
 from ...data.shapes import load_shapes
 from ...errors import VlmedgeError
-from ...models import check_model_folder, load_model
+from ...models import load_model
 from ...models.structure import TOWERS, tower_layers
 from ...runtime.measure import random_feeds, run_ort, suite
 from ...runtime.onnx import OnnxEncoder
-from .. import CaptionedFamily, Graph, register
-from .._export import patchify_as_matmul, save_tokenizer
+from .. import Family, Graph, register
+from .._export import save_tokenizer
 from .model import build_from_preset, image_features, measure_flops, text_features
 from .tasks import TorchEncoder, class_embeddings, evaluate, zero_shot_classes
 
@@ -174,7 +174,7 @@ def _tower_modules(model):
     return ImageEncoder().eval(), TextEncoder().eval()
 
 
-class DualEncoder(CaptionedFamily):
+class DualEncoder(Family):
     name = "dual_encoder"
     graph_towers = {"image": "vision", "text": "text"}
     prunable_parts = ("vision_heads", "vision_mlp", "vision_layers", "text_heads", "text_mlp", "text_layers")
@@ -193,9 +193,6 @@ class DualEncoder(CaptionedFamily):
 
     def load(self, path, *, attn_implementation="sdpa"):
         return load_model(path, attn_implementation=attn_implementation)
-
-    def check_folder(self, path):
-        return check_model_folder(path)
 
     def flops(self, model) -> dict[str, int]:
         return measure_flops(model)
@@ -255,9 +252,6 @@ class DualEncoder(CaptionedFamily):
                       {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
                        "text_embeds": {0: "batch"}},
                       {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]})]
-
-    def tracing(self, model):
-        return patchify_as_matmul(model.model, model.preprocess.image_size)
 
     def parity_inputs(self, model, n: int, seed: int) -> dict[str, dict[str, Any]]:
         """Random pixels; random token ids with random padding (the padding path is checked too)."""

@@ -19,19 +19,24 @@ import numpy as np
 from ..._io import write_json
 from ..._progress import Budget, Progress, paced, upper
 from ...errors import VlmedgeError
-from ...models import check_model_folder, load_tokenizer
+from ...models import load_tokenizer
 from ...models.structure import TOWERS, tower_layers
 from ...preprocess import Preprocess
-from ...runtime.generate import FILES, GENERATION_KEYS, LOGITS_TO_KEEP, Generator, GraphMismatch, past_names
-from ...runtime.measure import peak_rss_mb, thread_record, time_fn, tuned_threads
+from ...runtime.generate import FILES, GENERATION_KEYS, LOGITS_TO_KEEP, GraphMismatch, GreedyDecoder, past_names
+from ...runtime.measure import thread_record, tuned_threads
 from ...runtime.onnx import MANIFEST, open_session, read_manifest
 from .. import Family, Graph, register
-from .._export import patchify_as_matmul, save_tokenizer
+from .._export import save_tokenizer
 from .data import open_vqa
 from .model import (ARCHITECTURES, CHAT_TEMPLATE, SPECIAL, answer_ids, build, decode, decode_answer, empty_past,
                     kv_shape, layer_modules, load, make_batch, merge, prompt_ids, train_tokenizer, vision_encode,
                     vision_features)
 from .tasks import evaluate_generator
+
+ANSWER_TOKENS = 16
+"""Tokens in the latency scenarios' whole answer (EOS ignored, so every artifact writes the same count)."""
+LATENCY_IMAGE = (1024, 768)
+"""The latency scenarios' image (width, height): a camera frame, which SmolVLM's processor splits into tiles."""
 
 
 class _Answers:
@@ -118,7 +123,7 @@ class OnnxGenerator(_Answers):
                                              providers or ["CPUExecutionProvider"],
                                              f"{profile}-{k}" if profile else None) for k in FILES}
             try:
-                self.runtime = Generator(self.sessions, m)
+                self.runtime = GreedyDecoder(self.sessions, m)
             except GraphMismatch as e:
                 old = e.graph == "vision" and "pixel_attention_mask" in e.why  # vlmedge < 0.3: one image per row
                 hint = " (an export of vlmedge < 0.3, whose vision graph takes no frames: export the model again)" \
@@ -264,6 +269,7 @@ class Generative(Family):
     report_metrics = ("vqa.accuracy", "vqa.held_out", "caption.cider")
     headline_scenario = "answer"
     report_latency = ("vision", "prefill", "ttft", "decode")
+    latency_record = {"answer_tokens": ANSWER_TOKENS}
     graph_towers = {"vision": "vision", "embed": "text", "decoder": "text"}
     prunable_parts = ("vision_heads", "vision_mlp", "vision_layers", "text_heads", "text_mlp", "text_layers")
 
@@ -281,12 +287,6 @@ class Generative(Family):
 
     def load(self, path, *, attn_implementation="sdpa"):
         return load(path, attn_implementation=attn_implementation)
-
-    def check_folder(self, path):
-        return check_model_folder(path, self.architectures)
-
-    def parameters(self, model) -> int:
-        return sum(p.numel() for p in model.model.parameters())
 
     def flops(self, model) -> dict[str, int]:
         """Multiply-adds x 2 of the matmuls per sample: the vision encoder over its patches (attention included),
@@ -380,9 +380,6 @@ class Generative(Family):
                        "attention_mask": [b, total], "position_ids": [b, seq]},
                       defaults={LOGITS_TO_KEEP: np.zeros(1, dtype=np.int64)})]
 
-    def tracing(self, model):
-        return patchify_as_matmul(model.model, model.preprocess.image_size)
-
     def parity_inputs(self, model, n: int, seed: int) -> dict[str, dict[str, Any]]:
         """Random pixels (two frames per image) and token ids; for the decoder random embeddings after a random cache
         of 5 positions."""
@@ -418,9 +415,6 @@ class Generative(Family):
 
     def model_files(self, model, folder, layout):
         return _model_files(model, folder)
-
-    def export_extras(self, folder, adapter, labels=(), eval_cfg=None):
-        return {}
 
     def verify_export(self, model, adapter, questions: int | Budget = 100, progress: bool = False
                       ) -> dict[str, Any]:
@@ -584,19 +578,10 @@ class Generative(Family):
         return self.time_scenarios(scenarios, cfg, record)
 
     def time_scenarios(self, scenarios, cfg, record, timer=None, sync=None):
-        result = {**record, "batch": 1, "answer_tokens": ANSWER_TOKENS,
-                  "measure": {k: getattr(cfg, k) for k in ("warmup", "min_runs", "min_seconds")}}
-        for name, fn in scenarios.items():
-            result[name] = time_fn(fn, cfg, sync=sync, timer=timer)
-        result["tokens_per_s"] = ANSWER_TOKENS / (result["answer"]["p50_ms"] / 1e3)
-        result["peak_rss_mb"] = peak_rss_mb()
-        return result
+        result = super().time_scenarios(scenarios, cfg, record, timer=timer, sync=sync)
+        return {**result, "tokens_per_s": ANSWER_TOKENS / (result["answer"]["p50_ms"] / 1e3)}
 
 
-ANSWER_TOKENS = 16
-"""Tokens in the latency scenarios' whole answer (EOS ignored, so every artifact writes the same count)."""
-LATENCY_IMAGE = (1024, 768)
-"""The latency scenarios' image (width, height): a camera frame, which SmolVLM's processor splits into tiles."""
 
 
 register(Generative())

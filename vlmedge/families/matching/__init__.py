@@ -22,13 +22,13 @@ from ..._progress import Budget, upper
 from ...data import ShapesDataset, open_dataset
 from ...data.shapes import load_shapes
 from ...errors import VlmedgeError
-from ...models import check_model_folder, load_tokenizer
+from ...models import load_tokenizer
 from ...models.structure import count_flops, tower_layers
 from ...preprocess import Preprocess
-from ...runtime.measure import peak_rss_mb, random_feeds, thread_record, time_fn, tuned_threads
+from ...runtime.measure import random_feeds, thread_record, tuned_threads
 from ...runtime.onnx import check_inputs, open_session, read_manifest
-from .. import CaptionedFamily, Graph, TrainBatch, register
-from .._export import patchify_as_matmul, save_tokenizer
+from .. import Family, Graph, TrainBatch, register
+from .._export import save_tokenizer
 from ..dual_encoder import affinity_loss, contrastive_loss
 from .model import ARCHITECTURES, build, encode_image, encode_text, load, match_logits
 from .tasks import encode_all, evaluate
@@ -203,7 +203,7 @@ def _itm_pairs(b: TrainBatch, sim, match):
     return pairs
 
 
-class Matching(CaptionedFamily):
+class Matching(Family):
     graph_towers = {"image": "vision", "text": "text", "matcher": "text"}
     prunable_parts = ("text_heads", "text_mlp", "text_layers", "text_cross_heads")
     name = "matching"
@@ -212,6 +212,7 @@ class Matching(CaptionedFamily):
     report_metrics = ("itm.mean", "retrieval.rerank_i2t_r1", "itm.relation", "itm.position",
                       "retrieval.itc_i2t_r1", "retrieval.rerank_t2i_r1", "zero_shot.top1")
     headline_scenario = "rerank"
+    latency_record = {"rerank_k": RERANK_K, "gallery": GALLERY}
 
     # --- models ---
     def build(self, spec, tokenizer, *, seed=0, source="", vision_init=None):
@@ -219,9 +220,6 @@ class Matching(CaptionedFamily):
 
     def load(self, path, *, attn_implementation="sdpa"):
         return load(path, attn_implementation=attn_implementation)
-
-    def check_folder(self, path):
-        return check_model_folder(path, self.architectures)
 
     def flops(self, model) -> dict[str, int]:
         """FLOPs counted by PyTorch on the real model: one image's encoding, one caption's ITC embedding, one
@@ -324,9 +322,6 @@ class Matching(CaptionedFamily):
                        "attention_mask": {0: "batch", 1: "sequence"}, "match_logits": {0: "batch"}},
                       {"patch_embeds": ["images", model.patches, width], **tokens})]
 
-    def tracing(self, model):
-        return patchify_as_matmul(model.model, model.preprocess.image_size)
-
     def parity_inputs(self, model, n: int, seed: int) -> dict[str, dict[str, Any]]:
         """Random pixels; random token ids with random padding; random patch embeddings (one per pair)."""
         tok = model.tokenizer
@@ -342,9 +337,6 @@ class Matching(CaptionedFamily):
                 "source_architecture": model.architecture, "embedding_dim": int(model.model.config.image_text_hidden_size),
                 "patches": model.patches, "vision_width": int(model.model.config.vision_config.hidden_size),
                 "max_candidates": MAX_CANDIDATES, "logit_scale": model.itc_scale}
-
-    def export_extras(self, folder, adapter, labels=(), eval_cfg=None):
-        return {}
 
     def verify_export(self, model, adapter, questions: int | Budget = 100, progress: bool = False
                       ) -> dict[str, Any]:
@@ -453,14 +445,6 @@ class Matching(CaptionedFamily):
                                     query["attention_mask"].expand(k, -1))
 
         return {"image": image, "rerank": rerank, "query": query_fn}
-
-    def time_scenarios(self, scenarios, cfg, record, timer=None, sync=None):
-        result = {**record, "batch": 1, "rerank_k": RERANK_K, "gallery": GALLERY,
-                  "measure": {k: getattr(cfg, k) for k in ("warmup", "min_runs", "min_seconds")}}
-        for name, fn in scenarios.items():
-            result[name] = time_fn(fn, cfg, sync=sync, timer=timer)
-        result["peak_rss_mb"] = peak_rss_mb()
-        return result
 
     def onnx_latency(self, folder, cfg, providers):
         """The same scenarios on the export's three sessions."""
