@@ -1,4 +1,4 @@
-"""vlmedge: train, compress, export and benchmark vision-language dual encoders for edge devices.
+"""vlmedge: train, compress, export and benchmark vision-language models (dual encoders, generative models,\ncross-attention matching models) for edge devices.
 
 Importing the package is cheap: torch, transformers and onnxruntime are imported inside the functions that need them.
 """

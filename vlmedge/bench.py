@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import families
+from .data import DEFAULT_SOURCE
 from .errors import VlmedgeError
 from .runtime.measure import MeasureConfig, cpu_info, environment, time_fn
 from .runtime.onnx import open_session
@@ -99,7 +100,7 @@ def profile_export(folder: Path, runs: int = 50, threads: int | None = None) -> 
         raise VlmedgeError(f"{folder}: --profile needs an export folder (manifest.json)")
     out: dict[str, list[dict[str, Any]]] = {}
     family = families.of(folder)
-    feeds = family.calibration_feeds(family.adapter(folder, threads=threads), "shapes", 1, 1, 0)
+    feeds = family.calibration_feeds(family.adapter(folder, threads=threads), DEFAULT_SOURCE, 1, 1, 0)
     with tempfile.TemporaryDirectory() as tmp:
         enc = family.adapter(folder, threads=threads, profile=Path(tmp) / "ort")
         for graph, sess in enc.sessions.items():

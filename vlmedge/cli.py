@@ -17,11 +17,12 @@ from . import __version__, families
 from ._io import write_json, write_text
 from .artifact import RECORD, Artifact
 from .bench import bench_paths, print_bench, print_profile, profile_export
+from .data import DEFAULT_SOURCE
 from .errors import VlmedgeError
 from .evaluate import EvalConfig
 from .gate import __doc__ as gate_doc
 from .gate import check, junit, load_budgets, load_report, markdown, parse_budget, regression
-from .models import preset_names
+from .models import DEFAULT_PRESET, preset_names
 from .pipeline import run
 from .preprocess import SPLITTING
 from .recipe import __doc__ as recipe_doc
@@ -412,11 +413,11 @@ def _add_train(sub) -> None:
                               "VQA:     vlmedge train --preset vqa-small --data shapes --vision-init runs/teacher "
                               "--out runs/vqa",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small",
-                   help=f"{' | '.join(preset_names())} | path to a preset .json (default: small)")
+    p.add_argument("--preset", default=DEFAULT_PRESET,
+                   help=f"{' | '.join(preset_names())} | path to a preset .json (default: {DEFAULT_PRESET})")
     p.add_argument("--init", help="start from this model folder (a dual encoder, CLIP or SmolVLM folder) instead of "
                                   "a preset")
-    p.add_argument("--data", default="shapes",
+    p.add_argument("--data", default=DEFAULT_SOURCE,
                    help="shapes[:COUNT] | image folder with metadata.jsonl (text and/or label, or question + answer "
                         "rows) | class folders root/<class>/*.jpg (captions from templates) | COCO captions .json | "
                         ".tar shards | a VQA v2 pair Q.json+A.json")

@@ -53,11 +53,11 @@ class Recipe:
     name: str
     model: ModelSpec
     data: DataSpec
-    eval: Any
-    """An `EvalConfig` (its data defaults to data.source)."""
+    eval: EvalConfig
+    """Its data defaults to data.source."""
     stages: tuple[Stage, ...]
     targets: tuple[tuple[str, dict], ...]
-    measure: Any
+    measure: MeasureConfig
     gates: tuple[str, ...]
     output: str | None
     description: str = ""

@@ -1,9 +1,10 @@
-"""Contrastive training of the dual encoder (symmetric InfoNCE, learnable temperature), resumable and data-parallel.
+"""The one training loop of every family, resumable and data-parallel; what it minimises is the family's
+(`Family.training_loss`: the dual encoder's symmetric InfoNCE with a learnable temperature, the generative model's
+answer NLL, the matching model's ITC + ITM), or with a teacher the distillation objective.
 
 One step, top to bottom: draw the global batch from a step-seeded RNG (so a resumed run sees exactly the batches an
-uninterrupted one would), embed images and captions, compute the symmetric InfoNCE loss (a caption that also truly
-describes another image of the batch is not counted as its negative), backpropagate, sum gradients across ranks,
-clip, step AdamW and the warmup + cosine schedule, clamp the temperature as CLIP does.
+uninterrupted one would), compute the family's loss on each micro-batch, backpropagate, sum gradients across ranks,
+clip, step AdamW and the warmup + cosine schedule.
 
 Under ``torchrun`` every rank embeds its slice of the global batch and all-gathers the others' embeddings, so each
 rank contrasts against the whole global batch; gradients are summed across ranks, which makes N processes compute
@@ -26,13 +27,14 @@ from . import families
 from ._io import atomic_dir, write_json
 from ._progress import Progress
 from .artifact import FOLDER
+from .data import DEFAULT_SOURCE
 from .errors import Interrupted, VlmedgeError
 from .families import TrainBatch
 from .families.dual_encoder import DistillLosses
-from .models import load_preset
+from .models import DEFAULT_PRESET, load_preset
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSchedule:
     """How to train: the part of the settings a recipe's train (and distill) stage sets."""
 
@@ -78,7 +80,7 @@ class TrainSchedule:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainStage(TrainSchedule):
     """A recipe's train stage (and `vlmedge train`'s flags): the schedule and the two-stage start of a generative
     model."""
@@ -95,15 +97,15 @@ class TrainStage(TrainSchedule):
             raise VlmedgeError(f"train: freeze_vision_steps={self.freeze_vision_steps!r} is invalid; expected >= 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig(TrainStage):
     """Training settings: the schedule plus what to train on. Unset values (None) take the preset's defaults."""
 
-    preset: str = "small"
+    preset: str = DEFAULT_PRESET
     """Model preset name (tiny, small, base) or a path to a preset JSON."""
     init: str | None = None
     """Start from this model folder (any family vlmedge loads) instead of a fresh preset."""
-    data: str = "shapes"
+    data: str = DEFAULT_SOURCE
     """Data source: shapes, shapes:COUNT, an image folder with metadata.jsonl, a COCO .json or .tar shards."""
     data_count: int | None = None
     skip_bad: bool = False
@@ -123,7 +125,7 @@ class TrainConfig(TrainStage):
         return TrainConfig(**{**asdict(self), **values})  # validated again, every value now set
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistillStage(TrainSchedule):
     """A recipe's distill stage: the training schedule (shorter defaults) and the loss weights."""
 

@@ -202,6 +202,10 @@ class ShardDataset(_Captioned):
             f.close()
 
 
+DEFAULT_SOURCE = "shapes"
+"""The data every command and recipe uses unless told otherwise: the built-in synthetic shapes."""
+
+
 def shapes_count(source: str) -> int | None:
     """COUNT of a `shapes:COUNT` source (None for plain `shapes`); an error for any other `shapes...` spelling.
     Every command and the recipe loader check a source with it, so `shapes:abc` fails the same way everywhere."""
@@ -267,22 +271,38 @@ def _templated(label: str) -> list[str]:
     return [t.format(class_name(label)) for t in CAPTION_TEMPLATES]
 
 
-def _imagefolder_items(root: Path) -> list[tuple]:
-    """(path, captions, name[, label]) per metadata.jsonl record; a record with a label and no text is captioned
-    from `CAPTION_TEMPLATES`."""
-    meta = root / "metadata.jsonl"
-    items = []
-    for lineno, line in enumerate(meta.read_text().splitlines(), 1):
+def metadata_records(meta: Path):
+    """(where, record, file_name) per non-empty line of an image folder's metadata.jsonl (`where`: file:line); a
+    one-line error naming the line for text that is not UTF-8, a line that is not a JSON object, a missing file_name
+    or one that is not a string."""
+    try:
+        text = meta.read_text()
+    except UnicodeDecodeError as e:
+        raise VlmedgeError(f"{meta}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{meta}:{lineno}"
         try:
             rec = json.loads(line)
             name = rec["file_name"]
-            if "text" not in rec and "label" not in rec:
-                raise KeyError("text")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise VlmedgeError(f"{where}: expected a JSON object with file_name and text or label ({e})") from None
+            raise VlmedgeError(f"{where}: expected a JSON object with file_name ({e})") from None
+        except RecursionError:
+            raise VlmedgeError(f"{where}: JSON nested too deeply") from None
+        if not isinstance(name, str) or not name.strip():
+            raise VlmedgeError(f"{where}: file_name {_short(name)} is not a file name (a string)")
+        yield where, rec, name
+
+
+def _imagefolder_items(root: Path) -> list[tuple]:
+    """(path, captions, name[, label]) per metadata.jsonl record; a record with a label and no text is captioned
+    from `CAPTION_TEMPLATES`."""
+    meta = root / "metadata.jsonl"
+    items = []
+    for where, rec, name in metadata_records(meta):
+        if "text" not in rec and "label" not in rec:
+            raise VlmedgeError(f"{where}: expected a JSON object with file_name and text or label ('text')")
         label = _label(rec["label"], where) if "label" in rec else None
         text = rec.get("text", _templated(label) if label else None)
         texts = text if isinstance(text, list) else [text]

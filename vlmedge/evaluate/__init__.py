@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .._progress import Budget
-from ..data import is_shapes, shapes_count
+from ..data import DEFAULT_SOURCE, is_shapes, shapes_count
 from ..errors import VlmedgeError
 from ..preprocess import SPLITTING
 
@@ -22,11 +22,11 @@ VQA_SECONDS = 300.0
 """The time an unset `vqa_questions` may take per evaluated step."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """What to evaluate on. Sizes are per metric family."""
 
-    data: str = "shapes"
+    data: str = DEFAULT_SOURCE
     """Held-out data: shapes (every task), or a captioned dataset (retrieval)."""
     zero_shot_images: int = 1080
     """Single-object held-out images for zero-shot colour x shape classification (36 classes)."""

@@ -25,6 +25,8 @@ from ..preprocess import Preprocess
 from .structure import load_pruned
 
 PRESET_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "small"
+"""The preset a command or recipe trains unless told otherwise."""
 SUPPORTED_ARCHITECTURES = ("VisionTextDualEncoderModel", "CLIPModel", "SiglipModel")
 
 

@@ -25,9 +25,10 @@ from .. import families
 from .._io import OUTPUT_MARK, claim_output, folder_size, write_json
 from .._registry import Registry
 from ..artifact import FOLDER, RECORD, Artifact, artifact_id, content_id, library_versions, product_files
-from ..data import is_shapes, shapes_count
+from ..data import DEFAULT_SOURCE, is_shapes, shapes_count
 from ..errors import VlmedgeError
-from ..evaluate import flat_metrics
+from ..evaluate import EvalConfig, flat_metrics
+from ..models import DEFAULT_PRESET
 from ..runtime.onnx import onnx_size, read_manifest
 
 MODULES = ("source", "train", "prune", "distill", "export", "quantize")
@@ -38,7 +39,7 @@ class TowerSpec:
     """Two-stage training in one recipe: a dual encoder trained first on the recipe's data (the run's `tower`
     step), whose image tower starts the preset's (its train stage's `vision_init`)."""
 
-    preset: str = "small"
+    preset: str = DEFAULT_PRESET
     """The dual-encoder preset (its ViT must have the model preset's vision shape)."""
     steps: int | None = None
     """Training steps (default: the preset's)."""
@@ -57,7 +58,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    source: str = "shapes"
+    source: str = DEFAULT_SOURCE
     """shapes, shapes:COUNT, an image folder with metadata.jsonl, a COCO captions .json or WebDataset .tar shards."""
     count: int | None = None
     """Images to generate or use for training (shapes default: the preset's)."""
@@ -76,8 +77,8 @@ class Context:
     """What a stage may read besides its parent and its config. `out` and `artifact_id` are set per step."""
 
     data: DataSpec = DataSpec()
-    eval: Any = None
-    """An `EvalConfig`; None: the step is not evaluated (`--no-eval`)."""
+    eval: EvalConfig | None = None
+    """None: the step is not evaluated (`--no-eval`)."""
     model: ModelSpec | None = None
     """The recipe's starting model (the train and source stages read it)."""
     teacher: Artifact | None = None

@@ -18,11 +18,11 @@ import numpy as np
 from .. import families
 from .._io import atomic_dir, write_json
 from ..artifact import Artifact
+from ..data import DEFAULT_SOURCE
 from ..errors import VlmedgeError
 from ..models.structure import TOWERS, LayerParts
 from . import Context, register
 
-DEFAULT_DATA = "shapes"
 KINDS = ("heads", "mlp", "layers", "cross_heads")
 """What a ratio removes per tower (`{tower}_{kind}`: vision_heads, text_cross_heads, ...)."""
 
@@ -157,7 +157,7 @@ def prunable_keys(parts: dict[str, list[LayerParts]]) -> set[str]:
             if k != "cross_heads" or any(p.cross is not None for p in layers)}
 
 
-def make_plan(family, model, cfg: PruneConfig, data: str = DEFAULT_DATA) -> dict[str, Any]:
+def make_plan(family, model, cfg: PruneConfig, data: str = DEFAULT_SOURCE) -> dict[str, Any]:
     """Kept layer, head and neuron indices per prunable part of `model` (a family's loaded model)."""
     parts = family.prunable(model)
     takes = prunable_keys(parts)
@@ -198,7 +198,7 @@ def prune(source: str | os.PathLike, out: str | os.PathLike, cfg: PruneConfig = 
     family = family or families.of(source)
     model = family.load(source, attn_implementation="eager")
     before = {"parameters": family.parameters(model), "flops": family.flops(model)}
-    plan = make_plan(family, model, cfg, cfg.data or DEFAULT_DATA)
+    plan = make_plan(family, model, cfg, cfg.data or DEFAULT_SOURCE)
     family.apply_plan(model, plan)
     after = {"parameters": family.parameters(model), "flops": family.flops(model)}
     model.source = f"pruned:{source}"

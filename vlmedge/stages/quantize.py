@@ -37,6 +37,7 @@ from .. import families
 from .._io import atomic_dir, write_json
 from .._progress import Budget, Progress, paced
 from ..artifact import Artifact
+from ..data import DEFAULT_SOURCE
 from ..errors import VlmedgeError
 from ..evaluate import EvalConfig, flat_metrics
 from ..runtime.measure import SLOW_FUSIONS, MeasureConfig, cpu_info
@@ -45,7 +46,6 @@ from ..runtime.onnx import (MANIFEST, graph_file, graph_files, onnx_size, open_s
 from . import Context, register
 from .export import copy_support_files
 
-DEFAULT_DATA = "shapes"
 AGREEMENT_SECONDS = 60.0
 """The time an unset `agreement_questions` may take per form."""
 DRIFT_SECONDS = 30.0
@@ -221,7 +221,7 @@ class _Calibration:
 
 def calibration_batches(family, encoder, cfg: QuantizeConfig) -> dict[str, list[dict[str, np.ndarray]]]:
     """Real preprocessed inputs per graph of the export `encoder` (its `family` makes them from `cfg.data`)."""
-    return family.calibration_feeds(encoder, cfg.data or DEFAULT_DATA, cfg.calibration_batches, cfg.batch_size,
+    return family.calibration_feeds(encoder, cfg.data or DEFAULT_SOURCE, cfg.calibration_batches, cfg.batch_size,
                                     cfg.seed)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..artifact import Artifact
+from ..models import DEFAULT_PRESET
 from ..train import TrainConfig, TrainStage, train
 from . import Context, register
 
@@ -14,7 +15,7 @@ from . import Context, register
 def run(parent: Artifact | None, cfg: TrainStage, ctx: Context) -> Artifact:
     model = ctx.model
     init = parent.path if parent is not None else (model.path if model else None)
-    config = TrainConfig.from_schedule(cfg, preset=(model.preset if model else None) or "small", init=init,
+    config = TrainConfig.from_schedule(cfg, preset=(model.preset if model else None) or DEFAULT_PRESET, init=init,
                                        data=ctx.data.source, data_count=ctx.data.count, skip_bad=ctx.data.skip_bad)
     summary = fit(config, ctx)
     return ctx.artifact(parent, ctx.out, summary, trained_on=ctx.data.source)

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ...data import _caption, _inside, _load_pairs, _short, is_shapes, open_dataset
+from ...data import _caption, _inside, _load_pairs, _short, is_shapes, metadata_records, open_dataset
 from ...data.shapes import COLOURS, HELD_OUT, SHAPES, Obj, _articles, _where, caption, matches, relation
 from ...errors import VlmedgeError
 
@@ -310,23 +310,7 @@ def _metadata_rows(root: Path) -> tuple[list[tuple[Path, list, str]], bool]:
     """An image folder's metadata.jsonl rows with `question` + `answer` (a string or a list), or `text` captions."""
     meta = root / "metadata.jsonl"
     items, captions = {}, True
-    try:
-        text = meta.read_text()
-    except UnicodeDecodeError as e:
-        raise VlmedgeError(f"{meta}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{meta}:{lineno}"
-        try:
-            rec = json.loads(line)
-            name = rec["file_name"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise VlmedgeError(f"{where}: expected a JSON object with file_name ({e})") from None
-        except RecursionError:
-            raise VlmedgeError(f"{where}: JSON nested too deeply") from None
-        if not isinstance(name, str) or not name.strip():
-            raise VlmedgeError(f"{where}: file_name {_short(name)} is not a file name (a string)")
+    for where, rec, name in metadata_records(meta):
         if "question" in rec:
             answer = rec.get("answer")
             answers = answer if isinstance(answer, list) and answer else [answer]

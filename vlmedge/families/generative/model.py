@@ -24,10 +24,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..._hf import quiet_transformers
-from ..._io import read_json, write_json
+from ..._io import read_json
 from ...errors import VlmedgeError
-from ...models import (VLM, _mapping, check_model_folder, check_vocab, load_tokenizer, load_weights, read_preprocess,
-                       save_weights)
+from ...models import (VLM, _mapping, check_model_folder, check_vocab, load_tokenizer, load_weights, read_preprocess)
 from ...preprocess import Preprocess
 
 ARCHITECTURES = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration")
@@ -61,13 +60,6 @@ class GenerativeVLM(VLM):
 
     def decode_answer(self, ids: Sequence[int]) -> str:
         return decode_answer(self.tokenizer, ids, self.eos_id)
-
-    def save(self, folder: str | os.PathLike) -> None:
-        folder = Path(folder)
-        save_weights(self.model, folder)
-        self.tokenizer.save_pretrained(folder)
-        write_json(folder / "preprocessor_config.json", self.preprocess.to_hf())
-        write_json(folder / "vlmedge.json", {"max_length": self.max_length, "source": self.source})
 
 
 def tile_token(row: int, col: int) -> str:
