@@ -79,14 +79,21 @@ def test_out_never_replaces_what_vlmedge_did_not_make(tiny_model, tmp_path, caps
     assert a_file.read_text() == "mine"
 
 
-@pytest.mark.skipif(ROOT, reason="root writes into read-only folders: the permission check cannot be shown as root")
-def test_out_under_a_read_only_folder_is_refused(tiny_model, tmp_path, capsys):
+def test_out_where_nothing_can_be_written_is_refused(tiny_model, tmp_path, capsys):
+    """A folder the user cannot write (chmod 555); as root, which writes through permissions (as CI runs), a
+    folder under /proc, where nothing can be created: either way a one-line error before any work, nothing made."""
+    if ROOT:
+        code = main(["prune", str(tiny_model), "--out", "/proc/vlmedge-nowhere/pruned", "--no-eval", "--quiet"])
+        _one_line_error(capsys, code, "cannot write there")
+        assert not Path("/proc/vlmedge-nowhere").exists()
+        return
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
     try:
         code = main(["prune", str(tiny_model), "--out", str(locked / "pruned"), "--no-eval", "--quiet"])
         _one_line_error(capsys, code, "not writable")
+        assert not (locked / "pruned").exists()
     finally:
         locked.chmod(0o755)
 
