@@ -8,10 +8,15 @@ the repository root:
 
     python benchmarks/relation_probe.py
 """
-import time, numpy as np, torch
+import time
+
+import numpy as np
+import torch
+
 from vlmedge import families
-from vlmedge.models import load_preset
 from vlmedge.data.shapes import load_shapes, relation
+from vlmedge.models import load_preset
+
 torch.manual_seed(0); torch.set_num_threads(2)
 spec = load_preset("small"); fam = families.for_preset(spec)
 ds = fam.open_data("shapes", "train", resolution=48, count=20000)

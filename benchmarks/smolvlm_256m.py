@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from generative import time_interleaved  # noqa: E402  (the peers' interleaved timing)
-from test_generative import smolvlm_256m_folder  # noqa: E402  (the test suite's builder, at full depth here)
 from smolvlm_peers import bpe_tokenizer  # noqa: E402  (a tokenizer of the published vocabulary size)
+from test_generative import smolvlm_256m_folder  # noqa: E402  (the test suite's builder, at full depth here)
 
 from vlmedge import families  # noqa: E402
 
@@ -96,8 +96,8 @@ def interleaved(model: Path, folders: dict[str, Path], rounds: int, splitting: s
     step against its weight bytes / bandwidth."""
     import numpy as np
     import torch
-
     from ceilings import bandwidth, gemm
+
     from vlmedge.runtime.measure import MeasureConfig, environment
     from vlmedge.runtime.onnx import onnx_size, read_manifest
 

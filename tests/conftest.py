@@ -100,6 +100,7 @@ def smolvlm_export(tmp_path_factory) -> tuple[Path, Path]:
     """A SmolVLM-256M-shaped folder at reduced depth (1 vision layer, 2 decoder layers; SmolVLM's own processor
     config, splitting on) and its export: (model folder, export folder)."""
     from test_generative import smolvlm_256m_folder
+
     from vlmedge.cli import main
 
     root = tmp_path_factory.mktemp("smolvlm")

@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
+
 from vlmedge.errors import VlmedgeError
 from vlmedge.train import TrainConfig, train
 
@@ -31,8 +31,8 @@ def test_vision_init_maps_the_dual_encoder_tower_and_freezes_it(tiny_model, tmp_
     exactly what the dual encoder's ViT layers compute on its patches without the class token (SmolVLM's encoder has
     no class slot)."""
     from vlmedge import families
-    from vlmedge.models import load_model
     from vlmedge.families.generative.model import vision_encode
+    from vlmedge.models import load_model
 
     out = tmp_path / "frozen"
     train(TrainConfig(steps=4, vision_init=str(tiny_model), freeze_vision_steps=4, **TINY), out, progress=False)
@@ -147,8 +147,8 @@ def test_onnx_runtime_generation_equals_pytorch_generate(vqa_model, vqa_export):
     """The numpy + onnxruntime greedy loop against HF generate, answer by answer, on held-out questions; and the
     evaluation of both within 0.005."""
     from vlmedge import families
-    from vlmedge.families.generative.data import open_vqa
     from vlmedge.evaluate import EvalConfig
+    from vlmedge.families.generative.data import open_vqa
 
     fam = families.of(vqa_export)
     onnx_gen, torch_gen = fam.adapter(vqa_export), fam.adapter(vqa_model)
@@ -179,8 +179,8 @@ def test_bench_times_the_generation_phases_on_torch_and_cpu(vqa_model, vqa_expor
 def test_gate_reads_the_generative_latency(vqa_export, tmp_path):
     """`cpu.answer.p90_ms` and friends are report quantities like the dual encoder's."""
     from vlmedge.gate import quantity
-    from vlmedge.targets import get_target
     from vlmedge.runtime.measure import MeasureConfig
+    from vlmedge.targets import get_target
 
     rec = get_target("cpu")(vqa_export, MeasureConfig(warmup=1, min_runs=3, min_seconds=0.01))
     value, _ = quantity({"latency": {"cpu": rec}}, "cpu.answer.p90_ms")

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, TINY_RECIPE, run_cli
 
 from vlmedge.cli import main
 from vlmedge.data import open_dataset
 from vlmedge.errors import VlmedgeError
 from vlmedge.recipe import load_recipe
-
-from conftest import REPO, TINY_RECIPE, run_cli
 
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
 

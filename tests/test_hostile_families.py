@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from safetensors.torch import load_file, save_file
 
 from vlmedge.cli import main
-
-from conftest import REPO
 
 
 def _refused(capsys, argv: list[str], *fragments: str) -> str:

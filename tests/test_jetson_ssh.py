@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from vlmedge.errors import VlmedgeError
-from vlmedge.targets.jetson import benchmark
 from vlmedge.runtime.measure import MeasureConfig
+from vlmedge.targets.jetson import benchmark
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 FAST = MeasureConfig(warmup=1, min_runs=3, min_seconds=0.01, throughput_batch=2)

@@ -43,8 +43,8 @@ def _inputs(vlm, texts):
 
 def test_two_stage_start_copies_the_dual_encoder_tower(matcher, tmp_path):
     """The image encoder of a freshly built model started from a dual encoder computes that ViT's hidden states."""
-    from vlmedge.models import load_model, load_preset
     from vlmedge.families.matching.model import build
+    from vlmedge.models import load_model, load_preset
 
     tower = load_model(matcher.parent / "tower", attn_implementation="eager")
     spec = load_preset("match-tiny")
@@ -132,8 +132,8 @@ def test_reranker_bad_inputs_are_one_line_errors(matcher, matcher_export, tiny_m
     with pytest.raises(VlmedgeError, match="unsupported architecture.*expected BlipForImageTextRetrieval"):
         load(tiny_model)
     with pytest.raises(VlmedgeError, match="--vision-init: .*unsupported architecture.*; expected a vlmedge dual encoder with a ViT"):
-        from vlmedge.models import load_preset
         from vlmedge.families.matching.model import build
+        from vlmedge.models import load_preset
         build(load_preset("match-tiny"), load(matcher).tokenizer, vision_init=str(matcher))
 
 

@@ -4,10 +4,10 @@ import shutil
 import pytest
 import torch
 
-from vlmedge.families.dual_encoder.tasks import TorchEncoder, evaluate
-from vlmedge.evaluate import EvalConfig
-from vlmedge.models import count_parameters, load_model
 from vlmedge.errors import VlmedgeError
+from vlmedge.evaluate import EvalConfig
+from vlmedge.families.dual_encoder.tasks import TorchEncoder, evaluate
+from vlmedge.models import count_parameters, load_model
 
 
 def test_presets_are_the_advertised_size():

@@ -8,12 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TINY_RECIPE, run_cli
 
 from vlmedge.artifact import Artifact
 from vlmedge.pipeline import run
 from vlmedge.recipe import load_recipe
-
-from conftest import REPO, TINY_RECIPE, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import yaml
-
 from conftest import run_cli
 
 

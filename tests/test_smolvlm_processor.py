@@ -6,10 +6,9 @@ off."""
 import numpy as np
 import pytest
 from PIL import Image
+from test_generative import SMOLVLM_PROCESSOR
 
 from vlmedge.preprocess import Preprocess
-
-from test_generative import SMOLVLM_PROCESSOR
 
 SIZES = {"square": (600, 600), "wide": (1024, 768), "tall": (500, 1400), "smaller than a tile": (300, 200),
          "more than 4 tiles": (3000, 2200)}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from vlmedge.errors import VlmedgeError
-from vlmedge.models import count_parameters, load_model
 from vlmedge.families.dual_encoder.model import image_features, text_features
+from vlmedge.models import count_parameters, load_model
 from vlmedge.runtime.onnx import OnnxEncoder
 from vlmedge.stages.export import ExportConfig, export
 from vlmedge.stages.prune import PruneConfig, prune

@@ -10,12 +10,11 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import REPO
 from PIL import Image
 
 from vlmedge.artifact import Artifact
 from vlmedge.cli import main
-
-from conftest import REPO
 
 JS = REPO / "tests" / "js"
 NODE = shutil.which("node")
@@ -25,8 +24,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_transformers_js_answers_like_vlmedge_from_one_folder_of_three_precisions(vqa_model, tmp_path):
-    from vlmedge.families.generative.data import open_vqa
     from vlmedge.families.generative import OnnxGenerator
+    from vlmedge.families.generative.data import open_vqa
 
     export, fast = tmp_path / "export", ["--no-eval", "--no-tune-threads", "--quiet"]
     assert main(["export", str(vqa_model), "--out", str(export), "--parity-questions", "2", *fast]) == 0
@@ -76,8 +75,8 @@ def test_transformers_js_loads_a_smolvlm_256m_shaped_export_with_its_own_process
     transformers (and vlmedge) resample the image with PIL's Lanczos."""
     import numpy as np
 
-    from vlmedge.families.generative.data import open_vqa
     from vlmedge.families.generative import OnnxGenerator
+    from vlmedge.families.generative.data import open_vqa
 
     _, export = smolvlm_export
     data = open_vqa("shapes:16", "test", resolution=64)

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import yaml
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from vlmedge.data import open_dataset
 from vlmedge.errors import VlmedgeError
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from ._io import RECORD_FILES, write_json
+from .disk import RECORD_FILES, write_json
 
 RECORD = "artifact.json"
 FOLDER = "folder"

@@ -14,10 +14,10 @@ import traceback
 from typing import Callable, Sequence
 
 from . import __version__, families
-from ._io import write_json, write_text
 from .artifact import RECORD, Artifact
 from .bench import bench_paths, print_bench, print_profile, profile_export
 from .data import DEFAULT_SOURCE
+from .disk import write_json, write_text
 from .errors import VlmedgeError
 from .evaluate import EvalConfig
 from .gate import __doc__ as gate_doc
@@ -656,7 +656,8 @@ PARSER_BUILDERS: list[Callable] = [_add_train, _add_eval, _add_prune, _add_disti
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmedge", description="Train, compress (prune, distill, quantize), export and benchmark "
-                                    "vision-language dual encoders for CPUs, GPUs and Jetson boards.",
+                                    "vision-language models (dual encoders, generative VLMs, cross-attention "
+                                    "matching models) for CPUs, GPUs and Jetson boards.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"vlmedge {__version__}")
     parser.add_argument("--debug", action="store_true",

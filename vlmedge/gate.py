@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
-from ._io import read_json, read_yaml
+from .disk import read_json, read_yaml
 from .errors import VlmedgeError
 from .runtime.measure import MeasureConfig
 from .targets import get_target

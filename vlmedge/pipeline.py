@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import yaml
 
-from ._io import claim_output, write_json, write_text
 from .artifact import Artifact, artifact_id
+from .disk import claim_output, write_json, write_text
 from .errors import VlmedgeError
 from .recipe import Recipe, to_dict
 from .report import write_report
@@ -67,7 +67,6 @@ def run(recipe: Recipe, out: str | Path, *, force: bool = False, console=None,
     index = 0
     config = first.config if first else recipe.model
     if recipe.model.tower is not None:  # two-stage: the dual-encoder tower first, its image tower starts the teacher
-
         t = recipe.model.tower
         tower = step(index, TOWER, TrainStage(steps=t.steps, batch_size=t.batch_size), None,
                      dataclasses.replace(context, model=dataclasses.replace(recipe.model, preset=t.preset,

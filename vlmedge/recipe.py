@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from . import families
-from ._io import read_yaml
+from .disk import read_yaml
 from .errors import VlmedgeError
 from .evaluate import EvalConfig
 from .gate import parse_budget

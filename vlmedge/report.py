@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import families
-from ._io import write_json, write_text
+from .disk import write_json, write_text
 from .errors import VlmedgeError
 from .gate import Result, check, parse_budget
 from .recipe import to_dict

@@ -24,10 +24,10 @@ from typing import Any, Callable
 import numpy as np
 
 from . import families
-from ._io import atomic_dir, write_json
 from ._progress import Progress
 from .artifact import FOLDER
 from .data import DEFAULT_SOURCE
+from .disk import atomic_dir, write_json
 from .errors import Interrupted, VlmedgeError
 from .families import TrainBatch
 from .families.dual_encoder import DistillLosses

@@ -42,10 +42,9 @@ def _inputs(processor, item: dict):
 
 def export(model: Path, out: Path, form: str, calibration: Path) -> None:
     from datasets import Dataset
+    from optimum.intel import (OVConfig, OVModelForVisualCausalLM, OVPipelineQuantizationConfig, OVQuantizationConfig,
+                               OVQuantizer, OVWeightQuantizationConfig)
     from PIL import Image
-
-    from optimum.intel import (OVConfig, OVModelForVisualCausalLM, OVPipelineQuantizationConfig,
-                               OVQuantizationConfig, OVQuantizer, OVWeightQuantizationConfig)
 
     fp = OVModelForVisualCausalLM.from_pretrained(model, export=True, load_in_8bit=False)
     if form == "int8":

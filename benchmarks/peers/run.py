@@ -185,8 +185,8 @@ def inc_onnx_flow(fp32_export: Path, out: Path) -> tuple[Path, dict]:
 def torch_variant(model_name: str, name: str, flow: str, folder: Path, ao_int8: bool = False) -> Variant:
     import torch
 
-    from vlmedge.families.dual_encoder.tasks import TorchEncoder
     from vlmedge.families.dual_encoder.model import image_features, text_features
+    from vlmedge.families.dual_encoder.tasks import TorchEncoder
     from vlmedge.models import load_model
 
     vlm = load_model(folder)
@@ -291,8 +291,8 @@ def inc_pt_variant(model_name: str, folder: Path) -> Variant:
 
 def onnx_variant(model_name: str, name: str, flow: str, folder: Path, threads: int | None) -> Variant:
     """threads=None: the tuned per-tower counts of a vlmedge manifest (what vlmedge's runners use)."""
-    from vlmedge.runtime.onnx import OnnxEncoder, onnx_size
     from vlmedge.runtime.measure import threads_label
+    from vlmedge.runtime.onnx import OnnxEncoder, onnx_size
 
     enc, single = OnnxEncoder(folder, threads=threads), OnnxEncoder(folder, threads=1)
     pixels, tokens = sample_inputs(enc, 1)
@@ -333,8 +333,8 @@ def measure(variants: list[Variant], rounds: int, runs: int) -> None:
 
 
 def evaluate_all(variants: list[Variant], eval_cfg) -> None:
-    from vlmedge.families.dual_encoder.tasks import evaluate
     from vlmedge.evaluate import flat_metrics
+    from vlmedge.families.dual_encoder.tasks import evaluate
 
     for v in variants:
         if v.error is None and v.model != "base":

@@ -131,8 +131,8 @@ def write_prompts(out: Path, questions: int) -> tuple[Path, Path]:
     all of them are asked for agreement; 16 training scenes for OpenVINO's static calibration."""
     from PIL import Image
 
-    from vlmedge.families.generative.data import open_vqa
     from vlmedge.families.generative import LATENCY_IMAGE
+    from vlmedge.families.generative.data import open_vqa
 
     folder = out / "prompts"
     folder.mkdir(parents=True, exist_ok=True)
@@ -334,8 +334,8 @@ def answers_all(vlm, family, folders, ov, llama, prompts: list[dict], prompts_pa
 def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: float = 1.0,
          rows: tuple[str, ...] = (), results_file: str = "results.json") -> int:
     import torch
-
     from generative import time_interleaved
+
     from vlmedge import families
     from vlmedge.families.generative import LATENCY_IMAGE
     from vlmedge.runtime.measure import MeasureConfig, environment

@@ -60,8 +60,8 @@ def main(model: Path, out: Path, questions: int, threads: int = 2) -> int:
     from PIL import Image
 
     from vlmedge import families
-    from vlmedge.families.generative.tasks import vqa_score
     from vlmedge.families.generative.model import decode_answer
+    from vlmedge.families.generative.tasks import vqa_score
 
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)

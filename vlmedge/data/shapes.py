@@ -24,8 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .._io import atomic_file, cache_dir
 from .._progress import Progress
+from ..disk import atomic_file, cache_dir
 from ..errors import VlmedgeError
 
 COLOURS: dict[str, tuple[int, int, int]] = {

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .._io import read_json, write_json
 from .._registry import Registry
 from ..data import open_dataset
+from ..disk import read_json, write_json
 from ..errors import VlmedgeError
 from ..models import check_model_folder, count_parameters, train_tokenizer
 from ..models.structure import apply_plan, shape_of

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .._hf import quiet_transformers
-from .._io import read_json, write_json
+from ..disk import read_json, write_json
 from ..errors import VlmedgeError
 from ..preprocess import Preprocess
 from .structure import load_pruned

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .._hf import quiet_transformers
-from .._io import folder_size, read_json, write_json
 from .._progress import Progress
+from ..disk import folder_size, read_json, write_json
 from ..errors import VlmedgeError
 from ..preprocess import Preprocess
 from .measure import ort_session, tune_threads, tuned_threads

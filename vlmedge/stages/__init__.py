@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import families
-from .._io import OUTPUT_MARK, claim_output, folder_size, write_json
 from .._registry import Registry
 from ..artifact import FOLDER, RECORD, Artifact, artifact_id, content_id, library_versions, product_files
 from ..data import DEFAULT_SOURCE, is_shapes, shapes_count
+from ..disk import OUTPUT_MARK, claim_output, folder_size, write_json
 from ..errors import VlmedgeError
 from ..evaluate import EvalConfig, flat_metrics
 from ..models import DEFAULT_PRESET
@@ -186,7 +186,7 @@ def execute(config: Any, parent: Artifact | None, ctx: Context, folder: Path, pr
     """Run one stage into `folder` (the record, eval.json) and `product` (what it makes; default: `folder`, as the
     single-stage commands do), or return the record already there for the same id.
 
-    A folder that is its own product is claimed first (`_io.claim_output`): it must be new, empty or this stage's
+    A folder that is its own product is claimed first (`disk.claim_output`): it must be new, empty or this stage's
     earlier output, and neither an input nor above one; a run's step folders sit in a run folder claimed whole."""
     spec = spec_for(config)
     aid = step_id(config, parent, ctx)

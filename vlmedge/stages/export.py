@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from .. import families
-from .._io import RECORD_FILES, atomic_dir, write_json
 from .._progress import Budget, Progress
 from ..artifact import Artifact
+from ..disk import RECORD_FILES, atomic_dir, write_json
 from ..errors import VlmedgeError
 from ..families._export import hold_defaults, quiet_export
 from ..runtime.fusion import fuse_attention

@@ -16,9 +16,9 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import families
-from .._io import atomic_dir, write_json
 from ..artifact import Artifact
 from ..data import DEFAULT_SOURCE
+from ..disk import atomic_dir, write_json
 from ..errors import VlmedgeError
 from ..models.structure import TOWERS, LayerParts
 from . import Context, register

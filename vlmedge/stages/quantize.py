@@ -34,10 +34,10 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import families
-from .._io import atomic_dir, write_json
 from .._progress import Budget, Progress, paced
 from ..artifact import Artifact
 from ..data import DEFAULT_SOURCE
+from ..disk import atomic_dir, write_json
 from ..errors import VlmedgeError
 from ..evaluate import EvalConfig, flat_metrics
 from ..runtime.measure import SLOW_FUSIONS, MeasureConfig, cpu_info

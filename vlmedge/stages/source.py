@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import families
-from .._io import atomic_dir
 from ..artifact import Artifact
+from ..disk import atomic_dir
 from ..models import load_preset
 from . import Context, ModelSpec, register
 

@@ -21,7 +21,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from .._io import RECORD_FILES
+from ..disk import RECORD_FILES
 from ..errors import VlmedgeError
 from ..runtime.measure import MeasureConfig
 from ..runtime.onnx import graph_files, read_manifest

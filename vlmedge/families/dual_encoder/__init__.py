@@ -15,9 +15,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..._io import write_json
 from ...data import open_dataset
 from ...data.shapes import load_shapes
+from ...disk import write_json
 from ...errors import VlmedgeError
 from ...models import load_model
 from ...models.structure import TOWERS, tower_layers

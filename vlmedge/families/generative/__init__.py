@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..._io import write_json
 from ..._progress import Budget, Progress, paced, upper
+from ...disk import write_json
 from ...errors import VlmedgeError
 from ...models import load_tokenizer
 from ...models.structure import TOWERS, tower_layers

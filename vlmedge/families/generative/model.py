@@ -24,9 +24,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..._hf import quiet_transformers
-from ..._io import read_json
+from ...disk import read_json
 from ...errors import VlmedgeError
-from ...models import (VLM, _mapping, check_model_folder, check_vocab, load_tokenizer, load_weights, read_preprocess)
+from ...models import VLM, _mapping, check_model_folder, check_vocab, load_tokenizer, load_weights, read_preprocess
 from ...preprocess import Preprocess
 
 ARCHITECTURES = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration")

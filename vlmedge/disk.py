@@ -1,4 +1,5 @@
-"""Atomic file and folder writes: an interrupted run never leaves something that looks finished."""
+"""Files on disk: atomic file and folder writes (an interrupted run never leaves something that looks finished),
+JSON/YAML reads with one-line errors, the one output-folder policy and the cache folder."""
 
 from __future__ import annotations
 
