@@ -275,8 +275,6 @@ class Family(Model, Training, Exporting, Tasks, Scenarios):
     """A kind of model: the capabilities the stages, the evaluator and the targets ask of it. Each method says which
     stage asks for it; a family overrides what it has (what it lacks is a one-line error naming the family)."""
 
-    name: str = ""
-
 
 _REGISTRY: Registry[Family] = Registry(__name__, MODULES, "model family")
 

@@ -19,7 +19,7 @@ from ...data import open_dataset
 from ...data.shapes import load_shapes
 from ...disk import write_json
 from ...errors import VlmedgeError
-from ...models import load_model
+from ...models import SUPPORTED_ARCHITECTURES, load_model
 from ...models.structure import TOWERS, tower_layers
 from ...runtime.measure import random_feeds, run_ort, suite
 from ...runtime.onnx import OnnxEncoder
@@ -178,7 +178,7 @@ class DualEncoder(Family):
     name = "dual_encoder"
     graph_towers = {"image": "vision", "text": "text"}
     prunable_parts = ("vision_heads", "vision_mlp", "vision_layers", "text_heads", "text_mlp", "text_layers")
-    architectures = ("VisionTextDualEncoderModel", "CLIPModel", "SiglipModel")
+    architectures = SUPPORTED_ARCHITECTURES
     layouts = {"flat": GRAPH_FILES,
                "onnx-community": {"image": "onnx/vision_model.onnx", "text": "onnx/text_model.onnx"}}
     report_metrics = ("zero_shot.top1", "retrieval.i2t_distinct_r5", "zero_shot.top5", "retrieval.t2i_r5",

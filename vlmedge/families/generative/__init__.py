@@ -582,6 +582,4 @@ class Generative(Family):
         return {**result, "tokens_per_s": ANSWER_TOKENS / (result["answer"]["p50_ms"] / 1e3)}
 
 
-
-
 register(Generative())
