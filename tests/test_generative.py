@@ -10,6 +10,7 @@ import torch
 from conftest import run_cli
 
 from vlmedge.errors import VlmedgeError
+from vlmedge.families.generative import GenerativeEval
 from vlmedge.train import TrainConfig, train
 
 TINY = dict(preset="vqa-tiny", batch_size=32, data_count=512, warmup_steps=5)
@@ -156,7 +157,7 @@ def test_onnx_runtime_generation_equals_pytorch_generate(vqa_model, vqa_export):
     for it in ds.eval_items(24, seed=3):
         pixels, prompt = torch_gen.inputs(ds.images([it.index])[0], it.question)
         assert onnx_gen.generate_ids(pixels, prompt, 12) == torch_gen.generate_ids(pixels, prompt, 12), it
-    cfg = EvalConfig(data="shapes", vqa_questions=80)
+    cfg = EvalConfig(data="shapes", options=GenerativeEval(vqa_questions=80))
     a, b = fam.evaluate(onnx_gen, cfg), fam.evaluate(torch_gen, cfg)
     assert abs(a["vqa"]["accuracy"] - b["vqa"]["accuracy"]) <= 0.005
     assert set(a["vqa"]) >= {"accuracy", "type_colour", "type_relation", "type_count", "held_out"}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vlmedge.errors import VlmedgeError
+from vlmedge.families.generative import GenerativeDistill, GenerativeEval
 
 
 def _inputs(vlm):
@@ -113,7 +114,7 @@ def test_token_distillation_is_zero_against_itself_and_lowers_the_kl(vqa_model, 
 
     family = families.of(vqa_model)
     teacher = family.load(vqa_model)
-    kl_only = DistillLosses(contrastive=0, affinity=0, feature=0, matching=0, tokens=1, temperature=2)
+    kl_only = DistillLosses(contrastive=0, affinity=0, feature=0, options=GenerativeDistill(tokens=1, temperature=2))
     batch = _kl_batch(teacher)
     with torch.no_grad():
         assert float(family.training_loss(teacher, batch, teacher, kl_only)) == pytest.approx(0, abs=1e-6)
@@ -175,7 +176,8 @@ def test_mixed_times_int4_against_int8_and_keeps_the_faster_within_tolerance(vqa
 
     def evaluate(adapter):
         calls.append(adapter.folder)
-        return flat_metrics(family.evaluate(adapter, EvalConfig(vqa_questions=8, max_new_tokens=4)))
+        cfg = EvalConfig(options=GenerativeEval(vqa_questions=8, max_new_tokens=4))
+        return flat_metrics(family.evaluate(adapter, cfg))
 
     info = quantize(vqa_export, tmp_path / "mixed", QuantizeConfig(mode="mixed", max_drop=0.99, metric="vqa.accuracy",
                                                                    tune_threads=False), evaluate_fn=evaluate)

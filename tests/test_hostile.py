@@ -249,6 +249,19 @@ def test_bad_data_sources_fail_alike_everywhere(tiny_model, tiny_export, tmp_pat
     _one_line_error(capsys, main(["eval", str(bare)]), "ONNX files but no manifest.json")
 
 
+def test_another_familys_flag_is_one_line_naming_the_family(tiny_model, tiny_export, tmp_path, capsys):
+    """A family's own flags (`Family.options`) are offered by every command whose section has them, and refused
+    for a model of another family before any work."""
+    _one_line_error(capsys, main(["eval", str(tiny_model), "--vqa-questions", "3"]),
+                    "--vqa-questions: a setting of generative models; this model is a dual_encoder model")
+    _one_line_error(capsys, main(["prune", str(tiny_model), "--out", str(tmp_path / "p"), "--text-cross-heads",
+                                  "0.5", "--no-eval", "--quiet"]),
+                    "--text-cross-heads: a setting of matching models; this model is a dual_encoder model")
+    _one_line_error(capsys, main(["bench", str(tiny_export), "--image-splitting", "on"]),
+                    "measure: image_splitting: a setting of generative models; this model is a dual_encoder model")
+    assert not (tmp_path / "p").exists()
+
+
 def test_a_collapsed_text_tower_is_an_error_not_chance(tiny_clip, tmp_path, capsys):
     """A CLIP folder whose config names an end-of-text id its tokenizer never emits pools every caption at the
     first token: every caption gets one embedding."""

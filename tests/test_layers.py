@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vlmedge"
 
 # Higher layers may import lower ones, never the reverse. Modules of one layer may import each other.
 LAYERS = [
-    {"errors", "disk", "_hf", "_registry", "_progress", "preprocess", "artifact"},
+    {"errors", "disk", "_hf", "_registry", "_progress", "preprocess", "artifact", "options"},
     {"runtime", "data", "models", "evaluate"},  # the shared kit: ONNX Runtime, datasets, model surgery, metrics
     {"families"},  # one package per family: its model, data adapters, tasks, export graphs, scenarios
     {"train"},

@@ -37,6 +37,7 @@ def test_stage_flags_have_the_stage_configs_defaults():
     builds exactly the dataclass's default config."""
     import dataclasses
 
+    from vlmedge import families
     from vlmedge.cli import EXPORT_FLAGS, QUANTIZE_FLAGS, _config, build_parser
     from vlmedge.evaluate import EvalConfig
     from vlmedge.stages.export import ExportConfig
@@ -53,9 +54,11 @@ def test_stage_flags_have_the_stage_configs_defaults():
     commands = _subcommands()
     for argv, cls, rename, fixed in cases:
         dests = {a.dest for a in commands[argv[0]]._actions}
-        for f in dataclasses.fields(cls):
-            # `data` of prune and quantize is the command's --data (the run's data)
-            assert rename.get(f.name, f.name) in dests or f.name == "data", f"{argv[0]}: no flag for {f.name}"
+        owners = [cls, *families.options_of(getattr(cls, "SECTION", "")).values()]  # and each family's own settings
+        for f in (f for c in owners for f in dataclasses.fields(c)):
+            # `data` of prune and quantize is the command's --data (the run's data); `options` are the family's
+            assert rename.get(f.name, f.name) in dests or f.name in ("data", "options"), \
+                f"{argv[0]}: no flag for {f.name}"
         args = build_parser().parse_args(argv)
         if argv[0] == "prune":
             for name in (f"{t}_{k}" for t in ("vision", "text") for k in ("heads", "mlp", "layers")):

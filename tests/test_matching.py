@@ -10,6 +10,7 @@ import torch
 
 from vlmedge import families
 from vlmedge.errors import VlmedgeError
+from vlmedge.families.matching import MatchingEval, MatchingPrune
 from vlmedge.families.matching.model import encode_image, encode_text, load, match_logits
 
 MATCHING = families.get("matching")
@@ -63,7 +64,8 @@ def test_training_writes_a_blip_folder_that_evaluates_every_task(matcher):
     from vlmedge.evaluate import EvalConfig
 
     m = MATCHING.evaluate(MATCHING.adapter(str(matcher)), EvalConfig(zero_shot_images=36, retrieval_pairs=40,
-                                                                      hard_negative_pairs=16, rerank_k=6))
+                                                                      hard_negative_pairs=16,
+                                                                      options=MatchingEval(rerank_k=6)))
     assert set(m["itm"]) >= {"colour", "shape", "position", "relation", "mean"}
     assert set(m["itc_hard_negatives"]) >= {"colour", "shape", "position", "relation"}
     r = m["retrieval"]
@@ -100,7 +102,7 @@ def test_export_parity_and_rerank_order(matcher, matcher_export):
     # the export evaluates like the model, in matcher calls within max_candidates (70 pairs per kind > 64)
     from vlmedge.evaluate import EvalConfig
 
-    cfg = EvalConfig(zero_shot_images=72, retrieval_pairs=70, hard_negative_pairs=70, rerank_k=4)
+    cfg = EvalConfig(zero_shot_images=72, retrieval_pairs=70, hard_negative_pairs=70, options=MatchingEval(rerank_k=4))
     m_onnx, m_torch = (MATCHING.evaluate(MATCHING.adapter(p), cfg) for p in (str(matcher_export), str(matcher)))
     assert m_onnx["itm"]["n"] == m_torch["itm"]["n"] and m_onnx["itm"]["n"]["single"] == 70
     assert all(abs(m_onnx["itm"][k] - m_torch["itm"][k]) <= 0.05 for k in ("colour", "shape", "position", "relation"))
@@ -143,7 +145,7 @@ def test_pruning_the_cross_attention_encoder_equals_masking_and_reloads(matcher,
     from vlmedge.models.structure import tower_layers
     from vlmedge.stages.prune import PruneConfig, make_plan, prune
 
-    cfg = PruneConfig(text_heads=0.5, text_cross_heads=0.5, importance="magnitude")
+    cfg = PruneConfig(text_heads=0.5, importance="magnitude", options=MatchingPrune(text_cross_heads=0.5))
     vlm, masked = load(matcher), load(matcher)
     plan = make_plan(MATCHING, vlm, cfg)
     assert all(len(h) == 1 for h in plan["text"]["cross_heads"])
@@ -161,8 +163,9 @@ def test_pruning_the_cross_attention_encoder_equals_masking_and_reloads(matcher,
                               match_logits(masked.model, patches, ids, mask), atol=1e-5)
         assert torch.allclose(encode_text(vlm.model, ids, mask), encode_text(masked.model, ids, mask), atol=1e-5)
 
-    result = prune(matcher, tmp_path / "p", PruneConfig(text_heads=0.5, text_mlp=0.5, text_cross_heads=0.5,
-                                                        text_layers=0.5, calibration_batches=2, batch_size=8))
+    result = prune(matcher, tmp_path / "p", PruneConfig(text_heads=0.5, text_mlp=0.5, text_layers=0.5,
+                                                        calibration_batches=2, batch_size=8,
+                                                        options=MatchingPrune(text_cross_heads=0.5)))
     assert result["after"]["parameters"] < result["before"]["parameters"]
     shape = json.loads((tmp_path / "p" / "config.json").read_text())["vlmedge_pruning"]
     assert shape["text"] == {"heads": [1], "intermediate": [64], "cross_heads": [1]}
@@ -173,7 +176,7 @@ def test_pruning_the_cross_attention_encoder_equals_masking_and_reloads(matcher,
         prune(matcher, tmp_path / "q", PruneConfig(vision_heads=0.5))
     assert not (tmp_path / "q").exists()
     with pytest.raises(VlmedgeError, match="leaves none"):
-        make_plan(MATCHING, load(matcher), PruneConfig(text_cross_heads=0.9))
+        make_plan(MATCHING, load(matcher), PruneConfig(options=MatchingPrune(text_cross_heads=0.9)))
 
 
 def test_rerank_recipe_runs_every_stage_with_its_tower_first(tmp_path):

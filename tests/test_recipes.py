@@ -60,7 +60,7 @@ stages:
     (BASE.replace("{steps: 2}", "{steps: 0}"), r"r.yaml:4: stages.0.train: train: steps=0 is invalid"),
     (BASE.replace("{steps: 2}", "{batch_size: 30, grad_accum: 4}"), r"train: batch_size=30 .* multiple of grad_accum"),
     (BASE.replace("- export: {}", "- distill: {steps: 0}"), r"r.yaml:5: stages.1.distill: distill: steps=0 is invalid"),
-    (BASE.replace("- export: {}", "- distill: {contrastive: 0, affinity: 0, feature: 0, matching: 0, tokens: 0}"), r"all loss weights are 0"),
+    (BASE.replace("- export: {}", "- distill: {contrastive: 0, affinity: 0, feature: 0}"), r"all loss weights are 0"),
     (BASE.replace("- export: {}", "- distill: {feature: -1}"), r"distill: feature=-1"),
     (BASE.replace("- export: {}", "- prune: {importance: random}"), r"stages.1.prune: prune: importance='random'"),
     (BASE.replace("- export: {}", "- export: {opset: 5}"), r"r.yaml:5: stages.1.export: export: opset=5"),
@@ -98,7 +98,9 @@ def test_recipes_command_lists_them(capsys):
 
 @pytest.mark.parametrize("model, stage, message", [
     ("{preset: vqa-tiny}", "prune: {text_cross_heads: 0.5}",
-     r"r.yaml:3: stages.0.prune: prune: text_cross_heads: a generative model has no prunable text cross-heads"),
+     r"r.yaml:3: stages.0.prune.text_cross_heads: a setting of matching models; this model is a generative model"),
+    ("{preset: tiny}", "distill: {tokens: 0.5}",
+     r"r.yaml:3: stages.0.distill.tokens: a setting of generative models; this model is a dual_encoder model"),
     ("{preset: match-tiny}", "prune: {vision_heads: 0.5}",
      r"r.yaml:3: stages.0.prune: prune: vision_heads: a matching model has no prunable vision heads; it takes "
      "text_heads, text_mlp, text_layers, text_cross_heads"),
@@ -112,6 +114,33 @@ def test_another_familys_keys_are_refused_at_load_with_their_line(tmp_path, mode
     export = "  - export: {}\n" if stage.startswith("quantize") else ""
     path = _write(tmp_path, f"model: {model}\nstages:\n{export}  - {stage}\n")
     with pytest.raises(VlmedgeError, match=message):
+        load_recipe(path)
+
+
+def test_a_familys_own_settings_keep_their_recipe_keys(tmp_path):
+    """A family's settings are keys of their section as before; the loader gives them to the model's family (its
+    `Family.options`), its defaults filled in, and refuses another family's with the line."""
+    from vlmedge.families.generative import GenerativeEval, GenerativeMeasure
+    from vlmedge.families.matching import MatchingEval, MatchingPrune
+    from vlmedge.recipe import to_dict
+
+    path = _write(tmp_path, "model: {preset: vqa-tiny}\neval: {vqa_questions: 12}\nmeasure: {image_splitting: 'off'}\n"
+                            "stages:\n  - train: {steps: 1}\n")
+    r = load_recipe(path)
+    assert r.eval.options == GenerativeEval(vqa_questions=12) and r.measure.options == GenerativeMeasure("off")
+    assert to_dict(r)["eval"]["vqa_questions"] == 12 and "options" not in to_dict(r)["eval"]
+    path = _write(tmp_path, "model: {preset: match-tiny}\neval: {rerank_k: 4}\n"
+                            "stages:\n  - train: {steps: 1}\n  - prune: {text_cross_heads: 0.25}\n")
+    r = load_recipe(path)
+    assert r.eval.options == MatchingEval(rerank_k=4) and r.stages[1].config.options == MatchingPrune(0.25)
+    assert r.stages[1].config.ratio("text_cross_heads") == 0.25 and r.stages[1].config.ratio("text_heads") == 0.0
+    path = _write(tmp_path, "model: {preset: tiny}\neval: {zero_shot_images: 36, vqa_questions: 12}\n"
+                            "stages:\n  - train: {steps: 1}\n")
+    with pytest.raises(VlmedgeError, match=r"r.yaml:2: eval.vqa_questions: a setting of generative models; this "
+                                           r"model is a dual_encoder model"):
+        load_recipe(path)
+    path = _write(tmp_path, "model: {preset: match-tiny}\neval: {rerank_k: 0}\nstages:\n  - train: {steps: 1}\n")
+    with pytest.raises(VlmedgeError, match=r"r.yaml:2: eval: eval: rerank_k=0; expected an integer >= 1"):
         load_recipe(path)
 
 

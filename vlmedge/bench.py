@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 from . import families
 from .data import DEFAULT_SOURCE
 from .errors import VlmedgeError
+from .options import flat
 from .runtime.measure import MeasureConfig, cpu_info, environment, time_fn
 from .runtime.onnx import open_session
 from .targets import TARGET_KINDS, artifact_kind, get_target
@@ -31,15 +31,14 @@ def bench_paths(paths: list[Path], targets: list[str], cfg_kwargs: dict[str, Any
 def bench_path(path: Path, targets: list[str], cfg_kwargs: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         raise VlmedgeError(f"{path}: not found")
-    try:
-        cfg = MeasureConfig(**cfg_kwargs)
-    except ValueError as e:
-        raise VlmedgeError(str(e)) from None
+    report = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else None
+    steps = [s["path"] for s in report["steps"]] if report else [path]
+    family = None if path.is_file() else families.of(steps[0])  # a family's settings (image_splitting) are its own
+    cfg = families.configure(MeasureConfig, cfg_kwargs, family)
     results: dict[str, dict[str, Any]] = {}
     if path.is_file() and path.suffix == ".onnx":
         results[path.name] = {"cpu": bench_onnx_file(path, cfg)}
-    elif (path / "report.json").is_file():
-        report = json.loads((path / "report.json").read_text())
+    elif report is not None:
         for step in report["steps"]:
             for t in targets:
                 if TARGET_KINDS[t] == step["kind"]:
@@ -51,7 +50,7 @@ def bench_path(path: Path, targets: list[str], cfg_kwargs: dict[str, Any]) -> di
             raise VlmedgeError(f"{path} is a {kind} folder; targets for it: "
                                f"{', '.join(t for t, k in TARGET_KINDS.items() if k == kind)}")
         results[path.name] = {t: get_target(t)(path, cfg) for t in usable}
-    return {"environment": environment(), "measure": dataclasses.asdict(cfg), "results": results}
+    return {"environment": environment(), "measure": flat(cfg), "results": results}
 
 
 def bench_onnx_file(path: Path, cfg: MeasureConfig) -> dict[str, Any]:

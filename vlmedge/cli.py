@@ -71,25 +71,36 @@ def _metrics_table(metrics: dict, title: str) -> None:
 
 # --- handlers ------------------------------------------------------------------------------------------------------
 
-def _config(cls, args, rename: dict[str, str] | None = None, **fixed):
-    """A stage config from the flags `_add_config_flags` made for it (same names, same defaults)."""
+def _config(cls, args, rename: dict[str, str] | None = None, family: families.Family | None = None, **fixed):
+    """A stage config from the flags `_add_config_flags` made for it (same names, same defaults), with the settings
+    of `family` (the input's) among them; a family's flag given for a model of another family is a one-line
+    error."""
     import dataclasses
     import typing
 
     rename = rename or {}
-    hints = typing.get_type_hints(cls)
     values = {}
-    for f in dataclasses.fields(cls):
-        dest = rename.get(f.name, f.name)
-        if f.name in fixed or not hasattr(args, dest):
-            continue
-        value = getattr(args, dest)
-        if value is None and f.default is not None:
-            continue  # a repeatable flag not given: the dataclass's default
-        if isinstance(value, list) and _is_mapping(hints[f.name]):
-            value = _pairs(value, "--" + dest.replace("_", "-"))
-        values[f.name] = tuple(value) if isinstance(value, list) else value
-    return cls(**{**values, **fixed})
+    for c in (cls, *_family_options(cls)):
+        hints = typing.get_type_hints(c)
+        for f in dataclasses.fields(c):
+            dest = rename.get(f.name, f.name)
+            if f.name in fixed or f.name == "options" or not hasattr(args, dest):
+                continue  # a family's flag not given is absent (argparse.SUPPRESS)
+            value = getattr(args, dest)
+            if value is None and f.default is not None:
+                continue  # a repeatable flag not given: the dataclass's default
+            if isinstance(value, list) and _is_mapping(hints[f.name]):
+                value = _pairs(value, "--" + dest.replace("_", "-"))
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+    try:
+        return families.configure(cls, {**values, **fixed}, family)
+    except families.OptionKeyError as e:
+        raise VlmedgeError(f"--{rename.get(e.key, e.key).replace('_', '-')}: {e.reason}") from None
+
+
+def _family_options(cls) -> list[type]:
+    """Every family's own settings for `cls`'s section (each adds its flags)."""
+    return list(families.options_of(cls.SECTION).values()) if hasattr(cls, "SECTION") else []
 
 
 def _is_mapping(tp) -> bool:
@@ -128,7 +139,9 @@ def _execute(config, args, parent: str | None, *, teacher: str | None = None, mo
         evaluate = False
         print(f"eval: skipped: vlmedge has not trained or evaluated {parent} on any data and no --data was given "
               "(the built-in shapes would say nothing about it); --data DATA evaluates it on yours")
-    ctx = Context(data=data, eval=EvalConfig(data=data.source) if evaluate else None,
+    family = families.of_artifact(source) if source else None
+    eval_cfg = families.configure(EvalConfig, {"data": data.source}, family) if evaluate else None
+    ctx = Context(data=data, eval=eval_cfg,
                   model=model, teacher=input_artifact(teacher) if teacher else None, progress=not args.quiet,
                   console=None if args.quiet else Console(), resume=resume)
     return execute(config, source, ctx, Path(args.out))
@@ -160,8 +173,8 @@ def cmd_eval(args) -> int:
         data = EvalConfig.data
         print(f"eval: on the built-in {data}: vlmedge has not trained or evaluated {args.path} on any data; "
               "--data DATA evaluates it on yours", file=sys.stderr if args.json else sys.stdout)
-    cfg = _config(EvalConfig, args, data=data)
     family = families.of_artifact(made) if made is not None else families.of(product)
+    cfg = _config(EvalConfig, args, family=family, data=data)
     metrics = family.evaluate(family.adapter(product), cfg, progress=not args.quiet)
     if args.json:  # the results first: a folder that cannot take eval.json loses nothing
         _print_json(metrics)
@@ -210,7 +223,8 @@ def cmd_prune(args) -> int:
         for kind in ("heads", "mlp", "layers"):
             if getattr(args, f"{tower}_{kind}") is None:
                 setattr(args, f"{tower}_{kind}", getattr(args, kind))
-    art = _execute(_config(PruneConfig, args, data=None), args, args.model)  # data: --data, the run's
+    art = _execute(_config(PruneConfig, args, family=families.of(args.model), data=None),  # data: --data, the run's
+                   args, args.model)
     b, a = art.info["before"], art.info["after"]
     print(f"parameters {b['parameters'] / 1e6:.2f}M -> {a['parameters'] / 1e6:.2f}M; image GFLOPs "
           f"{b['flops']['image'] / 1e9:.3f} -> {a['flops']['image'] / 1e9:.3f}; text GFLOPs "
@@ -220,7 +234,8 @@ def cmd_prune(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    art = _execute(_config(DistillStage, args), args, args.student, teacher=args.teacher, resume=args.resume)
+    art = _execute(_config(DistillStage, args, family=families.of(args.student)), args, args.student,
+                   teacher=args.teacher, resume=args.resume)
     s = art.info
     if s.get("steps"):
         print(f"distilled {s['steps']} steps in {s['seconds']} s, loss {s['first_loss']:.3f} -> "
@@ -362,33 +377,43 @@ def _add_config_flags(p, cls, *, rename: dict[str, str] | None = None, skip: tup
                       hidden: tuple[str, ...] = (), helps: dict[str, str] | None = None,
                       choices: dict[str, Sequence[str]] | None = None) -> None:
     """One flag per field of a stage config, named after it (or as `rename` says), with the dataclass's default and
-    its attribute docstring as help: the dataclass is the one source of both."""
+    its attribute docstring as help: the dataclass is the one source of both. Then one per field of each family's
+    own settings for the config's section, said in its help; absent from the parsed flags unless given (its
+    default is the family's, applied by `_config` once the input's family is known)."""
     import dataclasses
     import typing
 
     rename, helps, choices = rename or {}, helps or {}, choices or {}
-    docs = {**_field_docs(cls), **helps}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        dest = rename.get(f.name, f.name)
-        flag = "--" + dest.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        tp = hints[f.name]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        base = args[0] if typing.get_origin(tp) is not tuple and args else tp
-        shown = "" if default in (None, ()) else f" (default: {default})"
-        help_text = argparse.SUPPRESS if f.name in hidden else \
-            (docs.get(f.name, "") + shown).replace("%", "%%").strip() or None  # argparse %-formats help
-        if base is bool:
-            p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif typing.get_origin(tp) is tuple or _is_mapping(tp):
-            p.add_argument(flag, dest=dest, action="append", default=None, help=help_text,
-                           metavar="NAME=VALUE" if _is_mapping(tp) else None)
-        else:
-            p.add_argument(flag, dest=dest, type=base, default=default, choices=choices.get(f.name),
-                           help=help_text)
+    owners = {cls: None, **{c: name for name, c in families.options_of(getattr(cls, "SECTION", "")).items()}}
+    seen = set()
+    for c, family in owners.items():
+        docs = {**_field_docs(c), **helps}
+        hints = typing.get_type_hints(c)
+        for f in dataclasses.fields(c):
+            if f.name in skip or f.name == "options" or f.name in seen:
+                continue
+            seen.add(f.name)
+            dest = rename.get(f.name, f.name)
+            flag = "--" + dest.replace("_", "-")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tp = hints[f.name]
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            base = args[0] if typing.get_origin(tp) is not tuple and args else tp
+            shown = "" if default in (None, ()) else f" (default: {default})"
+            text = (f"({family} models) " if family else "") + docs.get(f.name, "") + shown
+            help_text = argparse.SUPPRESS if f.name in hidden else \
+                text.replace("%", "%%").strip() or None  # argparse %-formats help
+            if family:
+                default = argparse.SUPPRESS
+            if base is bool:
+                p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
+                               help=help_text)
+            elif typing.get_origin(base) is tuple or _is_mapping(tp):
+                p.add_argument(flag, dest=dest, action="append", default=None if not family else default,
+                               help=help_text, metavar="NAME=VALUE" if _is_mapping(tp) else None)
+            else:
+                p.add_argument(flag, dest=dest, type=base, default=default, choices=choices.get(f.name),
+                               help=help_text)
 
 
 EXPORT_FLAGS = {"zero_shot_labels": "label"}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
+from . import families
 from .disk import read_json, read_yaml
 from .errors import VlmedgeError
 from .runtime.measure import MeasureConfig
@@ -184,7 +185,9 @@ def _stable(rec: dict, q: str) -> bool:
 
 
 def _remeasure(report: dict, step: dict, rec: dict) -> dict:
-    cfg = MeasureConfig(**{**report.get("measure", {}), "threads": rec.get("threads")})
+    family = families.of(step["path"])
+    cfg = families.configure(MeasureConfig, {**report.get("measure", {}), "threads": rec.get("threads")}, family,
+                             lenient=True)
     return get_target(rec["target"])(step["path"], cfg)
 
 

@@ -27,6 +27,7 @@ import yaml
 from .artifact import Artifact, artifact_id
 from .disk import claim_output, write_json, write_text
 from .errors import VlmedgeError
+from .options import flat
 from .recipe import Recipe, to_dict
 from .report import write_report
 from .runtime.measure import environment, pool_rounds
@@ -90,7 +91,7 @@ def run(recipe: Recipe, out: str | Path, *, force: bool = False, console=None,
 
 def _bench(recipe: Recipe, steps: list[Artifact], out: Path, force: bool, console) -> dict[str, Any]:
     """Every step on every target it can run on, in one process, one after the other; cached by content."""
-    key = {"steps": [s.id for s in steps], "targets": recipe.targets, "measure": dataclasses.asdict(recipe.measure)}
+    key = {"steps": [s.id for s in steps], "targets": recipe.targets, "measure": flat(recipe.measure)}
     path = out / f"bench-{artifact_id(None, 'bench', key)}.json"
     if path.is_file() and not force:
         if console is not None:
@@ -111,6 +112,6 @@ def _bench(recipe: Recipe, steps: list[Artifact], out: Path, force: bool, consol
     results: dict[str, dict[str, Any]] = {}
     for (name, target), records in measured.items():
         results.setdefault(name, {})[target] = {**pool_rounds(records), **({"rounds": rounds} if rounds > 1 else {})}
-    bench = {"environment": environment(), "measure": dataclasses.asdict(recipe.measure), "results": results}
+    bench = {"environment": environment(), "measure": flat(recipe.measure), "results": results}
     write_json(path, bench)
     return bench

@@ -36,6 +36,7 @@ from .errors import VlmedgeError
 from .evaluate import EvalConfig
 from .gate import parse_budget
 from .models import load_preset, preset_names, tower_shapes
+from .options import flat
 from .runtime.measure import MeasureConfig
 from .stages import DataSpec, ModelSpec, recipe_kinds, spec_for_kind
 from .targets import TARGETS
@@ -141,21 +142,31 @@ def _coerce(value, tp, path: str, where: _Where):
     return value
 
 
-def build(cls, data: Any, path: str, where: _Where):
-    """A dataclass from a mapping: unknown keys, wrong types and invalid values are errors naming the key."""
+def build(cls, data: Any, path: str, where: _Where, family: families.Family | None = None):
+    """A dataclass from a mapping: unknown keys, wrong types and invalid values are errors naming the key. A shared
+    config with a `SECTION` also takes `family`'s own settings for it as keys (`families.split_options`)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise where.error(path, f"expected a mapping of {cls.__name__} settings, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        key = f"{path}.{unknown[0]}" if path else unknown[0]
-        raise where.error(key, f"unknown key; expected one of: {', '.join(fields)}")
-    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k, where) for k, v in data.items()}
+    key_path = lambda k: f"{path}.{k}" if path else k  # noqa: E731
+    extra = {}
+    if hasattr(cls, "SECTION"):
+        try:
+            data, own_cls, own = families.split_options(cls, data, family)
+        except families.OptionKeyError as e:
+            raise where.error(key_path(e.key), e.reason) from None
+        if own_cls is not None:
+            extra["options"] = build(own_cls, own, path, where)
+    else:
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in fields]
+        if unknown:
+            raise where.error(key_path(unknown[0]), f"unknown key; expected one of: {', '.join(fields)}")
+    kwargs = {k: _coerce(v, hints[k], key_path(k), where) for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        return cls(**kwargs, **extra)
     except (VlmedgeError, ValueError) as e:  # a config's own validation (`__post_init__`)
         raise where.error(path, str(e)) from None
 
@@ -255,14 +266,15 @@ def parse_recipe(data: Any, where: _Where, source_file: str = "") -> Recipe:
             raise where.error("model.preset", f"unknown preset {model.preset!r}; expected one of "
                                               f"{', '.join(preset_names())}")
 
+    family = _family(model, where)
     data_spec = build(DataSpec, data.get("data"), "data", where)
     raw_eval = data.get("eval") or {}
     if isinstance(raw_eval, dict) and raw_eval.get("data") is None:
         raw_eval = dict(raw_eval)
         raw_eval["data"] = data_spec.source  # evaluate on the run's data unless told otherwise
-    eval_spec = build(EvalConfig, raw_eval, "eval", where)
-    stages = _parse_stages(data["stages"], model, where)
-    _check_against_model(stages, model, where)
+    eval_spec = build(EvalConfig, raw_eval, "eval", where, family)
+    stages = _parse_stages(data["stages"], model, where, family)
+    _check_against_model(stages, model, where, family)
     if model.tower is not None and (stages[0].kind != "train" or stages[0].config.vision_init):
         raise where.error("model.tower", "needs a first train stage without vision_init (the tower becomes it)")
     targets = []
@@ -277,7 +289,7 @@ def parse_recipe(data: Any, where: _Where, source_file: str = "") -> Recipe:
         if name not in TARGETS:
             raise where.error(f"targets.{i}", f"unknown target {name!r}; available: {', '.join(TARGETS)}")
         targets.append((name, options))
-    measure = build(MeasureConfig, data.get("measure"), "measure", where)
+    measure = build(MeasureConfig, data.get("measure"), "measure", where, family)
     gates = data.get("gates") or []
     if not isinstance(gates, list) or not all(isinstance(g, str) for g in gates):
         raise where.error("gates", "expected a list of budget expressions like 'cpu.pair.p90_ms <= 50'")
@@ -299,7 +311,7 @@ def parse_recipe(data: Any, where: _Where, source_file: str = "") -> Recipe:
                   output, str(data.get("description", "")), source_file, data)
 
 
-def _parse_stages(items: Any, model: ModelSpec, where: _Where) -> list[Stage]:
+def _parse_stages(items: Any, model: ModelSpec, where: _Where, family: families.Family | None) -> list[Stage]:
     kinds = recipe_kinds()
     if not isinstance(items, list):
         raise where.error("stages", "expected a list like [{train: {...}}, {export: {}}]")
@@ -329,11 +341,24 @@ def _parse_stages(items: Any, model: ModelSpec, where: _Where) -> list[Stage]:
                                              "add an export stage before it")
         if spec.provides:
             have.add(spec.provides)
-        stages.append(Stage(kind, name, build(spec.config, cfg, f"stages.{i}.{kind}", where)))
+        stages.append(Stage(kind, name, build(spec.config, cfg, f"stages.{i}.{kind}", where, family)))
     return stages
 
 
-def _check_against_model(stages: list[Stage], model: ModelSpec, where: _Where) -> None:
+def _family(model: ModelSpec, where: _Where) -> families.Family | None:
+    """The family of the recipe's model (its folder's, else its preset's); None where the model cannot say: a folder
+    not on this machine (a recipe checked elsewhere) or one its own loader will refuse, naming what is wrong, when
+    the run starts."""
+    if model.path and not Path(model.path).exists():
+        return None
+    try:
+        return families.of(model.path) if model.path else families.for_preset(load_preset(model.preset))
+    except VlmedgeError:
+        return None
+
+
+def _check_against_model(stages: list[Stage], model: ModelSpec, where: _Where,
+                         family: families.Family | None) -> None:
     """Stage settings the model's family or shape makes impossible (another family's keys or graphs, a head ratio
     leaving no key/value head, an INT4 block size that does not divide a width, a tower that is not a dual
     encoder), refused at load with the recipe's line, before any work."""
@@ -345,10 +370,8 @@ def _check_against_model(stages: list[Stage], model: ModelSpec, where: _Where) -
         if tower.name != families.DEFAULT:
             raise where.error("model.tower.preset", f"{model.tower.preset!r} is a {tower.name} preset; a tower is "
                                                     f"trained as a {families.DEFAULT} (tiny, small, ...)")
-    try:
-        family = families.of(model.path) if model.path else families.for_preset(load_preset(model.preset))
-    except VlmedgeError:
-        return  # the model's own loader names what is wrong with it
+    if family is None:
+        return
     shapes = tower_shapes(model.preset, model.path)
     for i, stage in enumerate(stages):
         check = getattr(stage.config, "check_model", None)
@@ -379,7 +402,7 @@ def recipe_summary(path: Path) -> str:
 def to_dict(recipe: Recipe) -> dict[str, Any]:
     """The fully resolved recipe (every default filled in), as saved with a run."""
     return {"name": recipe.name, "description": recipe.description, "model": dataclasses.asdict(recipe.model),
-            "data": dataclasses.asdict(recipe.data), "eval": dataclasses.asdict(recipe.eval),
-            "stages": [{s.kind: {"name": s.name, **dataclasses.asdict(s.config)}} for s in recipe.stages],
-            "targets": [{n: o} for n, o in recipe.targets], "measure": dataclasses.asdict(recipe.measure),
+            "data": dataclasses.asdict(recipe.data), "eval": flat(recipe.eval),
+            "stages": [{s.kind: {"name": s.name, **flat(s.config)}} for s in recipe.stages],
+            "targets": [{n: o} for n, o in recipe.targets], "measure": flat(recipe.measure),
             "gates": list(recipe.gates), "output": recipe.output}

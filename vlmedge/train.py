@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -136,9 +136,11 @@ class DistillStage(TrainSchedule):
     contrastive: float = 1.0
     affinity: float = 1.0
     feature: float = 1.0
-    matching: float = 1.0
-    tokens: float = 1.0
-    temperature: float = 2.0
+    options: Any = None
+    """The student's family's own losses (`Family.options["distill"]`: a matching model's `matching`, a
+    generative model's `tokens` and `temperature`), given as keys of the stage."""
+
+    SECTION: ClassVar[str] = "distill"
 
     def __post_init__(self):
         super().__post_init__()

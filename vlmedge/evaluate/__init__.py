@@ -4,22 +4,16 @@ names gates and reports use. Each family's tasks live in its package (`families/
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from .._progress import Budget
 from ..data import DEFAULT_SOURCE, is_shapes, shapes_count
 from ..errors import VlmedgeError
-from ..preprocess import SPLITTING
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-VQA_SECONDS = 300.0
-"""The time an unset `vqa_questions` may take per evaluated step."""
 
 
 @dataclass(frozen=True)
@@ -34,15 +28,6 @@ class EvalConfig:
     """Image-caption pairs for Recall@K both ways."""
     hard_negative_pairs: int = 500
     """Images per hard-negative test (colour, shape, relation swapped)."""
-    vqa_questions: int | None = None
-    """Questions for a generative model (every type in turn: VQA accuracy per type, captions for 'describe').
-    None: up to 800, as many as fit in VQA_SECONDS at the pace of the first ten (a tiny model answers 800 in
-    seconds; a SmolVLM-256M, at the 2.6 s an answer measured on 2 cores, about 115), said in the log; a recipe's
-    later steps answer the questions its first model answered."""
-    max_new_tokens: int = 24
-    """Longest answer a generative model may write (greedy decoding)."""
-    rerank_k: int = 16
-    """Matching models: candidates ITC retrieves for ITM to rerank (retrieval both ways, zero-shot classes)."""
     classes: str | None = None
     """Zero-shot on labelled data (a label column, class folders): a text file of the class labels, one per line
     (default: the labels found in the data); every label of the data must be among them."""
@@ -50,34 +35,26 @@ class EvalConfig:
     """Zero-shot prompts: a text file with one template per line, or the templates themselves separated by '|',
     each with {} where the class name goes (default: CLIP's 'a photo of a {}.'); a class's embedding is the mean
     over its prompts, as CLIP's evaluation does."""
-    image_splitting: str = "as-folder"
-    """Generative models: split each image into tiles (on: SmolVLM's processor), one global image (off), or as the
-    model's preprocessor_config.json says (as-folder)."""
     seed: int = 0
+    options: Any = None
+    """The model family's own evaluation settings (`Family.options["eval"]`: a generative model's `vqa_questions`,
+    `max_new_tokens`, `image_splitting`; a matching model's `rerank_k`), given as keys of this section."""
+
+    SECTION: ClassVar[str] = "eval"
 
     def __post_init__(self):
-        if self.image_splitting not in SPLITTING:
-            raise VlmedgeError(f"eval: image_splitting={self.image_splitting!r}; expected one of "
-                               f"{', '.join(SPLITTING)}")
         if is_shapes(self.data):
             shapes_count(self.data)
-        for key in ("zero_shot_images", "retrieval_pairs", "hard_negative_pairs", "vqa_questions", "max_new_tokens",
-                    "rerank_k"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
+        for key in ("zero_shot_images", "retrieval_pairs", "hard_negative_pairs"):
+            if getattr(self, key) < 1:
                 raise VlmedgeError(f"eval: {key}={getattr(self, key)}; expected an integer >= 1")
         self.class_list(), self.template_list()  # bad files fail at load, before any work
 
-    def questions(self) -> int | Budget:
-        """`vqa_questions`, or when unset the time budget that chooses it."""
-        return self.vqa_questions or Budget(VQA_SECONDS, most=800, least=10, hint="vqa_questions (--vqa-questions)")
-
     def pinned(self, metrics: dict[str, Any]) -> "EvalConfig":
-        """This configuration with an unset `vqa_questions` fixed to the count an evaluation answered (its
-        `metrics` as written in eval.json, `questions` among them): a run's later steps answer the same questions
-        as its first model."""
-        if self.vqa_questions is None and "questions" in metrics:
-            return replace(self, vqa_questions=int(metrics["questions"]))
-        return self
+        """This configuration with what an evaluation chose by time fixed to what it did (its `metrics` as written
+        in eval.json; the family's options say what, e.g. the questions a generative model answered): a run's
+        later steps are evaluated as its first model was."""
+        return replace(self, options=self.options.pinned(metrics)) if self.options is not None else self
 
     def class_list(self) -> list[str] | None:
         """The --classes file's labels (None: take them from the data)."""

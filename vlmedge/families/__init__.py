@@ -16,7 +16,7 @@ instance at the end of it, add its name to `MODULES`, and ship its presets as JS
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,6 +26,7 @@ from ..disk import read_json, write_json
 from ..errors import VlmedgeError
 from ..models import check_model_folder, count_parameters, train_tokenizer
 from ..models.structure import apply_plan, shape_of
+from ..options import Options, flat, shared_fields
 from ..runtime.measure import time_each
 from ._export import patchify_as_matmul
 
@@ -171,6 +172,8 @@ class Exporting(_Capability):
     """The export layouts it writes, each graph's file per layout; the first is the default. `onnx-community`: a
     model folder transformers.js loads as written (graphs in onnx/, config.json and the processor's configs beside
     them; quantized graphs carry their dtype suffix, so precisions share the folder)."""
+    int4_graphs: tuple[str, ...] = ()
+    """The graphs quantize's `mixed` mode tries as INT4 unless told (`QuantizeConfig.int4_graphs`)."""
 
     def graphs(self, model) -> list[Graph]:
         raise self._lacks("be exported")
@@ -275,6 +278,10 @@ class Family(Model, Training, Exporting, Tasks, Scenarios):
     """A kind of model: the capabilities the stages, the evaluator and the targets ask of it. Each method says which
     stage asks for it; a family overrides what it has (what it lacks is a one-line error naming the family)."""
 
+    options: dict[str, type[Options]] = {}
+    """Its own settings per recipe section (`eval`, `prune`, `distill`, `measure`: a frozen `Options` dataclass),
+    carried in that section's config as `options` and given by users as keys of the section (`vlmedge.options`)."""
+
 
 _REGISTRY: Registry[Family] = Registry(__name__, MODULES, "model family")
 
@@ -323,8 +330,61 @@ def of_artifact(art) -> Family:
     return get(art.family) if art.family else of(art.path)
 
 
-def write_eval(path: Path, cfg, metrics: dict[str, Any]) -> None:
-    """An evaluation record (a step's `eval.json`): the data, the evaluation settings and every metric."""
-    from dataclasses import asdict
+def options_of(section: str) -> dict[str, type[Options]]:
+    """Every registered family's own settings for one recipe section: family name -> its `Options` class."""
+    return {name: f.options[section] for name, f in _REGISTRY.all().items() if section in f.options}
 
-    write_json(path, {"data": cfg.data, "config": asdict(cfg), "metrics": metrics})
+
+class OptionKeyError(VlmedgeError):
+    """A key of a recipe section (or a flag) that neither the shared config nor the model's family takes."""
+
+    def __init__(self, section: str, key: str, reason: str):
+        super().__init__(f"{section}: {key}: {reason}")
+        self.key, self.reason = key, reason
+
+
+def split_options(cls, values: dict[str, Any], family: Family | None, lenient: bool = False
+                  ) -> tuple[dict[str, Any], type[Options] | None, dict[str, Any]]:
+    """A section's keys (`values`, as a recipe or the flags give them) split for `cls` (a shared config with a
+    `SECTION`): (its own keys, the `Options` class `family` declares for the section or None, that class's keys). A
+    key that neither takes raises `OptionKeyError`, naming the family it belongs to where it is another's; `lenient`
+    drops it instead (a record an older vlmedge wrote, whose shared configs held every family's keys). Without a
+    `family` (a recipe's model folder not on this machine) the keys choose: the one family whose settings hold them
+    all."""
+    section = getattr(cls, "SECTION", None)
+    shared = shared_fields(cls)
+    if family is not None or not section:
+        own_cls = family.options.get(section) if family is not None and section else None
+    else:
+        rest = {k for k in values if k not in shared}
+        own_cls = next((c for c in options_of(section).values() if rest and rest <= {f.name for f in fields(c)}),
+                       None)
+    own = {f.name for f in fields(own_cls)} if own_cls else set()
+    for key in values:
+        if key in shared or key in own or lenient:
+            continue
+        others = [name for name, c in options_of(section).items() if key in {f.name for f in fields(c)}] \
+            if section else []
+        if others:
+            this = f"this model is a {family.name} model" if family is not None else "this model's family is unknown"
+            raise OptionKeyError(section, key, f"a setting of {' and '.join(others)} models; {this}")
+        takes = shared + sorted(own)
+        raise OptionKeyError(section or cls.__name__, key, f"unknown key; expected one of: {', '.join(takes)}")
+    return ({k: v for k, v in values.items() if k in shared}, own_cls,
+            {k: v for k, v in values.items() if k in own})
+
+
+def configure(cls, values: dict[str, Any], family: Family | None, lenient: bool = False):
+    """`cls` (a shared config) from a section's keys, the family's among them (`split_options`); its own defaults
+    for the family's settings not given."""
+    shared, own_cls, own = split_options(cls, values, family, lenient)
+    try:
+        return cls(**shared, **({"options": own_cls(**own)} if own_cls is not None else {}))
+    except ValueError as e:  # the board-safe MeasureConfig validates with ValueError
+        raise VlmedgeError(str(e)) from None
+
+
+def write_eval(path: Path, cfg, metrics: dict[str, Any]) -> None:
+    """An evaluation record (a step's `eval.json`): the data, the evaluation settings (the family's as keys beside
+    the shared ones) and every metric."""
+    write_json(path, {"data": cfg.data, "config": flat(cfg), "metrics": metrics})

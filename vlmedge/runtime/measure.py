@@ -16,7 +16,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
@@ -166,13 +166,15 @@ class MeasureConfig:
     threads: int | None = None
     """Intra-op threads; None = all cores of this machine."""
     max_cv: float = 0.25
-    image_splitting: str = "as-folder"
-    """Generative models: split the image into tiles (on), one global image (off), or as the folder's processor
-    config says (as-folder)."""
     rounds: int = 1
     """A run's benchmark (`vlmedge compress`): every step measured in turn, this many times over (interleaved
     rounds, so that a slow minute of a shared machine falls on one round of one step, not on one step); each figure
     is the median over the rounds (`pool_rounds`)."""
+    options: Any = None
+    """The model family's own latency settings (a generative model's `image_splitting`), given as keys of the
+    recipe's `measure` section."""
+
+    SECTION: ClassVar[str] = "measure"
 
     def __post_init__(self):
         # ValueError, not VlmedgeError: this module runs on boards without vlmedge (the recipe loader names the line)
@@ -181,8 +183,6 @@ class MeasureConfig:
             value = getattr(self, key)
             if value is not None and value < low:
                 raise ValueError(f"measure: {key}={value}; expected an integer >= {low}")
-        if self.image_splitting not in ("on", "off", "as-folder"):
-            raise ValueError(f"measure: image_splitting={self.image_splitting!r}; expected on, off or as-folder")
         if self.min_seconds < 0 or self.max_cv <= 0:
             raise ValueError(f"measure: min_seconds={self.min_seconds}, max_cv={self.max_cv}; expected >= 0 and > 0")
 

@@ -29,6 +29,7 @@ from ..disk import OUTPUT_MARK, claim_output, folder_size, write_json
 from ..errors import VlmedgeError
 from ..evaluate import EvalConfig, flat_metrics
 from ..models import DEFAULT_PRESET
+from ..options import flat
 from ..runtime.onnx import onnx_size, read_manifest
 
 MODULES = ("source", "train", "prune", "distill", "export", "quantize")
@@ -161,7 +162,7 @@ def step_id(config: Any, parent: Artifact | None, ctx: Context) -> str:
     and what else it reads, every folder among them by content (never by where it lies, so a run folder moved or
     copied elsewhere is still cached, and a folder edited in place is new)."""
     spec = spec_for(config)
-    key = {"stage": by_content(config), "eval": asdict(ctx.eval) if ctx.eval is not None else None,
+    key = {"stage": by_content(config), "eval": flat(ctx.eval) if ctx.eval is not None else None,
            "data": asdict(ctx.data) if "data" in spec.reads else None,
            "parent": parent.content if parent else None,
            "teacher": [ctx.teacher.id, ctx.teacher.content] if "teacher" in spec.reads and ctx.teacher else None}
@@ -173,7 +174,7 @@ def step_id(config: Any, parent: Artifact | None, ctx: Context) -> str:
 def by_content(config: Any) -> dict[str, Any]:
     """A stage config as a dict, each field that names a folder (`metadata={FOLDER: True}`) replaced by the digest of
     the folder's files where it exists."""
-    out = asdict(config)
+    out = flat(config)
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if f.metadata.get(FOLDER) and value and Path(value).exists():
@@ -220,7 +221,7 @@ def execute(config: Any, parent: Artifact | None, ctx: Context, folder: Path, pr
         raise
     if product == folder:
         write_json(folder / OUTPUT_MARK, {"command": spec.kind})  # the product replaced the folder: mark it again
-    art = replace(art, name=name, config={"stage": asdict(config)},
+    art = replace(art, name=name, config={"stage": flat(config)},
                   seconds={**art.seconds, "stage": round(time.perf_counter() - t0, 1)})
     if os.environ.get("RANK", "0") != "0":
         return art  # data-parallel training: rank 0 describes and records the step

@@ -49,10 +49,12 @@ class ExportConfig:
     parity_samples: int = 4
     """Fresh random inputs per graph for the parity check."""
     parity_questions: int | None = None
-    """Generative models: held-out questions whose greedy answers from the ONNX files must be token-identical to
-    PyTorch generate's (at most one may differ). None: as many as fit in PARITY_SECONDS at the pace of the first
-    two (2 to 100; a tiny model answers 100 in seconds, a SmolVLM-256M 8 in a minute on 2 cores, after its split
-    question), said in the log; the count is recorded in the manifest."""
+    """Held-out inputs of the family's end-to-end parity check (`Family.verify_export`): a generative model's
+    questions, whose greedy answers from the ONNX files must be token-identical to PyTorch generate's (at most one
+    may differ); a matching model's images, whose ITM reranking order must match PyTorch's (one batched pass). None:
+    as many as fit in PARITY_SECONDS at the pace of the first two (2 to 100; a tiny model answers 100 in seconds, a
+    SmolVLM-256M 8 in a minute on 2 cores, after its split question), said in the log; the count is recorded in the
+    manifest. A family without such a check ignores it."""
     zero_shot_labels: tuple[str, ...] = field(default_factory=tuple)
     """Captions whose normalised text embeddings are precomputed into the export (e.g. 'a red circle')."""
     tune_threads: bool = True

@@ -10,8 +10,8 @@ records which heads and neurons were kept.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from ..data import DEFAULT_SOURCE
 from ..disk import atomic_dir, write_json
 from ..errors import VlmedgeError
 from ..models.structure import TOWERS, LayerParts
+from ..options import flat, shared_fields
 from . import Context, register
 
 KINDS = ("heads", "mlp", "layers", "cross_heads")
@@ -37,8 +38,6 @@ class PruneConfig:
     text_heads: float = 0.0
     text_mlp: float = 0.0
     text_layers: float = 0.0
-    text_cross_heads: float = 0.0
-    """Matching models: fraction of each text layer's cross-attention heads (to the image's patches) to remove."""
     importance: str = "taylor"
     """magnitude (weights only) or taylor (|w * grad| of the contrastive loss on calibration batches)."""
     calibration_batches: int = 8
@@ -48,11 +47,20 @@ class PruneConfig:
     data: str | None = None
     """Calibration data for Taylor importance; None: the run's data (recipe `data.source`, the command's --data)."""
     seed: int = 0
+    options: Any = None
+    """The model family's own prunable parts (`Family.options["prune"]`: a matching model's `text_cross_heads`),
+    given as keys of the stage."""
+
+    SECTION: ClassVar[str] = "prune"
+
+    def ratio(self, key: str) -> float:
+        """The fraction to remove of one part (`{tower}_{kind}`: this config's, else its family's options')."""
+        return float(getattr(self, key) if key in shared_fields(PruneConfig) else getattr(self.options, key, 0.0))
 
     def __post_init__(self):
         for tower in TOWERS:
             for kind in KINDS:
-                r = getattr(self, f"{tower}_{kind}", 0.0)
+                r = self.ratio(f"{tower}_{kind}")
                 if not 0 <= r < 1:
                     raise VlmedgeError(f"prune: {tower}_{kind}={r} is impossible; expected a fraction in [0, 1) "
                                        "(something must remain)")
@@ -66,13 +74,13 @@ class PruneConfig:
         for tower in TOWERS:
             for kind in KINDS:
                 key = f"{tower}_{kind}"
-                if getattr(self, key, 0.0) and key not in family.prunable_parts:
+                if self.ratio(key) and key not in family.prunable_parts:
                     raise VlmedgeError(f"prune: {key}: a {family.name} model has no prunable {tower} "
                                        f"{kind.replace('_', '-')}; it takes {', '.join(family.prunable_parts)}")
         for tower, shape in shapes.items():
             rep = shape["heads"] // shape["kv_heads"]
             unit = f"key/value heads ({rep} query heads each)" if rep > 1 else "heads"
-            _keep_count(shape["kv_heads"], getattr(self, f"{tower}_heads", 0.0), f"{unit} per {tower} layer")
+            _keep_count(shape["kv_heads"], self.ratio(f"{tower}_heads"), f"{unit} per {tower} layer")
 
 
 # --- importance ----------------------------------------------------------------------------------------------------
@@ -163,7 +171,7 @@ def make_plan(family, model, cfg: PruneConfig, data: str = DEFAULT_SOURCE) -> di
     takes = prunable_keys(parts)
     for tower in TOWERS:
         for kind in KINDS:
-            ratio = getattr(cfg, f"{tower}_{kind}", 0.0)
+            ratio = cfg.ratio(f"{tower}_{kind}")
             if ratio and f"{tower}_{kind}" not in takes:
                 raise VlmedgeError(f"prune: {tower}_{kind}={ratio}, but {model.architecture} has no prunable "
                                    f"{tower} {kind.replace('_', '-')}; prune its {' and '.join(parts)} tower only (e.g. "
@@ -176,16 +184,16 @@ def make_plan(family, model, cfg: PruneConfig, data: str = DEFAULT_SOURCE) -> di
         head_total = sum(x.sum() for x in s["heads"]) or 1.0
         neuron_total = sum(x.sum() for x in s["neurons"]) or 1.0
         layer_score = [h.sum() / head_total + n.sum() / neuron_total for h, n in zip(s["heads"], s["neurons"])]
-        n_layers = _keep_count(len(layers_of), getattr(cfg, f"{tower}_layers"), f"{tower} layers")
+        n_layers = _keep_count(len(layers_of), cfg.ratio(f"{tower}_layers"), f"{tower} layers")
         layers = sorted(np.argsort(layer_score)[::-1][:n_layers].tolist())
         heads, neurons, cross = [], [], []
         for li in layers:
             p = layers_of[li]
-            keep_n = _keep_count(p.up.out_features, getattr(cfg, f"{tower}_mlp"), f"MLP neurons in {tower} layer {li}")
-            heads.append(_kept_heads(s["heads"][li], p, getattr(cfg, f"{tower}_heads"), f"{tower} layer {li}"))
+            keep_n = _keep_count(p.up.out_features, cfg.ratio(f"{tower}_mlp"), f"MLP neurons in {tower} layer {li}")
+            heads.append(_kept_heads(s["heads"][li], p, cfg.ratio(f"{tower}_heads"), f"{tower} layer {li}"))
             neurons.append(sorted(np.argsort(s["neurons"][li])[::-1][:keep_n].tolist()))
             if p.cross is not None:
-                cross.append(_kept_heads(s["cross_heads"][li], p.cross, getattr(cfg, f"{tower}_cross_heads", 0.0),
+                cross.append(_kept_heads(s["cross_heads"][li], p.cross, cfg.ratio(f"{tower}_cross_heads"),
                                          f"{tower} layer {li}'s cross-attention"))
         plan[tower] = {"layers": layers, "heads": heads, "neurons": neurons, **({"cross_heads": cross} if cross else {})}
     return plan
@@ -204,7 +212,7 @@ def prune(source: str | os.PathLike, out: str | os.PathLike, cfg: PruneConfig = 
     model.source = f"pruned:{source}"
     with atomic_dir(out) as tmp:
         model.save(tmp)
-        write_json(tmp / "pruning_plan.json", {"config": asdict(cfg), "kept": plan, "before": before,
+        write_json(tmp / "pruning_plan.json", {"config": flat(cfg), "kept": plan, "before": before,
                                                "after": after})
     return {"before": before, "after": after, "kept": plan}
 

@@ -93,8 +93,9 @@ class QuantizeConfig:
     quantized width)."""
     accuracy_level: int | None = None
     """INT4: MatMulNBits' compute type: None/0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 (with VNNI the fast one)."""
-    int4_graphs: tuple[str, ...] = ("embed", "decoder")
-    """mixed: the graphs tried as INT4 (those the export has)."""
+    int4_graphs: tuple[str, ...] | None = None
+    """mixed: the graphs tried as INT4; None: the family's (`Family.int4_graphs`: a generative model's embed and
+    decoder, none of a dual encoder's or a matching model's)."""
     max_drop: float | None = None
     """Accuracy-aware: the largest allowed drop of `metric` against the fp32 export; None disables."""
     metric: str = "zero_shot.top1"
@@ -151,16 +152,17 @@ class QuantizeConfig:
 
     def check_graphs(self, graphs, where: str) -> None:
         """Every graph the config names (`graphs`, and `int4_graphs` where set) is one of `graphs`: a misspelt or
-        another family's graph name is an error, not a setting silently ignored. The default `int4_graphs` means
-        those of embed and decoder the export has."""
-        named = [*(self.graphs or {})]
-        if self.int4_graphs != QuantizeConfig.int4_graphs:
-            named += list(self.int4_graphs)
+        another family's graph name is an error, not a setting silently ignored."""
+        named = [*(self.graphs or {}), *(self.int4_graphs or ())]
         for graph in named:
             if graph not in graphs:
                 key = "graphs" if graph in (self.graphs or {}) else "int4_graphs"
                 raise VlmedgeError(f"quantize: {key}: {graph!r} is not a graph of {where}; its graphs are "
                                    f"{', '.join(graphs)}")
+
+    def int4_of(self, family) -> tuple[str, ...]:
+        """The graphs `mixed` tries as INT4: `int4_graphs`, else the family's."""
+        return self.int4_graphs if self.int4_graphs is not None else family.int4_graphs
 
     def check_model(self, shapes: dict[str, dict[str, int]], family) -> None:
         """At recipe load, against the model's tower shapes (`models.tower_shapes`) and its family's graphs (graph
@@ -169,7 +171,7 @@ class QuantizeConfig:
         graph_towers = family.graph_towers
         self.check_graphs(list(graph_towers), f"a {family.name} export")
         int4 = [g for g in graph_towers if self.mode_of(g) == "int4"
-                or (self.mode == "mixed" and g in self.int4_graphs and g not in (self.graphs or {}))]
+                or (self.mode == "mixed" and g in self.int4_of(family) and g not in (self.graphs or {}))]
         towers = [t for t in ("vision", "text") if t in shapes and any(graph_towers[g] == t for g in int4)]
         self.check_widths({t: [shapes[t]["hidden_size"], shapes[t]["intermediate_size"]] for t in towers},
                           "quantize")
@@ -366,7 +368,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
     family = family or families.of(source)
     files = manifest["files"]
     cfg.check_graphs(list(files), str(source))
-    forms = _forms(cfg, files)
+    forms = _forms(cfg, files, cfg.int4_of(family))
     for form in forms:
         form.check_widths(_int4_widths(source, files, form), f"quantize ({source})")
     int8 = any(m in ("dynamic", "static") for f in forms for m in f.graphs.values())
@@ -461,14 +463,14 @@ def _add_to_source(out: Path, source: Path, own: dict[str, str]) -> list[str]:
     return added
 
 
-def _forms(cfg: QuantizeConfig, files: dict[str, str]) -> list[QuantizeConfig]:
+def _forms(cfg: QuantizeConfig, files: dict[str, str], int4_graphs: tuple[str, ...]) -> list[QuantizeConfig]:
     """The configurations to build, each with a mode for every graph: one, or for `mixed` the INT4 form (its
     `int4_graphs` as INT4) and the INT8 form (every graph not set in `graphs` INT8 dynamic)."""
     if cfg.mode != "mixed":
         return [replace(cfg, graphs={g: cfg.mode_of(g) for g in files})]
     fixed = cfg.graphs or {}
     int8 = {g: fixed.get(g, "dynamic") for g in files}
-    int4 = {g: "int4" if g in cfg.int4_graphs and g not in fixed else m for g, m in int8.items()}
+    int4 = {g: "int4" if g in int4_graphs and g not in fixed else m for g, m in int8.items()}
     return [replace(cfg, graphs=g) for g in ([int4, int8] if int4 != int8 else [int8])]
 
 

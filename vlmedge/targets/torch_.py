@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from typing import Any
 
 from .. import families
@@ -18,7 +19,7 @@ def benchmark(path: str | os.PathLike, cfg: MeasureConfig = MeasureConfig(), dev
     family = families.of(path)
     model = family.load(path)
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    adapter = family.adapter(model, image_splitting=cfg.image_splitting)
+    adapter = family.adapter(model, **(asdict(cfg.options) if cfg.options is not None else {}))  # the family's own
     scenarios = family.torch_scenarios(model, family.latency_inputs(adapter, cfg.throughput_batch), device,
                                        torch_dtype)
     cuda = device.startswith("cuda")

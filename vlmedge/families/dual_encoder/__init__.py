@@ -87,7 +87,8 @@ def _sigmoid_loss(image_emb, text_emb, logit_scale, logit_bias, match, negatives
 
 @dataclass
 class DistillLosses:
-    """Weights of the distillation losses (teacher -> student); the student's own contrastive loss is one of them."""
+    """Weights of the distillation losses (teacher -> student); the student's own contrastive loss is one of them.
+    A family's own losses (the matching model's `matching`, the generative model's `tokens`) are its `options`."""
 
     contrastive: float = 1.0
     """The student's own loss on the batch: InfoNCE (a matching model: ITC + ITM; a generative model: the answer
@@ -96,25 +97,18 @@ class DistillLosses:
     """KL between teacher and student image->text and text->image similarity distributions (TinyCLIP)."""
     feature: float = 1.0
     """1 - cosine between student and teacher embeddings, both towers (feature mimicry, CLIP-KD)."""
-    matching: float = 1.0
-    """Matching models: KL between the teacher's and the student's match probabilities on the same image-text pairs
-    (the ITM head's logits); other families have no such head and ignore it."""
-    tokens: float = 1.0
-    """Generative models: token-level KL between the teacher's and the student's next-token distributions on the
-    answer tokens (softened by `temperature`, scaled by its square); other families ignore it."""
-    temperature: float = 2.0
-    """The token-level KL's softmax temperature."""
+    options: Any = None
+    """The student's family's own loss weights (`Family.options["distill"]`, weights named in its `WEIGHTS`)."""
 
-    WEIGHTS = ("contrastive", "affinity", "feature", "matching", "tokens")
+    WEIGHTS = ("contrastive", "affinity", "feature")
 
     def validate(self) -> None:
         for k in self.WEIGHTS:
             if getattr(self, k) < 0:
                 raise VlmedgeError(f"distill: {k}={getattr(self, k)} must be >= 0")
-        if sum(getattr(self, k) for k in self.WEIGHTS) <= 0:
+        own = [getattr(self.options, k) for k in getattr(self.options, "WEIGHTS", ())]
+        if sum(getattr(self, k) for k in self.WEIGHTS) + sum(own) <= 0:
             raise VlmedgeError("distill: all loss weights are 0; nothing to learn")
-        if not self.temperature > 0:
-            raise VlmedgeError(f"distill: temperature={self.temperature} must be > 0")
 
 
 def affinity_loss(s_logits, t_logits):

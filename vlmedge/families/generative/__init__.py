@@ -10,7 +10,7 @@ quantization per graph (`calibration_feeds`, `output_agreement`: greedy answers 
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ from ...disk import write_json
 from ...errors import VlmedgeError
 from ...models import load_tokenizer
 from ...models.structure import TOWERS, tower_layers
-from ...preprocess import Preprocess
+from ...options import Options
+from ...preprocess import SPLITTING, Preprocess
 from ...runtime.generate import FILES, GENERATION_KEYS, LOGITS_TO_KEEP, GraphMismatch, GreedyDecoder, past_names
 from ...runtime.measure import thread_record, tuned_threads
 from ...runtime.onnx import MANIFEST, open_session, read_manifest
@@ -37,6 +38,75 @@ ANSWER_TOKENS = 16
 """Tokens in the latency scenarios' whole answer (EOS ignored, so every artifact writes the same count)."""
 LATENCY_IMAGE = (1024, 768)
 """The latency scenarios' image (width, height): a camera frame, which SmolVLM's processor splits into tiles."""
+VQA_SECONDS = 300.0
+"""The time an unset `vqa_questions` may take per evaluated step."""
+
+
+def _check_splitting(section: str, value: str) -> None:
+    if value not in SPLITTING:
+        raise VlmedgeError(f"{section}: image_splitting={value!r}; expected one of {', '.join(SPLITTING)}")
+
+
+@dataclass(frozen=True)
+class GenerativeEval(Options):
+    """A generative model's evaluation settings (keys of a recipe's `eval` section, flags of `vlmedge eval`)."""
+
+    vqa_questions: int | None = None
+    """Questions to answer (every type in turn: VQA accuracy per type, captions for 'describe').
+    None: up to 800, as many as fit in VQA_SECONDS at the pace of the first ten (a tiny model answers 800 in
+    seconds; a SmolVLM-256M, at the 2.6 s an answer measured on 2 cores, about 115), said in the log; a recipe's
+    later steps answer the questions its first model answered."""
+    max_new_tokens: int = 24
+    """Longest answer the model may write (greedy decoding)."""
+    image_splitting: str = "as-folder"
+    """Split each image into tiles (on: SmolVLM's processor), one global image (off), or as the model's
+    preprocessor_config.json says (as-folder)."""
+
+    def __post_init__(self):
+        _check_splitting("eval", self.image_splitting)
+        for key in ("vqa_questions", "max_new_tokens"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise VlmedgeError(f"eval: {key}={getattr(self, key)}; expected an integer >= 1")
+
+    def questions(self) -> int | Budget:
+        """`vqa_questions`, or when unset the time budget that chooses it."""
+        return self.vqa_questions or Budget(VQA_SECONDS, most=800, least=10, hint="vqa_questions (--vqa-questions)")
+
+    def pinned(self, metrics: dict[str, Any]) -> "GenerativeEval":
+        """An unset `vqa_questions` fixed to the count an evaluation answered (`questions` in its metrics)."""
+        if self.vqa_questions is None and "questions" in metrics:
+            return replace(self, vqa_questions=int(metrics["questions"]))
+        return self
+
+
+@dataclass(frozen=True)
+class GenerativeMeasure(Options):
+    """A generative model's latency settings (keys of a recipe's `measure` section); the adapter's options."""
+
+    image_splitting: str = "as-folder"
+    """Split the latency image into tiles (on), time one global image (off), or as the folder says (as-folder)."""
+
+    def __post_init__(self):
+        _check_splitting("measure", self.image_splitting)
+
+
+@dataclass(frozen=True)
+class GenerativeDistill(Options):
+    """A generative student's own distillation loss (keys of a recipe's `distill` stage)."""
+
+    tokens: float = 1.0
+    """Token-level KL between the teacher's and the student's next-token distributions on the answer tokens
+    (softened by `temperature`, scaled by its square)."""
+    temperature: float = 2.0
+    """The token-level KL's softmax temperature."""
+
+    WEIGHTS = ("tokens",)
+
+    def __post_init__(self):
+        if self.tokens < 0:
+            raise VlmedgeError(f"distill: tokens={self.tokens} must be >= 0")
+        if not self.temperature > 0:
+            raise VlmedgeError(f"distill: temperature={self.temperature} must be > 0")
 
 
 class _Answers:
@@ -267,6 +337,8 @@ class Generative(Family):
     architectures = ARCHITECTURES
     layouts = {"onnx-community": FILES}
     report_metrics = ("vqa.accuracy", "vqa.held_out", "caption.cider")
+    options = {"eval": GenerativeEval, "measure": GenerativeMeasure, "distill": GenerativeDistill}
+    int4_graphs = ("embed", "decoder")
     headline_scenario = "answer"
     report_latency = ("vision", "prefill", "ttft", "decode")
     latency_record = {"answer_tokens": ANSWER_TOKENS}
@@ -336,15 +408,16 @@ class Generative(Family):
         with torch.no_grad(), b.autocast():
             t_logits, t_feats = _forward(teacher.model, pixels.to(teacher.model.dtype), ids, mask)
         answer = target != -100
-        temp, w = weights.temperature, weights
+        w, own = weights, GenerativeDistill.of(weights)
+        temp = own.temperature
         parts = {"nll": nll}
-        if w.tokens:
+        if own.tokens:
             s_log = F.log_softmax(logits[answer] / temp, -1)
             t_log = F.log_softmax(t_logits[:, :-1].float()[answer] / temp, -1)
             parts["tokens"] = F.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * temp ** 2
         if w.feature and feats.shape == t_feats.shape:
             parts["feature"] = (1 - F.cosine_similarity(feats.float(), t_feats.float(), dim=-1)).mean()
-        scale = {"nll": w.contrastive, "tokens": w.tokens, "feature": w.feature}
+        scale = {"nll": w.contrastive, "tokens": own.tokens, "feature": w.feature}
         return sum(scale[k] * v for k, v in parts.items())
 
     def before_step(self, model, step: int, cfg) -> None:
@@ -464,12 +537,13 @@ class Generative(Family):
 
     def evaluate(self, adapter, eval_cfg, progress: bool = False) -> dict[str, Any]:
         self.sanity_check(adapter)
-        adapter = adapter.with_splitting(eval_cfg.image_splitting)
-        questions = eval_cfg.questions()
+        own = GenerativeEval.of(eval_cfg)
+        adapter = adapter.with_splitting(own.image_splitting)
+        questions = own.questions()
         ds = open_vqa(eval_cfg.data, "val", resolution=adapter.preprocess.image_size, count=upper(questions),
                       seed=eval_cfg.seed)
         items = ds.eval_items(upper(questions), eval_cfg.seed)
-        return evaluate_generator(adapter, ds, items, eval_cfg.max_new_tokens, progress, questions)
+        return evaluate_generator(adapter, ds, items, own.max_new_tokens, progress, questions)
 
     def calibration_feeds(self, adapter, data, batches, batch_size, seed):
         """Real feeds per graph from training questions of `data` (the fp32 export computes what each graph
@@ -560,7 +634,8 @@ class Generative(Family):
         """The same scenarios on the export with the runtime's greedy loop (the cache kept as OrtValues)."""
         import onnxruntime as ort
 
-        adapter = OnnxGenerator(folder, threads=cfg.threads, providers=providers, image_splitting=cfg.image_splitting)
+        adapter = OnnxGenerator(folder, threads=cfg.threads, providers=providers,
+                                image_splitting=GenerativeMeasure.of(cfg).image_splitting)
         frames, prompt = self.latency_inputs(adapter, 1)
         rt = adapter.runtime
         embeds = rt.prefill_embeds(rt.image_features(frames), prompt)

@@ -12,7 +12,7 @@ embeddings, then ITM on the top k).
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +24,7 @@ from ...data.shapes import load_shapes
 from ...errors import VlmedgeError
 from ...models import load_tokenizer
 from ...models.structure import count_flops, tower_layers
+from ...options import Options
 from ...preprocess import Preprocess
 from ...runtime.measure import random_feeds, thread_record, tuned_threads
 from ...runtime.onnx import check_inputs, open_session, read_manifest
@@ -203,12 +204,48 @@ def _itm_pairs(b: TrainBatch, sim, match):
     return pairs
 
 
+@dataclass(frozen=True)
+class MatchingEval(Options):
+    """A matching model's evaluation settings (keys of a recipe's `eval` section, flags of `vlmedge eval`)."""
+
+    rerank_k: int = RERANK_K
+    """Candidates ITC retrieves for ITM to rerank (retrieval both ways, zero-shot classes)."""
+
+    def __post_init__(self):
+        if self.rerank_k < 1:
+            raise VlmedgeError(f"eval: rerank_k={self.rerank_k}; expected an integer >= 1")
+
+
+@dataclass(frozen=True)
+class MatchingPrune(Options):
+    """A matching model's own prunable part (a key of a recipe's `prune` stage, beside the towers' ratios)."""
+
+    text_cross_heads: float = 0.0
+    """Fraction of each text layer's cross-attention heads (to the image's patches) to remove."""
+
+
+@dataclass(frozen=True)
+class MatchingDistill(Options):
+    """A matching student's own distillation loss (a key of a recipe's `distill` stage)."""
+
+    matching: float = 1.0
+    """KL between the teacher's and the student's match probabilities on the same image-text pairs (the ITM
+    head's logits)."""
+
+    WEIGHTS = ("matching",)
+
+    def __post_init__(self):
+        if self.matching < 0:
+            raise VlmedgeError(f"distill: matching={self.matching} must be >= 0")
+
+
 class Matching(Family):
     graph_towers = {"image": "vision", "text": "text", "matcher": "text"}
     prunable_parts = ("text_heads", "text_mlp", "text_layers", "text_cross_heads")
     name = "matching"
     architectures = ARCHITECTURES
     layouts = {"flat": GRAPH_FILES}
+    options = {"eval": MatchingEval, "prune": MatchingPrune, "distill": MatchingDistill}
     report_metrics = ("itm.mean", "retrieval.rerank_i2t_r1", "itm.relation", "itm.position",
                       "retrieval.itc_i2t_r1", "retrieval.rerank_t2i_r1", "zero_shot.top1")
     headline_scenario = "rerank"
@@ -292,10 +329,11 @@ class Matching(Family):
                                                        t_scale * t_img.float() @ t_txt.float().t())
         if w.feature:
             total = total + w.feature * ((1 - (img * t_img).sum(-1)).mean() + (1 - (txt * t_txt).sum(-1)).mean()) / 2
-        if w.matching:
+        matching = MatchingDistill.of(w).matching
+        if matching:
             p_t = torch.sigmoid(t_logits)
-            total = total + w.matching * F.binary_cross_entropy_with_logits(logits, p_t) \
-                - w.matching * F.binary_cross_entropy(p_t, p_t)  # KL(teacher || student) per pair
+            total = total + matching * F.binary_cross_entropy_with_logits(logits, p_t) \
+                - matching * F.binary_cross_entropy(p_t, p_t)  # KL(teacher || student) per pair
         return total
 
     def before_step(self, model, step: int, cfg) -> None:
@@ -387,7 +425,7 @@ class Matching(Family):
 
     def evaluate(self, adapter, eval_cfg, progress: bool = False) -> dict[str, Any]:
         self.sanity_check(adapter)
-        return evaluate(adapter, eval_cfg, progress)
+        return evaluate(adapter, eval_cfg, MatchingEval.of(eval_cfg).rerank_k, progress)
 
     def calibration_feeds(self, adapter, data, batches, batch_size, seed):
         """Real preprocessed feeds per graph; the matcher's patch embeddings come from the fp32 image encoder."""

@@ -123,14 +123,15 @@ def zero_shot(matcher: Matcher, data, k: int) -> dict[str, Any]:
             "top5": float((order[:, :5] == truth[:, None]).any(1).mean())}
 
 
-def evaluate(matcher: Matcher, cfg, progress: bool = False) -> dict[str, Any]:
+def evaluate(matcher: Matcher, cfg, rerank_k: int = 16, progress: bool = False) -> dict[str, Any]:
+    """The matching tasks on `cfg`'s data (an `EvalConfig`), ITM reranking ITC's top `rerank_k`."""
     size = matcher.preprocess.image_size
     if is_shapes(cfg.data):
         single = load_shapes("test", cfg.zero_shot_images, size, seed=cfg.seed, single_object=True)
         mixed = load_shapes("test", cfg.retrieval_pairs, size, seed=cfg.seed)
         itm, itc = hard_negatives(matcher, single, mixed, cfg.hard_negative_pairs, cfg.seed)
         out: dict[str, Any] = {"itm": itm, "itc_hard_negatives": itc, "zero_shot": zero_shot(matcher, single,
-                                                                                               cfg.rerank_k)}
+                                                                                               rerank_k)}
         ds = ShapesDataset(mixed)
     else:
         ds = open_dataset(cfg.data, "val", resolution=size, count=cfg.retrieval_pairs, seed=cfg.seed)
@@ -143,5 +144,5 @@ def evaluate(matcher: Matcher, cfg, progress: bool = False) -> dict[str, Any]:
     if not getattr(ds, "match_is_content", False):  # listed captions: the drawn one counts too
         hit |= np.asarray(captions, dtype=object)[:, None] == np.asarray(captions, dtype=object)[distinct][None, :]
     patches, img = encode_all(matcher, ds.images(idx))
-    out["retrieval"] = retrieval(matcher, patches, img, [captions[j] for j in distinct], hit, cfg.rerank_k, progress)
+    out["retrieval"] = retrieval(matcher, patches, img, [captions[j] for j in distinct], hit, rerank_k, progress)
     return out
