@@ -151,19 +151,11 @@ def build(cls, data: Any, path: str, where: _Where, family: families.Family | No
         raise where.error(path, f"expected a mapping of {cls.__name__} settings, got {data!r}")
     hints = typing.get_type_hints(cls)
     key_path = lambda k: f"{path}.{k}" if path else k  # noqa: E731
-    extra = {}
-    if hasattr(cls, "SECTION"):
-        try:
-            data, own_cls, own = families.split_options(cls, data, family)
-        except families.OptionKeyError as e:
-            raise where.error(key_path(e.key), e.reason) from None
-        if own_cls is not None:
-            extra["options"] = build(own_cls, own, path, where)
-    else:
-        fields = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in fields]
-        if unknown:
-            raise where.error(key_path(unknown[0]), f"unknown key; expected one of: {', '.join(fields)}")
+    try:  # unknown keys too: the same check for every config
+        data, own_cls, own = families.split_options(cls, data, family)
+    except families.OptionKeyError as e:
+        raise where.error(key_path(e.key), e.reason) from None
+    extra = {"options": build(own_cls, own, path, where)} if own_cls is not None else {}
     kwargs = {k: _coerce(v, hints[k], key_path(k), where) for k, v in data.items()}
     try:
         return cls(**kwargs, **extra)
