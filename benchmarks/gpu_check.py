@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_generative import smolvlm_256m_folder  # noqa: E402  (the test suite's builder, at full depth here)
 
+from vlmedge import families  # noqa: E402
 from vlmedge.errors import VlmedgeError  # noqa: E402
 from vlmedge.runtime.measure import MeasureConfig, environment  # noqa: E402
 from vlmedge.targets import get_target  # noqa: E402
@@ -50,8 +51,8 @@ def main(out: Path, quick: bool) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     # one global 512 px frame per image, as the CPU figures of the 256M shape in the README
-    cfg = MeasureConfig(warmup=2, min_runs=5 if quick else 20, min_seconds=0.2 if quick else 2.0,
-                        image_splitting="off")
+    cfg = families.configure(MeasureConfig, {"warmup": 2, "min_runs": 5 if quick else 20,
+                                             "min_seconds": 0.2 if quick else 2.0, "image_splitting": "off"}, None)
     cuda = torch.cuda.is_available()
     result: dict = {"environment": environment(), "cuda": torch.cuda.get_device_name() if cuda else None,
                     "quick": quick, "models": {}}

@@ -105,7 +105,8 @@ def interleaved(model: Path, folders: dict[str, Path], rounds: int, splitting: s
     family = families.of(model)
     vlm = family.load(model)
     # at least 3 runs and half a second per scenario: the short ones (prefill, decode) get a dozen samples or more
-    cfg = MeasureConfig(warmup=1, min_runs=3, min_seconds=0.5, threads=2, image_splitting=splitting)
+    cfg = families.configure(MeasureConfig, {"warmup": 1, "min_runs": 3, "min_seconds": 0.5, "threads": 2,
+                                             "image_splitting": splitting}, family)
     inputs = family.latency_inputs(family.adapter(folders["fp32"], image_splitting=splitting), 1)
     w = work(family, vlm)
     width = vlm.model.config.vision_config.hidden_size

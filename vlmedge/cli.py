@@ -219,18 +219,29 @@ def _report(art, out: str) -> None:
 
 
 def cmd_prune(args) -> int:
-    for tower in ("vision", "text"):  # --heads/--mlp/--layers set both towers, --vision-*/--text-* override one
-        for kind in ("heads", "mlp", "layers"):
-            if getattr(args, f"{tower}_{kind}") is None:
-                setattr(args, f"{tower}_{kind}", getattr(args, kind))
-    art = _execute(_config(PruneConfig, args, family=families.of(args.model), data=None),  # data: --data, the run's
+    family = families.of(args.model)
+    _both_towers(args, family)
+    art = _execute(_config(PruneConfig, args, family=family, data=None),  # data: --data, the run's
                    args, args.model)
     b, a = art.info["before"], art.info["after"]
-    print(f"parameters {b['parameters'] / 1e6:.2f}M -> {a['parameters'] / 1e6:.2f}M; image GFLOPs "
-          f"{b['flops']['image'] / 1e9:.3f} -> {a['flops']['image'] / 1e9:.3f}; text GFLOPs "
-          f"{b['flops']['text'] / 1e9:.4f} -> {a['flops']['text'] / 1e9:.4f}; written {args.out}")
+    parts = "; ".join(f"{part} GFLOPs {b['flops'][part] / 1e9:.4g} -> {a['flops'][part] / 1e9:.4g}"
+                      for part in b["flops"])
+    print(f"parameters {b['parameters'] / 1e6:.2f}M -> {a['parameters'] / 1e6:.2f}M; {parts}; written {args.out}")
     _report(art, args.out)
     return 0
+
+
+def _both_towers(args, family) -> None:
+    """--heads/--mlp/--layers set every tower of `family`'s models that has the part (--vision-*/--text-* override
+    one); a shorthand none of its towers takes is refused before any work, naming the flags that would prune."""
+    for kind in ("heads", "mlp", "layers"):
+        takes = [t for t in ("vision", "text") if f"{t}_{kind}" in family.prunable_parts]
+        if getattr(args, kind) and not takes:
+            flags = ", ".join("--" + p.replace("_", "-") for p in family.prunable_parts)
+            raise VlmedgeError(f"--{kind}: a {family.name} model has no prunable {kind}; it takes {flags}")
+        for tower in ("vision", "text"):
+            if getattr(args, f"{tower}_{kind}") is None:
+                setattr(args, f"{tower}_{kind}", getattr(args, kind) if tower in takes else 0.0)
 
 
 def cmd_distill(args) -> int:
@@ -510,15 +521,17 @@ def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="structured pruning: attention heads, MLP neurons, layers, both towers",
                        description="Remove the least important heads, MLP neurons and layers. Ratios are fractions "
                                    "removed per layer (heads, mlp) or per tower (layers); --heads/--mlp/--layers set "
-                                   "both towers, --vision-*/--text-* override one; a matching model prunes its text "
-                                   "encoder (--text-*, and --text-cross-heads for its cross-attention to the image). "
-                                   "Importance: taylor (|w*grad| of the family's training loss on calibration "
+                                   "every tower that has the part, --vision-*/--text-* override one; a matching "
+                                   "model prunes its text encoder (--text-*, and --text-cross-heads for its "
+                                   "cross-attention to the image). Importance: taylor (|w*grad| of the family's training loss on calibration "
                                    "batches) or magnitude.",
                        epilog="example: vlmedge prune runs/teacher --out runs/pruned --heads 0.5 --mlp 0.5")
     p.add_argument("model", help="model folder (or the folder of an earlier command or run step)")
     _add_common(p)
     for kind in ("heads", "mlp", "layers"):
-        p.add_argument(f"--{kind}", type=float, default=0.0, help=f"fraction of {kind} to remove in both towers")
+        p.add_argument(f"--{kind}", type=float, default=0.0,
+                       help=f"fraction of {kind} to remove in every tower that has them (a matching model: its text "
+                            "encoder)")
     per_tower = tuple(f"{t}_{k}" for t in ("vision", "text") for k in ("heads", "mlp", "layers"))
     _add_config_flags(p, PruneConfig, skip=("data",), hidden=per_tower, choices={"importance": list(IMPORTANCE)})
     for name in per_tower:  # None: the both-towers flag decides (cmd_prune)

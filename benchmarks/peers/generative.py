@@ -145,7 +145,7 @@ def main() -> int:
     if args.optimum_python:
         rows["Optimum export + ORTQuantizer"] = {"optimum": _optimum(args.optimum_python, teacher,
                                                                      work / "optimum")}
-    eval_cfg = EvalConfig(vqa_questions=args.questions)
+    eval_cfg = families.configure(EvalConfig, {"vqa_questions": args.questions}, family)
     for name, (model, size) in torch_rows.items():
         t0 = time.perf_counter()
         rows[name] = {"metrics": flat_metrics(family.evaluate(TorchGenerator(model), eval_cfg)), "size_bytes": size,

@@ -379,7 +379,8 @@ def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: f
         print(json.dumps({k: results[k] for k in ("agreement", "llama_cpp_vs_its_f32", "distinct_reference_answers")},
                          indent=1))
         return 0
-    cfg = MeasureConfig(warmup=1, min_runs=3, min_seconds=0.0, threads=threads, image_splitting="as-folder")
+    cfg = families.configure(MeasureConfig, {"warmup": 1, "min_runs": 3, "min_seconds": 0.0, "threads": threads,
+                                             "image_splitting": "as-folder"}, family)
     inputs = family.latency_inputs(family.adapter(forms["vlmedge fp32"]), 1)
     extra = {name: openvino_timer(f, prompts_path, threads, 3, precision) for name, (f, precision) in ov.items()}
     extra.update({name: llama_timer(g, m, prompts[0], threads, 3) for name, (g, m) in llama.items()
