@@ -5,7 +5,9 @@
 * `bandwidth`: the memory bandwidth one large copy gets (GB/s, read + write), the bound of a decode step that
   streams every weight once.
 
-    python benchmarks/ceilings.py [--threads 2]
+    python benchmarks/ceilings.py [--threads 2] [--quick]
+
+`--quick` (the suite's check of the script): small shapes, a fraction of a second per figure.
 """
 
 from __future__ import annotations
@@ -66,9 +68,13 @@ def bandwidth(megabytes: int = 512, seconds: float = 2.0) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="small shapes, short timings: checks the script")
     a = ap.parse_args()
-    print(json.dumps({"threads": a.threads, "2048^3": gemm(2048, 2048, 2048, a.threads),
-                      "1024x768x3072": gemm(1024, 768, 3072, a.threads), "bandwidth_gbps": bandwidth()}, indent=2))
+    shapes, seconds, megabytes = (((128, 128, 128), (64, 768, 3072)), 0.05, 16) if a.quick else \
+        (((2048, 2048, 2048), (1024, 768, 3072)), 2.0, 512)
+    print(json.dumps({"threads": a.threads,
+                      **{"x".join(map(str, s)): gemm(*s, a.threads, seconds) for s in shapes},
+                      "bandwidth_gbps": bandwidth(megabytes, seconds)}, indent=2))
     return 0
 
 

@@ -1,25 +1,46 @@
 #!/usr/bin/env bash
 # Regenerates benchmarks/results/: the quickstart recipe and the edge-cpu recipe (base preset with a minimal
-# teacher: training the full base model takes hours on a CPU), each measured in one run on this machine.
-# Usage: benchmarks/run.sh [quickstart|edge-cpu|all]   (from the repository root, with vlmedge installed)
+# teacher: training the full base model takes hours on a CPU), each measured in one run on this machine; each
+# report.json copied here gets the provenance record (command, commit, environment, load average before and after).
+# Usage: benchmarks/run.sh [quickstart|edge-cpu|all] [--quick DIR]   (from the repository root, vlmedge installed)
+# --quick DIR: the suite's check of this script: both recipes on the tiny preset, every stage a few steps, no
+# gates, results and runs under DIR instead of benchmarks/results and runs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
-mkdir -p benchmarks/results
+results=benchmarks/results runs=runs quick=()
+if [[ "${2:-}" == --quick ]]; then
+  results="${3:?--quick needs a folder}" runs="${3}/runs"
+  quick=(--set model.preset=tiny --set data.count=256 --set stages.train.steps=2 --set stages.train.batch_size=8
+         --set stages.prune.calibration_batches=1 --set stages.prune.batch_size=8 --set stages.distill.steps=2
+         --set stages.distill.batch_size=8 --set stages.quantize.tune_threads=false --set stages.export.tune_threads=false
+         --set eval.zero_shot_images=36 --set eval.retrieval_pairs=32 --set eval.hard_negative_pairs=16
+         --set measure.rounds=1 --set measure.warmup=1 --set measure.min_runs=3 --set measure.min_seconds=0
+         --set 'gates=[]')
+fi
+mkdir -p "$results"
 export HF_HUB_OFFLINE=1
+
+# NAME RECIPE [--set ...]: run it, copy its report here, stamp the copy with where and how it was measured
+measure() {
+  local name="$1" recipe="$2" started load
+  shift 2
+  started=$(date +%s) load=$(cut -d' ' -f1-3 /proc/loadavg)
+  /usr/bin/time -f "$name wall time: %e s" vlmedge compress "$recipe" --out "$runs/bench-$name" "$@" "${quick[@]}" \
+    2>&1 | tee "$results/$name.log"
+  cp "$runs/bench-$name/report.md" "$results/$name.md"
+  cp "$runs/bench-$name/report.json" "$results/$name.json"
+  [[ ! -f "$runs/bench-$name/pareto.png" ]] || cp "$runs/bench-$name/pareto.png" "$results/$name-pareto.png"
+  python3 benchmarks/provenance.py stamp "$results/$name.json" --started "$started" --load-before $load \
+    --command "benchmarks/run.sh $what${quick:+ --quick $results}"
+}
+
 if [[ "$what" == quickstart || "$what" == all ]]; then
-  /usr/bin/time -f "quickstart wall time: %e s" vlmedge compress recipes/quickstart.yaml --out runs/bench-quickstart \
-    2>&1 | tee benchmarks/results/quickstart.log
-  cp runs/bench-quickstart/report.md benchmarks/results/quickstart.md
-  cp runs/bench-quickstart/report.json benchmarks/results/quickstart.json
-  cp runs/bench-quickstart/pareto.png benchmarks/results/quickstart-pareto.png
+  measure quickstart recipes/quickstart.yaml
 fi
 if [[ "$what" == edge-cpu || "$what" == all ]]; then
-  /usr/bin/time -f "edge-cpu wall time: %e s" vlmedge compress recipes/edge-cpu.yaml --out runs/bench-edge-cpu \
+  measure edge-cpu recipes/edge-cpu.yaml \
     --set stages.train.steps=2 --set stages.train.batch_size=8 --set stages.distill.steps=2 \
     --set stages.distill.batch_size=8 --set data.count=256 --set eval.zero_shot_images=72 \
-    --set eval.retrieval_pairs=64 --set eval.hard_negative_pairs=16 \
-    2>&1 | tee benchmarks/results/edge-cpu.log
-  cp runs/bench-edge-cpu/report.md benchmarks/results/edge-cpu.md
-  cp runs/bench-edge-cpu/report.json benchmarks/results/edge-cpu.json
+    --set eval.retrieval_pairs=64 --set eval.hard_negative_pairs=16
 fi

@@ -6,7 +6,7 @@ Its published sizes (vision 768 wide, 12 layers, 512 px, patch 16, pixel shuffle
 vocabulary size (49152, trained on local text: `peers/smolvlm_peers.bpe_tokenizer`; no hub access here), so the
 decoder's vocabulary-wide head and embedding are the real size too. Run from the repository root:
 
-    python benchmarks/smolvlm_256m.py runs/smolvlm-256m [--forms int8,int4-acc4] [--rounds 3]
+    python benchmarks/smolvlm_256m.py runs/smolvlm-256m [--forms int8,int4-acc4] [--rounds 3] [--quick]
 
 writes DIR/model, DIR/onnx (`vlmedge export` with no flags but --no-eval), DIR/<form> and DIR/results.json
 (export sizes, parity, each form's size and latency, the 16-token answer p90 ratio of eager to the best form, and
@@ -14,7 +14,8 @@ this CPU's ceilings measured in every round: fp32 and int8 GEMM at the vision ML
 memory bandwidth; per form the vision encoder's GOP/s and share of the ceiling, the prefill in decode steps (the
 decoder's prefill timed on its own, and TTFT minus vision), the
 decode step against its weights' bytes / bandwidth). Timed on one 512 px frame (`--image-splitting off`, the
-figures of the issues) unless told otherwise. Its weights are random: latency and size only.
+figures of the issues) unless told otherwise. Its weights are random: latency and size only. `--quick` (the suite's
+check of the script): 1 vision and 1 decoder layer, a 1000-token vocabulary, the INT8 form, one round.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from generative import time_interleaved  # noqa: E402  (the peers' interleaved timing)
+from provenance import Provenance  # noqa: E402
 from smolvlm_peers import bpe_tokenizer  # noqa: E402  (a tokenizer of the published vocabulary size)
 from test_generative import smolvlm_256m_folder  # noqa: E402  (the test suite's builder, at full depth here)
 
@@ -49,16 +51,20 @@ FORMS = {"int8": ["--mode", "dynamic"],
          "fp16": ["--mode", "fp16"]}
 
 
-def main(out: Path, rounds: int = 3, forms: tuple[str, ...] = tuple(FORMS), splitting: str = "off") -> int:
+def main(out: Path, rounds: int = 3, forms: tuple[str, ...] = tuple(FORMS), splitting: str = "off",
+         quick: bool = False) -> int:
+    run = Provenance.start()
     out.mkdir(parents=True, exist_ok=True)
     model, onnx_dir = out / "model", out / "onnx"
     t0 = time.perf_counter()
     if not (model / "config.json").is_file():
         model.mkdir(exist_ok=True)
-        smolvlm_256m_folder(model, vision_layers=12, text_layers=30, tokenizer=bpe_tokenizer())
+        smolvlm_256m_folder(model, vision_layers=1 if quick else 12, text_layers=1 if quick else 30,
+                            tokenizer=bpe_tokenizer(1000, files=40) if quick else bpe_tokenizer())
     t1 = time.perf_counter()
     if not (onnx_dir / "manifest.json").is_file():
-        vlmedge("export", str(model), "--out", str(onnx_dir), "--no-eval")
+        vlmedge("export", str(model), "--out", str(onnx_dir), "--no-eval",
+                *(("--no-tune-threads", "--parity-questions", "2") if quick else ()))
     t2 = time.perf_counter()
     quantize_s = {}
     for name in forms:
@@ -70,8 +76,8 @@ def main(out: Path, rounds: int = 3, forms: tuple[str, ...] = tuple(FORMS), spli
             quantize_s[name] = round(time.perf_counter() - t, 1)
     results = {"parameters": json.loads((onnx_dir / "manifest.json").read_text())["parameters"],
                "build_s": round(t1 - t0, 1), "export_s": round(t2 - t1, 1), "quantize_s": quantize_s,
-               **interleaved(model, {"fp32": onnx_dir, **{n: out / n for n in forms}}, rounds, splitting)}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+               **interleaved(model, {"fp32": onnx_dir, **{n: out / n for n in forms}}, rounds, splitting, quick)}
+    run.write(out / "results.json", {**results, "quick": quick})
     print(json.dumps({k: v for k, v in results.items() if k != "forms"}, indent=2))
     return 0
 
@@ -87,33 +93,35 @@ def work(family, model) -> dict[str, float]:
             "vision_linear_gop": (flops["vision"] - attention) / 1e9, "patches": patches}
 
 
-def interleaved(model: Path, folders: dict[str, Path], rounds: int, splitting: str) -> dict:
+def interleaved(model: Path, folders: dict[str, Path], rounds: int, splitting: str, quick: bool = False) -> dict:
     """PyTorch eager and every ONNX form, each once per round (vision, ttft, decode, 16-token answer; 2 threads),
     p50 / p90 as the median over rounds, and this CPU's ceilings measured in each round (GEMM at the vision's
     linear shape, fp32 and int8; memory bandwidth): per form the vision encoder's GOP/s and its share of the
     ceiling (its linears at the int8 ceiling when they are int8, attention at the fp32 ceiling), the prefill in
     decode steps (prefill / decode; and (ttft - vision) / decode, which carries the vision's spread) and the decode
-    step against its weight bytes / bandwidth."""
+    step against its weight bytes / bandwidth. `quick`: a tenth of the time per figure, no warm-up."""
     import numpy as np
     import torch
     from ceilings import bandwidth, gemm
 
-    from vlmedge.runtime.measure import MeasureConfig, environment
+    from vlmedge.runtime.measure import MeasureConfig
     from vlmedge.runtime.onnx import onnx_size, read_manifest
 
     torch.set_num_threads(2)
     family = families.of(model)
     vlm = family.load(model)
+    seconds = 0.1 if quick else 1.0  # per ceiling; half of it per scenario
     # at least 3 runs and half a second per scenario: the short ones (prefill, decode) get a dozen samples or more
-    cfg = families.configure(MeasureConfig, {"warmup": 1, "min_runs": 3, "min_seconds": 0.5, "threads": 2,
+    cfg = families.configure(MeasureConfig, {"warmup": 0 if quick else 1, "min_runs": 2 if quick else 3,
+                                             "min_seconds": seconds / 2, "threads": 2,
                                              "image_splitting": splitting}, family)
     inputs = family.latency_inputs(family.adapter(folders["fp32"], image_splitting=splitting), 1)
     w = work(family, vlm)
     width = vlm.model.config.vision_config.hidden_size
     ceilings: list[dict[str, float]] = []  # at the vision MLP's shape: patches x width x 4 width
     table = time_interleaved(family, {"torch eager fp32": vlm}, folders, inputs, cfg, rounds,
-                             between=lambda: ceilings.append({**gemm(w["patches"], width, 4 * width, 2, 1.0),
-                                                              "bandwidth_gbps": bandwidth(256, 1.0)}))
+                             between=lambda: ceilings.append({**gemm(w["patches"], width, 4 * width, 2, seconds),
+                                                              "bandwidth_gbps": bandwidth(256, seconds)}))
     ceiling = {k: float(np.median([c[k] for c in ceilings])) for k in ceilings[0]}
     for name, row in table.items():
         folder = folders.get(name)
@@ -133,7 +141,7 @@ def interleaved(model: Path, folders: dict[str, Path], rounds: int, splitting: s
                         "graphs": (m.get("quantization") or {}).get("graphs"), "decoder_bytes": weights,
                         "decode_bound_ms": weights / (ceiling["bandwidth_gbps"] * 1e9) * 1e3})
     best = min(folders, key=lambda n: table[n]["answer"]["p90_ms"])
-    return {"environment": environment(), "threads": 2, "rounds": rounds, "image_splitting": splitting,
+    return {"threads": 2, "rounds": rounds, "image_splitting": splitting,
             "measure": {k: getattr(cfg, k) for k in ("warmup", "min_runs", "min_seconds")}, "ceilings": ceiling,
             "ceilings_per_round": ceilings, "work": w,
             "forms": table, "best_form": best,
@@ -148,9 +156,13 @@ if __name__ == "__main__":
     ap.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated, of {', '.join(FORMS)}")
     ap.add_argument("--image-splitting", default="off", choices=("on", "off", "as-folder"),
                     help="off (default): one 512 px frame, the figures of the issue; on: a 1024x768 image in tiles")
+    ap.add_argument("--quick", action="store_true",
+                    help="1 vision and 1 decoder layer, a small vocabulary, INT8, one round: checks the script")
     a = ap.parse_args()
+    if a.quick:
+        a.forms, a.rounds = "int8", 1
     chosen = tuple(f for f in a.forms.split(",") if f)
     unknown = [f for f in chosen if f not in FORMS]
     if unknown:
         ap.error(f"--forms: unknown {', '.join(unknown)}; expected some of {', '.join(FORMS)}")
-    sys.exit(main(a.out, a.rounds, chosen, a.image_splitting))
+    sys.exit(main(a.out, a.rounds, chosen, a.image_splitting, a.quick))

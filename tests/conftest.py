@@ -87,6 +87,16 @@ def vqa_model(tmp_path_factory, tiny_model):
 
 
 @pytest.fixture(scope="session")
+def vqa_tiny_run(tmp_path_factory):
+    """`tests/vqa-tiny.yaml` compressed end to end: (run folder, report)."""
+    from vlmedge.pipeline import run
+    from vlmedge.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("vqa-run") / "run"
+    return out, run(load_recipe(str(REPO / "tests" / "vqa-tiny.yaml")), out)
+
+
+@pytest.fixture(scope="session")
 def vqa_export(vqa_model, tmp_path_factory):
     from vlmedge.stages.export import ExportConfig, export
 

@@ -234,11 +234,8 @@ def test_recipe_settings_the_model_cannot_take_fail_at_load(tmp_path, stage, exp
         load_recipe(str(path))
 
 
-def test_vqa_tiny_recipe_runs_every_stage_and_gates_on_generative_columns(tmp_path):
-    from vlmedge.pipeline import run
-    from vlmedge.recipe import load_recipe
-
-    report = run(load_recipe("tests/vqa-tiny.yaml"), tmp_path / "run")
+def test_vqa_tiny_recipe_runs_every_stage_and_gates_on_generative_columns(vqa_tiny_run):
+    run_dir, report = vqa_tiny_run
     steps = {s["name"]: s for s in report["steps"]}
     assert list(steps) == ["tower", "teacher", "prune", "distill", "export", "quantize-mixed"]
     assert steps["prune"]["parameters"] < steps["teacher"]["parameters"]
@@ -246,7 +243,7 @@ def test_vqa_tiny_recipe_runs_every_stage_and_gates_on_generative_columns(tmp_pa
     assert final["compression"] > 1.5 and {"ttft", "decode", "answer"} <= set(final["latency"]["cpu"])
     assert len(final["info"]["forms"]["tried"]) == 2
     assert all(g["passed"] for g in report["gates"]), report["gates"]
-    md = (tmp_path / "run" / "report.md").read_text()
+    md = (run_dir / "report.md").read_text()
     assert "cpu ttft p50 ms" in md and "cpu tokens/s" in md and "caption.cider" in md
 
 

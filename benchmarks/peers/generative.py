@@ -1,6 +1,6 @@
 """The generative family against what users would do otherwise: same model, same questions, one harness.
 
-    python benchmarks/peers/generative.py RUN_DIR [--questions 700] [--rounds 5] [--optimum-python PY]
+    python benchmarks/peers/generative.py RUN_DIR [--questions 700] [--rounds 5] [--optimum-python PY] [--quick]
 
 RUN_DIR is a finished `vlmedge compress recipes/vqa-quickstart.yaml` run: its teacher (a SmolVLM-architecture model
 folder), its fp32 export and its final artifact. Rows:
@@ -18,7 +18,8 @@ folder), its fp32 export and its final artifact. Rows:
 
 Accuracy: vlmedge's evaluator on the same held-out questions for every row. Latency: batch 1, the vision / ttft /
 decode / 16-token answer scenarios, every row once per round (interleaved: drift on this shared machine hits all
-alike), p50 and p90 as the median over rounds. Writes RUN_DIR/peers.json and prints a Markdown table.
+alike), p50 and p90 as the median over rounds. Writes RUN_DIR/peers.json and prints a Markdown table. `--quick`
+(the suite's check of the script, on a tiny run): 8 questions, one round, a few timing runs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from provenance import Provenance  # noqa: E402
 
 
 def _steps(run: Path) -> dict[str, dict]:
@@ -111,7 +115,11 @@ def main() -> int:
     ap.add_argument("--questions", type=int, default=700)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--optimum-python", help="python of an environment with optimum-onnx (benchmarks/peers/envs.sh)")
+    ap.add_argument("--quick", action="store_true", help="8 questions, one round, few timing runs: checks the script")
     args = ap.parse_args()
+    if args.quick:
+        args.questions, args.rounds = min(args.questions, 8), 1
+    run = Provenance.start()
 
     import torch
 
@@ -162,7 +170,8 @@ def main() -> int:
             torch.save(model.model.state_dict(), buf)
             rows[name]["size_bytes"] = buf.tell()
 
-    cfg = MeasureConfig(warmup=3, min_runs=20, min_seconds=0.5)
+    cfg = MeasureConfig(warmup=1, min_runs=3, min_seconds=0.0) if args.quick else \
+        MeasureConfig(warmup=3, min_runs=20, min_seconds=0.5)
     inputs = family.latency_inputs(family.adapter(export), 1)
     latency = time_interleaved(family, {name: m for name, (m, _) in torch_rows.items()}, onnx_rows, inputs, cfg,
                                args.rounds)
@@ -175,17 +184,14 @@ def main() -> int:
     ours = rows[f"vlmedge recipe ({list(steps)[-1]})"]
     peers = {n: r for n, r in rows.items() if "latency" in r and not n.startswith("vlmedge")
              and r["metrics"]["vqa.accuracy"] >= ours["metrics"]["vqa.accuracy"] - 1e-9}
-    from vlmedge.runtime.measure import environment
-
-    result = {"run": str(args.run), "questions": args.questions, "rounds": args.rounds, "measure": dataclasses.asdict(cfg),
-              "environment": environment(), "rows": rows,
-              "best_peer_at_equal_or_better_accuracy": None}
+    result = {"run": str(args.run), "questions": args.questions, "rounds": args.rounds, "quick": args.quick,
+              "measure": dataclasses.asdict(cfg), "rows": rows, "best_peer_at_equal_or_better_accuracy": None}
     if peers:
         best = min(peers, key=lambda n: peers[n]["latency"]["answer"]["p90_ms"])
         result["best_peer_at_equal_or_better_accuracy"] = {
             "name": best, "ratio_answer_p90": peers[best]["latency"]["answer"]["p90_ms"] /
             ours["latency"]["answer"]["p90_ms"]}
-    (args.run / "peers.json").write_text(json.dumps(result, indent=2))
+    run.write(args.run / "peers.json", result)
     print("| row | VQA acc | size MB | vision p50 | TTFT p50 | decode/token p50 | answer p50 / p90 ms | tokens/s | "
           "answer p90 vs eager |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -27,6 +27,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ENVS = ROOT / "runs" / "peers"  # the peers' environments (benchmarks/peers/envs.sh)
 WORK = ENVS / "full"  # artifacts of this run; runs/peers/quick for --quick
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))  # benchmarks/: ceilings, provenance
 
 
 @dataclass
@@ -121,8 +123,6 @@ def export_and_quantize(model: Path, out: Path, log: str) -> tuple[Path, Path]:
 def wrap_onnx(files: dict[str, Path], like: Path, out: Path, precision: str) -> Path:
     """A peer's ONNX towers as an export folder (vlmedge's manifest, tokenizer and preprocessing of the same model),
     so the same evaluator and harness run them."""
-    import shutil
-
     import onnx
 
     out.mkdir(parents=True, exist_ok=True)
@@ -346,7 +346,6 @@ def evaluate_all(variants: list[Variant], eval_cfg) -> None:
 
 def ceilings(seconds: float = 3.0) -> dict[str, float]:
     """This machine's ONNX Runtime GEMM ceilings (2048^3, all cores): fp32 MatMul and u8s8 MatMulInteger."""
-    sys.path.insert(0, str(Path(__file__).parent.parent))
     from ceilings import gemm
 
     return gemm(2048, 2048, 2048, os.cpu_count(), seconds)
@@ -423,15 +422,19 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 7, quick 3)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--render-only", action="store_true",
-                        help="rewrite the markdown from the last results.json, measuring nothing")
+                        help="rewrite the markdown from the last results.json (or --from), measuring nothing")
+    parser.add_argument("--from", dest="source", type=Path,
+                        help="with --render-only: the results file to render (e.g. benchmarks/results/peers.json)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     global WORK
     WORK = ENVS / ("quick" if args.quick else "full")
     if args.render_only:
         from report_md import render
-        Path(args.results).write_text(render(json.loads((WORK / "results.json").read_text())))
+        Path(args.results).write_text(render(json.loads((args.source or WORK / "results.json").read_text())))
         return 0
+    from provenance import Provenance
+    run = Provenance.start()
     WORK.mkdir(parents=True, exist_ok=True)
     from vlmedge.evaluate import EvalConfig
     from vlmedge.runtime.measure import environment
@@ -456,7 +459,9 @@ def main() -> int:
                "flows": {"optimum": context["optimum"][2]} if "optimum" in context else {},
                "recipes": {k: {"wall_s": v["wall_s"], "out": str(WORK / k)} for k, v in context.items()
                            if isinstance(v, dict)}}
-    (WORK / "results.json").write_text(json.dumps(results, indent=2))
+    results = run.write(WORK / "results.json", results)
+    if not args.quick:  # what RESULTS.md renders, kept beside the other results files
+        shutil.copyfile(WORK / "results.json", ROOT / "benchmarks" / "results" / "peers.json")
     Path(args.results).write_text(render(results))
     print(f"wrote {args.results} and {WORK / 'results.json'} in {results['seconds']:.0f} s")
     return 0

@@ -43,6 +43,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
 
+from provenance import Provenance  # noqa: E402
+
 from vlmedge.families.generative import ANSWER_TOKENS  # noqa: E402  (the latency scenarios' answer length)
 from vlmedge.runtime.measure import stats  # noqa: E402
 
@@ -56,9 +58,10 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def bpe_tokenizer(vocab_size: int = VOCAB):
-    """A byte-level BPE (single digits, as SmolLM2's) trained on this Python's standard library source, with
-    SmolVLM's special tokens, tile tokens and chat template: the shape of the real tokenizer, local text only."""
+def bpe_tokenizer(vocab_size: int = VOCAB, files: int | None = None):
+    """A byte-level BPE (single digits, as SmolLM2's) trained on this Python's standard library source (its first
+    `files` files; None: all), with SmolVLM's special tokens, tile tokens and chat template: the shape of the real
+    tokenizer, local text only."""
     import sysconfig
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -68,6 +71,7 @@ def bpe_tokenizer(vocab_size: int = VOCAB):
 
     std = Path(sysconfig.get_paths()["stdlib"])
     texts = [p.read_text(errors="replace") for p in sorted(std.rglob("*.py")) if "site-packages" not in p.parts]
+    texts = texts[:files] if files else texts
     tiles = [tile_token(r, c) for r in range(1, 7) for c in range(1, 7)]
     special = list(SPECIAL.values()) + tiles
     tok = Tokenizer(models.BPE())
@@ -84,14 +88,15 @@ def bpe_tokenizer(vocab_size: int = VOCAB):
     return fast
 
 
-def build_folder(model: Path, text_scale: float = 1.0) -> None:
+def build_folder(model: Path, text_scale: float = 1.0, quick: bool = False) -> None:
     """The folder; `text_scale` multiplies the decoder's matrices (embedding included): at the default random init
     every question gets the same greedy answer (" Mis" 16 times here), at 3x the answer depends on the question
-    and agreement between runtimes means something."""
+    and agreement between runtimes means something. `quick`: 1 vision and 1 decoder layer, 1000 tokens."""
     from test_generative import smolvlm_256m_folder
 
     model.mkdir(parents=True, exist_ok=True)
-    smolvlm_256m_folder(model, vision_layers=12, text_layers=30, tokenizer=bpe_tokenizer())
+    smolvlm_256m_folder(model, vision_layers=1 if quick else 12, text_layers=1 if quick else 30,
+                        tokenizer=bpe_tokenizer(1000, files=40) if quick else bpe_tokenizer())
     if text_scale != 1.0:
         from safetensors.torch import load_file, save_file
 
@@ -151,15 +156,17 @@ def write_prompts(out: Path, questions: int) -> tuple[Path, Path]:
     return save("val", questions, 0, "eval"), save("train", 16, 1, "calibration")
 
 
-def vlmedge_forms(model: Path, out: Path) -> dict[str, Path]:
+def vlmedge_forms(model: Path, out: Path, forms: tuple[str, ...] = ("int8", "int4-acc4"), quick: bool = False
+                  ) -> dict[str, Path]:
     from smolvlm_256m import FORMS, vlmedge
 
     onnx_dir = out / "vlmedge-fp32"
     if not (onnx_dir / "manifest.json").is_file():
         log("vlmedge export")
-        vlmedge("export", str(model), "--out", str(onnx_dir), "--no-eval")
+        vlmedge("export", str(model), "--out", str(onnx_dir), "--no-eval",
+                *(("--no-tune-threads", "--parity-questions", "2") if quick else ()))
     folders = {"vlmedge fp32": onnx_dir}
-    for form in ("int8", "int4-acc4"):
+    for form in forms:
         dest = out / f"vlmedge-{form}"
         if not (dest / "manifest.json").is_file():
             log(f"vlmedge quantize {form}")
@@ -332,32 +339,35 @@ def answers_all(vlm, family, folders, ov, llama, prompts: list[dict], prompts_pa
 
 
 def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: float = 1.0,
-         rows: tuple[str, ...] = (), results_file: str = "results.json") -> int:
+         rows: tuple[str, ...] = (), results_file: str = "results.json", quick: bool = False) -> int:
     import torch
     from generative import time_interleaved
 
     from vlmedge import families
     from vlmedge.families.generative import LATENCY_IMAGE
-    from vlmedge.runtime.measure import MeasureConfig, environment
+    from vlmedge.runtime.measure import MeasureConfig
 
-    needed = [PEERS / "env-openvino" / "bin" / "python", PEERS / "env-gguf" / "bin" / "python",
-              LLAMA / "llama-mtmd-cli", LLAMA / "llama-quantize"]
+    run = Provenance.start()
+    asked = lambda prefix: not rows or any(r.startswith(prefix) for r in rows)  # noqa: E731
+    needed = ([PEERS / "env-openvino" / "bin" / "python"] if asked("openvino") else []) + \
+        ([PEERS / "env-gguf" / "bin" / "python", LLAMA / "llama-mtmd-cli", LLAMA / "llama-quantize"]
+         if asked("llama.cpp") else [])
     missing = [str(p.relative_to(ROOT)) for p in needed if not p.exists()]
     if missing:
-        print(f"error: {missing[0]} not found: run `bash benchmarks/peers/envs.sh env-openvino llama.cpp` first",
-              file=sys.stderr)
+        print(f"error: {missing[0]} not found: run `bash benchmarks/peers/envs.sh env-openvino llama.cpp` first "
+              "(or time vlmedge's rows alone: --row 'vlmedge int8')", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     model = out / "model"
     if not (model / "config.json").is_file():
         log("building the folder (byte-level BPE of 49152 tokens, SmolVLM-256M sizes)")
-        build_folder(model, text_scale)
+        build_folder(model, text_scale, quick)
     prompts_path, calibration = write_prompts(out, questions)
     kept = lambda forms: {k: v for k, v in forms.items() if not rows or k in rows}  # noqa: E731
-    forms = vlmedge_forms(model, out)
+    forms = vlmedge_forms(model, out, tuple(f for f in ("int8", "int4-acc4") if asked(f"vlmedge {f}")), quick)
     folders = kept(forms)
-    ov = kept(openvino_forms(model, out, calibration))
-    llama = kept(llama_forms(model, out)) if not rows or any(r.startswith("llama.cpp") for r in rows) else {}
+    ov = kept(openvino_forms(model, out, calibration)) if asked("openvino") else {}
+    llama = kept(llama_forms(model, out)) if asked("llama.cpp") else {}
 
     torch.set_num_threads(threads)
     family = families.of(model)
@@ -370,16 +380,18 @@ def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: f
     own = {name: agreement(texts["llama.cpp f32"], rows, vlm.tokenizer) for name, rows in texts.items()
            if name.startswith("llama.cpp ")} if "llama.cpp f32" in texts else {}
 
-    results = {"environment": environment(), "threads": threads, "rounds": rounds, "questions": len(prompts),
+    results = {"threads": threads, "rounds": rounds, "questions": len(prompts),
                "text_scale": text_scale, "answers": texts, "agreement": agree, "llama_cpp_vs_its_f32": own,
                # 1 means the random weights answer every question alike: agreement then says little
-               "distinct_reference_answers": len(set(texts["torch eager fp32"])), "versions": peer_versions()}
+               "distinct_reference_answers": len(set(texts["torch eager fp32"])),
+               "versions": peer_versions(asked("openvino"), asked("llama.cpp")), "quick": quick}
     if rounds == 0:  # agreement only
-        (out / results_file).write_text(json.dumps(results, indent=2))
+        run.write(out / results_file, results)
         print(json.dumps({k: results[k] for k in ("agreement", "llama_cpp_vs_its_f32", "distinct_reference_answers")},
                          indent=1))
         return 0
-    cfg = families.configure(MeasureConfig, {"warmup": 1, "min_runs": 3, "min_seconds": 0.0, "threads": threads,
+    cfg = families.configure(MeasureConfig, {"warmup": 0 if quick else 1, "min_runs": 2 if quick else 3,
+                                             "min_seconds": 0.0, "threads": threads,
                                              "image_splitting": "as-folder"}, family)
     inputs = family.latency_inputs(family.adapter(forms["vlmedge fp32"]), 1)
     extra = {name: openvino_timer(f, prompts_path, threads, 3, precision) for name, (f, precision) in ov.items()}
@@ -393,19 +405,24 @@ def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: f
         row["agreement"] = agree.get(name)
     results.update({"input": {"image": list(LATENCY_IMAGE), "frames": 1, "question": prompts[0]["question"]},
                     "rows": table})
-    (out / results_file).write_text(json.dumps(results, indent=2))
+    run.write(out / results_file, results)
     print(markdown(table))
     return 0
 
 
-def peer_versions() -> dict:
-    p = subprocess.run([str(PEERS / "env-openvino" / "bin" / "python"), "-c",
-                        "import openvino, nncf, optimum.intel.version as v, transformers; "
-                        "print(openvino.__version__, nncf.__version__, v.__version__, transformers.__version__)"],
-                       capture_output=True, text=True)
-    names = ("openvino", "nncf", "optimum-intel", "transformers (openvino env)")
-    src = next((PEERS / "dl").glob("llama_cpp_python-*"), None)
-    return {**dict(zip(names, p.stdout.split())), "llama.cpp": f"vendored in {src.name}" if src else None}
+def peer_versions(openvino: bool = True, llama: bool = True) -> dict:
+    """The versions of the peers timed (their environments' own)."""
+    out = {}
+    if openvino:
+        p = subprocess.run([str(PEERS / "env-openvino" / "bin" / "python"), "-c",
+                            "import openvino, nncf, optimum.intel.version as v, transformers; "
+                            "print(openvino.__version__, nncf.__version__, v.__version__, transformers.__version__)"],
+                           capture_output=True, text=True)
+        out.update(zip(("openvino", "nncf", "optimum-intel", "transformers (openvino env)"), p.stdout.split()))
+    if llama:
+        src = next((PEERS / "dl").glob("llama_cpp_python-*"), None)
+        out["llama.cpp"] = f"vendored in {src.name}" if src else None
+    return out
 
 
 def markdown(table: dict) -> str:
@@ -430,5 +447,10 @@ if __name__ == "__main__":
     ap.add_argument("--row", action="append", default=[],
                     help="time only these rows besides eager (repeatable; e.g. 'vlmedge int8', 'openvino int8 f32')")
     ap.add_argument("--results", default="results.json", help="file name under OUT")
+    ap.add_argument("--quick", action="store_true", help="1 vision and 1 decoder layer, a 1000-token vocabulary, "
+                    "2 questions, one round: checks the script (with --row 'vlmedge int8': without the peers)")
     a = ap.parse_args()
-    sys.exit(main(a.out, a.rounds, a.questions, text_scale=a.text_scale, rows=tuple(a.row), results_file=a.results))
+    if a.quick:
+        a.rounds, a.questions = min(a.rounds, 1), min(a.questions, 2)
+    sys.exit(main(a.out, a.rounds, a.questions, text_scale=a.text_scale, rows=tuple(a.row), results_file=a.results,
+                  quick=a.quick))

@@ -14,7 +14,9 @@ OpenVINO int8 with the f32 inference hint, llama.cpp F32, Q8_0 and Q4_K_M (mmpro
 path, `llama-mtmd-cli`). Every row answers the same questions on the same images at the model's
 resolution with up to 16 greedy tokens, stopping at the end-of-utterance token and scored by vlmedge's VQA score
 (`evaluate.vqa.vqa_score`); agreement is the count of answers identical to eager's. Where a peer's converter
-refuses the folder, the row says so (its own message is in the log). Writes OUT/vqa-results.json.
+refuses the folder, the row says so (its own message is in the log); where a peer's environment is not built, its
+rows are left out and `errors` says so. Writes OUT/vqa-results.json. `--quick` (the suite's check of the script):
+8 questions, vlmedge's INT8 form only.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from smolvlm_peers import llama_forms, llama_run, log, openvino_answers, openvino_forms, peer_ready, vlmedge_forms
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlmedge.families.generative import ANSWER_TOKENS
+from provenance import Provenance  # noqa: E402
+from smolvlm_peers import (LLAMA, PEERS, llama_forms, llama_run, log, openvino_answers, openvino_forms,  # noqa: E402
+                           peer_ready, vlmedge_forms)
+
+from vlmedge.families.generative import ANSWER_TOKENS  # noqa: E402
 
 
 def write_questions(out: Path, image_size: int, questions: int) -> tuple[list, Path, Path]:
@@ -54,7 +60,7 @@ def write_questions(out: Path, image_size: int, questions: int) -> tuple[list, P
     return written["eval"], folder / "eval.json", folder / "calibration.json"
 
 
-def main(model: Path, out: Path, questions: int, threads: int = 2) -> int:
+def main(model: Path, out: Path, questions: int, threads: int = 2, quick: bool = False) -> int:
     import numpy as np
     import torch
     from PIL import Image
@@ -63,6 +69,7 @@ def main(model: Path, out: Path, questions: int, threads: int = 2) -> int:
     from vlmedge.families.generative.model import decode_answer
     from vlmedge.families.generative.tasks import vqa_score
 
+    run = Provenance.start()
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     hf = out / "hf"  # the model folder as the peers read it
@@ -72,7 +79,7 @@ def main(model: Path, out: Path, questions: int, threads: int = 2) -> int:
     family = families.of(model)
     eager = family.adapter(model)
     items, prompts, calibration = write_questions(out, eager.preprocess.image_size, questions)
-    folders = vlmedge_forms(model, out)
+    folders = vlmedge_forms(model, out, ("int8",) if quick else ("int8", "int4-acc4"), quick)
     answers: dict[str, list[str]] = {}
     for name, adapter in {"torch eager fp32": eager,
                           **{n: family.adapter(f, threads=threads) for n, f in folders.items()}}.items():
@@ -81,10 +88,15 @@ def main(model: Path, out: Path, questions: int, threads: int = 2) -> int:
                          for it in items]
     tokenizer, eos = eager.tokenizer, eager.eos_id
     errors = {}
-    try:  # OpenVINO's fp32 too: what its own prompt and pixel path give before any quantization
-        ov = openvino_forms(hf, out, calibration, ("fp32", "int8", "int4"))
-    except RuntimeError as e:
-        ov, errors["openvino"] = {}, str(e)
+    ov, llama = {}, {}
+    setup = "not built: run `bash benchmarks/peers/envs.sh env-openvino llama.cpp` first"
+    if not (PEERS / "env-openvino" / "bin" / "python").exists():
+        errors["openvino"] = f"env-openvino {setup}"
+    else:
+        try:  # OpenVINO's fp32 too: what its own prompt and pixel path give before any quantization
+            ov = openvino_forms(hf, out, calibration, ("fp32", "int8", "int4"))
+        except RuntimeError as e:
+            errors["openvino"] = str(e)
     for name, (folder, precision) in ov.items():
         log(f"{name}: {len(items)} questions")
         try:
@@ -92,10 +104,13 @@ def main(model: Path, out: Path, questions: int, threads: int = 2) -> int:
                              for ids in openvino_answers(folder, prompts, threads, precision, until_eos=True)]
         except RuntimeError as e:
             errors[name] = str(e)
-    try:
-        llama = llama_forms(hf, out)
-    except subprocess.CalledProcessError as e:  # the converter's own message is the last line it printed above
-        llama, errors["llama.cpp"] = {}, f"{Path(e.cmd[-1]).name if e.cmd else 'conversion'}: exit code {e.returncode}"
+    if not (LLAMA / "llama-mtmd-cli").exists():
+        errors["llama.cpp"] = f"llama.cpp {setup}"
+    else:
+        try:
+            llama = llama_forms(hf, out)
+        except subprocess.CalledProcessError as e:  # the converter's own message is the last line it printed above
+            errors["llama.cpp"] = f"{Path(e.cmd[-1]).name if e.cmd else 'conversion'}: exit code {e.returncode}"
     for name, (gguf, mmproj) in llama.items():
         log(f"{name}: {len(items)} questions")
         try:
@@ -111,9 +126,10 @@ def main(model: Path, out: Path, questions: int, threads: int = 2) -> int:
         rows[name] = {"vqa_accuracy": float(np.mean(scores)), "n": len(scores),
                       "identical_to_eager": sum(a == r for a, r in zip(texts, reference)), "of": len(texts)}
     result = {"model": str(model), "questions": len(items), "answer_tokens": ANSWER_TOKENS, "threads": threads,
+              "quick": quick,
               "rows": rows, "errors": errors, "examples": {n: t[:8] for n, t in answers.items()},
               "expected": [it["answers"][0] for it in items[:8]]}
-    (out / "vqa-results.json").write_text(json.dumps(result, indent=2))
+    run.write(out / "vqa-results.json", result)
     print("| row | VQA accuracy | identical to eager |\n|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['vqa_accuracy']:.3f} (n={r['n']}) | {r['identical_to_eager']}/{r['of']} |")
@@ -127,5 +143,6 @@ if __name__ == "__main__":
     ap.add_argument("model", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--questions", type=int, default=280)
+    ap.add_argument("--quick", action="store_true", help="8 questions, vlmedge's INT8 only: checks the script")
     a = ap.parse_args()
-    sys.exit(main(a.model, a.out, a.questions))
+    sys.exit(main(a.model, a.out, min(a.questions, 8) if a.quick else a.questions, quick=a.quick))

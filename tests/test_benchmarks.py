@@ -1,0 +1,158 @@
+"""Every script under benchmarks/ runs here in its tiny mode, so that a change to vlmedge that breaks one fails the
+suite (the scripts import vlmedge's configs, families and runtime directly). Real-size runs stay in benchmarks/.
+
+The 256M-shaped scripts start from the suite's reduced-depth SmolVLM-256M folder and export (`smolvlm_export`),
+seeded where each script would build its own, so each of them runs its quantize, timing and results steps without
+paying another export. The scripts that run inside the peers' own environments (OpenVINO, Optimum, INC, llama.cpp)
+cannot run here: they are compiled, their shell scripts parsed, and the rows they feed are left out by the scripts
+that call them (which say so in their results)."""
+
+from __future__ import annotations
+
+import json
+import os
+import py_compile
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+PEER_ENV_SCRIPTS = ("peers/openvino_smolvlm.py", "peers/optimum_flow.py", "peers/inc_flow.py")
+
+
+def script(*args: str, timeout: float = 300) -> str:
+    """Run a benchmarks/ script from the repository root; its stdout (a failure shows its stderr)."""
+    cmd = ["bash", *args] if args[0].endswith(".sh") else [sys.executable, *args]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, f"{' '.join(args)} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+def provenance(path: Path, command: str) -> dict:
+    """The results file's record of how it was made (benchmarks/provenance.py)."""
+    results = json.loads(path.read_text())
+    prov = results["provenance"]
+    assert prov["command"].startswith(command), prov["command"]
+    assert prov["commit"] != "unknown" and len(prov["load_before"]) == 3 and len(prov["load_after"]) == 3
+    assert prov["environment"]["cpu_flags"] is not None and "onnxruntime" in prov["environment"]["versions"]
+    assert prov["cpu_busy_before"] == (prov["load_before"][0] >= 0.5)
+    return results
+
+
+def seed(folder: Path, **links: Path) -> Path:
+    """`folder` with NAME -> target symlinks: what a script finds made and so does not build again."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, target in links.items():
+        (folder / name.replace("_", "-")).symlink_to(target, target_is_directory=True)
+    return folder
+
+
+def test_every_script_is_covered_here():
+    """A new script under benchmarks/ needs its tiny run in this file."""
+    source = Path(__file__).read_text()
+    scripts = sorted(str(p.relative_to(BENCH)) for p in BENCH.rglob("*") if p.suffix in (".py", ".sh"))
+    assert [s for s in scripts if s not in source] == []
+
+
+def test_ceilings_quick():
+    out = json.loads(script("benchmarks/ceilings.py", "--quick", "--threads", "1"))
+    assert out["128x128x128"]["int8_gops"] > 0 and out["bandwidth_gbps"] > 0
+
+
+def test_relation_probe_quick(tmp_path):
+    script("benchmarks/relation_probe.py", str(tmp_path / "probe.json"), "--quick")
+    results = provenance(tmp_path / "probe.json", "python benchmarks/relation_probe.py")
+    assert [r["step"] for r in results["reports"]] == [2, 4]
+    assert 0 <= results["reports"][-1]["held_out_relation_accuracy"] <= 1
+
+
+def test_streaming_rss_quick(tmp_path):
+    script("benchmarks/streaming_rss.py", str(tmp_path), "--quick")
+    results = provenance(tmp_path / "results.json", "python benchmarks/streaming_rss.py")
+    assert [r["shards"] for r in results["runs"]] == [1, 2] and results["ratio_2_to_1"] > 0
+
+
+def test_gpu_check_quick_runs_on_the_cpu(tmp_path, smolvlm_export):
+    model, onnx = smolvlm_export
+    out = seed(tmp_path / "gpu", smolvlm_256m=model, smolvlm_256m_onnx=onnx)
+    script("benchmarks/gpu_check.sh", str(out), "--quick")
+    results = provenance(out / "gpu_check.json", "python benchmarks/gpu_check.py")
+    assert results["gpu_tests"]["failures"] == 0 and results["gpu_tests"]["errors"] == 0
+    for row in results["models"].values():
+        assert row["cpu"]["answer"]["p50_ms"] > 0, row  # the reference row times on any machine
+        if results["cuda"] is None:
+            assert row["torch-cuda-fp16"] == {"error": "no CUDA GPU"}
+
+
+@pytest.fixture(scope="module")
+def smolvlm_256m_run(tmp_path_factory, smolvlm_export):
+    model, onnx = smolvlm_export
+    out = seed(tmp_path_factory.mktemp("s256") / "run", model=model, onnx=onnx)
+    script("benchmarks/smolvlm_256m.py", str(out), "--quick")
+    return out
+
+
+def test_smolvlm_256m_quick(smolvlm_256m_run):
+    results = provenance(smolvlm_256m_run / "results.json", "python benchmarks/smolvlm_256m.py")
+    assert set(results["forms"]) == {"torch eager fp32", "fp32", "int8"} and results["quick"]
+    int8 = results["forms"]["int8"]
+    assert int8["decode_bound_ms"] > 0 and int8["prefill_decode_steps"] > 0 and results["ceilings"]["int8_gops"] > 0
+
+
+def test_smolvlm_peers_quick_times_vlmedge_without_the_peers(tmp_path, smolvlm_export, smolvlm_256m_run):
+    model, onnx = smolvlm_export
+    out = seed(tmp_path / "peers", model=model, vlmedge_fp32=onnx, vlmedge_int8=smolvlm_256m_run / "int8")
+    script("benchmarks/peers/smolvlm_peers.py", str(out), "--quick", "--row", "vlmedge int8")
+    results = provenance(out / "results.json", "python benchmarks/peers/smolvlm_peers.py")
+    assert set(results["rows"]) == {"torch eager fp32", "vlmedge int8"}
+    assert results["agreement"]["vlmedge int8"]["of"] == 2
+
+
+def test_smolvlm_vqa_peers_quick(tmp_path, vqa_model):
+    script("benchmarks/peers/smolvlm_vqa_peers.py", str(vqa_model), str(tmp_path), "--quick")
+    results = provenance(tmp_path / "vqa-results.json", "python benchmarks/peers/smolvlm_vqa_peers.py")
+    assert {"torch eager fp32", "vlmedge fp32", "vlmedge int8"} <= set(results["rows"])
+    if not (ROOT / "runs/peers/env-openvino/bin/python").exists():
+        assert "envs.sh" in results["errors"]["openvino"]
+
+
+def test_smolvlm_cpu_quick(tmp_path, vqa_model):
+    script("benchmarks/smolvlm_cpu.py", str(vqa_model), str(tmp_path / "run"), "--quick")
+    results = provenance(tmp_path / "run" / "wall.json", "python benchmarks/smolvlm_cpu.py")
+    assert results["returncode"] == 0 and [s["name"] for s in results["steps"]][-1].startswith("quantize")
+
+
+def test_generative_peers_quick(vqa_tiny_run):
+    run_dir, _ = vqa_tiny_run
+    script("benchmarks/peers/generative.py", str(run_dir), "--quick")
+    results = provenance(run_dir / "peers.json", "python benchmarks/peers/generative.py")
+    assert results["rows"]["vlmedge fp32 export"]["latency"]["answer"]["p50_ms"] > 0
+
+
+def test_run_sh_quick(tmp_path):
+    script("benchmarks/run.sh", "all", "--quick", str(tmp_path), timeout=600)
+    for name in ("quickstart", "edge-cpu"):
+        report = provenance(tmp_path / f"{name}.json", "benchmarks/run.sh all --quick")
+        assert report["steps"][-1]["name"].startswith("quantize") and (tmp_path / f"{name}.md").is_file()
+
+
+def test_peers_results_md_is_rendered_from_its_results_file(tmp_path):
+    """RESULTS.md is generated from results/peers.json (by peers/report_md.py), not typed: rendering it again gives
+    the same bytes."""
+    out = tmp_path / "RESULTS.md"
+    script("benchmarks/peers/run.py", "--render-only", "--from", "benchmarks/results/peers.json", "--results", str(out))
+    assert out.read_text() == (BENCH / "RESULTS.md").read_text()
+
+
+def test_the_peer_environment_scripts_compile_and_parse():
+    """peers/run.sh, envs.sh and the scripts that run in the peers' environments need those environments (minutes
+    of downloads and a llama.cpp build): here they are only compiled and parsed."""
+    for name in PEER_ENV_SCRIPTS:
+        py_compile.compile(str(BENCH / name), doraise=True)
+    for name in ("peers/run.sh", "peers/envs.sh"):
+        subprocess.run(["bash", "-n", str(BENCH / name)], check=True)
+    script("benchmarks/peers/openvino_smolvlm.py", "--help")
