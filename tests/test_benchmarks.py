@@ -138,6 +138,8 @@ def test_run_sh_quick(tmp_path):
     for name in ("quickstart", "edge-cpu"):
         report = provenance(tmp_path / f"{name}.json", "benchmarks/run.sh all --quick")
         assert report["steps"][-1]["name"].startswith("quantize") and (tmp_path / f"{name}.md").is_file()
+        planted = (tmp_path / f"{name}-planted.xml").read_text()  # judged as if quantize were removed
+        assert "<testcase" in planted and len(report["gates"]) == planted.count("<testcase")
 
 
 def test_peers_results_md_is_rendered_from_its_results_file(tmp_path):
@@ -146,6 +148,12 @@ def test_peers_results_md_is_rendered_from_its_results_file(tmp_path):
     out = tmp_path / "RESULTS.md"
     script("benchmarks/peers/run.py", "--render-only", "--from", "benchmarks/results/peers.json", "--results", str(out))
     assert out.read_text() == (BENCH / "RESULTS.md").read_text()
+
+
+def test_the_docs_tables_are_generated_from_the_results_files():
+    """Every table in README.md, docs/ and benchmarks/README.md is what benchmarks/tables.py renders from its results
+    file, and every results file has its command there."""
+    script("benchmarks/tables.py", "--check")
 
 
 def test_the_peer_environment_scripts_compile_and_parse():

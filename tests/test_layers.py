@@ -1,7 +1,7 @@
 """The import graph of vlmedge/: layers point one way and no module imports itself back through others.
 
 Every import is read (module level and inside functions: a lazy import is still a dependency), so an arrow from a
-lower layer to a higher one fails here, as the layering in the README says: models, data and the runtime know
+lower layer to a higher one fails here, as docs/architecture.md says: models, data and the runtime know
 nothing of stages; targets need no training code; stages know no CLI.
 """
 

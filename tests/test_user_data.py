@@ -53,6 +53,29 @@ def test_class_folders_are_a_labelled_dataset_interleaved(class_folders):
     assert open_dataset(str(class_folders), resolution=32, count=8).labels.count("moss") == 2
 
 
+def test_a_source_without_a_split_holds_out_a_tenth_that_training_never_reads(class_folders, tmp_path):
+    import shutil
+
+    train, test, every = (open_dataset(str(class_folders), s, resolution=32) for s in ("train", "test", "all"))
+    assert set(train.names).isdisjoint(test.names) and set(train.names) | set(test.names) == set(every.names)
+    assert 1 <= len(test) < len(train) and open_dataset(str(class_folders), "val", resolution=32).names == test.names
+    assert test.measured == f"the held-out tenth of {class_folders} ({len(test)} of 64 images, chosen by file name; " \
+                            "training never reads them)"
+    assert train.measured == f"{class_folders} without its held-out tenth ({len(train)} of 64 images)"
+    assert test.source_labels == sorted(CLASSES)  # zero-shot scores every class even where the slice lacks one
+    # chosen by name: adding images moves none of the others between the splits
+    grown = tmp_path / "grown"
+    shutil.copytree(class_folders, grown)
+    for i in range(16, 40):
+        shutil.copy(class_folders / "moss" / "img_000.png", grown / "moss" / f"img_{i:03d}.png")
+    assert set(test.names) <= set(open_dataset(str(grown), "test", resolution=32).names)
+    # a folder with its own train/ and test/ uses them whole
+    for split in ("train", "test"):
+        shutil.copytree(class_folders, tmp_path / "own" / split)
+    own = open_dataset(str(tmp_path / "own"), "test", resolution=32)
+    assert len(own) == 64 and own.measured == f"{tmp_path / 'own' / 'test'} (64 images, its own test split)"
+
+
 def test_metadata_label_column(tmp_path):
     Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "a.png")
     Image.new("RGB", (40, 40), (30, 30, 200)).save(tmp_path / "b.png")
@@ -204,6 +227,9 @@ def test_compress_on_class_folders_gates_zero_shot_and_logs_progress(class_folde
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     final = report["steps"][-1]
     assert final["metrics"]["zero_shot.top1"] >= 0.5 and final["retention"]["zero_shot.top1"] >= 0.9
+    held = open_dataset(str(class_folders), "test", resolution=32).measured  # every step measured the held-out tenth
+    assert {s["measured"] for s in report["steps"]} == {held}
+    assert f"measured on {held}" in (tmp_path / "run" / "report.md").read_text() and f"measured on {held}" in out
     export = next(p for p in (tmp_path / "run").iterdir() if "-export-" in p.name) / "onnx"
     assert json.loads((export / "zero_shot_labels.json").read_text()) == list(CLASSES)
     assert np.load(export / "zero_shot_text_embeds.npy").shape[0] == len(CLASSES)

@@ -62,6 +62,9 @@ class Artifact:
     """The data that says how well it does: what it was evaluated on, else what it was trained on, else its
     parent's; None for a user's folder vlmedge has neither trained nor evaluated (a single command then evaluates
     it only on the --data given, never silently on the built-in shapes)."""
+    measured: str | None = None
+    """Which images its metrics measured, as its family's evaluation says (a split of shapes, the held-out tenth of
+    a user's source, or the source's own split): never the images it trained on."""
 
     @property
     def content(self) -> str:

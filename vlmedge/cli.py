@@ -19,7 +19,7 @@ from .bench import bench_paths, print_bench, print_profile, profile_export
 from .data import DEFAULT_SOURCE
 from .disk import write_json, write_text
 from .errors import VlmedgeError
-from .evaluate import EvalConfig
+from .evaluate import EvalConfig, measured_on
 from .gate import __doc__ as gate_doc
 from .gate import check, junit, load_budgets, load_report, markdown, parse_budget, regression
 from .models import DEFAULT_PRESET, preset_names
@@ -179,7 +179,7 @@ def cmd_eval(args) -> int:
     if args.json:  # the results first: a folder that cannot take eval.json loses nothing
         _print_json(metrics)
     else:
-        _metrics_table(metrics, f"{args.path} on {data}")
+        _metrics_table(metrics, f"{args.path} on {measured_on(metrics) or data}")
     target = _eval_path(Path(args.path), args.out)
     try:
         families.write_eval(target, cfg, metrics)
@@ -213,7 +213,7 @@ def _report(art, out: str) -> None:
     if art.metrics and os.path.isfile(path):
         with open(path) as f:
             record = json.load(f)
-        _metrics_table(record["metrics"], f"{out} on {record['data']}")
+        _metrics_table(record["metrics"], f"{out} on {measured_on(record['metrics']) or record['data']}")
     print(f"recorded: {os.path.join(out, 'artifact.json')} (id {art.id}; a rerun with the same input and "
           "settings skips)")
 

@@ -159,6 +159,7 @@ def markdown(report: dict) -> str:
         lines += ["_Run in progress: latency columns appear when benchmarking is done._", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += [""] + measured_lines(report)
     env = report.get("environment") or {}
     if env:
         measure = report.get("measure") or {}
@@ -215,6 +216,15 @@ def pareto_plot(report: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def measured_lines(report: dict) -> list[str]:
+    """Which images each step's metrics measured (steps evaluated alike share a line)."""
+    by: dict[str, list[str]] = {}
+    for s in report["steps"]:
+        if s.get("metrics"):
+            by.setdefault(s.get("measured") or "not recorded", []).append(s["name"])
+    return [f"Accuracy of {', '.join(names)}: measured on {what}." for what, names in by.items()]
+
+
 def print_table(report: dict, console) -> None:
     from rich.table import Table
 
@@ -225,6 +235,8 @@ def print_table(report: dict, console) -> None:
     for r in rows:
         table.add_row(*r)
     console.print(table)
+    for line in measured_lines(report):
+        console.print(line, highlight=False, soft_wrap=True)
     for g in report.get("gates", []):
         console.print(f"{'[green]PASS' if g['passed'] else '[red]FAIL'}[/] {g['message']}")
 

@@ -109,6 +109,22 @@ def _optimum(python: str, teacher: Path, out: Path) -> dict:
             "error": error}
 
 
+def markdown(rows: dict[str, dict]) -> str:
+    """The rows as the table benchmarks/tables.py puts in the docs."""
+    lines = ["| row | VQA acc | size MB | vision p50 | TTFT p50 | decode/token p50 | answer p50 / p90 ms | tokens/s | "
+             "answer p90 vs eager |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        if "latency" not in r:
+            lines.append(f"| {name} | failed: {r.get('optimum', {}).get('error')} | | | | | | | |")
+            continue
+        lat = r["latency"]
+        lines.append(f"| {name} | {r['metrics']['vqa.accuracy']:.3f} | {(r['size_bytes'] or 0) / 1e6:.2f} | "
+                     f"{lat['vision']['p50_ms']:.2f} | {lat['ttft']['p50_ms']:.2f} | {lat['decode']['p50_ms']:.2f} | "
+                     f"{lat['answer']['p50_ms']:.2f} / {lat['answer']['p90_ms']:.2f} | {lat['tokens_per_s']:.0f} | "
+                     f"{r['answer_p90_speedup_vs_eager']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path)
@@ -192,18 +208,7 @@ def main() -> int:
             "name": best, "ratio_answer_p90": peers[best]["latency"]["answer"]["p90_ms"] /
             ours["latency"]["answer"]["p90_ms"]}
     run.write(args.run / "peers.json", result)
-    print("| row | VQA acc | size MB | vision p50 | TTFT p50 | decode/token p50 | answer p50 / p90 ms | tokens/s | "
-          "answer p90 vs eager |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        if "latency" not in r:
-            print(f"| {name} | failed: {r.get('optimum', {}).get('error')} | | | | | | | |")
-            continue
-        lat = r["latency"]
-        print(f"| {name} | {r['metrics']['vqa.accuracy']:.3f} | {(r['size_bytes'] or 0) / 1e6:.2f} | "
-              f"{lat['vision']['p50_ms']:.2f} | {lat['ttft']['p50_ms']:.2f} | {lat['decode']['p50_ms']:.2f} | "
-              f"{lat['answer']['p50_ms']:.2f} / {lat['answer']['p90_ms']:.2f} | {lat['tokens_per_s']:.0f} | "
-              f"{r['answer_p90_speedup_vs_eager']:.2f}x |")
+    print(markdown(rows))
     print(json.dumps(result["best_peer_at_equal_or_better_accuracy"]))
     return 0
 

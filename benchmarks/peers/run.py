@@ -217,17 +217,17 @@ class CompiledEncoder:
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         import torch
 
-        from vlmedge.evaluate import _normalise
+        from vlmedge.evaluate import normalise
         with torch.no_grad():
-            return _normalise(np.concatenate([self.image_fn(torch.from_numpy(p[None])).numpy() for p in pixel_values]))
+            return normalise(np.concatenate([self.image_fn(torch.from_numpy(p[None])).numpy() for p in pixel_values]))
 
     def encode_texts(self, texts) -> np.ndarray:
         import torch
 
-        from vlmedge.evaluate import _normalise
+        from vlmedge.evaluate import normalise
         tok = self.vlm.tokenize(list(texts))
         with torch.no_grad():
-            return _normalise(np.concatenate([
+            return normalise(np.concatenate([
                 self.text_fn(torch.from_numpy(i[None]), torch.from_numpy(m[None])).numpy()
                 for i, m in zip(tok["input_ids"], tok["attention_mask"])]))
 

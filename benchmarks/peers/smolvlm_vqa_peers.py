@@ -130,12 +130,16 @@ def main(model: Path, out: Path, questions: int, threads: int = 2, quick: bool =
               "rows": rows, "errors": errors, "examples": {n: t[:8] for n, t in answers.items()},
               "expected": [it["answers"][0] for it in items[:8]]}
     run.write(out / "vqa-results.json", result)
-    print("| row | VQA accuracy | identical to eager |\n|---|---|---|")
-    for name, r in rows.items():
-        print(f"| {name} | {r['vqa_accuracy']:.3f} (n={r['n']}) | {r['identical_to_eager']}/{r['of']} |")
-    for name, why in errors.items():
-        print(f"| {name} | - | {why} |")
+    print(markdown(rows, errors))
     return 0
+
+
+def markdown(rows: dict[str, dict], errors: dict[str, str]) -> str:
+    """The rows (and the peers that could not run) as the table benchmarks/tables.py puts in the docs."""
+    lines = ["| row | VQA accuracy | identical to eager |", "|---|---|---|"]
+    lines += [f"| {name} | {r['vqa_accuracy']:.3f} (n={r['n']}) | {r['identical_to_eager']}/{r['of']} |"
+              for name, r in rows.items()]
+    return "\n".join(lines + [f"| {name} | - | {why} |" for name, why in errors.items()])
 
 
 if __name__ == "__main__":

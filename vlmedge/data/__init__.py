@@ -10,6 +10,12 @@
 
 A dataset with class labels (``ds.labels``, one per image, or None) also serves zero-shot classification.
 
+Splits: ``shapes`` draws each split (train, val, test) with its own seed. A user's source is split by
+`split_source`: a folder with ``train/`` and ``val/`` (or ``validation/``, ``test/``) subfolders uses its own split;
+any other source keeps a deterministic held-out tenth, chosen by each item's name (`held_out`), that split
+``train`` never yields and ``val``/``test`` yield alone; ``all`` is the whole source. ``ds.measured`` says which
+images a split holds, for every evaluation record.
+
 Sources: ``shapes`` (optionally ``shapes:COUNT``), an image folder with ``metadata.jsonl`` (``file_name`` and
 ``text`` and/or ``label``), a class-folder tree (``root/<class>/*.jpg``, torchvision's ImageFolder layout; captions
 from `CAPTION_TEMPLATES`), a COCO captions JSON, or WebDataset ``.tar`` shards (one file, a folder of them, or a
@@ -18,6 +24,7 @@ brace pattern ``shard-{000..099}.tar``; indexed and read per batch, not held in 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -44,17 +51,17 @@ def class_name(label: str) -> str:
     return label.replace("_", " ").replace("-", " ").strip()
 
 
-def _caption(value, where: str, what: str = "caption") -> str:
+def checked_text(value, where: str, what: str = "caption") -> str:
     """A caption (or a question or answer: `what`) as given, or a one-line error naming where it is: empty, null,
     non-text or overlong texts are not data. One limit for every family's texts."""
     if not isinstance(value, str) or not value.strip():
-        raise VlmedgeError(f"{where}: {what} {_short(value)} is empty or not text")
+        raise VlmedgeError(f"{where}: {what} {shown(value)} is empty or not text")
     if len(value) > MAX_CAPTION_CHARS:
         raise VlmedgeError(f"{where}: {what} of {len(value)} characters; at most {MAX_CAPTION_CHARS}")
     return value
 
 
-def _short(value, limit: int = 60) -> str:
+def shown(value, limit: int = 60) -> str:
     """A value as it appears in an error message, cut to `limit` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
@@ -136,6 +143,10 @@ class _Captioned:
     """Captions (`texts`: one or more per image) and the caption side of the dataset interface."""
 
     texts: list[list[str]]
+    total = 0
+    """Items in the whole source, before its split."""
+    measured = ""
+    """Which images this split holds (`open_dataset`)."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -162,6 +173,8 @@ class PairsDataset(_Captioned):
     skipped: list[str] = field(default_factory=list)
     labels: list[str] | None = None
     """One class label per image where the source has them (a label column, class folders)."""
+    source_labels: list[str] | None = None
+    """Every label of the whole source, sorted (a split may lack some): the classes zero-shot scores over."""
 
     def images(self, indices):
         return self.images_array[np.asarray(indices)]
@@ -224,16 +237,80 @@ def is_shapes(source: str) -> bool:
     return source == "shapes" or source.startswith("shapes:")
 
 
-def open_dataset(source: str, split: str = "train", *, resolution: int, count: int | None = None,
+SPLITS = ("train", "val", "test", "all")
+HELD_OUT_FRACTION = 0.1
+"""The fraction of a user's source without a split of its own that training never reads and evaluation measures."""
+OWN_SPLITS = {"train": ("train",), "val": ("val", "validation", "test"), "test": ("test", "val", "validation")}
+
+
+def held_out(name: str) -> bool:
+    """Whether an item (by its name within the source: a file name, `class/file`, `shard.tar:key`) is in the
+    held-out tenth: a hash of the name, so the split does not move when items are added, removed or reordered."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big") < HELD_OUT_FRACTION * 2 ** 32
+
+
+def split_source(source: str, split: str) -> tuple[str, bool]:
+    """(the source to read for `split`, whether to keep only its held-out tenth (val, test) or the rest (train)):
+    a folder's own `train/` and `val/`/`test/` subfolders where it has them, else the source itself, split by
+    `held_out`."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}; expected one of {', '.join(SPLITS)}")
+    path = Path(source)
+    if split != "all" and path.is_dir() and (path / "train").is_dir():
+        own = next((path / d for d in OWN_SPLITS[split] if (path / d).is_dir()), None)
+        if own is not None:
+            return str(own), False
+    return source, split != "all"
+
+
+def _keep(names: Sequence[str], split: str) -> list[bool]:
+    """Per item, whether `split` ("train", "val", "test") holds it. The held-out slice of a source too small to
+    have one (every name hashed out of it) is its first item, so that evaluation always has an image to measure."""
+    out = [held_out(n) for n in names]
+    if names and not any(out):
+        out[0] = True
+    return out if split != "train" else [not k for k in out]
+
+
+def measured(source: str, split: str, sliced: bool, kept: int, total: int) -> str:
+    """What a dataset's split holds, as evaluation records and tables name it."""
+    if is_shapes(source):
+        return f"{source}, {split} split ({kept} images, drawn with the {split} seed)"
+    if not sliced:
+        return f"{source} ({kept} images{'' if split == 'all' else ', its own ' + split + ' split'})"
+    if split == "train":
+        return f"{source} without its held-out tenth ({kept} of {total} images)"
+    return (f"the held-out tenth of {source} ({kept} of {total} images, chosen by file name; training never reads "
+            "them)")
+
+
+def open_dataset(source: str, split: str = "all", *, resolution: int, count: int | None = None,
                  skip_bad: bool = False, single_object: bool = False, seed: int = 0, progress: bool = False):
-    """Open a dataset by its source string; see the module docstring."""
+    """Open a dataset by its source string and split (see the module docstring); `ds.measured` says what it holds."""
     if is_shapes(source):
         n = shapes_count(source) or count
-        return ShapesDataset(load_shapes(split, n or 20000, resolution, seed=seed, single_object=single_object,
-                                         progress=progress))
+        ds = ShapesDataset(load_shapes("train" if split == "all" else split, n or 20000, resolution, seed=seed,
+                                       single_object=single_object, progress=progress))
+        ds.measured = measured(source, split, False, len(ds), len(ds))
+        return ds
+    read, sliced = split_source(source, split)
+    ds = _open_user(read, split if sliced else "all", resolution, count, skip_bad, progress)
+    ds.measured = measured(read, split, sliced, len(ds), ds.total)
+    return ds
+
+
+def user_items(items: list[tuple], split: str, count: int | None) -> list[tuple]:
+    """(path, payload, name, ...) items of a user's source: those `split` holds ("all": every one), the first
+    `count` of them."""
+    if split != "all":
+        items = [it for it, keep in zip(items, _keep([it[2] for it in items], split)) if keep]
+    return items[:count] if count else items
+
+
+def _open_user(source: str, split: str, resolution: int, count: int | None, skip_bad: bool, progress: bool):
     path = Path(source)
     if "{" in source and source.endswith(".tar"):
-        return _load_webdataset(source, resolution, count, skip_bad, progress)
+        return _load_webdataset(source, resolution, count, skip_bad, progress, split)
     if not path.exists():
         raise VlmedgeError(f"data source not found: {source} (expected 'shapes', an image folder with "
                            "metadata.jsonl, a COCO captions .json or WebDataset .tar shards)")
@@ -244,16 +321,18 @@ def open_dataset(source: str, split: str = "train", *, resolution: int, count: i
     elif path.suffix == ".json":
         items = _coco_items(path)
     elif path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar"))):
-        return _load_webdataset(source, resolution, count, skip_bad, progress)
+        return _load_webdataset(source, resolution, count, skip_bad, progress, split)
     else:
         raise VlmedgeError(f"{source}: unrecognised dataset (no metadata.jsonl, no class folders of images, not a "
                            ".json or .tar)")
-    if count:
-        items = items[:count]
-    return _load_pairs(items, resolution, skip_bad, progress)
+    ds = load_pairs(user_items(items, split, count), resolution, skip_bad, progress)
+    ds.total = len(items)
+    if ds.labels is not None:
+        ds.source_labels = sorted({it[3] for it in items})
+    return ds
 
 
-def _inside(root: Path, name: str, where: str) -> Path:
+def inside_root(root: Path, name: str, where: str) -> Path:
     """`root/name`, refusing names that leave the dataset root (absolute paths, `..`, links outside)."""
     candidate = (root / name).resolve()
     if not candidate.is_relative_to(root.resolve()):
@@ -291,7 +370,7 @@ def metadata_records(meta: Path):
         except RecursionError:
             raise VlmedgeError(f"{where}: JSON nested too deeply") from None
         if not isinstance(name, str) or not name.strip():
-            raise VlmedgeError(f"{where}: file_name {_short(name)} is not a file name (a string)")
+            raise VlmedgeError(f"{where}: file_name {shown(name)} is not a file name (a string)")
         yield where, rec, name
 
 
@@ -308,7 +387,7 @@ def _imagefolder_items(root: Path) -> list[tuple]:
         texts = text if isinstance(text, list) else [text]
         if not texts:
             raise VlmedgeError(f"{where}: no caption")
-        items.append((_inside(root, name, where), [_caption(t, where) for t in texts], name, label))
+        items.append((inside_root(root, name, where), [checked_text(t, where) for t in texts], name, label))
     if not items:
         raise VlmedgeError(f"{meta}: no records")
     labelled = sum(it[3] is not None for it in items)
@@ -331,7 +410,7 @@ def _class_folder_items(root: Path) -> list[tuple]:
     per_class = []
     for d in _class_folders(root):
         files = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        per_class.append([(_inside(root, f"{d.name}/{f.name}", str(root)), _templated(d.name), f"{d.name}/{f.name}",
+        per_class.append([(inside_root(root, f"{d.name}/{f.name}", str(root)), _templated(d.name), f"{d.name}/{f.name}",
                            d.name) for f in files])
     return [group[k] for k in range(max(map(len, per_class))) for group in per_class if k < len(group)]
 
@@ -348,7 +427,7 @@ def _coco_items(path: Path) -> list[tuple[Path, list[str], str]]:
     for k, ann in enumerate(annotations):
         if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
             raise VlmedgeError(f"{path}: annotations[{k}] needs image_id and caption, got {str(ann)[:80]}")
-        texts.setdefault(ann["image_id"], []).append(_caption(ann["caption"], f"{path}: annotations[{k}]"))
+        texts.setdefault(ann["image_id"], []).append(checked_text(ann["caption"], f"{path}: annotations[{k}]"))
     dangling = [i for i in texts if i not in images]
     if dangling and len(dangling) == len(texts):
         raise VlmedgeError(f"{path}: no annotation's image_id is among the images' ids (e.g. {dangling[0]!r})")
@@ -358,7 +437,7 @@ def _coco_items(path: Path) -> list[tuple[Path, list[str], str]]:
         print(f"warning: {path}: {len(dangling)} image_id(s) with captions but no image entry (e.g. "
               f"{dangling[0]!r}); their captions are skipped", file=sys.stderr)
     root = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
-    return [(_inside(root, images[i], str(path)), caps, images[i]) for i, caps in texts.items() if i in images]
+    return [(inside_root(root, images[i], str(path)), caps, images[i]) for i, caps in texts.items() if i in images]
 
 
 def _decode(data: bytes | Path, resolution: int | None):
@@ -378,7 +457,7 @@ def _decode(data: bytes | Path, resolution: int | None):
         raise ValueError(str(e)) from None
 
 
-def _load_pairs(items, resolution: int, skip_bad: bool, progress: bool = False) -> PairsDataset:
+def load_pairs(items, resolution: int, skip_bad: bool, progress: bool = False) -> PairsDataset:
     """Items are (path, captions, name) or (path, captions, name, label)."""
     images, texts, names, labels, skipped = [], [], [], [], []
     with Progress("decoding images", len(items), enabled=progress and len(items) >= LARGE, unit="images") as bar:
@@ -432,11 +511,14 @@ def _shard_list(source: str) -> list[Path]:
 
 
 def _load_webdataset(source: str, resolution: int, count: int | None, skip_bad: bool,
-                     progress: bool = False) -> ShardDataset:
+                     progress: bool = False, split: str = "all") -> ShardDataset:
     """Index shards: one pass over the tar headers (image data is skipped by seeking; only each image's first
-    bytes are read, to check it opens), captions read. Samples are `key.<image ext>` + `key.txt` pairs."""
+    bytes are read, to check it opens), captions read. Samples are `key.<image ext>` + `key.txt` pairs; `split`
+    keeps those it holds (`held_out` of `shard.tar:key`; a held-out slice that would be empty is the first
+    sample)."""
     shards = _shard_list(source)
     where, texts, names, skipped = [], [], [], []
+    total, first = 0, None
     with Progress("indexing shards", len(shards), enabled=progress and len(shards) > 1, unit="shards") as bar:
         for k, shard in enumerate(shards):
             groups: dict[str, dict[str, Any]] = {}
@@ -462,7 +544,7 @@ def _load_webdataset(source: str, resolution: int, count: int | None, skip_bad: 
                     image_ext = next((e for e in parts if e != "txt"), None)
                     if image_ext is None or "txt" not in parts:
                         continue
-                    caption = _caption(parts["txt"].decode("utf-8", "replace").strip(), f"{shard}: {stem}.txt")
+                    caption = checked_text(parts["txt"].decode("utf-8", "replace").strip(), f"{shard}: {stem}.txt")
                     offset, size = parts[image_ext]
                     f.seek(offset)
                     try:
@@ -473,14 +555,23 @@ def _load_webdataset(source: str, resolution: int, count: int | None, skip_bad: 
                                                "use --skip-bad to skip and count such files") from None
                         skipped.append(f"{shard.name}:{stem}")
                         continue
-                    where.append((k, offset, size))
-                    texts.append([caption])
-                    names.append(f"{shard}:{stem}.{image_ext}")
+                    total += 1
+                    sample = ((k, offset, size), [caption], f"{shard}:{stem}.{image_ext}")
+                    if split != "all" and held_out(f"{shard.name}:{stem}") != (split != "train"):
+                        first = first or sample
+                        continue
+                    where.append(sample[0])
+                    texts.append(sample[1])
+                    names.append(sample[2])
                     if count and len(texts) >= count:
                         break
             bar.update(k + 1)
             if count and len(texts) >= count:
                 break
+    if not texts and first and split not in ("train", "all"):
+        where, texts, names = [first[0]], [first[1]], [first[2]]
     if not texts:
         raise VlmedgeError(f"{source}: no image + .txt pairs found in {len(shards)} shard(s)")
-    return ShardDataset(shards, np.asarray(where, dtype=np.int64), texts, names, skipped, resolution)
+    ds = ShardDataset(shards, np.asarray(where, dtype=np.int64), texts, names, skipped, resolution)
+    ds.total = total
+    return ds

@@ -188,11 +188,11 @@ _PAIR_TEMPLATES = (
 )
 
 
-def _where(o: Obj) -> str:
+def where_words(o: Obj) -> str:
     return "in the center" if o.position == "center" else f"on the {o.position}"
 
 
-def _articles(text: str) -> str:
+def with_articles(text: str) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
@@ -203,14 +203,14 @@ def caption(objs: Sequence[Obj], rng: np.random.Generator) -> tuple[str, tuple]:
         t = _SINGLE_TEMPLATES[rng.integers(len(_SINGLE_TEMPLATES))]
         spec = ("one", o.colour if "{colour}" in t else None, o.shape if "{shape}" in t else None,
                 o.size if "{size}" in t else None, o.position if "{where}" in t else None)
-        return _articles(t.format(colour=o.colour, shape=o.shape, size=o.size, where=_where(o))), spec
+        return with_articles(t.format(colour=o.colour, shape=o.shape, size=o.size, where=where_words(o))), spec
     a, b = objs if rng.random() < 0.5 else objs[::-1]
     t = _PAIR_TEMPLATES[rng.integers(len(_PAIR_TEMPLATES))]
     sized = "{z1}" in t
     rel = relation(a, b)
     spec = ("two", (a.colour, a.shape, a.size if sized else None), rel, (b.colour, b.shape, b.size if sized else None))
     text = t.format(c1=a.colour, s1=a.shape, z1=a.size, c2=b.colour, s2=b.shape, z2=b.size, rel=rel)
-    return _articles(text), spec
+    return with_articles(text), spec
 
 
 def _has(o: Obj, colour, shape, size) -> bool:
@@ -328,7 +328,7 @@ def zero_shot_classes() -> list[tuple[str, str]]:
 
 
 def zero_shot_prompts(colour: str, shape: str) -> list[str]:
-    return [_articles(t.format(colour=colour, shape=shape)) for t in ZERO_SHOT_TEMPLATES]
+    return [with_articles(t.format(colour=colour, shape=shape)) for t in ZERO_SHOT_TEMPLATES]
 
 
 def swapped_caption(objs: Sequence[Obj], kind: str, rng: np.random.Generator) -> tuple[str, str]:
@@ -341,7 +341,7 @@ def swapped_caption(objs: Sequence[Obj], kind: str, rng: np.random.Generator) ->
         fmt = dict(rel=rel)
         true = t.format(c1=a.colour, s1=a.shape, z1=a.size, c2=b.colour, s2=b.shape, z2=b.size, **fmt)
         false = t.format(c1=b.colour, s1=b.shape, z1=b.size, c2=a.colour, s2=a.shape, z2=a.size, **fmt)
-        return _articles(true), _articles(false)
+        return with_articles(true), with_articles(false)
     o = objs[0]
     if kind == "position":
         placed = [t for t in _SINGLE_TEMPLATES if "{where}" in t]
@@ -354,5 +354,5 @@ def swapped_caption(objs: Sequence[Obj], kind: str, rng: np.random.Generator) ->
         other = Obj(str(rng.choice([c for c in COLOURS if c != o.colour])), o.shape, o.size, o.x, o.y) \
             if kind == "colour" else Obj(o.colour, str(rng.choice([s for s in SHAPES if s != o.shape])), o.size,
                                          o.x, o.y)
-    fmt = lambda x: _articles(t.format(colour=x.colour, shape=x.shape, size=x.size, where=_where(x)))  # noqa: E731
+    fmt = lambda x: with_articles(t.format(colour=x.colour, shape=x.shape, size=x.size, where=where_words(x)))  # noqa: E731
     return fmt(o), fmt(other)

@@ -12,7 +12,7 @@ from ..data import DEFAULT_SOURCE, is_shapes, shapes_count
 from ..errors import VlmedgeError
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
+def normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
@@ -112,6 +112,12 @@ def recall_from_hits(sim: np.ndarray, hit: np.ndarray, ks=(1, 5, 10)) -> dict:
     order = np.argsort(-sim, axis=1, kind="stable")
     ranked = np.take_along_axis(hit, order, axis=1)
     return {f"r{k}": float(ranked[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def measured_on(metrics: dict[str, Any]) -> str | None:
+    """Which images an evaluation measured, as its family recorded it (`metrics["data"]["measured"]`: a split of
+    shapes, a user's held-out tenth or own split); None for a record written before evaluations said so."""
+    return (metrics.get("data") or {}).get("measured")
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:

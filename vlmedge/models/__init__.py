@@ -240,10 +240,10 @@ def load_model(path: str | os.PathLike, *, attn_implementation: str = "sdpa",
     check_vocab(folder, tokenizer, getattr(model.config.text_config, "vocab_size", None))
     vision_size = int(getattr(model.config.vision_config, "image_size", 224))
     pre_path = folder / "preprocessor_config.json"
-    pre_cfg = _mapping(pre_path)
+    pre_cfg = read_json_mapping(pre_path)
     preprocess = read_preprocess(pre_path, pre_cfg, vision_size)
     meta_path = folder / "vlmedge.json"
-    meta = _mapping(meta_path)
+    meta = read_json_mapping(meta_path)
     max_length = int(meta.get("max_length") or min(getattr(model.config.text_config, "max_position_embeddings", 77), 77))
     return cls(model.eval(), tokenizer, preprocess, max_length, str(folder))
 
@@ -273,7 +273,7 @@ def read_preprocess(path: Path, cfg: dict[str, Any], size: int) -> Preprocess:
         raise VlmedgeError(f"{path}: not a usable image processor config ({e})") from None
 
 
-def _mapping(path: Path) -> dict[str, Any]:
+def read_json_mapping(path: Path) -> dict[str, Any]:
     """An optional JSON object of a model folder ({} when absent); malformed, a one-line error naming the file."""
     if not path.is_file():
         return {}

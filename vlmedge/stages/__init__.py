@@ -27,7 +27,7 @@ from ..artifact import FOLDER, RECORD, Artifact, artifact_id, content_id, librar
 from ..data import DEFAULT_SOURCE, is_shapes, shapes_count
 from ..disk import OUTPUT_MARK, claim_output, folder_size, write_json
 from ..errors import VlmedgeError
-from ..evaluate import EvalConfig, flat_metrics
+from ..evaluate import EvalConfig, flat_metrics, measured_on
 from ..models import DEFAULT_PRESET
 from ..options import flat
 from ..runtime.onnx import onnx_size, read_manifest
@@ -250,7 +250,7 @@ def describe(art: Artifact, folder: Path, ctx: Context, parent: Artifact | None)
         metrics = family.evaluate(adapter, ctx.eval, progress=ctx.progress)
         fields["seconds"]["eval"] = round(time.perf_counter() - t0, 1)
         families.write_eval(folder / "eval.json", ctx.eval, metrics)
-        fields.update(metrics=flat_metrics(metrics), data=ctx.eval.data)
+        fields.update(metrics=flat_metrics(metrics), data=ctx.eval.data, measured=measured_on(metrics))
     return replace(art, **fields, versions=library_versions(), files=product_files(path))
 
 

@@ -13,11 +13,11 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from ..._progress import LARGE, Progress
-from ...data import ShapesDataset, class_name, is_shapes, open_dataset
+from ...data import ShapesDataset, class_name, is_shapes, measured, open_dataset
 from ...data.shapes import zero_shot_classes as shapes_classes
 from ...data.shapes import zero_shot_prompts
 from ...errors import VlmedgeError
-from ...evaluate import EvalConfig, _normalise, recall_at_k, recall_from_hits
+from ...evaluate import EvalConfig, normalise, recall_at_k, recall_from_hits
 from .model import image_features, text_features
 
 
@@ -43,7 +43,7 @@ class TorchEncoder:
         with torch.no_grad():
             out = [image_features(self.vlm.model, torch.from_numpy(pixel_values[i:i + self.batch_size]).to(self.device))
                    for i in range(0, len(pixel_values), self.batch_size)]
-        return _normalise(torch.cat(out).float().cpu().numpy())
+        return normalise(torch.cat(out).float().cpu().numpy())
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         import torch
@@ -54,7 +54,7 @@ class TorchEncoder:
                 tok = self.vlm.tokenize(list(texts[i:i + self.batch_size]))
                 out.append(text_features(self.vlm.model, torch.from_numpy(tok["input_ids"]).to(self.device),
                                          torch.from_numpy(tok["attention_mask"]).to(self.device)))
-        return _normalise(torch.cat(out).float().cpu().numpy())
+        return normalise(torch.cat(out).float().cpu().numpy())
 
 
 def _embed_images(encoder: Encoder, images: np.ndarray, batch: int = 256, progress: bool = False) -> np.ndarray:
@@ -74,21 +74,24 @@ def evaluate(encoder: Encoder, cfg: EvalConfig = EvalConfig(), progress: bool = 
 
     ds = open_dataset(cfg.data, "test", resolution=resolution, count=max(cfg.retrieval_pairs, cfg.zero_shot_images),
                       progress=progress)
-    out: dict[str, Any] = {"retrieval": _retrieval(encoder, ds, cfg.seed, cfg.retrieval_pairs, progress)}
+    out: dict[str, Any] = {"retrieval": _retrieval(encoder, ds, cfg.seed, cfg.retrieval_pairs, progress),
+                           "data": {"measured": ds.measured}}
     if ds.labels is not None:
         n = min(len(ds), cfg.zero_shot_images)
-        classes = user_classes(ds.labels[:n], cfg)
+        classes = user_classes(ds.labels[:n], cfg, ds.source_labels)
         truth = np.array([[c for c, _ in classes].index(label) for label in ds.labels[:n]])
         out["zero_shot"] = zero_shot(encoder, ds.images(range(n)), truth, [p for _, p in classes], progress)
         out["zero_shot"].pop("predicted")
     return out
 
 
-def user_classes(labels: Sequence[str], cfg: EvalConfig) -> list[tuple[str, list[str]]]:
-    """(label, prompts) per zero-shot class of labelled data: the --classes file's, else the labels' sorted."""
+def user_classes(labels: Sequence[str], cfg: EvalConfig, every: Sequence[str] | None = None
+                 ) -> list[tuple[str, list[str]]]:
+    """(label, prompts) per zero-shot class of labelled data: the --classes file's, else `every` label of the
+    source (a held-out split may lack some), else the labels' sorted."""
     names = cfg.class_list()
     if names is None:
-        names = sorted(set(labels))
+        names = sorted(set(every or labels))
     else:
         missing = sorted(set(labels) - set(names))
         if missing:
@@ -106,7 +109,7 @@ def zero_shot_classes(cfg: EvalConfig, resolution: int) -> list[tuple[str, list[
     if is_shapes(cfg.data):
         return [(f"{c} {s}", zero_shot_prompts(c, s)) for c, s in shapes_classes()]
     ds = open_dataset(cfg.data, "test", resolution=resolution, count=cfg.zero_shot_images)
-    return None if ds.labels is None else user_classes(ds.labels, cfg)
+    return None if ds.labels is None else user_classes(ds.labels, cfg, ds.source_labels)
 
 
 def class_embeddings(encoder: Encoder, prompts: Sequence[Sequence[str]]) -> np.ndarray:
@@ -114,7 +117,7 @@ def class_embeddings(encoder: Encoder, prompts: Sequence[Sequence[str]]) -> np.n
     flat = [p for ps in prompts for p in ps]
     emb = encoder.encode_texts(flat)
     bounds = np.cumsum([0] + [len(ps) for ps in prompts])
-    return _normalise(np.stack([emb[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])]))
+    return normalise(np.stack([emb[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])]))
 
 
 def zero_shot(encoder: Encoder, images: np.ndarray, truth: np.ndarray, prompts: Sequence[Sequence[str]],
@@ -189,4 +192,5 @@ def _evaluate_shapes(encoder: Encoder, cfg: EvalConfig, resolution: int) -> dict
         t, f = encoder.encode_texts(list(true)), encoder.encode_texts(list(false))
         hard[kind] = float(((e * t).sum(1) > (e * f).sum(1)).mean())
     hard["n"] = {"colour": min(cfg.hard_negative_pairs, len(single)), "relation": len(pairs)}
-    return {"zero_shot": zs, "retrieval": retrieval, "hard_negatives": hard}
+    return {"zero_shot": zs, "retrieval": retrieval, "hard_negatives": hard,
+            "data": {"measured": measured(cfg.data, "test", False, len(single) + len(mixed), 0)}}

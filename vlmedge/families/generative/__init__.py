@@ -543,7 +543,8 @@ class Generative(Family):
         ds = open_vqa(eval_cfg.data, "val", resolution=adapter.preprocess.image_size, count=upper(questions),
                       seed=eval_cfg.seed)
         items = ds.eval_items(upper(questions), eval_cfg.seed)
-        return evaluate_generator(adapter, ds, items, own.max_new_tokens, progress, questions)
+        return {**evaluate_generator(adapter, ds, items, own.max_new_tokens, progress, questions),
+                "data": {"measured": ds.measured}}
 
     def calibration_feeds(self, adapter, data, batches, batch_size, seed):
         """Real feeds per graph from training questions of `data` (the fp32 export computes what each graph

@@ -24,8 +24,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ...data import _caption, _inside, _load_pairs, _short, is_shapes, metadata_records, open_dataset
-from ...data.shapes import COLOURS, HELD_OUT, SHAPES, Obj, _articles, _where, caption, matches, relation
+from ...data import (checked_text, inside_root, is_shapes, load_pairs, measured, metadata_records, open_dataset, shown,
+                     split_source, user_items)
+from ...data.shapes import COLOURS, HELD_OUT, SHAPES, Obj, caption, matches, relation, where_words, with_articles
 from ...errors import VlmedgeError
 
 QUESTION_TYPES = ("colour", "shape", "size", "count", "position", "relation", "yes/no", "describe")
@@ -57,11 +58,11 @@ def shapes_question(objs: Sequence[Obj], kind: str, rng: np.random.Generator) ->
     if kind == "colour":
         q = str(rng.choice(["what colour is the {s}?", "what is the colour of the {s}?", "which colour is the {s}?"]))
         if len(objs) == 2 and objs[1].shape == o.shape:
-            return f"what colour is the {o.shape} {_where(o)}?", o.colour
+            return f"what colour is the {o.shape} {where_words(o)}?", o.colour
         return q.format(s=o.shape), o.colour
     if kind == "shape":
         if len(objs) == 2 and objs[1].colour == o.colour:
-            return f"what shape is the {o.colour} object {_where(o)}?", o.shape
+            return f"what shape is the {o.colour} object {where_words(o)}?", o.shape
         q = str(rng.choice(["what shape is the {c} object?", "which shape is {c}?", "what is the {c} shape?"]))
         return q.format(c=o.colour), o.shape
     if kind == "size":
@@ -90,7 +91,7 @@ def shapes_question(objs: Sequence[Obj], kind: str, rng: np.random.Generator) ->
                 else:
                     shape = str(rng.choice(SHAPES))
         q = str(rng.choice(["is there a {c} {s}?", "is there a {c} {s} in the image?", "do you see a {c} {s}?"]))
-        return _articles(q.format(c=colour, s=shape)), "yes" if true else "no"
+        return with_articles(q.format(c=colour, s=shape)), "yes" if true else "no"
     if kind == "describe":
         return str(rng.choice(DESCRIBE)), caption(objs, rng)[0]
     raise ValueError(kind)
@@ -114,6 +115,7 @@ class ShapesVQA:
     def __init__(self, base):
         self.base = base  # a data.ShapesDataset
         self.objects = base.data.objects
+        self.measured = base.measured
 
     def __len__(self) -> int:
         return len(self.base)
@@ -202,6 +204,7 @@ class UserVQA:
         """`pictures`: the loaded dataset whose `images(indices)` gives each row's image (decoded in memory, or
         shards read per batch)."""
         self.pictures, self.rows, self.is_captions = pictures, rows, captions
+        self.measured = pictures.measured
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -238,14 +241,14 @@ class UserVQA:
 
 
 def _text(value, where: str, what: str) -> str:
-    return _caption(value, where, what).strip()
+    return checked_text(value, where, what).strip()
 
 
 def _id(value, where: str, what: str):
     """A question or image id: an integer or a non-empty string (JSON lists, objects, booleans and floats are not
     ids)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not value.strip()):
-        raise VlmedgeError(f"{where}: {what} {_short(value)} is not an id (an integer or a string)")
+        raise VlmedgeError(f"{where}: {what} {shown(value)} is not an id (an integer or a string)")
     return value
 
 
@@ -302,7 +305,7 @@ def _vqa_v2(questions_path: Path, annotations_path: Path, root: Path) -> list[tu
             exact = f"COCO_{image_id:012d}.jpg"
             found = [exact] if (root / exact).is_file() else sorted(p.name for p in root.glob(f"*{image_id:012d}.*"))
             name = found[0] if found else exact
-        out.append((_inside(root, name, str(annotations_path)), rows, name))
+        out.append((inside_root(root, name, str(annotations_path)), rows, name))
     return out
 
 
@@ -323,13 +326,13 @@ def _metadata_rows(root: Path) -> tuple[list[tuple[Path, list, str]], bool]:
             row = (DESCRIBE[0], tuple(_text(t, where, "caption") for t in texts), "describe")
         else:
             raise VlmedgeError(f"{where}: expected question and answer (or text for a caption)")
-        items.setdefault(name, (_inside(root, name, where), [], name))[1].append(row)
+        items.setdefault(name, (inside_root(root, name, where), [], name))[1].append(row)
     if not items:
         raise VlmedgeError(f"{meta}: no records")
     return list(items.values()), captions
 
 
-def open_vqa(source: str, split: str = "train", *, resolution: int, count: int | None = None, skip_bad: bool = False,
+def open_vqa(source: str, split: str = "all", *, resolution: int, count: int | None = None, skip_bad: bool = False,
              seed: int = 0, progress: bool = False):
     """A VQA dataset by its source: shapes[:COUNT], a VQA v2 pair (`questions.json+annotations.json` or a folder
     holding `*questions*.json` and `*annotations*.json` beside the images), an image folder with metadata.jsonl
@@ -338,12 +341,17 @@ def open_vqa(source: str, split: str = "train", *, resolution: int, count: int |
     if is_shapes(source):
         return ShapesVQA(open_dataset(source, split, resolution=resolution, count=count, seed=seed,
                                       progress=progress))
-    if "+" in source and source.endswith(".json"):
-        q, a = (Path(p) for p in source.split("+", 1))
+    read, sliced = split_source(source, split)
+    if "+" in read and read.endswith(".json"):
+        q, a = (Path(p) for p in read.split("+", 1))
         items, captions = _vqa_v2(q, a, q.parent / "images" if (q.parent / "images").is_dir() else q.parent), False
     else:
-        path = Path(source)
+        path = Path(read)
         qs, ans = (sorted(path.glob(f"*{k}*.json")) if path.is_dir() else [] for k in ("questions", "annotations"))
+        if len(qs) > 1 or len(ans) > 1:
+            raise VlmedgeError(f"{read}: holds {len(qs)} question files and {len(ans)} annotation files "
+                               f"({', '.join(p.name for p in qs + ans)}); give one pair as "
+                               "QUESTIONS.json+ANNOTATIONS.json")
         if qs and ans:
             root = path / "images" if (path / "images").is_dir() else path
             items, captions = _vqa_v2(qs[0], ans[0], root), False
@@ -353,7 +361,6 @@ def open_vqa(source: str, split: str = "train", *, resolution: int, count: int |
             ds = open_dataset(source, split, resolution=resolution, count=count, skip_bad=skip_bad)
             rows = [[(DESCRIBE[0], tuple(t), "describe")] for t in ds.texts]
             return UserVQA(ds, rows, True)
-    if count:
-        items = items[:count]
-    loaded = _load_pairs(items, resolution, skip_bad)  # each item's payload (its question rows) rides along
+    loaded = load_pairs(user_items(items, split if sliced else "all", count), resolution, skip_bad)
+    loaded.measured = measured(read, split, sliced, len(loaded), len(items))
     return UserVQA(loaded, loaded.texts, captions)

@@ -26,7 +26,7 @@ import numpy as np
 from ..._hf import quiet_transformers
 from ...disk import read_json
 from ...errors import VlmedgeError
-from ...models import VLM, _mapping, check_model_folder, check_vocab, load_tokenizer, load_weights, read_preprocess
+from ...models import VLM, read_json_mapping, check_model_folder, check_vocab, load_tokenizer, load_weights, read_preprocess
 from ...preprocess import Preprocess
 
 ARCHITECTURES = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration")
@@ -284,11 +284,11 @@ def load(path: str | os.PathLike, *, attn_implementation: str = "sdpa") -> Gener
     model = load_weights(folder, config, ARCHITECTURES, attn_implementation)
     pre_path = folder / "preprocessor_config.json"
     size = int(model.config.vision_config.image_size)
-    preprocess = read_preprocess(pre_path, _mapping(pre_path), size)
+    preprocess = read_preprocess(pre_path, read_json_mapping(pre_path), size)
     if preprocess.image_size != size:
         raise VlmedgeError(f"{pre_path}: image tiles of {preprocess.image_size} px (max_image_size), but the vision "
                            f"encoder reads {size} px (config.json vision_config.image_size)")
-    meta = _mapping(folder / "vlmedge.json")
+    meta = read_json_mapping(folder / "vlmedge.json")
     max_length = int(meta.get("max_length") or min(model.config.text_config.max_position_embeddings, 2048))
     if model.generation_config.eos_token_id is None:
         model.generation_config.eos_token_id = int(tokenizer.convert_tokens_to_ids(SPECIAL["end"]))

@@ -16,7 +16,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from ..._progress import Progress
-from ...data import ShapesDataset, is_shapes, open_dataset
+from ...data import ShapesDataset, is_shapes, measured, open_dataset
 from ...data.shapes import load_shapes, swapped_caption, zero_shot_classes, zero_shot_prompts
 
 HARD_NEGATIVE_KINDS = ("colour", "shape", "position", "relation")
@@ -133,9 +133,10 @@ def evaluate(matcher: Matcher, cfg, rerank_k: int = 16, progress: bool = False) 
         out: dict[str, Any] = {"itm": itm, "itc_hard_negatives": itc, "zero_shot": zero_shot(matcher, single,
                                                                                                rerank_k)}
         ds = ShapesDataset(mixed)
+        out["data"] = {"measured": measured(cfg.data, "test", False, len(single) + len(mixed), 0)}
     else:
         ds = open_dataset(cfg.data, "val", resolution=size, count=cfg.retrieval_pairs, seed=cfg.seed)
-        out = {}
+        out = {"data": {"measured": ds.measured}}
     idx = list(range(min(len(ds), cfg.retrieval_pairs)))
     captions, specs = ds.training_captions(idx, np.random.default_rng([cfg.seed, 3]))
     first = {c: j for j, c in reversed(list(enumerate(captions)))}

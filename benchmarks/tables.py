@@ -1,0 +1,239 @@
+"""The tables of README.md, docs/ and benchmarks/README.md, generated from the results files under
+benchmarks/results/: none is typed.
+
+Each generated block sits between `<!-- table:NAME -->` and `<!-- /table -->` in its page. `RESULTS` names, per
+results file, the one command that regenerates it at HEAD (prerequisites included) and how to render it.
+
+    python benchmarks/tables.py           # rewrite every block from the results files
+    python benchmarks/tables.py --check   # exit 1 naming each block that differs (the suite runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
+
+TWO = "`bash benchmarks/peers/envs.sh env-openvino llama.cpp` (once), then "
+RESULTS: dict[str, str] = {
+    "quickstart.json": "benchmarks/run.sh quickstart",
+    "vqa-quickstart.json": "benchmarks/run.sh vqa-quickstart",
+    "rerank-quickstart.json": "benchmarks/run.sh rerank-quickstart",
+    "edge-cpu.json": "benchmarks/run.sh edge-cpu",
+    "peers.json": "benchmarks/peers/run.sh (builds env-optimum and env-inc; also writes benchmarks/RESULTS.md)",
+    "vqa-peers.json": "benchmarks/run.sh vqa-quickstart, then python benchmarks/peers/generative.py "
+                      "runs/bench-vqa-quickstart --optimum-python runs/peers/env-optimum/bin/python && "
+                      "cp runs/bench-vqa-quickstart/peers.json benchmarks/results/vqa-peers.json",
+    "smolvlm-256m.json": "python benchmarks/smolvlm_256m.py runs/smolvlm-256m && "
+                         "cp runs/smolvlm-256m/results.json benchmarks/results/smolvlm-256m.json",
+    "smolvlm-256m-avx512.json": "python benchmarks/smolvlm_256m.py runs/smolvlm-256m --forms int8,int4-acc4 && "
+                                "cp runs/smolvlm-256m/results.json benchmarks/results/smolvlm-256m-avx512.json",
+    "smolvlm-256m-peers.json": TWO + "python benchmarks/peers/smolvlm_peers.py runs/peers256 && "
+                               "cp runs/peers256/results.json benchmarks/results/smolvlm-256m-peers.json",
+    "smolvlm-256m-peers-head-to-head.json": TWO + "python benchmarks/peers/smolvlm_peers.py runs/peers256 --rounds 5 "
+                                            "--row 'vlmedge int8' --row 'openvino int8' --row 'openvino int8 f32' "
+                                            "--results head-to-head.json && cp runs/peers256/head-to-head.json "
+                                            "benchmarks/results/smolvlm-256m-peers-head-to-head.json",
+    "smolvlm-256m-peers-head-to-head-r7.json": "the same command as smolvlm-256m-peers-head-to-head.json, at export "
+                                               "revision 7 (kept for the comparison)",
+    "smolvlm-256m-peers-agreement-x3.json": TWO + "python benchmarks/peers/smolvlm_peers.py runs/peers256x3 "
+                                            "--text-scale 3 --rounds 0 && cp runs/peers256x3/results.json "
+                                            "benchmarks/results/smolvlm-256m-peers-agreement-x3.json",
+    "smolvlm-vqa-peers.json": TWO + "the two `vlmedge train` commands in benchmarks/peers/smolvlm_vqa_peers.py's "
+                              "docstring, python benchmarks/peers/smolvlm_vqa_peers.py runs/vqapeers/model "
+                              "runs/vqapeers && cp runs/vqapeers/vqa-results.json "
+                              "benchmarks/results/smolvlm-vqa-peers.json",
+    "smolvlm-cpu-256m.json": "python benchmarks/peers/smolvlm_peers.py runs/peers256 --rounds 0 (the folder), then "
+                             "python benchmarks/smolvlm_cpu.py runs/peers256/model runs/smolvlm-cpu "
+                             "--set stages.distill.steps=4 --set stages.distill.batch_size=2 && "
+                             "cp runs/smolvlm-cpu/wall.json benchmarks/results/smolvlm-cpu-256m.json",
+    "streaming-rss.json": "python benchmarks/streaming_rss.py runs/streaming && "
+                          "cp runs/streaming/results.json benchmarks/results/streaming-rss.json",
+}
+"""Results file -> the command that regenerates it at HEAD, from the repository root with vlmedge installed."""
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS_DIR / name).read_text())
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return [_row(header), "|" + "---|" * len(header), *(_row(r) for r in rows)]
+
+
+def source_line(name: str) -> str:
+    """Where a generated table comes from: its file, its command, and what the file says of the machine."""
+    data = _load(name)
+    prov = data.get("provenance")
+    env = (prov or {}).get("environment") or data.get("environment") or {}
+    cpu = f"{env.get('cpu', '?')}, {env.get('cores', '?')} cores" if env else "machine not recorded"
+    flags = [f for f in env.get("cpu_flags", []) if f in ("avx2", "avx512_vnni", "avx512_bf16", "amx_int8")]
+    where = f"{cpu}{' (' + ', '.join(flags) + ')' if flags else ''}"
+    if prov:
+        made = f"commit {prov['commit'][:12]}, load average {prov['load_before'][0]} before" + \
+            (" (a busy CPU: timings not comparable)" if prov.get("cpu_busy_before") else "")
+    else:
+        made = "written before results files recorded their command and commit"
+    return f"_From `benchmarks/results/{name}` ({where}; {made}); regenerate: `{RESULTS[name].split(' (')[0]}`._"
+
+
+def recipe(name: str) -> Callable[[], list[str]]:
+    """A recipe report's step table (what `vlmedge compress` prints)."""
+    def render() -> list[str]:
+        from vlmedge.report import table_rows
+
+        header, rows = table_rows(_load(name), compact=True)
+        return _table(header, rows) + ["", source_line(name)]
+    return render
+
+
+GATE_RECIPES = ("quickstart.json", "vqa-quickstart.json", "rerank-quickstart.json")
+
+
+def gates() -> list[str]:
+    """Each shipped quickstart's gates as its last run judged them, and the planted regression ('quantize removed':
+    `vlmedge gate RUN --step export --remeasure 0`, written by benchmarks/run.sh beside the report)."""
+    rows, sources = [], []
+    for name in GATE_RECIPES:
+        if not (RESULTS_DIR / name).is_file():
+            continue
+        report = _load(name)
+        planted = RESULTS_DIR / name.replace(".json", "-planted.xml")
+        verdicts = {}
+        if planted.is_file():
+            for case in ET.parse(planted).getroot().iter("testcase"):
+                verdicts[case.get("name")] = "fail" if case.find("failure") is not None else "pass"
+        for g in report.get("gates") or []:
+            rows.append([report["recipe"]["name"], f"`{g['budget']}`", f"{g['value']:.3f}" if g["value"] is not None
+                         else "-", "pass" if g["passed"] else "**fail**", verdicts.get(g["budget"], "not run")])
+        sources.append(source_line(name))
+    return _table(["recipe", "gate", "value", "verdict", "quantize removed"], rows) + [""] + sources
+
+
+def smolvlm_forms(name: str) -> Callable[[], list[str]]:
+    """The 256M shape's forms against PyTorch eager (benchmarks/smolvlm_256m.py)."""
+    def render() -> list[str]:
+        data = _load(name)
+        rows = []
+        for form, r in data["forms"].items():
+            pct = lambda sc: f"{r[sc]['p50_ms']:.1f} / {r[sc]['p90_ms']:.1f}" if sc in r else "-"  # noqa: E731
+            rows.append([form, pct("vision"), pct("prefill"), pct("decode"), pct("answer"),
+                         f"{r['size_bytes'] / 1e6:.0f}" if "size_bytes" in r else "-",
+                         f"{r['decode_bound_ms']:.1f}" if "decode_bound_ms" in r else "-"])
+        return _table(["form", "vision ms", "prefill ms", "decode step ms", "16-token answer ms", "size MB",
+                       "decode bound ms (bytes / bandwidth)"], rows) + ["", "p50 / p90.", "", source_line(name)]
+    return render
+
+
+def smolvlm_peers(name: str) -> Callable[[], list[str]]:
+    def render() -> list[str]:
+        from smolvlm_peers import markdown
+
+        return [*markdown(_load(name)["rows"]).splitlines(), "", source_line(name)]
+    return render
+
+
+def vqa_peers() -> list[str]:
+    from generative import markdown
+
+    return [*markdown(_load("vqa-peers.json")["rows"]).splitlines(), "", source_line("vqa-peers.json")]
+
+
+def smolvlm_vqa_peers() -> list[str]:
+    from smolvlm_vqa_peers import markdown
+
+    data = _load("smolvlm-vqa-peers.json")
+    return [*markdown(data["rows"], data["errors"]).splitlines(), "", source_line("smolvlm-vqa-peers.json")]
+
+
+def streaming() -> list[str]:
+    data = _load("streaming-rss.json")
+    rows = [[r["shards"], r["samples"], f"{r['peak_rss_mb']:.0f}", r["seconds"]] for r in data["runs"]]
+    return _table(["shards", "samples", "peak RSS MB", "seconds"], rows) + ["", source_line("streaming-rss.json")]
+
+
+def commands() -> list[str]:
+    """benchmarks/README.md's map: each results file and the one command that regenerates it."""
+    return _table(["results file", "regenerated at HEAD by", "in the repository"],
+                  [[f"`{name}`", f"`{cmd}`" if "`" not in cmd else cmd,
+                    "yes" if (RESULTS_DIR / name).is_file() else "not yet: run the command"]
+                   for name, cmd in RESULTS.items()])
+
+
+TABLES: dict[str, Callable[[], list[str]]] = {
+    "quickstart": recipe("quickstart.json"), "edge-cpu": recipe("edge-cpu.json"),
+    "vqa-quickstart": recipe("vqa-quickstart.json"), "gates": gates,
+    "smolvlm-256m": smolvlm_forms("smolvlm-256m-avx512.json"),
+    "smolvlm-256m-peers": smolvlm_peers("smolvlm-256m-peers-head-to-head-r7.json"),
+    "vqa-peers": vqa_peers, "smolvlm-vqa-peers": smolvlm_vqa_peers, "streaming-rss": streaming,
+    "commands": commands,
+}
+PAGES = ("README.md", "docs", "benchmarks/README.md")
+BLOCK = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
+
+
+def pages() -> list[Path]:
+    out = []
+    for p in PAGES:
+        path = ROOT / p
+        out += sorted(path.glob("*.md")) if path.is_dir() else [path]
+    return out
+
+
+def regenerate(check: bool) -> list[str]:
+    """Every page's blocks from their results; the names of blocks that differed (rewritten unless `check`)."""
+    stale, seen = [], set()
+    for page in pages():
+        text = page.read_text()
+
+        def fill(m: re.Match) -> str:
+            name = m.group(2)
+            if name not in TABLES:
+                raise SystemExit(f"error: {page.relative_to(ROOT)}: no table named {name!r}; known: "
+                                 f"{', '.join(TABLES)}")
+            seen.add(name)
+            body = "\n".join(TABLES[name]()) + "\n"
+            if body != m.group(3):
+                stale.append(f"{page.relative_to(ROOT)}: {name}")
+            return m.group(1) + body + m.group(4)
+
+        new = BLOCK.sub(fill, text)
+        if not check and new != text:
+            page.write_text(new)
+    missing = [n for n in TABLES if n not in seen]
+    if missing:
+        raise SystemExit(f"error: tables placed on no page: {', '.join(missing)}")
+    return stale
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is not what its "
+                    "results file renders")
+    a = ap.parse_args()
+    unknown = sorted(p.name for p in RESULTS_DIR.glob("*.json") if p.name not in RESULTS)
+    if unknown:
+        print(f"error: benchmarks/results/{unknown[0]} has no command in benchmarks/tables.py RESULTS",
+              file=sys.stderr)
+        return 1
+    stale = regenerate(a.check)
+    for s in stale:
+        print(f"{'stale' if a.check else 'rewritten'}: {s}")
+    return 1 if a.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
