@@ -2,8 +2,8 @@
 
 Trains the preset's vision tower from scratch, supervised, to predict the spatial relation of the (colour,
 shape)-sorted first of two objects to the second (4 classes) from its pooled output, 800 steps x 192 two-object
-training images, and prints held-out accuracy every 200 steps (a tower that reaches ~0.9 can bind; the contrastive teacher's embeddings are
-probed by `vlmedge eval`'s relation hard negatives). Run from the repository root:
+training images, and prints held-out accuracy every 200 steps (a tower that reaches ~0.9 can bind; the contrastive
+teacher's embeddings are probed by `vlmedge eval`'s relation hard negatives). Run from the repository root:
 
     python benchmarks/relation_probe.py [OUT.json] [--quick]
 

@@ -108,7 +108,7 @@ def _kl_batch(vlm):
 
 def test_token_distillation_is_zero_against_itself_and_lowers_the_kl(vqa_model, tmp_path):
     from vlmedge import families
-    from vlmedge.families.dual_encoder import DistillLosses
+    from vlmedge.losses import DistillLosses
     from vlmedge.stages.prune import PruneConfig, prune
     from vlmedge.train import TrainConfig, train
 

@@ -16,7 +16,7 @@ from vlmedge.cli import main
 
 
 def _refused(capsys, argv: list[str], *fragments: str) -> str:
-    code = main([*argv, "--quiet"] if argv[0] != "eval" else argv)
+    code = main([*argv, "--quiet"] if argv[0] not in ("eval", "bench") else argv)
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert not err.startswith("error: unexpected"), err  # the catch-all is the last resort, never reached here
@@ -190,3 +190,60 @@ def test_a_generative_export_with_a_missing_or_swapped_graph_or_manifest_names_i
     folder = broken("no-tokenizer")
     (folder / "tokenizer.json").unlink()
     _refused(capsys, _eval(folder), f"{folder}: no usable tokenizer")
+
+
+# --- the classes a held-out hostile run found --------------------------------------------------------------------------
+
+def test_an_export_without_its_manifest_is_named_by_the_manifest(vqa_export, tmp_path, capsys):
+    copy = shutil.copytree(vqa_export, tmp_path / "export", ignore=shutil.ignore_patterns("artifact.json"))
+    (copy / "manifest.json").unlink()  # onnx-community layout: config.json beside onnx/, read as a model folder before
+    _refused(capsys, _eval(copy), f"{copy}: ONNX files but no manifest.json")
+
+
+def test_eval_refuses_a_recorded_export_whose_manifest_changed_as_bench_and_quantize_do(vqa_model, tmp_path, capsys):
+    copy = tmp_path / "export"  # recorded: its artifact.json says generative and lists the manifest's sha256
+    assert main(["export", str(vqa_model), "--out", str(copy), "--no-eval", "--no-tune-threads", "--parity-questions",
+                 "1", "--quiet"]) == 0
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "family": "dual_encoder"}))
+    changed = f"{copy / 'manifest.json'}: changed since it was written"
+    for argv, fragment in ((_eval(copy), changed), (["quantize", str(copy), "--out", str(tmp_path / "q")], changed),
+                           (["bench", str(copy)], f"{copy / 'manifest.json'}: files has no 'image' graph")):
+        _refused(capsys, argv, fragment)  # all three refuse, naming the manifest; none believes the record over it
+
+
+def test_a_folder_with_two_vqa_pairs_is_refused_naming_them(vqa_model, tmp_path, capsys):
+    one = [{"question_id": 1, "image_id": 7, "question": "what colour?"}]
+    _vqa_pair(tmp_path / "v2", one, [{"question_id": 1, "answers": ["red"]}])
+    for name in ("val_questions.json", "val_annotations.json"):
+        shutil.copy(tmp_path / "v2" / name.split("_")[1], tmp_path / "v2" / name)
+    _refused(capsys, _eval(vqa_model, str(tmp_path / "v2")), "holds 2 question files and 2 annotation files",
+             "give one pair as QUESTIONS.json+ANNOTATIONS.json")
+
+
+def test_a_tower_narrower_than_the_models_encoder_is_refused_at_load_with_its_line(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: narrow\nmodel:\n  preset: vqa-small\n  tower: {preset: tiny, steps: 6}\n"
+                      "stages:\n  - train: {steps: 2}\n")
+    _refused(capsys, ["compress", str(recipe), "--out", str(tmp_path / "run")],
+             f"{recipe}:4: model.tower.preset: tower 'tiny': vision hidden_size=64, the preset's is 128")
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_skip_bad_says_how_many_images_it_skipped(tmp_path, capsys):
+    from PIL import Image
+
+    rows = []
+    for i in range(12):
+        Image.new("RGB", (40, 40), (20 * i, 40, 90)).save(tmp_path / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"a colour patch number {i}"})
+    (tmp_path / "3.png").write_bytes(b"not a png")
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    argv = ["train", "--preset", "tiny", "--data", str(tmp_path), "--steps", "1", "--batch-size", "4", "--quiet",
+            "--out", str(tmp_path / "model")]
+    _refused(capsys, argv, "3.png: cannot read image", "use --skip-bad")
+    assert main([*argv, "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "data: skipped 1 unreadable image(s) of" in out and "e.g. 3.png" in out, out
+    info = json.loads((tmp_path / "model" / "artifact.json").read_text())["info"]
+    assert info["skipped_images"] == 1

@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vlmedge"
 # Higher layers may import lower ones, never the reverse. Modules of one layer may import each other.
 LAYERS = [
     {"errors", "disk", "_hf", "_registry", "_progress", "preprocess", "artifact", "options"},
-    {"runtime", "data", "models", "evaluate"},  # the shared kit: ONNX Runtime, datasets, model surgery, metrics
+    {"runtime", "data", "models", "evaluate", "losses"},  # the shared kit: ONNX Runtime, datasets, model surgery,
+    # metrics, the losses several families train with
     {"families"},  # one package per family: its model, data adapters, tasks, export graphs, scenarios
     {"train"},
     {"stages"},
@@ -97,3 +98,18 @@ def test_the_board_runner_needs_no_vlmedge_beyond_its_bundle():
     bundle = {_module(PACKAGE / name) for name in BUNDLE_CODE}
     for name in BUNDLE_CODE:
         assert _imports(PACKAGE / name) - {"vlmedge.runtime"} <= bundle, name
+
+
+def test_no_module_outside_a_family_package_imports_a_family():
+    """Shared code names no family: only `families/<name>/` imports `families/<name>/` (the registry finds each
+    package by its name in `families.MODULES`, not by an import)."""
+    packages = {p.parent.name for p in (PACKAGE / "families").glob("*/__init__.py")}
+    assert packages >= {"dual_encoder", "generative", "matching"}
+    wrong = []
+    for module, imports in _graph().items():
+        for target in imports:
+            parts = target.split(".")
+            if len(parts) > 2 and parts[1] == "families" and parts[2] in packages \
+                    and module.split(".")[:3] != parts[:3]:
+                wrong.append(f"{module} -> {target}")
+    assert not wrong, wrong

@@ -208,17 +208,28 @@ def test_a_corrupt_matcher_graph_or_a_tokenizer_larger_than_the_embedding_is_nam
 
     from vlmedge.cli import main
 
-    export = tmp_path / "onnx"
-    shutil.copytree(matcher_export, export)
+    # copies edited by hand, their records removed (a recorded folder that changed is refused as changed, the same
+    # for eval as for bench and quantize): new inputs, checked for what they hold
+    copy = lambda src, name: shutil.copytree(src, tmp_path / name,  # noqa: E731
+                                             ignore=shutil.ignore_patterns("checkpoints", "artifact.json"))
+    export = copy(matcher_export, "onnx")
     (export / "matcher.onnx").write_bytes(b"\x08\x07not a graph")
-    model = tmp_path / "model"
-    shutil.copytree(matcher, model, ignore=shutil.ignore_patterns("checkpoints"))
+    model = copy(matcher, "model")
     tok = AutoTokenizer.from_pretrained(model)
     tok.add_tokens([f"extra{i}" for i in range(8)])
     tok.save_pretrained(model)
+    gap = copy(matcher, "gap")  # as many tokens as rows, but one id past the last row
+    spec = json.loads((gap / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    last = max(vocab, key=vocab.get)
+    rows = vocab[last] + 1
+    vocab[last] = rows + 2
+    (gap / "tokenizer.json").write_text(json.dumps(spec))
     for folder, expected in ((export, f"{export / 'matcher.onnx'}: ONNX Runtime cannot load it"),
                              (model, f"{model}: the tokenizer has {len(tok)} tokens, the model's text vocab_size is "
-                                     f"{len(tok) - 8}")):
+                                     f"{len(tok) - 8}"),
+                             (gap, f"{gap}: the tokenizer's token {last!r} has id {rows + 2}, past the model's text "
+                                   "vocab_size")):
         assert main(["eval", str(folder), "--data", "shapes:16", "--json"]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: {expected}") and len(err.splitlines()) == 1, err

@@ -11,7 +11,7 @@ def test_siglip_folder_loads_with_its_preprocessing_and_sigmoid_loss(siglip_fold
     import torch
 
     from vlmedge import families
-    from vlmedge.families.dual_encoder import contrastive_loss
+    from vlmedge.losses import contrastive_loss
 
     family = families.of(siglip_folder)
     vlm = family.load(siglip_folder)

@@ -156,7 +156,7 @@ def test_text_negatives_are_extra_columns_of_image_to_text_only():
     import torch
     import torch.nn.functional as F
 
-    from vlmedge.families.dual_encoder import contrastive_loss
+    from vlmedge.losses import contrastive_loss
 
     g = torch.Generator().manual_seed(0)
     img, txt, neg = (F.normalize(torch.randn(6, 8, generator=g), dim=-1) for _ in range(3))

@@ -14,7 +14,7 @@ import traceback
 from typing import Callable, Sequence
 
 from . import __version__, families
-from .artifact import RECORD, Artifact
+from .artifact import RECORD
 from .bench import bench_paths, print_bench, print_profile, profile_export
 from .data import DEFAULT_SOURCE
 from .disk import write_json, write_text
@@ -34,7 +34,7 @@ from .stages.export import ExportConfig
 from .stages.prune import IMPORTANCE, PruneConfig
 from .stages.quantize import CALIBRATION, MODES, OPTIMIZE, WEIGHT_SCHEMES, QuantizeConfig
 from .targets import TARGETS
-from .train import PRECISIONS, DistillStage, TrainStage
+from .train import PRECISIONS, PRESET_DEFAULT, DistillStage, TrainConfig, TrainStage
 
 EPILOG = """\
 The pipeline, one command per stage (each writes a folder the next one reads):
@@ -166,14 +166,16 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    made = Artifact.load(Path(args.path))  # a run's step folder: its model or onnx folder
-    product = made.path if made is not None else args.path
-    data = args.data or (made.data if made is not None else None)
+    # a run's step folder reads as its model or onnx folder; a recorded folder must still hold what its record lists,
+    # and its family is the one its files say, as for bench and quantize
+    made = input_artifact(args.path)
+    product = made.path
+    data = args.data or made.data
     if data is None:
         data = EvalConfig.data
         print(f"eval: on the built-in {data}: vlmedge has not trained or evaluated {args.path} on any data; "
               "--data DATA evaluates it on yours", file=sys.stderr if args.json else sys.stdout)
-    family = families.of_artifact(made) if made is not None else families.of(product)
+    family = families.of_artifact(made)
     cfg = _config(EvalConfig, args, family=family, data=data)
     metrics = family.evaluate(family.adapter(product), cfg, progress=not args.quiet)
     if args.json:  # the results first: a folder that cannot take eval.json loses nothing
@@ -410,7 +412,8 @@ def _add_config_flags(p, cls, *, rename: dict[str, str] | None = None, skip: tup
             tp = hints[f.name]
             args = [a for a in typing.get_args(tp) if a is not type(None)]
             base = args[0] if typing.get_origin(tp) is not tuple and args else tp
-            shown = "" if default in (None, ()) else f" (default: {default})"
+            shown = f" (default: the preset's, else {f.metadata[PRESET_DEFAULT]})" if PRESET_DEFAULT in f.metadata \
+                else "" if default in (None, ()) else f" (default: {default})"
             text = (f"({family} models) " if family else "") + docs.get(f.name, "") + shown
             help_text = argparse.SUPPRESS if f.name in hidden else \
                 text.replace("%", "%%").strip() or None  # argparse %-formats help
@@ -425,6 +428,15 @@ def _add_config_flags(p, cls, *, rename: dict[str, str] | None = None, skip: tup
             else:
                 p.add_argument(flag, dest=dest, type=base, default=default, choices=choices.get(f.name),
                                help=help_text)
+
+
+def _data_count_help() -> str:
+    """--data-count's help, its default read from TrainConfig (the one place it is written)."""
+    import dataclasses
+
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "data_count")
+    return (f"{_field_docs(TrainConfig)['data_count']} (default: the preset's, else {field.metadata[PRESET_DEFAULT]})"
+            .replace("%", "%%"))
 
 
 EXPORT_FLAGS = {"zero_shot_labels": "label"}
@@ -459,7 +471,7 @@ def _add_train(sub) -> None:
                         ".tar shards | a VQA v2 pair Q.json+A.json")
     p.add_argument("--out", required=True, help="model folder to write")
     _add_config_flags(p, TrainStage, choices={"precision": PRECISIONS})
-    p.add_argument("--data-count", type=int, help="images to generate/use (shapes default: preset's)")
+    p.add_argument("--data-count", type=int, help=_data_count_help())
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable images instead of failing")
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
@@ -552,7 +564,7 @@ def _add_distill(sub) -> None:
     p.add_argument("--teacher", required=True, help="teacher model folder")
     _add_common(p, "training and evaluation data")
     _add_config_flags(p, DistillStage, choices={"precision": PRECISIONS})
-    p.add_argument("--data-count", type=int, help="images to generate/use for training (shapes default: 20000)")
+    p.add_argument("--data-count", type=int, help=_data_count_help())
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last")
     p.set_defaults(func=cmd_distill)
 
@@ -636,15 +648,10 @@ def _add_recipes(sub) -> None:
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="latency of a run, an artifact folder or an ONNX file on one or more targets",
                        description="Measure p50/p90/p99 (and mean, min, max, CV) at batch 1 of the scenarios of the "
-                                   "artifact's model family. A dual encoder: the image tower, the text tower, the "
-                                   "image+text pair and zero-shot classification, plus batched throughput. A "
-                                   "generative VLM (a 1024x768 image, split into tiles as --image-splitting says): "
-                                   "vision encode, time to first token (ttft), one decode step with "
-                                   "the KV cache (decode), a whole 16-token answer (answer), tokens/s and peak RSS. "
-                                   "A matching model: image encode, rerank (16 candidates for one image, one matcher "
-                                   "call) and query (text -> ITC over 256 cached image embeddings -> ITM on the top "
-                                   "16). "
-                                   "PATH is a run folder (every step on every target it can run on), a model folder "
+                                   "artifact's model family. "
+                                   + " ".join(f"A {name.replace('_', ' ')} model: {f.scenarios_help}."
+                                              for name, f in families.every().items()) +
+                                   " PATH is a run folder (every step on every target it can run on), a model folder "
                                    "(torch), an export folder (cpu) or a single .onnx file (cpu); several PATHs are "
                                    "measured in one run (default target: cpu; for several PATHs cpu and torch, each "
                                    "PATH on the one it can run on).",
@@ -660,8 +667,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--min-runs", type=int)
     p.add_argument("--min-seconds", type=float)
     p.add_argument("--image-splitting", choices=SPLITTING,
-                   help="generative models: time a 1024x768 image split into tiles (on), as one global image (off), "
-                        "or as the folder's processor config says (default: as-folder)")
+                   help="generative models: time the latency image split into tiles (on), as one global image "
+                        "(off), or as the folder's processor config says (default: as-folder)")
     p.add_argument("--json", help="where to write the results (default: PATH/bench.json or PATH/profile.json)")
     p.add_argument("--profile", action="store_true",
                    help="export folders: ONNX Runtime's per-op-type kernel time of each graph instead of latency, on "

@@ -35,7 +35,7 @@ from .disk import read_yaml
 from .errors import VlmedgeError
 from .evaluate import EvalConfig
 from .gate import parse_budget
-from .models import load_preset, preset_names, tower_shapes
+from .models import load_preset, preset_names, tower_mismatch, tower_shapes
 from .options import flat
 from .runtime.measure import MeasureConfig
 from .stages import DataSpec, ModelSpec, recipe_kinds, spec_for_kind
@@ -362,6 +362,11 @@ def _check_against_model(stages: list[Stage], model: ModelSpec, where: _Where,
         if tower.name != families.DEFAULT:
             raise where.error("model.tower.preset", f"{model.tower.preset!r} is a {tower.name} preset; a tower is "
                                                     f"trained as a {families.DEFAULT} (tiny, small, ...)")
+        differs = tower_mismatch(load_preset(model.tower.preset).get("vision", {}),
+                                 load_preset(model.preset).get("vision", {}))
+        if differs:
+            raise where.error("model.tower.preset", f"tower {model.tower.preset!r}: {differs} ({model.preset!r}); a "
+                                                    "tower starts the preset's image encoder and must have its shape")
     if family is None:
         return
     shapes = tower_shapes(model.preset, model.path)

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -30,28 +30,38 @@ from .data import DEFAULT_SOURCE
 from .disk import atomic_dir, write_json
 from .errors import Interrupted, VlmedgeError
 from .families import TrainBatch
-from .families.dual_encoder import DistillLosses
+from .losses import DistillLosses
 from .models import DEFAULT_PRESET, load_preset
+
+
+PRESET_DEFAULT = "preset_default"
+"""Field metadata of a training setting whose None means: the preset's `train` value, else this fallback."""
+
+
+def preset_default(fallback):
+    """A training setting that defaults to the preset's (its JSON's `train` section), else to `fallback`: the one
+    place both defaults are written (`TrainConfig.resolved` applies them, `--help` shows them)."""
+    return field(default=None, metadata={PRESET_DEFAULT: fallback})
 
 
 @dataclass(frozen=True)
 class TrainSchedule:
     """How to train: the part of the settings a recipe's train (and distill) stage sets."""
 
-    steps: int | None = None
-    batch_size: int | None = None
+    steps: int | None = preset_default(1000)
+    batch_size: int | None = preset_default(64)
     """Global batch size (all ranks together, all accumulation micro-batches together)."""
-    lr: float | None = None
-    warmup_steps: int | None = None
+    lr: float | None = preset_default(5e-4)
+    warmup_steps: int | None = preset_default(50)
     weight_decay: float = 0.1
     grad_accum: int = 1
     """Split each batch into this many micro-batches; each contrasts within itself (saves memory, not negatives)."""
     hard_negatives: float = 0.25
     """Fraction of each batch drawn as neighbours of the rest (one attribute changed): hard-negative mining."""
-    text_negatives: float | None = None
+    text_negatives: float | None = preset_default(0.0)
     """Fraction of each batch's images that also get a false caption one edit from a true one (an object's colour,
     shape, size or position changed, two objects swapped) as an extra negative (NegCLIP); data that cannot write
-    such captions (only shapes can) ignores it. Default: the preset's, else 0."""
+    such captions (only shapes can) ignores it."""
     precision: str = "auto"
     """auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (CUDA)."""
     seed: int = 0
@@ -88,8 +98,8 @@ class TrainStage(TrainSchedule):
     vision_init: str | None = field(default=None, metadata={FOLDER: True})
     """A generative preset's vision encoder starts from this folder's image tower (a vlmedge dual encoder's ViT or a
     SigLIP folder): two-stage training."""
-    freeze_vision_steps: int | None = None
-    """Keep the vision encoder frozen for this many first steps (default: the preset's, else 0)."""
+    freeze_vision_steps: int | None = preset_default(0)
+    """Keep the vision encoder frozen for this many first steps."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -107,7 +117,8 @@ class TrainConfig(TrainStage):
     """Start from this model folder (any family vlmedge loads) instead of a fresh preset."""
     data: str = DEFAULT_SOURCE
     """Data source: shapes, shapes:COUNT, an image folder with metadata.jsonl, a COCO .json or .tar shards."""
-    data_count: int | None = None
+    data_count: int | None = preset_default(20000)
+    """Images to generate (shapes) or to use (the first of a source)."""
     skip_bad: bool = False
 
     @classmethod
@@ -117,12 +128,11 @@ class TrainConfig(TrainStage):
                       {g.name for g in fields(TrainStage)}}, **where)
 
     def resolved(self) -> "TrainConfig":
+        """Every unset setting (None) given its default: the preset's `train` value, else the field's fallback."""
         defaults = load_preset(self.preset).get("train", {}) if not self.init else {}
-        fallback = {"steps": 1000, "batch_size": 64, "lr": 5e-4, "warmup_steps": 50, "data_count": 20000,
-                    "freeze_vision_steps": 0, "text_negatives": 0.0}
-        values = {k: getattr(self, k) if getattr(self, k) is not None else defaults.get(k, v)
-                  for k, v in fallback.items()}
-        return TrainConfig(**{**asdict(self), **values})  # validated again, every value now set
+        values = {f.name: defaults.get(f.name, f.metadata[PRESET_DEFAULT]) for f in fields(self)
+                  if PRESET_DEFAULT in f.metadata and getattr(self, f.name) is None}
+        return replace(self, **values)  # validated again, every value now set
 
 
 @dataclass(frozen=True)
@@ -324,6 +334,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
                            "comes from that folder")
     ds = family.open_data(cfg.data, "train", resolution=resolution, count=cfg.data_count, seed=cfg.seed,
                           skip_bad=cfg.skip_bad, progress=progress and dist.rank == 0)
+    skipped = list(getattr(ds, "skipped", None) or [])
+    if skipped and dist.rank == 0:  # what --skip-bad promises: the count, even under --quiet
+        print(f"data: skipped {len(skipped)} unreadable image(s) of {cfg.data} (--skip-bad), e.g. {skipped[0]}; "
+              f"training on the other {len(ds)}", flush=True)
     if not cfg.init:
         if resume:
             from transformers import AutoTokenizer
@@ -410,7 +424,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
                "final_loss": float(np.mean(losses[-10:])) if losses else None, "seconds": round(elapsed, 1),
                "samples_per_s": round((cfg.steps - start) * cfg.batch_size / max(elapsed, 1e-9), 1),
                "precision": precision, "world_size": dist.world, "device": device, "config": asdict(cfg),
-               "teacher": teacher, "losses": asdict(losses_cfg) if teacher else None}
+               "teacher": teacher, "losses": asdict(losses_cfg) if teacher else None, "skipped_images": len(skipped),
+               "measured": getattr(ds, "measured", None)}
     if dist.rank == 0:
         vlm.model = model.to("cpu").eval()
         vlm.source = f"distilled:{cfg.init}<-{teacher}" if teacher else f"trained:{cfg.init or 'preset:' + cfg.preset}"

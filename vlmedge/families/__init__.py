@@ -28,7 +28,7 @@ from ..models import check_model_folder, count_parameters, train_tokenizer
 from ..models.structure import apply_plan, shape_of
 from ..options import Options, flat, shared_fields
 from ..runtime.measure import time_each
-from ._export import patchify_as_matmul
+from .onnx_export import patchify_as_matmul
 
 MODULES = ("dual_encoder", "generative", "matching")
 DEFAULT = "dual_encoder"
@@ -255,6 +255,8 @@ class Scenarios(_Capability):
     """Further scenarios whose p50 the full report table shows (a generative model's ttft and decode per token)."""
     latency_record: dict[str, Any] = {}
     """Settings of the scenarios a latency record states (a generative answer's token count, ...)."""
+    scenarios_help: str = ""
+    """The scenarios in words, from the family's own constants (`vlmedge bench --help` lists every family's)."""
 
     def latency_inputs(self, adapter, batch: int) -> tuple[Any, ...]:
         """Deployment-like inputs for the latency scenarios (the `cpu` and `torch` targets)."""
@@ -290,6 +292,11 @@ def register(family: Family) -> Family:
     return _REGISTRY.add(family.name, family)
 
 
+def every() -> dict[str, Family]:
+    """Every registered family by name."""
+    return _REGISTRY.all()
+
+
 def get(name: str) -> Family:
     return _REGISTRY.get(name)
 
@@ -312,15 +319,16 @@ def for_preset(spec: dict[str, Any]) -> Family:
 def of(path: str | Path) -> Family:
     """The family of an artifact: an export folder (manifest.json) or a model folder (config.json)."""
     folder = Path(path)
-    for name in ("manifest.json", "config.json"):
-        if (folder / name).is_file():
-            record = read_json(folder / name, "")
-            record = record if isinstance(record, dict) else {}
-            return get(record.get("family", DEFAULT)) if name == "manifest.json" else \
-                for_config(record, str(folder / name))
-    if folder.is_dir() and any(folder.glob("*.onnx")):
+    if (folder / "manifest.json").is_file():
+        record = read_json(folder / "manifest.json", "")
+        return get((record if isinstance(record, dict) else {}).get("family", DEFAULT))
+    onnx = folder.is_dir() and any(p for d in (folder, folder / "onnx") for p in d.glob("*.onnx"))
+    if onnx and not any(folder.glob("*.safetensors")):  # an export folder (flat or onnx-community) lacking its manifest
         raise VlmedgeError(f"{folder}: ONNX files but no manifest.json; not a vlmedge export folder (make one with "
                            "vlmedge export; a single graph: vlmedge bench FILE.onnx)")
+    if (folder / "config.json").is_file():
+        record = read_json(folder / "config.json", "")
+        return for_config(record if isinstance(record, dict) else {}, str(folder / "config.json"))
     return get(DEFAULT)  # its loader says what is wrong with the folder (missing, no config.json, ...)
 
 

@@ -248,11 +248,34 @@ def load_model(path: str | os.PathLike, *, attn_implementation: str = "sdpa",
     return cls(model.eval(), tokenizer, preprocess, max_length, str(folder))
 
 
+TOWER_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
+               "image_size")
+"""The vision settings an image tower must share with the encoder it starts (two-stage training, `vision_init`)."""
+
+
+def tower_mismatch(tower: dict[str, Any], target: dict[str, Any]) -> str | None:
+    """The first `TOWER_SHAPE` setting where a tower's vision config (`tower`) differs from the encoder's it would
+    start (`target`), as 'KEY=TOWER, the preset's is TARGET'; None where they match (a setting a side lacks is not
+    compared)."""
+    for key in TOWER_SHAPE:
+        got, want = tower.get(key), target.get(key)
+        if got is not None and want is not None and got != want:
+            return f"vision {key}={got}, the preset's is {want}"
+    return None
+
+
 def check_vocab(folder: Path, tokenizer, vocab_size: int | None) -> None:
-    """A tokenizer with more tokens than the model's embedding has rows would index outside it."""
-    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+    """A tokenizer with more tokens than the model's embedding has rows, or any token id past its last row (ids
+    need not be dense: added tokens can sit anywhere), would index outside it."""
+    if not isinstance(vocab_size, int):
+        return
+    if len(tokenizer) > vocab_size:
         raise VlmedgeError(f"{folder}: the tokenizer has {len(tokenizer)} tokens, the model's text vocab_size is "
                            f"{vocab_size}; the tokenizer belongs to another model")
+    token, top = max(tokenizer.get_vocab().items(), key=lambda kv: kv[1], default=("", -1))
+    if top >= vocab_size:
+        raise VlmedgeError(f"{folder}: the tokenizer's token {token!r} has id {top}, past the model's text "
+                           f"vocab_size {vocab_size}; the tokenizer belongs to another model")
 
 
 def load_tokenizer(folder: Path):

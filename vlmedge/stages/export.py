@@ -27,7 +27,7 @@ from .._progress import Budget, Progress
 from ..artifact import Artifact
 from ..disk import RECORD_FILES, atomic_dir, write_json
 from ..errors import VlmedgeError
-from ..families._export import hold_defaults, quiet_export
+from ..families.onnx_export import hold_defaults, quiet_export
 from ..runtime.fusion import fuse_attention
 from ..runtime.measure import ort_session
 from ..runtime.onnx import MANIFEST, MANIFEST_FORMAT, onnx_size, record_thread_tuning

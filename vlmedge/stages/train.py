@@ -31,4 +31,5 @@ def fit(config: TrainConfig, ctx: Context, **distill) -> dict:
     if resume:
         ctx.say("  resuming training from its last checkpoint")
     summary = train(config, out, resume=resume, progress=ctx.progress, **distill)
-    return {k: summary[k] for k in ("first_loss", "final_loss", "seconds", "samples_per_s", "steps", "world_size")}
+    return {k: summary[k] for k in ("first_loss", "final_loss", "seconds", "samples_per_s", "steps", "world_size",
+                                   "skipped_images", "measured")}

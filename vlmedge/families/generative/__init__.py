@@ -27,7 +27,7 @@ from ...runtime.generate import FILES, GENERATION_KEYS, LOGITS_TO_KEEP, GraphMis
 from ...runtime.measure import thread_record, tuned_threads
 from ...runtime.onnx import MANIFEST, open_session, read_manifest
 from .. import Family, Graph, register
-from .._export import save_tokenizer
+from ..onnx_export import save_tokenizer
 from .data import open_vqa
 from .model import (ARCHITECTURES, CHAT_TEMPLATE, SPECIAL, answer_ids, build, decode, decode_answer, empty_past,
                     kv_shape, layer_modules, load, make_batch, merge, prompt_ids, train_tokenizer, vision_encode,
@@ -342,6 +342,9 @@ class Generative(Family):
     headline_scenario = "answer"
     report_latency = ("vision", "prefill", "ttft", "decode")
     latency_record = {"answer_tokens": ANSWER_TOKENS}
+    scenarios_help = (f"on a {LATENCY_IMAGE[0]}x{LATENCY_IMAGE[1]} image (split into tiles as --image-splitting "
+                      "says): vision encode, the decoder's prefill, time to first token (ttft), one decode step with "
+                      f"the KV cache (decode), a whole {ANSWER_TOKENS}-token answer (answer), tokens/s and peak RSS")
     graph_towers = {"vision": "vision", "embed": "text", "decoder": "text"}
     prunable_parts = ("vision_heads", "vision_mlp", "vision_layers", "text_heads", "text_mlp", "text_layers")
 

@@ -204,7 +204,7 @@ class UserVQA:
         """`pictures`: the loaded dataset whose `images(indices)` gives each row's image (decoded in memory, or
         shards read per batch)."""
         self.pictures, self.rows, self.is_captions = pictures, rows, captions
-        self.measured = pictures.measured
+        self.measured, self.skipped = pictures.measured, pictures.skipped
 
     def __len__(self) -> int:
         return len(self.rows)

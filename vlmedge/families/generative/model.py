@@ -26,7 +26,8 @@ import numpy as np
 from ..._hf import quiet_transformers
 from ...disk import read_json
 from ...errors import VlmedgeError
-from ...models import VLM, read_json_mapping, check_model_folder, check_vocab, load_tokenizer, load_weights, read_preprocess
+from ...models import (VLM, check_model_folder, check_vocab, load_tokenizer, load_weights, read_json_mapping,
+                       read_preprocess, tower_mismatch)
 from ...preprocess import Preprocess
 
 ARCHITECTURES = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration")
@@ -226,12 +227,10 @@ def init_vision(model, folder: str | os.PathLike) -> dict[str, Any]:
         raise VlmedgeError(f"--vision-init {folder}: {archs or config.get('model_type')!r} has no vision tower vlmedge "
                            "can map; expected a vlmedge dual encoder (ViT) or a SigLIP folder (a CLIP tower normalises "
                            "before its first layer, which SmolVLM's encoder has no place for)")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
-                "image_size"):
-        want, got = getattr(tcfg, key), source_cfg.get(key)
-        if got is not None and got != want:
-            raise VlmedgeError(f"--vision-init {folder}: vision {key}={got}, the preset's is {want}; use a tower of the "
-                               "same shape (the `small` dual encoder for vqa-small, `tiny` for vqa-tiny)")
+    differs = tower_mismatch(source_cfg, tcfg.to_dict())
+    if differs:
+        raise VlmedgeError(f"--vision-init {folder}: {differs}; use a tower of the same shape (the `small` dual "
+                           "encoder for vqa-small, `tiny` for vqa-tiny)")
     missing, unexpected = target.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise VlmedgeError(f"--vision-init {folder}: weights do not map ({len(missing)} missing, e.g. "

@@ -22,6 +22,7 @@ from ..._progress import Budget, upper
 from ...data import ShapesDataset, open_dataset
 from ...data.shapes import load_shapes
 from ...errors import VlmedgeError
+from ...losses import affinity_loss, contrastive_loss
 from ...models import load_tokenizer
 from ...models.structure import count_flops, tower_layers
 from ...options import Options
@@ -29,8 +30,7 @@ from ...preprocess import Preprocess
 from ...runtime.measure import random_feeds, thread_record, tuned_threads
 from ...runtime.onnx import check_inputs, open_session, read_manifest
 from .. import Family, Graph, TrainBatch, register
-from .._export import save_tokenizer
-from ..dual_encoder import affinity_loss, contrastive_loss
+from ..onnx_export import save_tokenizer
 from .model import ARCHITECTURES, build, encode_image, encode_text, load, match_logits
 from .tasks import encode_all, evaluate
 
@@ -250,6 +250,8 @@ class Matching(Family):
                       "retrieval.itc_i2t_r1", "retrieval.rerank_t2i_r1", "zero_shot.top1")
     headline_scenario = "rerank"
     latency_record = {"rerank_k": RERANK_K, "gallery": GALLERY}
+    scenarios_help = (f"image encode, rerank ({RERANK_K} candidates for one image, one matcher call) and query "
+                      f"(text -> ITC over {GALLERY} cached image embeddings -> ITM on the top {RERANK_K})")
 
     # --- models ---
     def build(self, spec, tokenizer, *, seed=0, source="", vision_init=None):

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..._hf import quiet_transformers
 from ...errors import VlmedgeError
-from ...models import VLM, check_model_folder, load_model
+from ...models import VLM, check_model_folder, load_model, tower_mismatch
 from ...preprocess import Preprocess
 
 ARCHITECTURES = ("BlipForImageTextRetrieval",)
@@ -109,11 +109,10 @@ def init_vision(model, folder: str | os.PathLike) -> dict[str, Any]:
     if config.get("vlmedge_pruning"):
         raise VlmedgeError(f"--vision-init {folder}: a pruned dual encoder; start from the unpruned teacher")
     vc, target = config["vision_config"], model.config.vision_config
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
-                "image_size"):
-        if vc.get(key) != getattr(target, key):
-            raise VlmedgeError(f"--vision-init {folder}: vision {key}={vc.get(key)}, the preset's is "
-                               f"{getattr(target, key)}; use a tower of the same shape (`small` for match-small)")
+    differs = tower_mismatch(vc, target.to_dict())
+    if differs:
+        raise VlmedgeError(f"--vision-init {folder}: {differs}; use a tower of the same shape (`small` for "
+                           "match-small)")
     w = {}
     for f in sorted(folder.glob("*.safetensors")):
         w.update({k[len("vision_model."):]: v for k, v in load_file(str(f)).items() if k.startswith("vision_model.")})
