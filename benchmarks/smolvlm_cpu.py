@@ -30,7 +30,7 @@ QUICK = ["eval.vqa_questions=4", "eval.max_new_tokens=4", "stages.prune.batch_si
          "stages.prune.calibration_batches=1", "stages.distill.steps=2", "stages.distill.batch_size=4",
          "stages.distill.grad_accum=1", "stages.quantize.block_size=16", "stages.quantize.calibration_batches=1",
          "stages.quantize.batch_size=2", "stages.quantize.agreement_questions=2", "measure.warmup=1",
-         "measure.min_runs=3", "measure.min_seconds=0", "gates=[]"]
+         "measure.min_runs=3", "measure.min_seconds=0", "targets=[cpu]", "gates=[]"]
 """`--quick`'s overrides, before the user's own `--set`s."""
 
 

@@ -23,37 +23,37 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
 
-TWO = "`bash benchmarks/peers/envs.sh env-openvino llama.cpp` (once), then "
+PEERS = "bash benchmarks/peers/envs.sh env-openvino llama.cpp && "
 RESULTS: dict[str, str] = {
     "quickstart.json": "benchmarks/run.sh quickstart",
     "vqa-quickstart.json": "benchmarks/run.sh vqa-quickstart",
     "rerank-quickstart.json": "benchmarks/run.sh rerank-quickstart",
     "edge-cpu.json": "benchmarks/run.sh edge-cpu",
-    "peers.json": "benchmarks/peers/run.sh (builds env-optimum and env-inc; also writes benchmarks/RESULTS.md)",
-    "vqa-peers.json": "benchmarks/run.sh vqa-quickstart, then python benchmarks/peers/generative.py "
-                      "runs/bench-vqa-quickstart --optimum-python runs/peers/env-optimum/bin/python && "
+    "peers.json": "benchmarks/peers/run.sh",
+    "vqa-peers.json": "benchmarks/run.sh vqa-quickstart && bash benchmarks/peers/envs.sh env-optimum && "
+                      "python benchmarks/peers/generative.py runs/bench-vqa-quickstart "
+                      "--optimum-python runs/peers/env-optimum/bin/python && "
                       "cp runs/bench-vqa-quickstart/peers.json benchmarks/results/vqa-peers.json",
     "smolvlm-256m.json": "python benchmarks/smolvlm_256m.py runs/smolvlm-256m && "
                          "cp runs/smolvlm-256m/results.json benchmarks/results/smolvlm-256m.json",
     "smolvlm-256m-avx512.json": "python benchmarks/smolvlm_256m.py runs/smolvlm-256m --forms int8,int4-acc4 && "
                                 "cp runs/smolvlm-256m/results.json benchmarks/results/smolvlm-256m-avx512.json",
-    "smolvlm-256m-peers.json": TWO + "python benchmarks/peers/smolvlm_peers.py runs/peers256 && "
+    "smolvlm-256m-peers.json": PEERS + "python benchmarks/peers/smolvlm_peers.py runs/peers256 && "
                                "cp runs/peers256/results.json benchmarks/results/smolvlm-256m-peers.json",
-    "smolvlm-256m-peers-head-to-head.json": TWO + "python benchmarks/peers/smolvlm_peers.py runs/peers256 --rounds 5 "
+    "smolvlm-256m-peers-head-to-head.json": PEERS + "python benchmarks/peers/smolvlm_peers.py runs/peers256 --rounds 5 "
                                             "--row 'vlmedge int8' --row 'openvino int8' --row 'openvino int8 f32' "
                                             "--results head-to-head.json && cp runs/peers256/head-to-head.json "
                                             "benchmarks/results/smolvlm-256m-peers-head-to-head.json",
-    "smolvlm-256m-peers-head-to-head-r7.json": "the same command as smolvlm-256m-peers-head-to-head.json, at export "
-                                               "revision 7 (kept for the comparison)",
-    "smolvlm-256m-peers-agreement-x3.json": TWO + "python benchmarks/peers/smolvlm_peers.py runs/peers256x3 "
+    "smolvlm-256m-peers-agreement-x3.json": PEERS + "python benchmarks/peers/smolvlm_peers.py runs/peers256x3 "
                                             "--text-scale 3 --rounds 0 && cp runs/peers256x3/results.json "
                                             "benchmarks/results/smolvlm-256m-peers-agreement-x3.json",
-    "smolvlm-vqa-peers.json": TWO + "the two `vlmedge train` commands in benchmarks/peers/smolvlm_vqa_peers.py's "
-                              "docstring, python benchmarks/peers/smolvlm_vqa_peers.py runs/vqapeers/model "
-                              "runs/vqapeers && cp runs/vqapeers/vqa-results.json "
-                              "benchmarks/results/smolvlm-vqa-peers.json",
-    "smolvlm-cpu-256m.json": "python benchmarks/peers/smolvlm_peers.py runs/peers256 --rounds 0 (the folder), then "
-                             "python benchmarks/smolvlm_cpu.py runs/peers256/model runs/smolvlm-cpu "
+    "smolvlm-vqa-peers.json": PEERS + "vlmedge train --preset small --steps 300 --data shapes --data-count 20000 "
+                              "--out runs/vqapeers/dual && vlmedge train --preset vqa-wide --data shapes "
+                              "--data-count 20000 --vision-init runs/vqapeers/dual --out runs/vqapeers/model && "
+                              "python benchmarks/peers/smolvlm_vqa_peers.py runs/vqapeers/model runs/vqapeers && "
+                              "cp runs/vqapeers/vqa-results.json benchmarks/results/smolvlm-vqa-peers.json",
+    "smolvlm-cpu-256m.json": "python benchmarks/smolvlm_256m.py runs/smolvlm-256m --forms int8 && "
+                             "python benchmarks/smolvlm_cpu.py runs/smolvlm-256m/model runs/smolvlm-cpu "
                              "--set stages.distill.steps=4 --set stages.distill.batch_size=2 && "
                              "cp runs/smolvlm-cpu/wall.json benchmarks/results/smolvlm-cpu-256m.json",
     "streaming-rss.json": "python benchmarks/streaming_rss.py runs/streaming && "
@@ -87,7 +87,7 @@ def source_line(name: str) -> str:
             (" (a busy CPU: timings not comparable)" if prov.get("cpu_busy_before") else "")
     else:
         made = "written before results files recorded their command and commit"
-    return f"_From `benchmarks/results/{name}` ({where}; {made}); regenerate: `{RESULTS[name].split(' (')[0]}`._"
+    return f"_From `benchmarks/results/{name}` ({where}; {made}); regenerate: `{RESULTS[name]}`._"
 
 
 def recipe(name: str) -> Callable[[], list[str]]:
@@ -168,7 +168,7 @@ def streaming() -> list[str]:
 def commands() -> list[str]:
     """benchmarks/README.md's map: each results file and the one command that regenerates it."""
     return _table(["results file", "regenerated at HEAD by", "in the repository"],
-                  [[f"`{name}`", f"`{cmd}`" if "`" not in cmd else cmd,
+                  [[f"`{name}`", f"`{cmd}`",
                     "yes" if (RESULTS_DIR / name).is_file() else "not yet: run the command"]
                    for name, cmd in RESULTS.items()])
 
@@ -177,7 +177,7 @@ TABLES: dict[str, Callable[[], list[str]]] = {
     "quickstart": recipe("quickstart.json"), "edge-cpu": recipe("edge-cpu.json"),
     "vqa-quickstart": recipe("vqa-quickstart.json"), "gates": gates,
     "smolvlm-256m": smolvlm_forms("smolvlm-256m-avx512.json"),
-    "smolvlm-256m-peers": smolvlm_peers("smolvlm-256m-peers-head-to-head-r7.json"),
+    "smolvlm-256m-peers": smolvlm_peers("smolvlm-256m-peers-head-to-head.json"),
     "vqa-peers": vqa_peers, "smolvlm-vqa-peers": smolvlm_vqa_peers, "streaming-rss": streaming,
     "commands": commands,
 }
