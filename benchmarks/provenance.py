@@ -28,13 +28,15 @@ BUSY_LOAD = 0.5
 
 
 def commit() -> str:
-    """HEAD's hash, `-dirty` when tracked files differ from it; 'unknown' outside a git checkout."""
+    """HEAD's hash, `-dirty` when tracked files other than the results themselves (`benchmarks/results/`, which a
+    run rewrites) differ from it; 'unknown' outside a git checkout."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
         head = git("rev-parse", "HEAD")
-        return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+        return head + ("-dirty" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

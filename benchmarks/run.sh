@@ -32,11 +32,12 @@ measure() {
   started=$(date +%s) load=$(cut -d' ' -f1-3 /proc/loadavg)
   /usr/bin/time -f "$name wall time: %e s" vlmedge compress "$recipe" --out "$runs/bench-$name" "$@" "${quick[@]}" \
     2>&1 | tee "$results/$name.log"
+  # stamped in the run folder, before anything lands in the results folder (its commit is the tree's as measured)
+  python3 benchmarks/provenance.py stamp "$runs/bench-$name/report.json" --started "$started" --load-before $load \
+    --command "benchmarks/run.sh $what${quick:+ --quick $results}"
   cp "$runs/bench-$name/report.md" "$results/$name.md"
   cp "$runs/bench-$name/report.json" "$results/$name.json"
   [[ ! -f "$runs/bench-$name/pareto.png" ]] || cp "$runs/bench-$name/pareto.png" "$results/$name-pareto.png"
-  python3 benchmarks/provenance.py stamp "$results/$name.json" --started "$started" --load-before $load \
-    --command "benchmarks/run.sh $what${quick:+ --quick $results}"
   vlmedge gate "$runs/bench-$name" --step export --remeasure 0 --junit "$results/$name-planted.xml" >/dev/null \
     || true  # failing is what it is for; the verdicts are in the XML
 }

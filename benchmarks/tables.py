@@ -83,7 +83,8 @@ def source_line(name: str) -> str:
     flags = [f for f in env.get("cpu_flags", []) if f in ("avx2", "avx512_vnni", "avx512_bf16", "amx_int8")]
     where = f"{cpu}{' (' + ', '.join(flags) + ')' if flags else ''}"
     if prov:
-        made = f"commit {prov['commit'][:12]}, load average {prov['load_before'][0]} before" + \
+        commit = prov["commit"][:12] + ("-dirty" if prov["commit"].endswith("-dirty") else "")
+        made = f"commit {commit}, load average {prov['load_before'][0]} before" + \
             (" (a busy CPU: timings not comparable)" if prov.get("cpu_busy_before") else "")
     else:
         made = "written before results files recorded their command and commit"

@@ -3,9 +3,9 @@ suite (the scripts import vlmedge's configs, families and runtime directly). Rea
 
 The SmolVLM-256M scripts are seeded with the suite's trained vqa-tiny folder (the same architecture, a fraction of
 the width) where each would build its 256M-shaped folder: they export, quantize, time and write their results on it
-in seconds, not the minutes the real shape takes. The scripts that run inside the peers' own environments (OpenVINO, Optimum, INC, llama.cpp)
-cannot run here: they are compiled, their shell scripts parsed, and the rows they feed are left out by the scripts
-that call them (which say so in their results)."""
+in seconds, not the minutes the real shape takes. The scripts that run inside the peers' own environments
+(OpenVINO, Optimum, INC, llama.cpp) cannot run here: they are compiled, their shell scripts parsed, and the rows
+they feed are left out by the scripts that call them (which say so in their results)."""
 
 from __future__ import annotations
 

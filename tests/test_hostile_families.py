@@ -192,7 +192,7 @@ def test_a_generative_export_with_a_missing_or_swapped_graph_or_manifest_names_i
     _refused(capsys, _eval(folder), f"{folder}: no usable tokenizer")
 
 
-# --- the classes a held-out hostile run found --------------------------------------------------------------------------
+# --- the classes a held-out hostile run found -------------------------------------------------------------------
 
 def test_an_export_without_its_manifest_is_named_by_the_manifest(vqa_export, tmp_path, capsys):
     copy = shutil.copytree(vqa_export, tmp_path / "export", ignore=shutil.ignore_patterns("artifact.json"))

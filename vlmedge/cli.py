@@ -535,8 +535,8 @@ def _add_prune(sub) -> None:
                                    "removed per layer (heads, mlp) or per tower (layers); --heads/--mlp/--layers set "
                                    "every tower that has the part, --vision-*/--text-* override one; a matching "
                                    "model prunes its text encoder (--text-*, and --text-cross-heads for its "
-                                   "cross-attention to the image). Importance: taylor (|w*grad| of the family's training loss on calibration "
-                                   "batches) or magnitude.",
+                                   "cross-attention to the image). Importance: taylor (|w*grad| of the family's "
+                                   "training loss on calibration batches) or magnitude.",
                        epilog="example: vlmedge prune runs/teacher --out runs/pruned --heads 0.5 --mlp 0.5")
     p.add_argument("model", help="model folder (or the folder of an earlier command or run step)")
     _add_common(p)
