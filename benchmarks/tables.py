@@ -176,7 +176,8 @@ def commands() -> list[str]:
 
 TABLES: dict[str, Callable[[], list[str]]] = {
     "quickstart": recipe("quickstart.json"), "edge-cpu": recipe("edge-cpu.json"),
-    "vqa-quickstart": recipe("vqa-quickstart.json"), "gates": gates,
+    "vqa-quickstart": recipe("vqa-quickstart.json"), "rerank-quickstart": recipe("rerank-quickstart.json"),
+    "gates": gates,
     "smolvlm-256m": smolvlm_forms("smolvlm-256m-avx512.json"),
     "smolvlm-256m-peers": smolvlm_peers("smolvlm-256m-peers-head-to-head.json"),
     "vqa-peers": vqa_peers, "smolvlm-vqa-peers": smolvlm_vqa_peers, "streaming-rss": streaming,
