@@ -412,7 +412,7 @@ def _add_config_flags(p, cls, *, rename: dict[str, str] | None = None, skip: tup
             tp = hints[f.name]
             args = [a for a in typing.get_args(tp) if a is not type(None)]
             base = args[0] if typing.get_origin(tp) is not tuple and args else tp
-            shown = f" (default: the preset's, else {f.metadata[PRESET_DEFAULT]})" if PRESET_DEFAULT in f.metadata \
+            shown = _preset_default(f) if PRESET_DEFAULT in f.metadata \
                 else "" if default in (None, ()) else f" (default: {default})"
             text = (f"({family} models) " if family else "") + docs.get(f.name, "") + shown
             help_text = argparse.SUPPRESS if f.name in hidden else \
@@ -430,13 +430,17 @@ def _add_config_flags(p, cls, *, rename: dict[str, str] | None = None, skip: tup
                                help=help_text)
 
 
+def _preset_default(f) -> str:
+    """How --help states a training setting that defaults to the preset's (`train.preset_default`)."""
+    return f" (default: the preset's, else {f.metadata[PRESET_DEFAULT]})"
+
+
 def _data_count_help() -> str:
     """--data-count's help, its default read from TrainConfig (the one place it is written)."""
     import dataclasses
 
     field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "data_count")
-    return (f"{_field_docs(TrainConfig)['data_count']} (default: the preset's, else {field.metadata[PRESET_DEFAULT]})"
-            .replace("%", "%%"))
+    return (_field_docs(TrainConfig)["data_count"] + _preset_default(field)).replace("%", "%%")
 
 
 EXPORT_FLAGS = {"zero_shot_labels": "label"}

@@ -88,6 +88,16 @@ def bpe_tokenizer(vocab_size: int = VOCAB, files: int | None = None):
     return fast
 
 
+PEER_FILES = {"openvino": (PEERS / "env-openvino" / "bin" / "python",),
+              "llama.cpp": (PEERS / "env-gguf" / "bin" / "python", LLAMA / "llama-mtmd-cli", LLAMA / "llama-quantize")}
+"""What each peer needs built (`envs.sh env-openvino llama.cpp`) before it can run."""
+
+
+def peer_missing(peer: str) -> str | None:
+    """The first file `peer` needs that is not built (relative to the repository), or None."""
+    return next((str(f.relative_to(ROOT)) for f in PEER_FILES[peer] if not f.exists()), None)
+
+
 def build_folder(model: Path, text_scale: float = 1.0, quick: bool = False) -> None:
     """The folder; `text_scale` multiplies the decoder's matrices (embedding included): at the default random init
     every question gets the same greedy answer (" Mis" 16 times here), at 3x the answer depends on the question
@@ -349,10 +359,7 @@ def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: f
 
     run = Provenance.start()
     asked = lambda prefix: not rows or any(r.startswith(prefix) for r in rows)  # noqa: E731
-    needed = ([PEERS / "env-openvino" / "bin" / "python"] if asked("openvino") else []) + \
-        ([PEERS / "env-gguf" / "bin" / "python", LLAMA / "llama-mtmd-cli", LLAMA / "llama-quantize"]
-         if asked("llama.cpp") else [])
-    missing = [str(p.relative_to(ROOT)) for p in needed if not p.exists()]
+    missing = [m for m in (peer_missing(p) for p in PEER_FILES if asked(p)) if m]
     if missing:
         print(f"error: {missing[0]} not found: run `bash benchmarks/peers/envs.sh env-openvino llama.cpp` first "
               "(or time vlmedge's rows alone: --row 'vlmedge int8')", file=sys.stderr)

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from provenance import Provenance  # noqa: E402
-from smolvlm_peers import (LLAMA, PEERS, llama_forms, llama_run, log, openvino_answers, openvino_forms,  # noqa: E402
+from smolvlm_peers import (llama_forms, llama_run, log, openvino_answers, openvino_forms, peer_missing,  # noqa: E402
                            peer_ready, vlmedge_forms)
 
 from vlmedge.families.generative import ANSWER_TOKENS  # noqa: E402
@@ -90,8 +90,8 @@ def main(model: Path, out: Path, questions: int, threads: int = 2, quick: bool =
     errors = {}
     ov, llama = {}, {}
     setup = "not built: run `bash benchmarks/peers/envs.sh env-openvino llama.cpp` first"
-    if not (PEERS / "env-openvino" / "bin" / "python").exists():
-        errors["openvino"] = f"env-openvino {setup}"
+    if peer_missing("openvino"):
+        errors["openvino"] = f"{peer_missing('openvino')} {setup}"
     else:
         try:  # OpenVINO's fp32 too: what its own prompt and pixel path give before any quantization
             ov = openvino_forms(hf, out, calibration, ("fp32", "int8", "int4"))
@@ -104,8 +104,8 @@ def main(model: Path, out: Path, questions: int, threads: int = 2, quick: bool =
                              for ids in openvino_answers(folder, prompts, threads, precision, until_eos=True)]
         except RuntimeError as e:
             errors[name] = str(e)
-    if not (LLAMA / "llama-mtmd-cli").exists():
-        errors["llama.cpp"] = f"llama.cpp {setup}"
+    if peer_missing("llama.cpp"):
+        errors["llama.cpp"] = f"{peer_missing('llama.cpp')} {setup}"
     else:
         try:
             llama = llama_forms(hf, out)
