@@ -138,7 +138,8 @@ def test_a_config_without_text_config_is_refused_before_it_allocates(vqa_model, 
 
 @pytest.mark.parametrize("edit, expected", [
     ({"text": {"num_key_value_heads": 3}}, "text.num_key_value_heads 3 does not divide num_attention_heads 4"),
-    ({"scale_factor": 3}, "a 32 px image in 8 px patches is not a grid the scale_factor 3 divides"),
+    ({"scale_factor": 3}, "a 32 px image in 8 px patches is a grid of 4 x 4 patches, which the scale_factor 3 does "
+                          "not divide"),
     ({"vision": {"hidden_size": 66}}, "vision.hidden_size 66 is not divisible by num_attention_heads 4"),
     ({"text": None}, "no text section"),
 ])
@@ -156,6 +157,29 @@ def test_preset_shapes_a_smolvlm_cannot_take_are_refused_before_building(tmp_pat
     _refused(capsys, ["train", "--preset", str(preset), "--out", str(tmp_path / "out"), "--steps", "1",
                       "--data-count", "32"], f"preset:{preset}: {expected}")
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_a_patch_grid_the_convolution_floors_is_accepted_exported_and_answers_alike(tmp_path, capsys):
+    """SmolVLM-Instruct (2.2B) reads 384 px in 14 px patches: a 27 x 27 grid (the patch convolution drops the last
+    6 px), pixel shuffle 3. The same floor at test size: 35 px in 8 px patches (4 x 4, 3 px dropped), shuffle 2;
+    trained and exported, its parity checks passing."""
+    from vlmedge.cli import main
+    from vlmedge.models import PRESET_DIR
+
+    spec = json.loads((PRESET_DIR / "vqa-tiny.json").read_text())
+    spec["vision"]["image_size"] = 35
+    spec["preprocess"].update(image_size=35, longest_edge=35)
+    preset, model, onnx = tmp_path / "floor.json", tmp_path / "model", tmp_path / "onnx"
+    preset.write_text(json.dumps(spec))
+    for args in (["train", "--preset", str(preset), "--out", str(model), "--steps", "2", "--batch-size", "8",
+                  "--data-count", "64", "--quiet"],
+                 ["export", str(model), "--out", str(onnx), "--no-tune-threads", "--parity-questions", "2",
+                  "--no-eval", "--quiet"]):
+        code = main(args)
+        assert code == 0, capsys.readouterr().err
+    parity = json.loads((onnx / "artifact.json").read_text())["info"]
+    assert json.loads((model / "config.json").read_text())["vision_config"]["image_size"] == 35
+    assert "parity" in json.dumps(parity), parity
 
 
 # --- export folders ---------------------------------------------------------------------------------------------------

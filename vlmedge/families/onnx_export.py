@@ -23,8 +23,7 @@ class patchify_as_matmul:
         for parent in list(self.model.modules()):
             for name, conv in list(parent.named_children()):
                 if (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == conv.stride and conv.groups == 1
-                        and conv.padding == (0, 0) and conv.dilation == (1, 1)
-                        and self.image_size % conv.kernel_size[0] == 0 == self.image_size % conv.kernel_size[1]):
+                        and conv.padding == (0, 0) and conv.dilation == (1, 1)):
                     setattr(parent, name, _patch_linear(conv, self.image_size))
                     self.swapped.append((parent, name, conv))
         return self
@@ -38,7 +37,8 @@ def _patch_linear(conv, image_size: int):
     import torch
 
     class PatchLinear(torch.nn.Module):
-        """Conv2d(kernel == stride) as patchify + Linear; returns the Conv's [batch, out, h, w]."""
+        """Conv2d(kernel == stride) as patchify + Linear; returns the Conv's [batch, out, h, w] (the pixels past the
+        last whole patch dropped, as the Conv drops them)."""
 
         def __init__(self):
             super().__init__()
@@ -49,6 +49,7 @@ def _patch_linear(conv, image_size: int):
             self.bias = conv.bias
 
         def forward(self, x):
+            x = x[:, :, :self.h * self.ph, :self.w * self.pw]  # the Conv's floor: 384 px in 14 px patches is 27
             x = x.reshape(-1, self.channels, self.h, self.ph, self.w, self.pw).permute(0, 2, 4, 1, 3, 5)
             y = torch.nn.functional.linear(x.reshape(-1, self.h * self.w, self.channels * self.ph * self.pw),
                                            self.weight, self.bias)

@@ -141,7 +141,8 @@ CHAT_TEMPLATE = ("<|im_start|>{% for message in messages %}{{message['role'] | c
 def check_shapes(vision: Any, text: Any, scale_factor: Any, where: str) -> None:
     """The sizes a SmolVLM needs to be buildable, checked before anything is allocated (a preset's sections or a
     folder's config.json): each section present, widths divisible by head counts, key/value heads dividing the
-    query heads, the patch grid divisible by the pixel-shuffle scale factor. One line naming `where` and the key."""
+    query heads, the patch grid (floored, as the patch convolution computes it: SmolVLM-Instruct's 384 px in 14 px
+    patches is 27 x 27) divisible by the pixel-shuffle scale factor. One line naming `where` and the key."""
     for name, section in (("vision", vision), ("text", text)):
         if not isinstance(section, dict):
             raise VlmedgeError(f"{where}: no {name} section (an object of sizes)")
@@ -163,9 +164,9 @@ def check_shapes(vision: Any, text: Any, scale_factor: Any, where: str) -> None:
     image, patch = size(vision, "vision", "image_size"), size(vision, "vision", "patch_size")
     if type(scale_factor) is not int or scale_factor < 1:
         raise VlmedgeError(f"{where}: scale_factor = {scale_factor!r}; expected a positive integer")
-    if image % patch or (image // patch) % scale_factor:
-        raise VlmedgeError(f"{where}: a {image} px image in {patch} px patches is not a grid the scale_factor "
-                           f"{scale_factor} divides")
+    if patch > image or (image // patch) % scale_factor:  # the patch convolution floors: 384 px / 14 px -> 27
+        raise VlmedgeError(f"{where}: a {image} px image in {patch} px patches is a grid of {image // patch} x "
+                           f"{image // patch} patches, which the scale_factor {scale_factor} does not divide")
 
 
 def build(spec: dict[str, Any], tokenizer, *, seed: int = 0, source: str = "", vision_init: str | None = None):
