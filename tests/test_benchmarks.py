@@ -70,6 +70,16 @@ def test_relation_probe_quick(tmp_path):
     assert 0 <= results["reports"][-1]["held_out_relation_accuracy"] <= 1
 
 
+@pytest.mark.parametrize("design", ["blip", "vilt", "lxmert"])
+def test_matching_designs_quick(tmp_path, design):
+    script("benchmarks/matching_designs.py", design, str(tmp_path / "d.json"), "--quick")
+    results = provenance(tmp_path / "d.json", "python benchmarks/matching_designs.py")
+    assert results["architecture"] == {"blip": "BlipForImageTextRetrieval", "vilt": "ViltForImageAndTextRetrieval",
+                                       "lxmert": "LxmertForPreTraining"}[design]
+    assert [r["step"] for r in results["reports"]] == [1, 2]
+    assert 0 <= results["reports"][-1]["itm"]["relation"] <= 1
+
+
 def test_streaming_rss_quick(tmp_path):
     script("benchmarks/streaming_rss.py", str(tmp_path), "--quick")
     results = provenance(tmp_path / "results.json", "python benchmarks/streaming_rss.py")

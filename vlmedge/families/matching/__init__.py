@@ -75,7 +75,7 @@ class TorchMatcher(_MatcherBase):
 
     def __init__(self, vlm):
         self.vlm, self.preprocess, self.tokenizer, self.max_length = vlm, vlm.preprocess, vlm.tokenizer, vlm.max_length
-        self.patches, self.width = vlm.patches, vlm.model.config.vision_config.hidden_size
+        self.patches, self.width = vlm.patches, vlm.width
         self.where = vlm.source
 
     def encode(self, pixel_values):
@@ -341,14 +341,14 @@ class Matching(Family):
     def before_step(self, model, step: int, cfg) -> None:
         """The two-stage schedule: the image encoder frozen for the first `freeze_vision_steps` steps."""
         frozen = step < (cfg.freeze_vision_steps or 0)
-        for p in model.model.vision_model.parameters():
+        for p in model.vision_encoder.parameters():
             p.requires_grad_(not frozen)
 
     # --- export ---
     def graphs(self, model) -> list[Graph]:
         image, text, matcher = _modules(model.model)
         size = model.preprocess.image_size
-        width = model.model.config.vision_config.hidden_size
+        width = model.width
         tokens = {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
         return [Graph("image", GRAPH_FILES["image"], image, ("pixel_values",), ("patch_embeds", "image_embeds"),
                       {"pixel_values": {0: "batch"}, "patch_embeds": {0: "batch"}, "image_embeds": {0: "batch"}},
@@ -367,7 +367,7 @@ class Matching(Family):
         tok = model.tokenizer
         pixels, tokens = random_feeds(model.preprocess.image_size, model.max_length, len(tok), n, seed,
                                       pad_id=tok.pad_token_id or 0, cls_id=tok.cls_token_id)
-        width = model.model.config.vision_config.hidden_size
+        width = model.width
         patches = np.random.default_rng(seed).standard_normal((n, model.patches, width)).astype(np.float32)
         return {"image": {"pixel_values": pixels}, "text": tokens, "matcher": {"patch_embeds": patches, **tokens}}
 
@@ -375,7 +375,7 @@ class Matching(Family):
         return {"preprocess": asdict(model.preprocess), "max_length": model.max_length,
                 "tokenizer": save_tokenizer(model.tokenizer, folder), "vocab_size": len(model.tokenizer),
                 "source_architecture": model.architecture, "embedding_dim": int(model.model.config.image_text_hidden_size),
-                "patches": model.patches, "vision_width": int(model.model.config.vision_config.hidden_size),
+                "patches": model.patches, "vision_width": model.width,
                 "max_candidates": MAX_CANDIDATES, "logit_scale": model.itc_scale}
 
     def verify_export(self, model, adapter, questions: int | Budget = 100, progress: bool = False

@@ -42,6 +42,16 @@ class MatchingVLM(VLM):
         v = self.model.config.vision_config
         return (v.image_size // v.patch_size) ** 2 + 1
 
+    @property
+    def width(self) -> int:
+        """The width of a patch embedding."""
+        return int(self.model.config.vision_config.hidden_size)
+
+    @property
+    def vision_encoder(self):
+        """The image encoder's module (what the two-stage schedule freezes)."""
+        return self.model.vision_model
+
 
 def encode_image(model, pixel_values):
     """(patch embeddings [N, P, D], normalised ITC embeddings [N, E]) of `BlipForImageTextRetrieval`."""
