@@ -177,9 +177,10 @@ def test_a_patch_grid_the_convolution_floors_is_accepted_exported_and_answers_al
                   "--no-eval", "--quiet"]):
         code = main(args)
         assert code == 0, capsys.readouterr().err
-    parity = json.loads((onnx / "artifact.json").read_text())["info"]
     assert json.loads((model / "config.json").read_text())["vision_config"]["image_size"] == 35
-    assert "parity" in json.dumps(parity), parity
+    manifest = json.loads((onnx / "manifest.json").read_text())
+    assert manifest["parity"]["vision"]["cosine_min"] > 0.9999, manifest["parity"]
+    assert manifest["generation_parity"]["identical"] == manifest["generation_parity"]["questions"] == 2
 
 
 # --- export folders ---------------------------------------------------------------------------------------------------
