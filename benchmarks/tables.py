@@ -58,6 +58,11 @@ RESULTS: dict[str, str] = {
                              "cp runs/smolvlm-cpu/wall.json benchmarks/results/smolvlm-cpu-256m.json",
     "streaming-rss.json": "python benchmarks/streaming_rss.py runs/streaming && "
                           "cp runs/streaming/results.json benchmarks/results/streaming-rss.json",
+    # the two ran side by side on the 2 cores, one thread each
+    "matching-designs-blip.json": "python benchmarks/matching_designs.py blip "
+                                  "benchmarks/results/matching-designs-blip.json --steps 5000 --threads 1",
+    "matching-designs-vilt.json": "python benchmarks/matching_designs.py vilt "
+                                  "benchmarks/results/matching-designs-vilt.json --steps 3000 --threads 1",
 }
 """Results file -> the command that regenerates it at HEAD, from the repository root with vlmedge installed."""
 
@@ -166,6 +171,22 @@ def streaming() -> list[str]:
     return _table(["shards", "samples", "peak RSS MB", "seconds"], rows) + ["", source_line("streaming-rss.json")]
 
 
+def matching_designs() -> list[str]:
+    """The matching teacher's designs, evaluated along their training (benchmarks/matching_designs.py)."""
+    names = ["matching-designs-blip.json", "matching-designs-vilt.json"]
+    rows = []
+    for name in names:
+        data = _load(name)
+        for r in data["reports"]:
+            itm, ret = r["itm"], r["retrieval"]
+            rows.append([data["design"], r["step"], *(f"{itm[k]:.3f}" for k in ("colour", "shape", "position",
+                                                                               "relation")),
+                         f"{r['itc_hard_negatives']['relation']:.3f}", f"{ret['itc_i2t_r1']:.3f}",
+                         f"{ret['rerank_i2t_r1']:.3f}"])
+    return _table(["design", "step", "ITM colour", "ITM shape", "ITM position", "ITM relation", "ITC relation",
+                   "i2t R@1 ITC", "i2t R@1 reranked"], rows) + ["", *(source_line(n) for n in names)]
+
+
 def commands() -> list[str]:
     """benchmarks/README.md's map: each results file and the one command that regenerates it."""
     return _table(["results file", "regenerated at HEAD by", "in the repository"],
@@ -181,7 +202,7 @@ TABLES: dict[str, Callable[[], list[str]]] = {
     "smolvlm-256m": smolvlm_forms("smolvlm-256m-avx512.json"),
     "smolvlm-256m-peers": smolvlm_peers("smolvlm-256m-peers-head-to-head.json"),
     "vqa-peers": vqa_peers, "smolvlm-vqa-peers": smolvlm_vqa_peers, "streaming-rss": streaming,
-    "commands": commands,
+    "matching-designs": matching_designs, "commands": commands,
 }
 PAGES = ("README.md", "docs", "benchmarks/README.md")
 BLOCK = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
