@@ -50,19 +50,23 @@ from vlmedge.preprocess import Preprocess  # noqa: E402
 from vlmedge.train import TrainConfig, train  # noqa: E402
 
 ITC_SCALE = float(np.log(1 / 0.07))  # BLIP's fixed ITC temperature, as the family reads it from the config
-PATCH = 8
+PATCH = 8  # the side of the raw pixel patches LXMERT reads as its objects
 
 
-class Vilt(MatchingVLM):
-    """One stream: the matcher's input is the image's embedded tokens (class token + patches, positions added)."""
-
-    @property
-    def patches(self) -> int:
-        return (self.preprocess.image_size // PATCH) ** 2 + 1
+class Design(MatchingVLM):
+    """A matching model whose config is flat (one hidden size for image and text, as ViLT's and LXMERT's are)."""
 
     @property
     def width(self) -> int:
         return int(self.model.config.hidden_size)
+
+
+class Vilt(Design):
+    """One stream: the matcher's input is the image's embedded tokens (class token + patches, positions added)."""
+
+    @property
+    def patches(self) -> int:
+        return self.model.vilt.embeddings.patch_embeddings.num_patches + 1
 
     @property
     def vision_encoder(self):
@@ -128,16 +132,12 @@ class Vilt(MatchingVLM):
             raise SystemExit(f"--tower {tower}: weights ViLT has no place for: {unexpected[:3]}")
 
 
-class Lxmert(MatchingVLM):
+class Lxmert(Design):
     """Two streams: the matcher's input is the object-relationship encoder's output (one state per patch)."""
 
     @property
     def patches(self) -> int:
         return (self.preprocess.image_size // PATCH) ** 2
-
-    @property
-    def width(self) -> int:
-        return int(self.model.config.hidden_size)
 
     @property
     def vision_encoder(self):
