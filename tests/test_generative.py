@@ -261,12 +261,39 @@ def test_vision_init_from_another_architecture_is_refused(vqa_model, tmp_path):
     assert code != 0 and "not a model folder" in err and "Traceback" not in err
 
 
+SMOLVLM_SHAPES = {
+    "256m": {"vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            image_size=512, patch_size=16),
+             "text": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0),
+             "scale_factor": 4},
+    "500m": {"vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            image_size=512, patch_size=16),
+             "text": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                          num_key_value_heads=5, max_position_embeddings=8192, rope_theta=100000.0),
+             "scale_factor": 4},
+    "2.2b": {"vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                            image_size=384, patch_size=14),
+             "text": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                          num_key_value_heads=32, max_position_embeddings=16384, rope_theta=273768.0),
+             "scale_factor": 3},
+}
+"""The published sizes of SmolVLM-256M-Instruct, SmolVLM-500M-Instruct (SigLIP-B/16 at 512 px + SmolLM2-360M) and
+SmolVLM-Instruct (2.2B: SigLIP so400m/14 at 384 px + SmolLM2-1.7B), from their config.json files."""
+
+
 def smolvlm_256m_folder(folder, vision_layers: int, text_layers: int, tokenizer=None):
-    """A folder laid out as SmolVLM-256M-Instruct's: its published config sizes (vision 768 wide at 512 px, patch
-    16, pixel shuffle 4 -> 64 image tokens; a 576-wide Llama with 9 query and 3 key/value heads), random weights,
-    depth reduced as asked, a small word-level tokenizer with its special tokens and chat template (or the
-    `tokenizer` given, e.g. the peers' byte-level BPE of the published vocabulary size), and its processor config
-    (image splitting on, as published)."""
+    """A folder laid out as SmolVLM-256M-Instruct's (`smolvlm_folder`)."""
+    return smolvlm_folder(folder, "256m", vision_layers, text_layers, tokenizer)
+
+
+def smolvlm_folder(folder, shape: str, vision_layers: int | None = None, text_layers: int | None = None,
+                   tokenizer=None):
+    """A folder laid out as a published SmolVLM's (`SMOLVLM_SHAPES`: 256M: vision 768 wide at 512 px, patch 16,
+    pixel shuffle 4 -> 64 image tokens; a 576-wide Llama with 9 query and 3 key/value heads), random weights,
+    depth reduced as asked (None: the published depth), a small word-level tokenizer with its special tokens and chat
+    template (or the `tokenizer` given, e.g. the peers' byte-level BPE of the published vocabulary size), and its
+    processor config (image splitting on, as published: tiles of the vision's image size)."""
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
     from vlmedge.families.generative.data import open_vqa
@@ -278,18 +305,20 @@ def smolvlm_256m_folder(folder, vision_layers: int, text_layers: int, tokenizer=
         pairs, _ = ds.training_captions(range(200), np.random.default_rng(0))
         tok = train_tokenizer([t for qa in pairs for t in qa])
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in SPECIAL.items()}
+    spec = SMOLVLM_SHAPES[shape]
+    vision = {**spec["vision"], "num_hidden_layers": vision_layers or spec["vision"]["num_hidden_layers"]}
+    text = {**spec["text"], "num_hidden_layers": text_layers or spec["text"]["num_hidden_layers"]}
     cfg = SmolVLMConfig(
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=vision_layers,
-                           num_attention_heads=12, image_size=512, patch_size=16),
-        text_config=dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=text_layers,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                         rope_theta=100000.0, vocab_size=len(tok), pad_token_id=ids["pad"], bos_token_id=ids["start"],
-                         eos_token_id=ids["end"], tie_word_embeddings=True),
-        scale_factor=4, image_token_id=ids["image"], tie_word_embeddings=True)
+        vision_config=vision,
+        text_config=dict(model_type="llama", **text, vocab_size=len(tok), pad_token_id=ids["pad"],
+                         bos_token_id=ids["start"], eos_token_id=ids["end"], tie_word_embeddings=True),
+        scale_factor=spec["scale_factor"], image_token_id=ids["image"], tie_word_embeddings=True)
     torch.manual_seed(0)
     SmolVLMForConditionalGeneration(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(SMOLVLM_PROCESSOR))
+    tile = vision["image_size"]
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {**SMOLVLM_PROCESSOR, "max_image_size": {"longest_edge": tile}, "size": {"longest_edge": 4 * tile}}))
     return folder
 
 
@@ -342,9 +371,10 @@ def test_a_users_folder_is_not_evaluated_on_shapes_and_its_checks_fit_a_time_bud
     parity = json.loads((onnx_dir / "manifest.json").read_text())["generation_parity"]
     assert parity["budget_s"] == 1.0 and parity["split_questions"] == 1 and 3 <= parity["questions"] < 100
     said = [line for line in out.splitlines() if "budget" in line]
-    assert said == [next(line for line in said if line.startswith(
-        f"export: generation parity: {parity['questions']} questions (the first 1, then "))], out
-    assert f"export: generation parity: {parity['questions']}/{parity['questions']} (100%)" in out
+    assert said == [next(line for line in said if line.startswith(  # PyTorch answers first, under half the budget
+        f"export: generation parity (PyTorch): {parity['questions']} questions (the first 1, then "))], out
+    for runtime in ("PyTorch", "ONNX Runtime"):  # then ONNX Runtime the same questions, the model freed
+        assert f"export: generation parity ({runtime}): {parity['questions']}/{parity['questions']} (100%)" in out
     record = json.loads((onnx_dir / "artifact.json").read_text())
     assert record["metrics"] == {} and record["data"] is None and not (onnx_dir / "eval.json").exists()
     assert main(["quantize", str(onnx_dir), "--out", str(int8), "--no-tune-threads", "--calibration-batches", "2",
@@ -354,7 +384,7 @@ def test_a_users_folder_is_not_evaluated_on_shapes_and_its_checks_fit_a_time_bud
     info = json.loads((int8 / "artifact.json").read_text())["info"]
     agreement = info["answer_agreement"]
     assert agreement["budget_s"] == 1.0 and 2 <= agreement["questions"] < 100
-    assert f"quantize: answer agreement: {agreement['questions']} questions (the first 1, then " in out
+    assert f"quantize: answer agreement (fp32): {agreement['questions']} questions (the first 1, then " in out
     assert set(info["drift"]) == {"vision_cosine_min", "embed_cosine_min", "decoder_cosine_min"}
 
 

@@ -202,11 +202,16 @@ class Exporting(_Capability):
         of the classes `eval_cfg`'s evaluation scores), computed with the export's `adapter`; manifest additions."""
         return {}
 
-    def verify_export(self, model, adapter, questions, progress: bool = False) -> dict[str, Any]:
-        """Checks of the exported files beyond per-graph parity, run by export on the open `adapter` (e.g. greedy
-        answers to `questions` held-out questions token-identical to PyTorch: a count or a `_progress.Budget` of
-        time; `progress` where that takes long);
-        raises a VlmedgeError on failure; manifest additions."""
+    def export_references(self, model, questions, progress: bool = False) -> Any:
+        """The PyTorch side of `verify_export`, computed before export frees the model (its ONNX Runtime sessions
+        open after, so the two are never held together): e.g. PyTorch's greedy answers to `questions` held-out
+        questions (a count or a `_progress.Budget` of time; `progress` where that takes long)."""
+        return None
+
+    def verify_export(self, reference, adapter, progress: bool = False) -> dict[str, Any]:
+        """Checks of the exported files beyond per-graph parity, run by export on the open `adapter` against
+        `export_references` (e.g. greedy answers token-identical to PyTorch's); raises a VlmedgeError on failure;
+        manifest additions."""
         return {}
 
 

@@ -27,13 +27,14 @@ from .._progress import Budget, Progress
 from ..artifact import Artifact
 from ..disk import RECORD_FILES, atomic_dir, write_json
 from ..errors import VlmedgeError
-from ..families.onnx_export import hold_defaults, quiet_export
+from ..families.onnx_export import finish_graph, quiet_export, trace_graph
 from ..runtime.fusion import fuse_attention
-from ..runtime.measure import ort_session
+from ..runtime.measure import ort_session, release_memory
 from ..runtime.onnx import MANIFEST, MANIFEST_FORMAT, onnx_size, record_thread_tuning
 from . import Context, register
 
-TWO_GB = 2 * 1024 ** 3
+ONE_FILE_BYTES = 2 * 1024 ** 3 - 64 * 1024 ** 2
+"""A graph with more weights than this keeps them in its side file (`X.onnx.data`): protobuf holds at most 2 GB."""
 PARITY_SECONDS = 60.0
 """The time an unset `parity_questions` may take (the questions of a split image come on top)."""
 
@@ -98,7 +99,6 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
     `progress`: the family's checks of the export report progress; `family`: the model's (default: read from the
     folder)."""
     import onnx
-    import torch
 
     family = family or families.of(source)
     layout = cfg.layout_of(family)
@@ -106,39 +106,41 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
     graphs = [replace(g, file=family.layouts[layout][g.name]) for g in family.graphs(model)]
     feeds = family.parity_inputs(model, max(2, cfg.parity_samples), cfg.seed)
     parameters = family.parameters(model)
-    fused: dict[str, int] = {}
-    with atomic_dir(out) as tmp, Progress("export: tracing and checking the graphs", len(graphs), enabled=progress,
-                                          unit="graphs", every=1 / len(graphs)) as bar:
-        with torch.no_grad(), quiet_export(), family.tracing(model):
-            for i, g in enumerate(graphs):
-                (tmp / g.file).parent.mkdir(parents=True, exist_ok=True)
-                example = tuple(torch.from_numpy(feeds[g.name][k][:1]) for k in g.input_names)
-                torch.onnx.export(g.module, example, str(tmp / g.file), input_names=list(g.input_names),
-                                  output_names=list(g.output_names), opset_version=cfg.opset,
-                                  dynamic_axes=g.dynamic_axes, dynamo=False)
-                path = tmp / g.file
-                hold_defaults(path, g.defaults)
-                if cfg.fuse_attention and parameters * 4 <= TWO_GB:
-                    fused[g.name] = _fused(path, feeds[g.name], cfg.max_abs_diff, fuse_attention)
-                if parameters * 4 > TWO_GB:  # protobuf cannot hold more than 2 GB: weights go to a side file
-                    onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True,
-                                    location=f"{Path(g.file).name}.data")
-                onnx.checker.check_model(str(path), full_check=True)
-                bar.update(i + 1, graph=g.file)
-        bar.close()
-        with torch.no_grad():  # a graph's first output is the one compared (embeddings, features, logits)
-            reference = {g.name: _first(g.module(*(torch.from_numpy(feeds[g.name][k]) for k in g.input_names)))
-                         for g in graphs}
+    files, defaults = {g.name: g.file for g in graphs}, {g.name: g.defaults for g in graphs}
+    with atomic_dir(out) as tmp:
+        # 1. with the PyTorch model: each graph traced (its weights streamed to a side file), the reference outputs
+        # and the family's end-to-end reference (`export_references`)
+        weights = _trace(family, model, graphs, feeds, tmp, cfg.opset, progress)
+        reference = _reference_outputs(graphs, feeds)
         manifest = {"format": MANIFEST_FORMAT, "family": family.name, "precision": "fp32", "layout": layout,
-                    "files": {g.name: g.file for g in graphs}, "opset": cfg.opset,
+                    "files": files, "opset": cfg.opset,
                     "inputs": {g.name: g.declared for g in graphs}, **family.manifest_fields(model, reference, tmp),
                     "model_files": family.model_files(model, tmp, layout),  # after the tokenizer manifest_fields saves
-                    "source_model": str(source), "parameters": parameters,
-                    "fused_attention": {name: n for name, n in fused.items() if n}}
+                    "source_model": str(source), "parameters": parameters}
+        questions = cfg.parity_questions or Budget(PARITY_SECONDS, most=100,
+                                                   hint="parity_questions (--parity-questions)")
+        expected = family.export_references(model, questions, progress)
+        # 2. the PyTorch model freed: the graphs finished and checked, then opened in ONNX Runtime (the weights are
+        # held once at a time)
+        del model, graphs
+        release_memory()
+        fused: dict[str, int] = {}
+        with Progress("export: checking the graphs", len(files), enabled=progress, unit="graphs",
+                      every=1 / len(files)) as bar:
+            for i, (name, file) in enumerate(files.items()):
+                path = tmp / file
+                one_file = weights[name] < ONE_FILE_BYTES
+                finish_graph(path, defaults[name], one_file)
+                if cfg.fuse_attention and one_file:
+                    fused[name] = _fused(path, feeds[name], cfg.max_abs_diff, fuse_attention)
+                onnx.checker.check_model(str(path), full_check=True)
+                release_memory()  # the protobuf copies and fusion sessions of this graph
+                bar.update(i + 1, graph=file)
+        manifest["fused_attention"] = {name: n for name, n in fused.items() if n}
         write_json(tmp / MANIFEST, manifest)
         adapter = family.adapter(tmp)  # one set of sessions for parity, the sanity check and the extras
-        parity = {g.name: _parity(adapter.sessions[g.name].run(None, feeds[g.name])[0], reference[g.name])
-                  for g in graphs}
+        parity = {name: _parity(adapter.sessions[name].run(None, feeds[name])[0], ref)
+                  for name, ref in reference.items()}
         for name, p in parity.items():
             if p["max_abs_diff"] > cfg.max_abs_diff or p["cosine_min"] < cfg.min_cosine:
                 raise VlmedgeError(f"export: {name} graph parity failed (max abs diff {p['max_abs_diff']:.2e} > "
@@ -147,15 +149,39 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
         # real inputs: random token ids cannot show a collapsed text tower (a CLIP tower pools at its end-of-text
         # id, which random ids lack, so a healthy one gives them all one output)
         family.sanity_check(adapter)
-        questions = cfg.parity_questions or Budget(PARITY_SECONDS, most=100,
-                                                   hint="parity_questions (--parity-questions)")
-        manifest.update(family.verify_export(model, adapter, questions, progress))
+        manifest.update(family.verify_export(expected, adapter, progress))
         manifest.update(family.export_extras(tmp, adapter, cfg.zero_shot_labels, eval_cfg))
         del adapter  # its sessions close before the thread tuning opens its own
         write_json(tmp / MANIFEST, manifest)
         record_thread_tuning(tmp, cfg.tune_threads, {g: {k: v[:1] for k, v in f.items()} for g, f in feeds.items()},
                              progress)
     return {"parity": parity, "size_bytes": onnx_size(out)}
+
+
+def _trace(family, model, graphs, feeds, folder: Path, opset: int, progress: bool) -> dict[str, int]:
+    """Each graph traced into `folder` (`trace_graph`: its weights in a side file); the bytes of weights per graph."""
+    import torch
+
+    weights = {}
+    with Progress("export: tracing the graphs", len(graphs), enabled=progress, unit="graphs",
+                  every=1 / len(graphs)) as bar, torch.no_grad(), quiet_export(), family.tracing(model):
+        for i, g in enumerate(graphs):
+            (folder / g.file).parent.mkdir(parents=True, exist_ok=True)
+            example = tuple(torch.from_numpy(feeds[g.name][k][:1]) for k in g.input_names)
+            weights[g.name] = trace_graph(g.module, example, folder / g.file, g.input_names, g.output_names, opset,
+                                          g.dynamic_axes)
+            bar.update(i + 1, graph=g.file)
+    return weights
+
+
+def _reference_outputs(graphs, feeds) -> dict[str, np.ndarray]:
+    """PyTorch's output per graph on the parity feeds: a graph's first output is the one compared (embeddings,
+    features, logits)."""
+    import torch
+
+    with torch.no_grad():
+        return {g.name: _first(g.module(*(torch.from_numpy(feeds[g.name][k]) for k in g.input_names)))
+                for g in graphs}
 
 
 def _fused(path: Path, feeds: dict[str, np.ndarray], tolerance: float, fuse) -> int:

@@ -25,6 +25,7 @@ embeddings, and the worst are kept in fp32, one by one, until the quantized arti
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import asdict, dataclass, replace
@@ -40,7 +41,7 @@ from ..data import DEFAULT_SOURCE
 from ..disk import atomic_dir, write_json
 from ..errors import VlmedgeError
 from ..evaluate import EvalConfig, flat_metrics
-from ..runtime.measure import SLOW_FUSIONS, MeasureConfig, cpu_info
+from ..runtime.measure import SLOW_FUSIONS, MeasureConfig, cpu_info, release_memory
 from ..runtime.onnx import (MANIFEST, graph_file, graph_files, onnx_size, open_session, read_manifest,
                             record_thread_tuning)
 from . import Context, register
@@ -373,16 +374,21 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
         form.check_widths(_int4_widths(source, files, form), f"quantize ({source})")
     int8 = any(m in ("dynamic", "static") for f in forms for m in f.graphs.values())
     scheme, why = choose_weight_scheme(cfg.weight_scheme) if int8 else ("none", "no INT8 graph")
-    fp32 = family.adapter(source)
+    fp32 = functools.cache(lambda: family.adapter(source))  # the fp32 export's sessions
+    fp32()  # every graph loads in ONNX Runtime (else a one-line error) before any work
     static = any(m == "static" for f in forms for m in f.graphs.values())
-    calib = calibration_batches(family, fp32, cfg) if static or cfg.max_drop is not None else None
+    if static or cfg.max_drop is not None:
+        calib = calibration_batches(family, fp32(), cfg)
+    else:  # closed while the graphs are written, reopened for the checks after: the weights are not held twice
+        calib = None
+        fp32.cache_clear()
     kept: dict[str, list[str]] = {graph: [] for graph in files}
     info: dict[str, Any] = {}
     reference = None
     if cfg.max_drop is not None:
         if evaluate_fn is None:
             raise VlmedgeError("quantize: max_drop needs an evaluator (run through the CLI or a recipe)")
-        reference = evaluate_fn(fp32)
+        reference = evaluate_fn(fp32())
         if cfg.metric not in reference:
             raise VlmedgeError(f"quantize: metric {cfg.metric!r} not produced by the evaluator; "
                                f"available: {', '.join(sorted(reference))}")
@@ -397,6 +403,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
                 for i, (tower, name) in enumerate(files.items()):
                     extra = tuple(re.escape(n) for g in keep[tower] for n in groups[tower].get(g, []))
                     quantize_file(source / name, folder / written[tower], tower, form, scheme, calib, extra)
+                    release_memory()  # the quantizer's protobuf copies of this graph
                     bar.update(i + 1, graph=written[tower])
             return family.adapter(folder)
 
@@ -415,7 +422,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
             # ranking the groups quantizes each alone and runs it on the calibration batches: minutes at SmolVLM-256M's
             # size, so only when a group has to go back
             order = [] if reference[cfg.metric] - score <= cfg.max_drop else \
-                _sensitivity_order(family, source, tmp, files, groups, cfg, scheme, calib, fp32, progress)
+                _sensitivity_order(family, source, tmp, files, groups, cfg, scheme, calib, fp32(), progress)
             with Progress("quantize: layer groups back to fp32", len(order), enabled=progress, unit="groups") as bar:
                 for k, (tower, group) in enumerate(order):
                     bar.update(k, **{cfg.metric: score})
@@ -428,14 +435,17 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
             info["accuracy_aware"]["final"] = score
             info["accuracy_aware"]["within_tolerance"] = reference[cfg.metric] - score <= cfg.max_drop
             _write_manifest(tmp, manifest, cfg, scheme, why, kept)
-        calib = calib or calibration_batches(family, fp32, cfg)
-        info["drift"] = _drift(fp32, encoder, calib, progress)
+        calib = calib or calibration_batches(family, fp32(), cfg)
+        info["drift"] = _drift(fp32(), encoder, calib, progress)
         if len(forms) > 1 and not any(kept.values()):  # the chosen form as it was checked
             info.update(agreed)
         else:
-            info.update(family.output_agreement(fp32, encoder, _agreement(cfg), progress))
-        record_thread_tuning(tmp, cfg.tune_threads, {g: {k: v[:1] for k, v in batches[0].items()}
-                                                     for g, batches in calib.items()}, progress)
+            info.update(family.output_agreement(fp32(), encoder, _agreement(cfg), progress))
+        tune = {g: {k: v[:1] for k, v in batches[0].items()} for g, batches in calib.items()}
+        encoder = calib = None  # the checks' sessions and inputs go before the thread tuning opens its own
+        fp32.cache_clear()
+        release_memory()
+        record_thread_tuning(tmp, cfg.tune_threads, tune, progress)
     info.update({"mode": cfg.mode, "graphs": cfg.graphs, "precision": _precision(cfg),
                  "per_channel": cfg.channelwise, "weight_scheme": scheme, "why": why, "kept_fp32": kept,
                  "size_bytes": onnx_size(out), "fp32_size_bytes": onnx_size(source)})
@@ -495,7 +505,7 @@ def _int4_widths(source: Path, files: dict[str, str], cfg: QuantizeConfig) -> di
 
 
 def _choose_form(forms, source, tmp, family, build, manifest, scheme, why, fp32, evaluate_fn, reference, progress):
-    """Build every form into a scratch folder of `tmp`, time the family's headline scenario on each in interleaved
+    """`fp32()`: the fp32 export's adapter. Build every form into a scratch folder of `tmp`, time the family's headline scenario on each in interleaved
     rounds (and evaluate each with `evaluate_fn`), keep the fastest within the tolerance: its graphs are moved into
     `tmp`, the scratch folders removed. Returns (the chosen form, the record of all, the chosen form's output
     agreement)."""
@@ -510,7 +520,7 @@ def _choose_form(forms, source, tmp, family, build, manifest, scheme, why, fp32,
         copy_support_files(source, folder)
         _write_manifest(folder, manifest, form, scheme, why, {g: [] for g in form.graphs})
         adapter = build(form, {g: [] for g in form.graphs}, folder)
-        agreement.append(family.output_agreement(fp32, adapter, questions, progress))
+        agreement.append(family.output_agreement(fp32(), adapter, questions, progress))
         if isinstance(questions, Budget):  # the count the budget fixed: the other forms answer the same questions
             questions = next((r["questions"] for r in agreement[-1].values() if "questions" in r), questions)
         entry = {"form": "+".join(sorted(set(form.graphs.values()))), "graphs": form.graphs,

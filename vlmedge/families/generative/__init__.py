@@ -23,7 +23,8 @@ from ...models import load_tokenizer
 from ...models.structure import TOWERS, tower_layers
 from ...options import Options
 from ...preprocess import SPLITTING, Preprocess
-from ...runtime.generate import FILES, GENERATION_KEYS, LOGITS_TO_KEEP, GraphMismatch, GreedyDecoder, past_names
+from ...runtime.generate import (FILES, FRAMES_PER_RUN, GENERATION_KEYS, LOGITS_TO_KEEP, GraphMismatch,
+                                 GreedyDecoder, past_names, vision_feeds)
 from ...runtime.measure import thread_record, tuned_threads
 from ...runtime.onnx import MANIFEST, open_session, read_manifest
 from .. import Family, Graph, register
@@ -302,34 +303,52 @@ one global image each): a split shapes image is 17 frames and a 1,100-token pref
 full size on 2 cores at about 2 minutes a question for PyTorch and ONNX Runtime together."""
 
 
-def _same_answers(a, b, questions: int | Budget, label: str = "answers", progress: bool = False) -> dict[str, Any]:
-    """Greedy answers (24 tokens at most) of two generators on held-out shapes questions (images rendered at most
-    64 px, processed as `a` processes them: resized; the first SPLIT_QUESTIONS split when it splits): how many are
-    token-identical, and the first that is not. `questions`: a count, or a `Budget` of time (the split questions
-    come on top)."""
+def _reference_answers(a, questions: int | Budget, label: str = "answers", progress: bool = False
+                       ) -> dict[str, Any]:
+    """Greedy answers (24 tokens at most) of generator `a` on held-out shapes questions (images rendered at most
+    64 px, processed as `a` processes them: resized; the first SPLIT_QUESTIONS split when it splits), the reference a
+    second generator's answers are compared with (`_compare_answers`). `questions`: a count, or a `Budget` of time
+    for both passes (the split questions come on top): this first pass takes half of it. Answering one generator
+    after the other, not side by side, lets the first be freed before the second opens (export: the PyTorch model
+    before the ONNX Runtime sessions)."""
     ds = open_vqa(f"shapes:{max(upper(questions), 16)}", "val", resolution=min(a.preprocess.image_size, 64))
-    same, first_diff, done = 0, None, 0
     items = ds.eval_items(upper(questions))
     split = SPLIT_QUESTIONS if a.preprocess.splitting else 0
-    whole = (a.with_splitting("off"), b.with_splitting("off"))
+    whole = a.with_splitting("off")
+    pace = replace(questions, seconds=questions.seconds / 2) if isinstance(questions, Budget) else questions
+    answers = []
     with Progress(label, len(items), enabled=progress, unit="questions") as bar:
-        for k, it in paced(items, questions, bar, timed_from=split):
-            ga, gb = (a, b) if k < split else whole
-            image = ds.images([it.index])[0]
-            frames, prompt = ga.inputs(image, it.question)
+        for k, it in paced(items, pace, bar, timed_from=split):
+            g = a if k < split else whole
+            frames, prompt = g.inputs(ds.images([it.index])[0], it.question)
             if k < split:  # minutes at SmolVLM-256M's size: say so before it starts
                 bar.say(f"{label}: question {k + 1}, its image split into {len(frames)} frames "
                         f"({len(prompt)} prompt tokens)")
-            ids = [g.generate_ids(frames, prompt, 24) for g in (ga, gb)]
-            same += ids[0] == ids[1]
-            if ids[0] != ids[1] and first_diff is None:
-                first_diff = {"question": it.question, "reference": ga.answer(image, it.question, 24),
-                              "other": gb.answer(image, it.question, 24)}
-            done = k + 1
-            bar.update(done)
-    return {"questions": done, "identical": same, "first_difference": first_diff,
-            "split_questions": min(split, done),
+            answers.append((it, k < split, g.generate_ids(frames, prompt, 24)))
+            bar.update(k + 1)
+    return {"data": ds, "answers": answers, "split": split,
             **({"budget_s": questions.seconds} if isinstance(questions, Budget) else {})}
+
+
+def _compare_answers(reference: dict[str, Any], b, label: str = "answers", progress: bool = False
+                     ) -> dict[str, Any]:
+    """Generator `b`'s greedy answers to the questions of `reference` (`_reference_answers`), each image processed
+    as the reference processed it: how many are token-identical, and the first that is not."""
+    ds, answers = reference["data"], reference["answers"]
+    same, first_diff = 0, None
+    whole = b.with_splitting("off")
+    with Progress(label, len(answers), enabled=progress, unit="questions") as bar:
+        for k, (it, split, want) in enumerate(answers):
+            g = b if split else whole
+            got = g.generate_ids(*g.inputs(ds.images([it.index])[0], it.question), 24)
+            same += got == want
+            if got != want and first_diff is None:
+                first_diff = {"question": it.question, "reference": decode_answer(g.tokenizer, want, g.eos_id),
+                              "other": decode_answer(g.tokenizer, got, g.eos_id)}
+            bar.update(k + 1)
+    return {"questions": len(answers), "identical": same, "first_difference": first_diff,
+            "split_questions": sum(split for _, split, _ in answers),
+            **({"budget_s": reference["budget_s"]} if "budget_s" in reference else {})}
 
 
 class Generative(Family):
@@ -492,11 +511,16 @@ class Generative(Family):
     def model_files(self, model, folder, layout):
         return _model_files(model, folder)
 
-    def verify_export(self, model, adapter, questions: int | Budget = 100, progress: bool = False
-                      ) -> dict[str, Any]:
-        """Greedy answers of the ONNX files against PyTorch `generate` on held-out shapes questions: at most one may
-        differ (a tie between two logits can flip on the last bit)."""
-        record = _same_answers(TorchGenerator(model), adapter, questions, "export: generation parity", progress)
+    def export_references(self, model, questions: int | Budget = 100, progress: bool = False) -> dict[str, Any]:
+        """PyTorch `generate`'s greedy answers to held-out shapes questions, with SDPA attention (the traced graphs'
+        eager attention computes the same, in a fraction of the memory on a split image's frames)."""
+        model.model.set_attn_implementation("sdpa")
+        return _reference_answers(TorchGenerator(model), questions, "export: generation parity (PyTorch)", progress)
+
+    def verify_export(self, reference, adapter, progress: bool = False) -> dict[str, Any]:
+        """Greedy answers of the ONNX files against PyTorch's (`export_references`): at most one may differ (a tie
+        between two logits can flip on the last bit)."""
+        record = _compare_answers(reference, adapter, "export: generation parity (ONNX Runtime)", progress)
         if record["identical"] < record["questions"] - 1:
             raise VlmedgeError(f"export: greedy answers from the ONNX files differ from PyTorch generate on "
                                f"{record['questions'] - record['identical']} of {record['questions']} questions "
@@ -508,7 +532,8 @@ class Generative(Family):
         as the fp32 export does."""
         if not inputs:
             return {}
-        record = _same_answers(reference, adapter, inputs, "quantize: answer agreement", progress)
+        expected = _reference_answers(reference, inputs, "quantize: answer agreement (fp32)", progress)
+        record = _compare_answers(expected, adapter, "quantize: answer agreement", progress)
         return {"answer_agreement": {**record, "fraction": record["identical"] / record["questions"]}}
 
     # --- runtime, evaluation, latency ---
@@ -564,9 +589,8 @@ class Generative(Family):
         for b in range(batches):
             idx = rng.integers(len(ds), size=batch_size).tolist()
             pixels = adapter.preprocess(ds.images(idx))
-            n, _, h, w = pixels.shape
-            out["vision"].append({"pixel_values": pixels[None],
-                                  "pixel_attention_mask": np.ones((1, n, h, w), dtype=bool)})
+            out["vision"] += [vision_feeds(pixels[i:i + FRAMES_PER_RUN])
+                              for i in range(0, len(pixels), FRAMES_PER_RUN)]
             (question, answer), = ds.training_captions(idx[:1], rng)[0]
             frames, prompt = whole.inputs(ds.images(idx[:1])[0], question)
             ids = prompt + answer_ids(adapter.tokenizer, answer, rt.eos_id)

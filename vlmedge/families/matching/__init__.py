@@ -378,30 +378,35 @@ class Matching(Family):
                 "patches": model.patches, "vision_width": model.width,
                 "max_candidates": MAX_CANDIDATES, "logit_scale": model.itc_scale}
 
-    def verify_export(self, model, adapter, questions: int | Budget = 100, progress: bool = False
-                      ) -> dict[str, Any]:
-        """Rerank parity on held-out shapes: for `questions` images (a `Budget`: its most, one batched pass),
-        ITC's top RERANK_K of a caption pool reranked by PyTorch's and by the ONNX files' match logits; at most one
-        order may differ (a near tie can flip on the last bit). Records the largest match-logit difference."""
+    def export_references(self, model, questions: int | Budget = 100, progress: bool = False) -> dict[str, Any]:
+        """PyTorch's side of the rerank parity: for `questions` held-out shapes images (a `Budget`: its most, one
+        batched pass) ITC's top RERANK_K of a caption pool and PyTorch's match logits for them."""
         questions = upper(questions)
         ds = ShapesDataset(load_shapes("val", max(questions, 2 * RERANK_K), model.preprocess.image_size))
-        idx = list(range(questions))
         captions = ds.captions(range(len(ds)), np.random.default_rng(3))
         ref = TorchMatcher(model)
-        pixels = model.preprocess(ds.images(idx))
+        pixels = model.preprocess(ds.images(list(range(questions))))
         patches, img = ref.encode(pixels)
         top = np.argsort(-(img @ ref.encode_texts(captions).T), axis=1, kind="stable")[:, :RERANK_K]
-        o_patches, _ = adapter.encode(pixels)
+        texts = [[captions[j] for j in row] for row in top]
+        return {"pixels": pixels, "texts": texts,
+                "logits": [ref.match(patches[q:q + 1], t) for q, t in enumerate(texts)]}
+
+    def verify_export(self, reference, adapter, progress: bool = False) -> dict[str, Any]:
+        """Rerank parity: the ONNX files' match logits for PyTorch's candidates (`export_references`) order them as
+        PyTorch's do; at most one order may differ (a near tie can flip on the last bit). Records the largest
+        match-logit difference."""
+        patches, _ = adapter.encode(reference["pixels"])
         same, worst = 0, 0.0
-        for q in idx:
-            texts = [captions[j] for j in top[q]]
-            a, b = ref.match(patches[q:q + 1], texts), adapter.match(o_patches[q:q + 1], texts)
+        for q, (texts, a) in enumerate(zip(reference["texts"], reference["logits"])):
+            b = adapter.match(patches[q:q + 1], texts)
             worst = max(worst, float(np.abs(a - b).max()))
             same += bool((np.argsort(-a, kind="stable") == np.argsort(-b, kind="stable")).all())
-        if same < len(idx) - 1:
-            raise VlmedgeError(f"export: the ONNX matcher reranks {len(idx) - same} of {len(idx)} held-out queries "
+        n = len(reference["texts"])
+        if same < n - 1:
+            raise VlmedgeError(f"export: the ONNX matcher reranks {n - same} of {n} held-out queries "
                                f"differently from PyTorch (largest match-logit difference {worst:.2e})")
-        return {"rerank_parity": {"queries": len(idx), "k": RERANK_K, "identical_order": same,
+        return {"rerank_parity": {"queries": n, "k": RERANK_K, "identical_order": same,
                                   "max_abs_diff_logit": worst}}
 
     # --- runtime, evaluation, latency ---
