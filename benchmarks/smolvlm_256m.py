@@ -1,14 +1,16 @@
-"""A SmolVLM-256M-shaped folder at full size through vlmedge: load, export, parity, quantize (INT8 dynamic, INT4
-MatMulNBits, FP16, mixed), and time every form against PyTorch eager in interleaved rounds.
+"""A SmolVLM-256M-shaped folder (or, with --size, the 500M's or the 2.2B's) at full size through vlmedge: load,
+export, parity, quantize (INT8 dynamic, INT4 MatMulNBits, FP16, mixed), each step's time and peak RSS against the
+issue's memory goal (2 x the fp32 weights + 1.5 GiB), and every form timed against PyTorch eager in interleaved rounds.
 
 Its published sizes (vision 768 wide, 12 layers, 512 px, patch 16, pixel shuffle 4 -> 64 image tokens; a 30-layer
 576-wide Llama, 9 query and 3 key/value heads), random weights and a byte-level BPE tokenizer of the published
 vocabulary size (49152, trained on local text: `peers/smolvlm_peers.bpe_tokenizer`; no hub access here), so the
 decoder's vocabulary-wide head and embedding are the real size too. Run from the repository root:
 
-    python benchmarks/smolvlm_256m.py runs/smolvlm-256m [--forms int8,int4-acc4] [--rounds 3] [--quick]
+    python benchmarks/smolvlm_256m.py runs/smolvlm-256m [--size 500m] [--forms int8,int4-acc4] [--rounds 3] [--quick]
 
-writes DIR/model, DIR/onnx (`vlmedge export` with no flags but --no-eval), DIR/<form> and DIR/results.json
+writes DIR/model, DIR/onnx (`vlmedge export` with no flags but --no-eval), DIR/<form> (`vlmedge quantize` with no
+flags but --no-eval and the form's) and DIR/results.json (the published shapes: `tests/test_generative.SMOLVLM_SHAPES`)
 (export sizes, parity, each form's size and latency, the 16-token answer p90 ratio of eager to the best form, and
 this CPU's ceilings measured in every round: fp32 and int8 GEMM at the vision MLP's shape through ONNX Runtime,
 memory bandwidth; per form the vision encoder's GOP/s and share of the ceiling, the prefill in decode steps (the
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -35,13 +38,20 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from generative import time_interleaved  # noqa: E402  (the peers' interleaved timing)
 from provenance import Provenance  # noqa: E402
 from smolvlm_peers import bpe_tokenizer  # noqa: E402  (a tokenizer of the published vocabulary size)
-from test_generative import smolvlm_256m_folder  # noqa: E402  (the test suite's builder, at full depth here)
+from test_generative import SMOLVLM_SHAPES, smolvlm_folder  # noqa: E402  (the suite's builder, at full depth here)
 
 from vlmedge import families  # noqa: E402
 
 
-def vlmedge(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "vlmedge", *args], check=True, cwd=ROOT)
+def vlmedge(*args: str) -> dict[str, float]:
+    """Run a vlmedge command; its wall seconds and its process's peak RSS (GiB)."""
+    t = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "vlmedge", *args], cwd=ROOT)
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise subprocess.CalledProcessError(p.returncode, p.args)
+    return {"s": round(time.perf_counter() - t, 1), "peak_rss_gib": round(usage.ru_maxrss / 2 ** 20, 2)}
 
 
 FORMS = {"int8": ["--mode", "dynamic"],
@@ -52,31 +62,39 @@ FORMS = {"int8": ["--mode", "dynamic"],
 
 
 def main(out: Path, rounds: int = 3, forms: tuple[str, ...] = tuple(FORMS), splitting: str = "off",
-         quick: bool = False) -> int:
+         quick: bool = False, size: str = "256m", steps_only: bool = False) -> int:
     run = Provenance.start()
     out.mkdir(parents=True, exist_ok=True)
     model, onnx_dir = out / "model", out / "onnx"
     t0 = time.perf_counter()
     if not (model / "config.json").is_file():
         model.mkdir(exist_ok=True)
-        smolvlm_256m_folder(model, vision_layers=1 if quick else 12, text_layers=1 if quick else 30,
-                            tokenizer=bpe_tokenizer(1000, files=40) if quick else bpe_tokenizer())
-    t1 = time.perf_counter()
+        smolvlm_folder(model, size, vision_layers=1 if quick else None, text_layers=1 if quick else None,
+                       tokenizer=bpe_tokenizer(1000, files=40) if quick else bpe_tokenizer())
+    weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    steps = {"build": {"s": round(time.perf_counter() - t0, 1)}}
     if not (onnx_dir / "manifest.json").is_file():
-        vlmedge("export", str(model), "--out", str(onnx_dir), "--no-eval",
-                *(("--no-tune-threads", "--parity-questions", "2") if quick else ()))
-    t2 = time.perf_counter()
-    quantize_s = {}
+        steps["export"] = vlmedge("export", str(model), "--out", str(onnx_dir), "--no-eval",
+                                  *(("--no-tune-threads", "--parity-questions", "2") if quick else ()))
     for name in forms:
         if not (out / name / "manifest.json").is_file():
-            t = time.perf_counter()
-            # random weights: no answer agreement to speak of; 2 x 2 calibration images for the drift cosines
-            vlmedge("quantize", str(onnx_dir), "--out", str(out / name), "--no-eval", "--no-tune-threads",
-                    "--agreement-questions", "0", "--calibration-batches", "2", "--batch-size", "2", *FORMS[name])
-            quantize_s[name] = round(time.perf_counter() - t, 1)
-    results = {"parameters": json.loads((onnx_dir / "manifest.json").read_text())["parameters"],
-               "build_s": round(t1 - t0, 1), "export_s": round(t2 - t1, 1), "quantize_s": quantize_s,
-               **interleaved(model, {"fp32": onnx_dir, **{n: out / n for n in forms}}, rounds, splitting, quick)}
+            # quick: 2 x 2 calibration images and no answer agreement (a one-layer model's answers say nothing)
+            steps[f"quantize {name}"] = vlmedge(
+                "quantize", str(onnx_dir), "--out", str(out / name), "--no-eval", *FORMS[name],
+                *(("--no-tune-threads", "--agreement-questions", "0", "--calibration-batches", "2", "--batch-size",
+                   "2") if quick else ()))
+    goal = 2 * weights / 2 ** 30 + 1.5
+    for step in steps.values():
+        if "peak_rss_gib" in step:
+            step["within_goal"] = step["peak_rss_gib"] <= goal
+    parameters = json.loads((onnx_dir / "manifest.json").read_text())["parameters"]
+    results = {"size": size, "shape": SMOLVLM_SHAPES[size], "parameters": parameters,
+               "fp32_weights_gib": round(weights / 2 ** 30, 3), "memory_goal_gib": round(goal, 2), "steps": steps,
+               "seconds_per_billion_parameters": {k: round(v["s"] / parameters * 1e9, 1) for k, v in steps.items()
+                                                  if k != "build"}}
+    if not steps_only:
+        results.update(interleaved(model, {"fp32": onnx_dir, **{n: out / n for n in forms}}, rounds, splitting,
+                                   quick))
     run.write(out / "results.json", {**results, "quick": quick})
     print(json.dumps({k: v for k, v in results.items() if k != "forms"}, indent=2))
     return 0
@@ -156,6 +174,10 @@ if __name__ == "__main__":
     ap.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated, of {', '.join(FORMS)}")
     ap.add_argument("--image-splitting", default="off", choices=("on", "off", "as-folder"),
                     help="off (default): one 512 px frame, the figures of the issue; on: a 1024x768 image in tiles")
+    ap.add_argument("--size", default="256m", choices=tuple(SMOLVLM_SHAPES),
+                    help="the published SmolVLM whose shape the folder takes (default 256m)")
+    ap.add_argument("--steps-only", action="store_true",
+                    help="build, export and quantize (time and peak RSS of each) without the interleaved timing")
     ap.add_argument("--quick", action="store_true",
                     help="1 vision and 1 decoder layer, a small vocabulary, INT8, one round: checks the script")
     a = ap.parse_args()
@@ -165,4 +187,4 @@ if __name__ == "__main__":
     unknown = [f for f in chosen if f not in FORMS]
     if unknown:
         ap.error(f"--forms: unknown {', '.join(unknown)}; expected some of {', '.join(FORMS)}")
-    sys.exit(main(a.out, a.rounds, chosen, a.image_splitting, a.quick))
+    sys.exit(main(a.out, a.rounds, chosen, a.image_splitting, a.quick, a.size, a.steps_only))

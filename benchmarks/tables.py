@@ -144,6 +144,27 @@ def smolvlm_forms(name: str) -> Callable[[], list[str]]:
     return render
 
 
+def smolvlm_steps(names: list[str]) -> Callable[[], list[str]]:
+    """Per SmolVLM size (benchmarks/smolvlm_256m.py --size): each step's time and peak RSS against the memory goal."""
+    def render() -> list[str]:
+        rows, sources = [], []
+        for name in names:
+            data = _load(name)
+            steps = data["steps"]
+            cell = lambda k: (f"{steps[k]['s']:.0f} s / {steps[k]['peak_rss_gib']:.2f} GiB"  # noqa: E731
+                              + ("" if steps[k]["within_goal"] else " **over**")) if k in steps else "-"
+            rows.append([data["size"], f"{data['parameters'] / 1e6:.0f}M", f"{data['fp32_weights_gib']:.2f}",
+                         f"{data['memory_goal_gib']:.2f}", cell("export"), cell("quantize int8"),
+                         cell("quantize int4-acc4"),
+                         " / ".join(f"{data['seconds_per_billion_parameters'][k]:.0f}"
+                                    for k in ("export", "quantize int8") if k in steps)])
+            sources.append(source_line(name))
+        return _table(["size", "parameters", "fp32 weights GiB", "goal GiB (2 x weights + 1.5)", "export",
+                       "quantize INT8 dynamic", "quantize INT4 (acc 4)", "s per 1B parameters (export / INT8)"],
+                      rows) + [""] + sources
+    return render
+
+
 def smolvlm_peers(name: str) -> Callable[[], list[str]]:
     def render() -> list[str]:
         from smolvlm_peers import markdown

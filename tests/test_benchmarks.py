@@ -110,6 +110,10 @@ def test_smolvlm_256m_quick(smolvlm_256m_run):
     assert set(results["forms"]) == {"torch eager fp32", "fp32", "int8"} and results["quick"]
     int8 = results["forms"]["int8"]
     assert int8["decode_bound_ms"] > 0 and int8["prefill_decode_steps"] > 0 and results["ceilings"]["int8_gops"] > 0
+    steps = results["steps"]  # each step's time and peak RSS, against the memory goal of the fp32 weights' size
+    assert set(steps) == {"build", "export", "quantize int8"}
+    assert all(steps[k]["peak_rss_gib"] > 0.1 and steps[k]["s"] > 0 for k in ("export", "quantize int8"))
+    assert results["memory_goal_gib"] == pytest.approx(2 * results["fp32_weights_gib"] + 1.5, abs=0.01)
 
 
 def test_smolvlm_peers_quick_times_vlmedge_without_the_peers(tmp_path, vqa_model, smolvlm_256m_run):

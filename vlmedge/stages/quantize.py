@@ -51,6 +51,10 @@ AGREEMENT_SECONDS = 60.0
 """The time an unset `agreement_questions` may take per form."""
 DRIFT_SECONDS = 30.0
 """The time the drift check may take per graph (at least one calibration batch)."""
+DRIFT_BATCHES = 2
+"""Calibration batches prepared for the drift check when nothing else needs them (a mode without calibration): at
+most that many of `calibration_batches` (a SmolVLM-256M's 8 x 16 images took 27 s to prepare through the fp32 vision
+graph and the drift used 6 of its 32 four-frame chunks; the 2.2B's so400m tower is 5x that)."""
 MODES = ("dynamic", "static", "fp16", "int4", "mixed")
 GRAPH_MODES = ("dynamic", "static", "fp16", "int4", "fp32")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -435,7 +439,8 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
             info["accuracy_aware"]["final"] = score
             info["accuracy_aware"]["within_tolerance"] = reference[cfg.metric] - score <= cfg.max_drop
             _write_manifest(tmp, manifest, cfg, scheme, why, kept)
-        calib = calib or calibration_batches(family, fp32(), cfg)
+        calib = calib or calibration_batches(
+            family, fp32(), replace(cfg, calibration_batches=min(cfg.calibration_batches, DRIFT_BATCHES)))
         info["drift"] = _drift(fp32(), encoder, calib, progress)
         if len(forms) > 1 and not any(kept.values()):  # the chosen form as it was checked
             info.update(agreed)
