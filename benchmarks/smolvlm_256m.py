@@ -44,14 +44,28 @@ from vlmedge import families  # noqa: E402
 
 
 def vlmedge(*args: str) -> dict[str, float]:
-    """Run a vlmedge command; its wall seconds and its process's peak RSS (GiB)."""
+    """Run a vlmedge command; its wall seconds and its process's peak RSS (GiB), and its exit code where it failed
+    (-9: killed, e.g. out of memory)."""
     t = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-m", "vlmedge", *args], cwd=ROOT)
     _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode:
-        raise subprocess.CalledProcessError(p.returncode, p.args)
-    return {"s": round(time.perf_counter() - t, 1), "peak_rss_gib": round(usage.ru_maxrss / 2 ** 20, 2)}
+    code = os.waitstatus_to_exitcode(status)
+    return {"s": round(time.perf_counter() - t, 1), "peak_rss_gib": round(usage.ru_maxrss / 2 ** 20, 2),
+            **({"failed": code} if code else {})}
+
+
+class Steps(dict):
+    """Each step's record, kept in DIR/steps.json as it completes, so that a rerun (which skips what is done) still
+    reports the steps an earlier run measured."""
+
+    def __init__(self, path: Path):
+        super().__init__(json.loads(path.read_text()) if path.is_file() else {})
+        self.path = path
+
+    def run(self, name: str, done: Path, *args: str) -> None:
+        if not done.is_file():
+            self[name] = vlmedge(*args)
+            self.path.write_text(json.dumps(self, indent=1))
 
 
 FORMS = {"int8": ["--mode", "dynamic"],
@@ -72,27 +86,31 @@ def main(out: Path, rounds: int = 3, forms: tuple[str, ...] = tuple(FORMS), spli
         smolvlm_folder(model, size, vision_layers=1 if quick else None, text_layers=1 if quick else None,
                        tokenizer=bpe_tokenizer(1000, files=40) if quick else bpe_tokenizer())
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    steps = {"build": {"s": round(time.perf_counter() - t0, 1)}}
-    if not (onnx_dir / "manifest.json").is_file():
-        steps["export"] = vlmedge("export", str(model), "--out", str(onnx_dir), "--no-eval",
-                                  *(("--no-tune-threads", "--parity-questions", "2") if quick else ()))
-    for name in forms:
-        if not (out / name / "manifest.json").is_file():
-            # quick: 2 x 2 calibration images and no answer agreement (a one-layer model's answers say nothing)
-            steps[f"quantize {name}"] = vlmedge(
-                "quantize", str(onnx_dir), "--out", str(out / name), "--no-eval", *FORMS[name],
-                *(("--no-tune-threads", "--agreement-questions", "0", "--calibration-batches", "2", "--batch-size",
-                   "2") if quick else ()))
+    steps = Steps(out / "steps.json")
+    steps.setdefault("build", {"s": round(time.perf_counter() - t0, 1)})
+    steps.run("export", onnx_dir / "manifest.json", "export", str(model), "--out", str(onnx_dir), "--no-eval",
+              *(("--no-tune-threads", "--parity-questions", "2") if quick else ()))
+    for name in forms if (onnx_dir / "manifest.json").is_file() else ():
+        # quick: 2 x 2 calibration images and no answer agreement (a one-layer model's answers say nothing)
+        steps.run(f"quantize {name}", out / name / "manifest.json", "quantize", str(onnx_dir), "--out",
+                  str(out / name), "--no-eval", *FORMS[name],
+                  *(("--no-tune-threads", "--agreement-questions", "0", "--calibration-batches", "2", "--batch-size",
+                     "2") if quick else ()))
     goal = 2 * weights / 2 ** 30 + 1.5
     for step in steps.values():
         if "peak_rss_gib" in step:
             step["within_goal"] = step["peak_rss_gib"] <= goal
+    failed = [k for k, v in steps.items() if "failed" in v]
+    if not (onnx_dir / "manifest.json").is_file():  # the export failed: its record is the result
+        run.write(out / "results.json", {"size": size, "steps": dict(steps), "failed": failed, "quick": quick})
+        return 1
     parameters = json.loads((onnx_dir / "manifest.json").read_text())["parameters"]
     results = {"size": size, "shape": SMOLVLM_SHAPES[size], "parameters": parameters,
-               "fp32_weights_gib": round(weights / 2 ** 30, 3), "memory_goal_gib": round(goal, 2), "steps": steps,
+               "fp32_weights_gib": round(weights / 2 ** 30, 3), "memory_goal_gib": round(goal, 2),
+               "steps": dict(steps), "failed": failed,
                "seconds_per_billion_parameters": {k: round(v["s"] / parameters * 1e9, 1) for k, v in steps.items()
-                                                  if k != "build"}}
-    if not steps_only:
+                                                  if k != "build" and "failed" not in v}}
+    if not steps_only and not failed:
         results.update(interleaved(model, {"fp32": onnx_dir, **{n: out / n for n in forms}}, rounds, splitting,
                                    quick))
     run.write(out / "results.json", {**results, "quick": quick})

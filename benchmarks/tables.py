@@ -23,6 +23,7 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
 
+STEP_SIZES = ("256m", "500m", "2.2b")
 PEERS = "bash benchmarks/peers/envs.sh env-openvino llama.cpp && "
 RESULTS: dict[str, str] = {
     "quickstart.json": "benchmarks/run.sh quickstart",
@@ -38,6 +39,9 @@ RESULTS: dict[str, str] = {
                          "cp runs/smolvlm-256m/results.json benchmarks/results/smolvlm-256m.json",
     "smolvlm-256m-avx512.json": "python benchmarks/smolvlm_256m.py runs/smolvlm-256m --forms int8,int4-acc4 && "
                                 "cp runs/smolvlm-256m/results.json benchmarks/results/smolvlm-256m-avx512.json",
+    **{f"smolvlm-steps-{size}.json": f"python benchmarks/smolvlm_256m.py runs/steps-{size} --size {size} "
+                                     f"--forms int8,int4-acc4 --steps-only && cp runs/steps-{size}/results.json "
+                                     f"benchmarks/results/smolvlm-steps-{size}.json" for size in STEP_SIZES},
     "smolvlm-256m-peers.json": PEERS + "python benchmarks/peers/smolvlm_peers.py runs/peers256 && "
                                "cp runs/peers256/results.json benchmarks/results/smolvlm-256m-peers.json",
     "smolvlm-256m-peers-head-to-head.json": PEERS + "python benchmarks/peers/smolvlm_peers.py runs/peers256 --rounds 5 "
@@ -151,8 +155,13 @@ def smolvlm_steps(names: list[str]) -> Callable[[], list[str]]:
         for name in names:
             data = _load(name)
             steps = data["steps"]
-            cell = lambda k: (f"{steps[k]['s']:.0f} s / {steps[k]['peak_rss_gib']:.2f} GiB"  # noqa: E731
-                              + ("" if steps[k]["within_goal"] else " **over**")) if k in steps else "-"
+            def cell(k: str) -> str:
+                if k not in steps:
+                    return "-"
+                step = steps[k]
+                said = (f" **failed (exit {step['failed']})**" if "failed" in step
+                        else "" if step["within_goal"] else " **over**")
+                return f"{step['s']:.0f} s / {step['peak_rss_gib']:.2f} GiB{said}"
             rows.append([data["size"], f"{data['parameters'] / 1e6:.0f}M", f"{data['fp32_weights_gib']:.2f}",
                          f"{data['memory_goal_gib']:.2f}", cell("export"), cell("quantize int8"),
                          cell("quantize int4-acc4"),
@@ -221,6 +230,8 @@ TABLES: dict[str, Callable[[], list[str]]] = {
     "vqa-quickstart": recipe("vqa-quickstart.json"), "rerank-quickstart": recipe("rerank-quickstart.json"),
     "gates": gates,
     "smolvlm-256m": smolvlm_forms("smolvlm-256m-avx512.json"),
+    "smolvlm-steps": smolvlm_steps([f"smolvlm-steps-{size}.json" for size in STEP_SIZES
+                                    if (RESULTS_DIR / f"smolvlm-steps-{size}.json").is_file()]),
     "smolvlm-256m-peers": smolvlm_peers("smolvlm-256m-peers-head-to-head.json"),
     "vqa-peers": vqa_peers, "smolvlm-vqa-peers": smolvlm_vqa_peers, "streaming-rss": streaming,
     "matching-designs": matching_designs, "commands": commands,
