@@ -105,6 +105,9 @@ def trace_graph(module, example: tuple, path: Path, input_names, output_names, o
         ts._model_to_graph = to_graph
     model = onnx.load(str(path))  # the graph alone: its parameters are inputs without values
     params = [i for i in model.graph.input if i.name in captured and i.name not in input_names]
+    unknown = [i.name for i in model.graph.input if i.name not in captured and i.name not in input_names]
+    if unknown:  # a parameter under a name the exporter did not hand over: the graph would ask for it as an input
+        raise RuntimeError(f"{path.name}: traced input {unknown[0]!r} is neither an input nor a parameter")
     data = external_data(path)
     written = 0
     with open(data, "wb") as f:

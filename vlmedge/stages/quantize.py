@@ -510,10 +510,10 @@ def _int4_widths(source: Path, files: dict[str, str], cfg: QuantizeConfig) -> di
 
 
 def _choose_form(forms, source, tmp, family, build, manifest, scheme, why, fp32, evaluate_fn, reference, progress):
-    """`fp32()`: the fp32 export's adapter. Build every form into a scratch folder of `tmp`, time the family's headline scenario on each in interleaved
+    """Build every form into a scratch folder of `tmp`, time the family's headline scenario on each in interleaved
     rounds (and evaluate each with `evaluate_fn`), keep the fastest within the tolerance: its graphs are moved into
-    `tmp`, the scratch folders removed. Returns (the chosen form, the record of all, the chosen form's output
-    agreement)."""
+    `tmp`, the scratch folders removed. `fp32()`: the fp32 export's adapter. Returns (the chosen form, the record of
+    all, the chosen form's output agreement)."""
     import shutil
 
     head = family.headline_scenario
