@@ -137,16 +137,21 @@ def external_data(path: Path) -> Path:
 
 
 def finish_graph(path: Path, defaults: dict, one_file: bool) -> None:
-    """A traced graph (`trace_graph`) as shipped: the inputs named in `defaults` given those values (`hold_defaults`),
-    its weights moved into the .onnx file when `one_file` (the protobuf holds at most 2 GB), else left in the side
-    file."""
+    """A traced graph (`trace_graph`) as shipped, loaded and saved once: the inputs named in `defaults` given those
+    values (numpy arrays) as initializers of the same name (in ONNX an initializer that is also a graph input is its
+    default, so the input becomes optional), its weights moved into the .onnx file when `one_file` (the protobuf
+    holds at most 2 GB), else left in the side file."""
     import onnx
+    from onnx import numpy_helper
 
-    hold_defaults(path, defaults)
+    model = onnx.load(str(path), load_external_data=one_file)  # a side file's weights stay where they are
+    missing = sorted(set(defaults) - {i.name for i in model.graph.input})
+    if missing:  # the tracer drops an input that no output depends on
+        raise ValueError(f"{path.name}: no graph input {missing[0]!r} to give a default")
+    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), name) for name, v in defaults.items())
+    onnx.save_model(model, str(path))
+    del model
     if one_file:
-        model = onnx.load(str(path))
-        onnx.save_model(model, str(path))
-        del model
         external_data(path).unlink()
 
 
@@ -154,20 +159,3 @@ def save_tokenizer(tokenizer, folder: Path) -> list[str]:
     before = set(os.listdir(folder))
     tokenizer.save_pretrained(folder)
     return sorted(set(os.listdir(folder)) - before)
-
-
-def hold_defaults(path: Path, defaults: dict) -> None:
-    """Give the graph's inputs named in `defaults` those values (numpy arrays) as initializers of the same name:
-    in ONNX an initializer that is also a graph input is its default, so the input becomes optional."""
-    if not defaults:
-        return
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path), load_external_data=False)  # a side file's weights stay where they are
-    names = {i.name for i in model.graph.input}
-    missing = sorted(set(defaults) - names)
-    if missing:  # the tracer drops an input that no output depends on
-        raise ValueError(f"{path.name}: no graph input {missing[0]!r} to give a default")
-    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), name) for name, v in defaults.items())
-    onnx.save_model(model, str(path))
