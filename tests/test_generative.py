@@ -139,6 +139,13 @@ def test_graphs_over_the_protobuf_limit_keep_their_weights_in_a_side_file(vqa_mo
     decoder = onnx.load(str(out / manifest["files"]["decoder"]), load_external_data=False)
     assert "logits_to_keep" in {t.name for t in decoder.graph.initializer}
     assert manifest["generation_parity"]["identical"] == manifest["generation_parity"]["questions"] == 2
+    # INT8 from it: ORT's quantizer reads the weights from the side files, the graphs it writes hold them inline
+    from vlmedge.stages.quantize import QuantizeConfig, quantize
+
+    info = quantize(out, tmp_path / "q8", QuantizeConfig(agreement_questions=2, tune_threads=False))
+    q8 = json.loads((tmp_path / "q8" / "manifest.json").read_text())
+    assert sorted(f"onnx/{p.name}" for p in (tmp_path / "q8" / "onnx").iterdir()) == sorted(q8["files"].values())
+    assert info["answer_agreement"]["questions"] == 2 and min(info["drift"].values()) > 0.9
 
 
 def test_the_decoder_keeps_the_last_logits_when_asked_and_all_by_default(vqa_export):

@@ -168,6 +168,33 @@ def test_dynamic_int8_is_saved_optimized_and_matches_the_unoptimized_graph(tiny_
     np.testing.assert_allclose(a.encode_images(pixels), b.encode_images(pixels), atol=1e-5)
 
 
+def test_dynamic_int8_reads_the_weights_from_disk_and_writes_what_onnx_runtime_writes(tiny_export, tmp_path):
+    """ORT's quantizer is handed the graph without its weights (read one at a time from the source's side file, or a
+    temporary one for a graph holding them inline): the file written is byte for byte the one ORT's own call writes,
+    nothing is left beside the source or the output, and the working directory is given back."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from vlmedge.stages.quantize import _quantize_dynamic
+
+    src = tiny_export / "text_encoder.onnx"
+    side = tmp_path / "side"
+    side.mkdir()
+    onnx.save_model(onnx.load(str(src)), str(side / "text.onnx"), save_as_external_data=True,
+                    location="text.onnx.data", size_threshold=0)
+    options = dict(op_types_to_quantize=["MatMul", "Gather"], per_channel=False, weight_type=QuantType.QInt8)
+    quantize_dynamic(src, tmp_path / "ort.onnx", **options, extra_options={})
+    here = os.getcwd()
+    out = tmp_path / "out"
+    out.mkdir()
+    for source in (src, side / "text.onnx"):
+        _quantize_dynamic(source, out / f"{source.parent.name}.onnx", **options, extra_options={})
+        assert (out / f"{source.parent.name}.onnx").read_bytes() == (tmp_path / "ort.onnx").read_bytes(), source
+    assert os.getcwd() == here
+    assert sorted(os.listdir(out)) == sorted([f"{tiny_export.name}.onnx", "side.onnx"])
+    assert sorted(os.listdir(side)) == ["text.onnx", "text.onnx.data"]
+
+
 def test_accuracy_aware_quantization_falls_back_until_within_tolerance(tiny_export, tmp_path):
     """A metric that counts quantized nodes forces fallbacks: the loop must keep groups until within tolerance."""
 
