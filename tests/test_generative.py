@@ -3,6 +3,7 @@ runtime, evaluation, latency scenarios and its one-line errors, on the tiny pres
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,9 +122,12 @@ def test_export_has_the_edge_layout_and_generates_like_pytorch(vqa_export):
 
 
 def test_graphs_over_the_protobuf_limit_keep_their_weights_in_a_side_file(vqa_model, tmp_path, monkeypatch):
-    """A graph whose weights protobuf cannot hold (the 2.2B's 6.8 GB decoder) ships as X.onnx plus X.onnx.data; forced
-    here by lowering the limit: every graph keeps its side file, holds its defaults, and passes the export's parity."""
+    """A graph whose weights protobuf cannot hold (the 2.2B's 6.8 GB decoder) ships as X.onnx plus X.onnx_data (the
+    name transformers.js derives, and config.json tells it to fetch); forced here by lowering the limit: every graph
+    keeps its side file, holds its defaults, passes the export's parity and loads the way a browser loads it (the
+    graph's bytes and its side file handed over in memory under that name); INT8 is quantized from it."""
     import onnx
+    import onnxruntime as ort
 
     import vlmedge.stages.export as export_stage
 
@@ -133,12 +137,19 @@ def test_graphs_over_the_protobuf_limit_keep_their_weights_in_a_side_file(vqa_mo
     manifest = json.loads((out / "manifest.json").read_text())
     for file in manifest["files"].values():
         graph = onnx.load(str(out / file), load_external_data=False)
-        assert (out / f"{file}.data").stat().st_size > 0
+        assert (out / f"{file}_data").stat().st_size > 0
         assert {t.data_location for t in graph.graph.initializer if t.dims and np.prod(t.dims) > 1} == \
             {onnx.TensorProto.EXTERNAL}, file
     decoder = onnx.load(str(out / manifest["files"]["decoder"]), load_external_data=False)
     assert "logits_to_keep" in {t.name for t in decoder.graph.initializer}
     assert manifest["generation_parity"]["identical"] == manifest["generation_parity"]["questions"] == 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["transformers.js_config"]["use_external_data_format"] == {
+        Path(f).name: 1 for f in manifest["files"].values()}
+    for file in manifest["files"].values():
+        options, data = ort.SessionOptions(), (out / f"{file}_data").read_bytes()
+        options.add_external_initializers_from_files_in_memory([f"{Path(file).name}_data"], [data], [len(data)])
+        ort.InferenceSession((out / file).read_bytes(), options, providers=["CPUExecutionProvider"])
     # INT8 from it: ORT's quantizer reads the weights from the side files, the graphs it writes hold them inline
     from vlmedge.stages.quantize import QuantizeConfig, quantize
 

@@ -8,6 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from ..disk import read_json, write_json
+from ..runtime.onnx import side_file
+
 
 class patchify_as_matmul:
     """While exporting, compute each patch-embedding Conv (kernel == stride, no padding: the ViT and CLIP stems) as
@@ -80,7 +83,7 @@ can map them from the file instead of copying them."""
 def trace_graph(module, example: tuple, path: Path, input_names, output_names, opset: int,
                 dynamic_axes: dict) -> int:
     """torch.onnx's TorchScript export of `module` to `path`, its weights written tensor by tensor to the side file
-    `path`.data (`external_data`) instead of into an in-memory protobuf: the export holds the torch module's weights
+    `path`_data (`side_file`) instead of into an in-memory protobuf: the export holds the torch module's weights
     plus the tensors constant folding makes (a Linear's transposed weight), not three copies of them (the folded
     tensors, the protobuf, the bytes written; measured on SmolVLM-256M's decoder, 0.55 GB of weights: +1.6 GB of
     RSS through the protobuf, +0.6 GB this way). `finish_graph` makes it one file where it fits. Returns the bytes
@@ -108,7 +111,7 @@ def trace_graph(module, example: tuple, path: Path, input_names, output_names, o
     unknown = [i.name for i in model.graph.input if i.name not in captured and i.name not in input_names]
     if unknown:  # a parameter under a name the exporter did not hand over: the graph would ask for it as an input
         raise RuntimeError(f"{path.name}: traced input {unknown[0]!r} is neither an input nor a parameter")
-    data = external_data(path)
+    data = side_file(path)
     written = 0
     with open(data, "wb") as f:
         for i in params:
@@ -131,11 +134,6 @@ def trace_graph(module, example: tuple, path: Path, input_names, output_names, o
     return written
 
 
-def external_data(path: Path) -> Path:
-    """The side file of a graph's weights: `path`.data."""
-    return path.with_name(path.name + ".data")
-
-
 def finish_graph(path: Path, defaults: dict, one_file: bool) -> None:
     """A traced graph (`trace_graph`) as shipped, loaded and saved once: the inputs named in `defaults` given those
     values (numpy arrays) as initializers of the same name (in ONNX an initializer that is also a graph input is its
@@ -152,7 +150,18 @@ def finish_graph(path: Path, defaults: dict, one_file: bool) -> None:
     onnx.save_model(model, str(path))
     del model
     if one_file:
-        external_data(path).unlink()
+        side_file(path).unlink()
+
+
+def declare_side_files(config: Path, files: list[str]) -> None:
+    """Tell transformers.js, in an onnx-community folder's `config.json`, which graphs (`onnx/X.onnx`) keep their
+    weights in a side file (`transformers.js_config.use_external_data_format`, one chunk each, keyed by file name as
+    it looks them up): it fetches a side file only when told, and in a browser ONNX Runtime finds the weights only
+    among the files it is handed."""
+    settings = read_json(config, f"{config}: no such file")
+    js = settings.setdefault("transformers.js_config", {})
+    js["use_external_data_format"] = {**js.get("use_external_data_format", {}), **{Path(f).name: 1 for f in files}}
+    write_json(config, settings)
 
 
 def save_tokenizer(tokenizer, folder: Path) -> list[str]:

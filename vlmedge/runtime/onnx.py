@@ -46,9 +46,21 @@ def record_thread_tuning(folder: Path, enabled: bool, feeds: dict | None = None,
         write_json(folder / MANIFEST, {**read_manifest(folder), "threads": tuning})
 
 
+SIDE_FILE = "_data"
+"""A graph that keeps its weights apart (over protobuf's 2 GB) keeps them in its file's name + this: `X.onnx_data`,
+onnx-community's and Optimum's naming, the name transformers.js derives from the graph's."""
+SIDE_FILES = (SIDE_FILE, ".data")
+"""Side-file suffixes read: vlmedge wrote `X.onnx.data` until its exports took onnx-community's naming."""
+
+
+def side_file(path: Path) -> Path:
+    """The side file a graph written now keeps its weights in."""
+    return path.with_name(path.name + SIDE_FILE)
+
+
 def graph_files(folder: str | os.PathLike, name: str) -> list[str]:
     """A graph's files in an export folder, relative to it: the ONNX file and its external data where there is any."""
-    return [rel for rel in (name, f"{name}.data") if (Path(folder) / rel).is_file()]
+    return [rel for rel in (name, *(name + s for s in SIDE_FILES)) if (Path(folder) / rel).is_file()]
 
 
 def onnx_size(folder: str | os.PathLike) -> int:

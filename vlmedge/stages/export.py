@@ -27,14 +27,14 @@ from .._progress import Budget, Progress
 from ..artifact import Artifact
 from ..disk import RECORD_FILES, atomic_dir, write_json
 from ..errors import VlmedgeError
-from ..families.onnx_export import finish_graph, quiet_export, trace_graph
+from ..families.onnx_export import declare_side_files, finish_graph, quiet_export, trace_graph
 from ..runtime.fusion import fuse_attention
 from ..runtime.measure import ort_session, release_memory
-from ..runtime.onnx import MANIFEST, MANIFEST_FORMAT, onnx_size, record_thread_tuning
+from ..runtime.onnx import MANIFEST, MANIFEST_FORMAT, SIDE_FILES, onnx_size, record_thread_tuning
 from . import Context, register
 
 ONE_FILE_BYTES = 2 * 1024 ** 3 - 64 * 1024 ** 2
-"""A graph with more weights than this keeps them in its side file (`X.onnx.data`): protobuf holds at most 2 GB."""
+"""A graph with more weights than this keeps them in its side file (`X.onnx_data`): protobuf holds at most 2 GB."""
 PARITY_SECONDS = 60.0
 """The time an unset `parity_questions` may take (the questions of a split image come on top)."""
 
@@ -117,6 +117,9 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
                     "inputs": {g.name: g.declared for g in graphs}, **family.manifest_fields(model, reference, tmp),
                     "model_files": family.model_files(model, tmp, layout),  # after the tokenizer manifest_fields saves
                     "source_model": str(source), "parameters": parameters}
+        apart = [files[name] for name in files if weights[name] >= ONE_FILE_BYTES]
+        if apart and "config.json" in manifest["model_files"]:  # a model folder transformers.js loads
+            declare_side_files(tmp / "config.json", apart)
         questions = cfg.parity_questions or Budget(PARITY_SECONDS, most=100,
                                                    hint="parity_questions (--parity-questions)")
         expected = family.export_references(model, questions, progress)
@@ -129,7 +132,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
                       every=1 / len(files)) as bar:
             for i, (name, file) in enumerate(files.items()):
                 path = tmp / file
-                one_file = weights[name] < ONE_FILE_BYTES
+                one_file = file not in apart
                 finish_graph(path, defaults[name], one_file)
                 if cfg.fuse_attention and one_file:
                     fused[name] = _fused(path, feeds[name], cfg.max_abs_diff, fuse_attention)
@@ -219,7 +222,7 @@ def _parity(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 def copy_support_files(src: Path, dst: Path) -> None:
     """Copy everything of an export folder except the ONNX files (manifest, tokenizer, zero-shot data)."""
     for p in src.iterdir():
-        if p.is_file() and not p.name.endswith((".onnx", ".onnx.data")) and p.name not in RECORD_FILES:
+        if p.is_file() and not p.name.endswith((".onnx", *(f".onnx{s}" for s in SIDE_FILES))) and p.name not in RECORD_FILES:
             shutil.copy2(p, dst / p.name)
 
 
