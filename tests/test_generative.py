@@ -369,6 +369,54 @@ SMOLVLM_PROCESSOR = {
 """SmolVLM-256M-Instruct's image processor config: 512 px tiles of an image whose longest edge is resized to 2048."""
 
 
+def test_a_smolvlm2_folder_as_published_exports_and_quantizes(tmp_path):
+    """SmolVLM2-500M-Video-Instruct's config.json as published (untied head, `head_dim`, its vision keys, a pad id
+    outside the vocabulary at the top level) at reduced depth, with this tokenizer's vocabulary and ids, and its
+    processor files (`SmolVLMImageProcessor` with `video_sampling`): exported with parity, quantized to INT8."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    from vlmedge.cli import main
+    from vlmedge.families.generative.data import open_vqa
+    from vlmedge.families.generative.model import SPECIAL, train_tokenizer
+
+    ds = open_vqa("shapes:200", "train", resolution=32)
+    pairs, _ = ds.training_captions(range(200), np.random.default_rng(0))
+    tok = train_tokenizer([t for qa in pairs for t in qa])
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in SPECIAL.items()}
+    config = {
+        "architectures": ["SmolVLMForConditionalGeneration"], "image_token_id": ids["image"], "model_type": "smolvlm",
+        "pad_token_id": 128002, "scale_factor": 4, "tie_word_embeddings": False, "torch_dtype": "float32",
+        "use_cache": False, "vocab_size": len(tok),
+        "text_config": {"architectures": ["VLlama3ForCausalLM"], "head_dim": 64, "hidden_size": 960,
+                        "intermediate_size": 2560, "is_llama_config": True, "max_position_embeddings": 8192,
+                        "model_type": "llama", "neftune_noise_alpha": 0.0, "num_attention_heads": 15,
+                        "num_hidden_layers": 2, "num_key_value_heads": 5, "pad_token_id": ids["pad"],
+                        "pixel_shuffle_factor": 4, "qk_layer_norms": False, "rms_norm_eps": 1e-05,
+                        "rope_interleaved": False, "rope_theta": 100000, "torch_dtype": "bfloat16",
+                        "use_resampler": False, "vocab_size": len(tok), "bos_token_id": ids["start"],
+                        "eos_token_id": ids["end"]},
+        "vision_config": {"hidden_size": 768, "image_size": 512, "max_image_size": {"longest_edge": 512},
+                          "model_type": "smolvlm_vision", "num_attention_heads": 12, "patch_size": 16,
+                          "size": {"longest_edge": 2048}, "tie_word_embeddings": False, "use_base_siglip": False,
+                          "num_hidden_layers": 1}}
+    model = tmp_path / "model"
+    torch.manual_seed(0)
+    SmolVLMForConditionalGeneration(SmolVLMConfig(**config)).save_pretrained(model)
+    tok.save_pretrained(model)
+    (model / "preprocessor_config.json").write_text(json.dumps({
+        **SMOLVLM_PROCESSOR, "image_processor_type": "SmolVLMImageProcessor", "processor_class": "SmolVLMProcessor",
+        "video_sampling": {"fps": 1, "max_frames": 64, "video_size": {"longest_edge": 512}}}))
+    (model / "processor_config.json").write_text(json.dumps({"image_seq_len": 64, "processor_class": "SmolVLMProcessor"}))
+    fast = ["--quiet", "--no-eval", "--no-tune-threads"]
+    assert main(["export", str(model), "--out", str(tmp_path / "onnx"), "--parity-questions", "2", *fast]) == 0
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert manifest["generation"]["image_tokens"] == 64 and manifest["generation_parity"]["identical"] == 2
+    assert {k: manifest["preprocess"][k] for k in ("image_size", "longest_edge", "splitting")} == \
+        {"image_size": 512, "longest_edge": 2048, "splitting": True}
+    assert main(["quantize", str(tmp_path / "onnx"), "--out", str(tmp_path / "q8"), "--agreement-questions", "2",
+                 *fast]) == 0
+
+
 def test_a_smolvlm_256m_shaped_folder_loads_exports_and_benches(smolvlm_export, tmp_path):
     _, export = smolvlm_export
     manifest = json.loads((export / "manifest.json").read_text())
