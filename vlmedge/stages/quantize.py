@@ -356,9 +356,10 @@ def _quantize_dynamic(src: Path, dst: Path, **options) -> None:
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".weights-") as tmp:
         graph = onnx.load(str(src), load_external_data=False)
         folder = src.resolve().parent
-        if any(t.HasField("raw_data") and len(t.raw_data) > 1024 for t in graph.graph.initializer):
+        if any(t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() > 1024 for t in graph.graph.initializer):
+            onnx.external_data_helper.load_external_data_for_model(graph, str(folder))  # any kept apart already
             onnx.save_model(graph, str(Path(tmp) / "graph.onnx"), save_as_external_data=True,
-                            location="graph.onnx.data")
+                            location="graph.onnx_data")
             del graph
             release_memory()
             graph = onnx.load(str(Path(tmp) / "graph.onnx"), load_external_data=False)
