@@ -406,7 +406,8 @@ def test_a_smolvlm2_folder_as_published_exports_and_quantizes(tmp_path):
     (model / "preprocessor_config.json").write_text(json.dumps({
         **SMOLVLM_PROCESSOR, "image_processor_type": "SmolVLMImageProcessor", "processor_class": "SmolVLMProcessor",
         "video_sampling": {"fps": 1, "max_frames": 64, "video_size": {"longest_edge": 512}}}))
-    (model / "processor_config.json").write_text(json.dumps({"image_seq_len": 64, "processor_class": "SmolVLMProcessor"}))
+    (model / "processor_config.json").write_text(json.dumps({"image_seq_len": 64,
+                                                             "processor_class": "SmolVLMProcessor"}))
     fast = ["--quiet", "--no-eval", "--no-tune-threads"]
     assert main(["export", str(model), "--out", str(tmp_path / "onnx"), "--parity-questions", "2", *fast]) == 0
     manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())

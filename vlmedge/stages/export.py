@@ -222,7 +222,8 @@ def _parity(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 def copy_support_files(src: Path, dst: Path) -> None:
     """Copy everything of an export folder except the ONNX files (manifest, tokenizer, zero-shot data)."""
     for p in src.iterdir():
-        if p.is_file() and not p.name.endswith((".onnx", *(f".onnx{s}" for s in SIDE_FILES))) and p.name not in RECORD_FILES:
+        graph = p.name.endswith((".onnx", *(f".onnx{s}" for s in SIDE_FILES)))
+        if p.is_file() and not graph and p.name not in RECORD_FILES:
             shutil.copy2(p, dst / p.name)
 
 
