@@ -40,7 +40,7 @@ RESULTS: dict[str, str] = {
     "smolvlm-256m-avx512.json": "python benchmarks/smolvlm_256m.py runs/smolvlm-256m --forms int8,int4-acc4 && "
                                 "cp runs/smolvlm-256m/results.json benchmarks/results/smolvlm-256m-avx512.json",
     **{f"smolvlm-steps-{size}.json": f"python benchmarks/smolvlm_256m.py runs/steps-{size} --size {size} "
-                                     f"--forms int8,int4-acc4 --steps-only && cp runs/steps-{size}/results.json "
+                                     f"--forms int8,int4-acc4 && cp runs/steps-{size}/results.json "
                                      f"benchmarks/results/smolvlm-steps-{size}.json" for size in STEP_SIZES},
     "smolvlm-256m-peers.json": PEERS + "python benchmarks/peers/smolvlm_peers.py runs/peers256 && "
                                "cp runs/peers256/results.json benchmarks/results/smolvlm-256m-peers.json",
@@ -133,18 +133,42 @@ def gates() -> list[str]:
     return _table(["recipe", "gate", "value", "verdict", "quantize removed"], rows) + [""] + sources
 
 
+FORM_COLUMNS = ["form", "vision ms", "prefill ms", "decode step ms", "16-token answer ms", "size MB",
+                "decode bound ms (bytes / bandwidth)"]
+
+
+def _form_row(form: str, r: dict) -> list[str]:
+    """One form's latencies (p50 / p90), size and decode bound (benchmarks/smolvlm_256m.py's record)."""
+    pct = lambda sc: f"{r[sc]['p50_ms']:.1f} / {r[sc]['p90_ms']:.1f}" if sc in r else "-"  # noqa: E731
+    return [form, pct("vision"), pct("prefill"), pct("decode"), pct("answer"),
+            f"{r['size_bytes'] / 1e6:.0f}" if "size_bytes" in r else "-",
+            f"{r['decode_bound_ms']:.1f}" if "decode_bound_ms" in r else "-"]
+
+
 def smolvlm_forms(name: str) -> Callable[[], list[str]]:
     """The 256M shape's forms against PyTorch eager (benchmarks/smolvlm_256m.py)."""
     def render() -> list[str]:
-        data = _load(name)
-        rows = []
-        for form, r in data["forms"].items():
-            pct = lambda sc: f"{r[sc]['p50_ms']:.1f} / {r[sc]['p90_ms']:.1f}" if sc in r else "-"  # noqa: E731
-            rows.append([form, pct("vision"), pct("prefill"), pct("decode"), pct("answer"),
-                         f"{r['size_bytes'] / 1e6:.0f}" if "size_bytes" in r else "-",
-                         f"{r['decode_bound_ms']:.1f}" if "decode_bound_ms" in r else "-"])
-        return _table(["form", "vision ms", "prefill ms", "decode step ms", "16-token answer ms", "size MB",
-                       "decode bound ms (bytes / bandwidth)"], rows) + ["", "p50 / p90.", "", source_line(name)]
+        rows = [_form_row(form, r) for form, r in _load(name)["forms"].items()]
+        return _table(FORM_COLUMNS, rows) + ["", "p50 / p90.", "", source_line(name)]
+    return render
+
+
+def smolvlm_sizes(names: list[str]) -> Callable[[], list[str]]:
+    """Per SmolVLM size, every form timed against PyTorch eager, with the decode step against its bound and the
+    prefill in decode steps (benchmarks/smolvlm_256m.py --size, without --steps-only)."""
+    def render() -> list[str]:
+        rows, sources = [], []
+        for name in names:
+            data = _load(name)
+            if "forms" not in data:
+                continue
+            for form, r in data["forms"].items():
+                rows.append([data["size"], *_form_row(form, r),
+                             f"{r['decode']['p50_ms'] / r['decode_bound_ms']:.2f}" if "decode_bound_ms" in r else "-",
+                             f"{r['prefill_decode_steps']:.1f}"])
+            sources.append(source_line(name))
+        return _table(["size", *FORM_COLUMNS, "decode / bound", "prefill in decode steps"], rows) + \
+            ["", "p50 / p90; one frame at the model's image size (512 px; 384 px at 2.2B), 2 threads.", ""] + sources
     return render
 
 
@@ -225,13 +249,14 @@ def commands() -> list[str]:
                    for name, cmd in RESULTS.items()])
 
 
+STEP_RESULTS = [f"smolvlm-steps-{size}.json" for size in STEP_SIZES
+                if (RESULTS_DIR / f"smolvlm-steps-{size}.json").is_file()]
 TABLES: dict[str, Callable[[], list[str]]] = {
     "quickstart": recipe("quickstart.json"), "edge-cpu": recipe("edge-cpu.json"),
     "vqa-quickstart": recipe("vqa-quickstart.json"), "rerank-quickstart": recipe("rerank-quickstart.json"),
     "gates": gates,
     "smolvlm-256m": smolvlm_forms("smolvlm-256m-avx512.json"),
-    "smolvlm-steps": smolvlm_steps([f"smolvlm-steps-{size}.json" for size in STEP_SIZES
-                                    if (RESULTS_DIR / f"smolvlm-steps-{size}.json").is_file()]),
+    "smolvlm-steps": smolvlm_steps(STEP_RESULTS), "smolvlm-sizes": smolvlm_sizes(STEP_RESULTS),
     "smolvlm-256m-peers": smolvlm_peers("smolvlm-256m-peers-head-to-head.json"),
     "vqa-peers": vqa_peers, "smolvlm-vqa-peers": smolvlm_vqa_peers, "streaming-rss": streaming,
     "matching-designs": matching_designs, "commands": commands,
