@@ -402,6 +402,7 @@ def test_a_smolvlm2_folder_as_published_exports_and_quantizes(tmp_path):
     model = tmp_path / "model"
     torch.manual_seed(0)
     SmolVLMForConditionalGeneration(SmolVLMConfig(**config)).save_pretrained(model)
+    (model / "config.json").write_text(json.dumps(config))  # as published, not as transformers writes it back
     tok.save_pretrained(model)
     (model / "preprocessor_config.json").write_text(json.dumps({
         **SMOLVLM_PROCESSOR, "image_processor_type": "SmolVLMImageProcessor", "processor_class": "SmolVLMProcessor",
