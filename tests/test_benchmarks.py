@@ -125,6 +125,19 @@ def test_smolvlm_peers_quick_times_vlmedge_without_the_peers(tmp_path, vqa_model
     assert results["agreement"]["vlmedge int8"]["of"] == 2
 
 
+def test_genai_decoder_quick(smolvlm_256m_run):
+    """vlmedge's decoders timed; onnxruntime-genai's builder's beside them where it is installed (envs.sh genai),
+    its fp32 graph equal to vlmedge's; without it, its rows left out and the results say why."""
+    script("benchmarks/peers/genai_decoder.py", str(smolvlm_256m_run), "--quick")
+    results = provenance(smolvlm_256m_run / "genai-results.json", "python benchmarks/peers/genai_decoder.py")
+    assert results["timings"]["vlmedge fp32"]["decode_p50_ms"] > 0
+    if "left_out" in results:
+        assert not [name for name in results["timings"] if name.startswith("genai")]
+    else:
+        assert results["parity_fp32"]["decode_logits_max_abs_diff"] < 1e-4
+        assert results["graphs"]["genai fp32"]["ops"]["GroupQueryAttention"] > 0
+
+
 def test_smolvlm_vqa_peers_quick(tmp_path, vqa_model, smolvlm_256m_run):
     out = seed(tmp_path / "vqa", vlmedge_fp32=smolvlm_256m_run / "onnx", vlmedge_int8=smolvlm_256m_run / "int8")
     script("benchmarks/peers/smolvlm_vqa_peers.py", str(vqa_model), str(out), "--quick")

@@ -10,7 +10,9 @@
 #                because 5.x needs a huggingface-hub that transformers 4.57 does not accept
 #   llama.cpp:   llama-mtmd-cli and llama-quantize built for this CPU from the llama-cpp-python sdist's vendored
 #                llama.cpp (PyPI is reachable where GitHub is not), and a venv with its gguf-py for the converter
-# Usage: envs.sh [env-optimum env-inc env-openvino llama.cpp]   (no argument: all of them)
+#   genai:       onnxruntime-genai's model builder (genai_decoder.py), installed without its dependencies into a
+#                folder of its own: it runs on vlmedge's torch, transformers and onnxruntime
+# Usage: envs.sh [env-optimum env-inc env-openvino llama.cpp genai]   (no argument: all of them)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=runs/peers
@@ -55,3 +57,6 @@ if want env-openvino; then
   make_env env-openvino "import optimum.intel.openvino, openvino, nncf, PIL, datasets" "optimum-intel[openvino]" pillow "datasets<5" "transformers<4.58"
 fi
 if want llama.cpp; then make_llama_cpp; fi
+if want genai && [[ ! -f $root/genai/onnxruntime_genai/models/builder.py ]]; then
+  pip install -q --no-deps --target "$root/genai" onnxruntime-genai==0.18.0
+fi
