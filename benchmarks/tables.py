@@ -42,6 +42,10 @@ RESULTS: dict[str, str] = {
     **{f"smolvlm-steps-{size}.json": f"python benchmarks/smolvlm_256m.py runs/steps-{size} --size {size} "
                                      f"--forms int8,int4-acc4 && cp runs/steps-{size}/results.json "
                                      f"benchmarks/results/smolvlm-steps-{size}.json" for size in STEP_SIZES},
+    "genai-decoder-256m.json": "bash benchmarks/peers/envs.sh genai && python benchmarks/smolvlm_256m.py "
+                               "runs/steps-256m --size 256m --forms int8,int4-acc4 && python "
+                               "benchmarks/peers/genai_decoder.py runs/steps-256m && cp "
+                               "runs/steps-256m/genai-results.json benchmarks/results/genai-decoder-256m.json",
     "smolvlm-256m-peers.json": PEERS + "python benchmarks/peers/smolvlm_peers.py runs/peers256 && "
                                "cp runs/peers256/results.json benchmarks/results/smolvlm-256m-peers.json",
     "smolvlm-256m-peers-head-to-head.json": PEERS + "python benchmarks/peers/smolvlm_peers.py runs/peers256 --rounds 5 "
@@ -198,6 +202,23 @@ def smolvlm_steps(names: list[str]) -> Callable[[], list[str]]:
     return render
 
 
+def genai_decoder(name: str) -> Callable[[], list[str]]:
+    """vlmedge's traced decoder against onnxruntime-genai's builder's (benchmarks/peers/genai_decoder.py)."""
+    def render() -> list[str]:
+        data = _load(name)
+        rows = [[graph, data["graphs"][graph]["nodes"], f"{data['graphs'][graph]['size_bytes'] / 1e6:.0f}",
+                 f"{t['decode_p50_ms']:.2f}", f"{t['prefill_p50_ms']:.1f}", f"{t['prefill_decode_steps']:.1f}"]
+                for graph, t in data["timings"].items()]
+        parity = data.get("parity_fp32")
+        said = (f"fp32 parity of the two decoders: last logits within {parity['decode_logits_max_abs_diff']:.1e} "
+                f"after a prefill and a decode step." if parity else data.get("left_out", ""))
+        return _table(["decoder", "nodes", "size MB", f"decode step ms (past {data['past']})",
+                       f"prefill ms ({data['prefill_positions']} positions)", "prefill in decode steps"], rows) + \
+            ["", f"p50 over {data['rounds']} interleaved rounds, {data['threads']} threads. {said}", "",
+             source_line(name)]
+    return render
+
+
 def smolvlm_peers(name: str) -> Callable[[], list[str]]:
     def render() -> list[str]:
         from smolvlm_peers import markdown
@@ -257,6 +278,7 @@ TABLES: dict[str, Callable[[], list[str]]] = {
     "gates": gates,
     "smolvlm-256m": smolvlm_forms("smolvlm-256m-avx512.json"),
     "smolvlm-steps": smolvlm_steps(STEP_RESULTS), "smolvlm-sizes": smolvlm_sizes(STEP_RESULTS),
+    "genai-decoder": genai_decoder("genai-decoder-256m.json"),
     "smolvlm-256m-peers": smolvlm_peers("smolvlm-256m-peers-head-to-head.json"),
     "vqa-peers": vqa_peers, "smolvlm-vqa-peers": smolvlm_vqa_peers, "streaming-rss": streaming,
     "matching-designs": matching_designs, "commands": commands,
