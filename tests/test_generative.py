@@ -419,6 +419,26 @@ def test_a_smolvlm2_folder_as_published_exports_and_quantizes(tmp_path):
                  *fast]) == 0
 
 
+def test_static_int8_quantizes_the_activations_past_fused_operators(smolvlm_export, tmp_path):
+    """ONNX's shape inference cannot type what follows the export's fused MultiHeadAttention and FastGelu, and ORT's
+    static quantizer leaves an untyped activation in fp32; typed by ORT's symbolic shape inference first, every
+    MatMul of the static vision graph reads quantized activations."""
+    import onnx
+
+    from vlmedge.stages.quantize import QuantizeConfig, quantize
+
+    _, export = smolvlm_export
+    source = onnx.load(str(export / json.loads((export / "manifest.json").read_text())["files"]["vision"])).graph
+    assert {"MultiHeadAttention", "FastGelu"} <= {n.op_type for n in source.node}
+    quantize(export, tmp_path / "q", QuantizeConfig(graphs={"vision": "static"}, calibration_batches=1, batch_size=1,
+                                                    agreement_questions=0, tune_threads=False))
+    files = json.loads((tmp_path / "q" / "manifest.json").read_text())["files"]
+    graph = onnx.load(str(tmp_path / "q" / files["vision"])).graph
+    made_by = {o: n.op_type for n in graph.node for o in n.output}
+    assert {made_by.get(n.input[0]) for n in graph.node if n.op_type == "MatMul"} == {"DequantizeLinear"}
+    assert not [p for p in (tmp_path / "q").rglob("*") if p.name.startswith(".typed-")]
+
+
 def test_a_smolvlm_256m_shaped_folder_loads_exports_and_benches(smolvlm_export, tmp_path):
     _, export = smolvlm_export
     manifest = json.loads((export / "manifest.json").read_text())
