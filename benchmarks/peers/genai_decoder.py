@@ -68,14 +68,11 @@ def build(llama: Path, out: Path, precision: str) -> Path:
 
 
 def dynamic_int8(src: Path, dst: Path) -> Path:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from vlmedge.stages.quantize import CONTRIB_TYPES, optimize_offline
+    """`src` quantized as `vlmedge quantize --mode dynamic` quantizes a decoder graph (vlmedge's own function)."""
+    from vlmedge.stages.quantize import QuantizeConfig, choose_weight_scheme, quantize_file
 
     if not dst.is_file():
-        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                         extra_options=dict(CONTRIB_TYPES))
-        optimize_offline(dst, "extended")
+        quantize_file(src, dst, "decoder", QuantizeConfig(), choose_weight_scheme("auto")[0], None)
     return dst
 
 

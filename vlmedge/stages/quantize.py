@@ -45,7 +45,7 @@ from ..errors import VlmedgeError
 from ..evaluate import EvalConfig, flat_metrics
 from ..runtime.measure import SLOW_FUSIONS, MeasureConfig, cpu_info, release_memory
 from ..runtime.onnx import (MANIFEST, graph_file, graph_files, onnx_size, open_session, read_manifest,
-                            record_thread_tuning)
+                            record_thread_tuning, side_file)
 from . import Context, register
 from .export import copy_support_files
 
@@ -343,8 +343,7 @@ def _typed(src: Path, folder: Path):
         except Exception:  # noqa: BLE001  (a graph it cannot follow is quantized as ONNX's inference leaves it)
             yield src
             return
-        typed = Path(tmp) / src.name
-        onnx.save_model(model, str(typed), save_as_external_data=True, location=f"{src.name}_data")
+        typed = _save_apart(model, Path(tmp) / src.name)
         del model
         release_memory()
         yield typed
@@ -388,11 +387,10 @@ def _quantize_dynamic(src: Path, dst: Path, **options) -> None:
         folder = src.resolve().parent
         if any(t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() > 1024 for t in graph.graph.initializer):
             onnx.external_data_helper.load_external_data_for_model(graph, str(folder))  # any kept apart already
-            onnx.save_model(graph, str(Path(tmp) / "graph.onnx"), save_as_external_data=True,
-                            location="graph.onnx_data")
+            path = _save_apart(graph, Path(tmp) / "graph.onnx")
             del graph
             release_memory()
-            graph = onnx.load(str(Path(tmp) / "graph.onnx"), load_external_data=False)
+            graph = onnx.load(str(path), load_external_data=False)
             folder = Path(tmp)
         saved = [getattr(m, name) for m in modules]
         here = os.getcwd()
@@ -409,6 +407,14 @@ def _quantize_dynamic(src: Path, dst: Path, **options) -> None:
         out = onnx.load(str(dst), load_external_data=False)
         onnx.external_data_helper.load_external_data_for_model(out, str(folder))
         onnx.save_model(out, str(dst))
+
+
+def _save_apart(model, path: Path) -> Path:
+    """`model` saved to `path` with its weights in its side file (`side_file`); `path`."""
+    import onnx
+
+    onnx.save_model(model, str(path), save_as_external_data=True, location=side_file(path).name)
+    return path
 
 
 def optimize_offline(path: Path, level: str) -> None:
