@@ -7,8 +7,8 @@ Runtime's fused operators). Measures; vlmedge does not use the builder.
 RUN is a `benchmarks/smolvlm_256m.py` folder (RUN/model, RUN/onnx, and RUN/int8, RUN/int4-acc4 where made). Writes
 RUN/genai/llama (the model's text decoder as a LlamaForCausalLM folder, which the builder reads), RUN/genai/fp32 and
 RUN/genai/int4 (the builder's graphs, `exclude_embeds`: like vlmedge's they take `inputs_embeds`; INT4 at accuracy
-level 4, blocks of 32), RUN/genai/fp32-dynamic.onnx (the builder's fp32 graph through ONNX Runtime's
-`quantize_dynamic` and vlmedge's offline optimization, as `vlmedge quantize --mode dynamic` treats a graph) and
+level 4, blocks of 32), RUN/genai/fp32-dynamic.onnx (the builder's fp32 graph quantized as `vlmedge quantize
+--mode dynamic` quantizes a decoder: vlmedge's `quantize_file`) and
 RUN/genai-results.json: each graph's operators and size, the fp32 logits and present keys of both decoders on the same
 prefill and decode step (max abs diff), and each graph's decode step (past 100) and prefill (80 positions; at most
 half the model's context each) p50 in interleaved rounds (2 threads). Without the builder (the suite's run) its rows
@@ -192,7 +192,7 @@ def main(run_dir: Path, rounds: int, quick: bool) -> int:
         llama = llama_folder(run_dir / "model", work / "llama")
         fp32 = build(llama, work / "fp32", "fp32")
         graphs.update({"genai fp32": fp32,
-                       "genai fp32 + ORT dynamic int8": dynamic_int8(fp32, work / "fp32-dynamic.onnx"),
+                       "genai fp32 + vlmedge dynamic int8": dynamic_int8(fp32, work / "fp32-dynamic.onnx"),
                        "genai int4-acc4": build(llama, work / "int4", "int4")})
         results["parity_fp32"] = parity(session(graphs["vlmedge fp32"]), session(fp32), gen)
     else:
