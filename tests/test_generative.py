@@ -111,14 +111,35 @@ def test_export_has_the_edge_layout_and_generates_like_pytorch(vqa_export):
     assert inputs[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
     assert inputs[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
     assert outputs[:3] == ["logits", "present.0.key", "present.0.value"]
-    # each layer's q/k/v projections are one MatMul, its gate and up projections another
+    # each layer's q/k/v projections are one MatMul, its gate and up projections another, its attention one
+    # GroupQueryAttention with the rotary embedding inside, its residual adds fused into its norms
     matmuls = {n.name for n in decoder.graph.node if n.op_type == "MatMul"}
-    assert {"/layers.0/qkv/MatMul", "/layers.0/gate_up/MatMul"} <= matmuls
+    assert {"/layers.0/qkv/MatMul", "/layers.0/gate_up/MatMul", "/lm_head/MatMul"} <= matmuls
     assert not [n for n in matmuls if "q_proj" in n or "gate_proj" in n]
+    layers = manifest["generation"]["layers"]
+    ops = [n.op_type for n in decoder.graph.node]
+    assert ops.count("GroupQueryAttention") == layers == manifest["fused_attention"]["decoder"]
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers and "Softmax" not in ops
+    gqa = next(n for n in decoder.graph.node if n.op_type == "GroupQueryAttention")
+    assert onnx.helper.get_attribute_value(next(a for a in gqa.attribute if a.name == "do_rotary")) == 1
     assert manifest["generation"]["image_tokens"] == 4 and manifest["chat_template"]
     parity = manifest["generation_parity"]
     assert parity["questions"] == 100 and parity["identical"] >= 99
     assert all(p["max_abs_diff"] < 1e-4 for p in manifest["parity"].values())
+
+
+def test_the_traced_decoder_is_kept_when_fusion_is_off(vqa_model, tmp_path):
+    """`fuse_attention: false` (`--no-fuse-attention`): the decoder traced from the model's modules, as for a rotary
+    embedding GroupQueryAttention cannot hold (`fused.supported`); the same parity and answers."""
+    import onnx
+
+    from vlmedge.stages.export import ExportConfig, export
+
+    export(vqa_model, tmp_path, ExportConfig(parity_questions=4, tune_threads=False, fuse_attention=False))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    ops = {n.op_type for n in onnx.load(str(tmp_path / manifest["files"]["decoder"])).graph.node}
+    assert "GroupQueryAttention" not in ops and "Softmax" in ops
+    assert manifest["fused_attention"] == {} and manifest["generation_parity"]["identical"] >= 3
 
 
 def test_graphs_over_the_protobuf_limit_keep_their_weights_in_a_side_file(vqa_model, tmp_path, monkeypatch):
@@ -530,12 +551,13 @@ def test_an_export_whose_vision_graph_takes_no_frames_says_to_export_again(vqa_e
 
 def test_export_fuses_unmasked_self_attention_only(vqa_export, smolvlm_export, tiny_export):
     """The vision towers' attention is one MultiHeadAttention per layer (no SkipLayerNormalization, which is slower
-    here); the causal decoder and a padded text tower keep theirs. Parity with PyTorch is checked at export."""
+    here); the causal decoder's is GroupQueryAttention (written so, not rewritten), a padded text tower keeps its
+    own. Parity with PyTorch is checked at export."""
     import onnx
 
-    for folder, layers in ((vqa_export, 2), (smolvlm_export[1], 1)):
+    for folder, layers, text_layers in ((vqa_export, 2, 2), (smolvlm_export[1], 1, 2)):
         manifest = json.loads((folder / "manifest.json").read_text())
-        assert manifest["fused_attention"] == {"vision": layers}
+        assert manifest["fused_attention"] == {"vision": layers, "decoder": text_layers}
         ops = [n.op_type for n in onnx.load(str(folder / manifest["files"]["vision"])).graph.node]
         assert ops.count("MultiHeadAttention") == layers and "Softmax" not in ops
         assert "SkipLayerNormalization" not in ops

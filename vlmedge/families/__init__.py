@@ -51,6 +51,10 @@ class Graph:
     defaults: dict[str, Any] = field(default_factory=dict)
     """Inputs the graph holds a value for (numpy arrays): written as initializers that are also graph inputs, so a
     runtime that knows one may feed it and one that does not (transformers.js) sees no extra required input."""
+    write: Callable[[Path, int], int] | None = None
+    """Writes the graph to a path at an opset itself, as ONNX Runtime's fused operators, its weights in the side file
+    (`onnx_export.SideFile`), and returns the bytes of weights; the export uses it instead of tracing `module`
+    (which still gives the reference outputs) unless told not to fuse (`fuse_attention: false`)."""
 
 
 @dataclass

@@ -111,27 +111,48 @@ def trace_graph(module, example: tuple, path: Path, input_names, output_names, o
     unknown = [i.name for i in model.graph.input if i.name not in captured and i.name not in input_names]
     if unknown:  # a parameter under a name the exporter did not hand over: the graph would ask for it as an input
         raise RuntimeError(f"{path.name}: traced input {unknown[0]!r} is neither an input nor a parameter")
-    data = side_file(path)
-    written = 0
-    with open(data, "wb") as f:
+    with SideFile(path) as weights:
         for i in params:
             t = captured.pop(i.name).detach().contiguous()
             raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
-            if raw.nbytes >= EXTERNAL_ALIGN:
-                f.write(b"\0" * (-f.tell() % EXTERNAL_ALIGN))
-            tensor = onnx.TensorProto(name=i.name, dims=list(t.shape),
-                                      data_type=i.type.tensor_type.elem_type, data_location=onnx.TensorProto.EXTERNAL)
-            for k, v in (("location", data.name), ("offset", str(f.tell())), ("length", str(raw.nbytes))):
-                tensor.external_data.add(key=k, value=v)
-            f.write(raw.tobytes())
-            written += raw.nbytes
-            model.graph.initializer.append(tensor)
+            model.graph.initializer.append(weights.add(i.name, raw, i.type.tensor_type.elem_type))
     names = {i.name for i in params}
     kept = [i for i in model.graph.input if i.name not in names]
     del model.graph.input[:]
     model.graph.input.extend(kept)
     onnx.save_model(model, str(path))
-    return written
+    return weights.written
+
+
+class SideFile:
+    """The side file of the graph at `path` (`side_file`), written tensor by tensor: `add` appends an array's bytes
+    (aligned to EXTERNAL_ALIGN where large) and returns the initializer that points at them."""
+
+    def __init__(self, path: Path):
+        self.path = side_file(path)
+        self.written = 0
+
+    def __enter__(self):
+        self._f = open(self.path, "wb")
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+    def add(self, name: str, array: np.ndarray, data_type: int | None = None):
+        import onnx
+
+        f = self._f
+        if array.nbytes >= EXTERNAL_ALIGN:
+            f.write(b"\0" * (-f.tell() % EXTERNAL_ALIGN))
+        dtype = data_type if data_type is not None else onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor = onnx.TensorProto(name=name, dims=list(array.shape), data_type=dtype,
+                                  data_location=onnx.TensorProto.EXTERNAL)
+        for k, v in (("location", self.path.name), ("offset", str(f.tell())), ("length", str(array.nbytes))):
+            tensor.external_data.add(key=k, value=v)
+        f.write(np.ascontiguousarray(array).data)
+        self.written += array.nbytes
+        return tensor
 
 
 def finish_graph(path: Path, defaults: dict, one_file: bool) -> None:

@@ -63,8 +63,10 @@ class ExportConfig:
     vlmedge's runners use when no thread count is given."""
     fuse_attention: bool = True
     """Rewrite each graph's unmasked self-attention as ONNX Runtime's MultiHeadAttention op (a vision tower's; a
-    padded text tower and a causal decoder keep theirs), kept only where its outputs match the unfused graph's.
-    SmolVLM-256M's vision graph: 1.06x (fp32) and 1.12x (INT8) faster on 2 AVX-512 cores."""
+    padded text tower keeps its own), kept only where its outputs match the unfused graph's, and write a graph its
+    family can write as fused operators that way (`Graph.write`: a generative model's decoder, with
+    GroupQueryAttention) instead of tracing it. SmolVLM-256M's vision graph: 1.06x (fp32) and 1.12x (INT8) faster
+    on 2 AVX-512 cores."""
     layout: str | None = None
     """The folder's layout; None: the family's own (a dual encoder or matching model: flat, image_encoder.onnx ...;
     a generative model: onnx-community). onnx-community: a model folder transformers.js loads as written (a dual
@@ -110,7 +112,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
     with atomic_dir(out) as tmp:
         # 1. with the PyTorch model: each graph traced (its weights streamed to a side file), the reference outputs
         # and the family's end-to-end reference (`export_references`)
-        weights = _trace(family, model, graphs, feeds, tmp, cfg.opset, progress)
+        weights = _trace(family, model, graphs, feeds, tmp, cfg.opset, progress, cfg.fuse_attention)
         reference = _reference_outputs(graphs, feeds)
         manifest = {"format": MANIFEST_FORMAT, "family": family.name, "precision": "fp32", "layout": layout,
                     "files": files, "opset": cfg.opset,
@@ -125,6 +127,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
         expected = family.export_references(model, questions, progress)
         # 2. the PyTorch model freed: the graphs finished and checked, then opened in ONNX Runtime (the weights are
         # held once at a time)
+        written = {g.name for g in graphs if g.write is not None and cfg.fuse_attention}
         del model, graphs
         release_memory()
         fused: dict[str, int] = {}
@@ -134,7 +137,9 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
                 path = tmp / file
                 one_file = file not in apart
                 finish_graph(path, defaults[name], one_file)
-                if cfg.fuse_attention and one_file:
+                if name in written:
+                    fused[name] = _attention_nodes(path)
+                elif cfg.fuse_attention and one_file:
                     fused[name] = _fused(path, feeds[name], cfg.max_abs_diff, fuse_attention)
                 onnx.checker.check_model(str(path), full_check=True)
                 release_memory()  # the protobuf copies and fusion sessions of this graph
@@ -161,8 +166,9 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
     return {"parity": parity, "size_bytes": onnx_size(out)}
 
 
-def _trace(family, model, graphs, feeds, folder: Path, opset: int, progress: bool) -> dict[str, int]:
-    """Each graph traced into `folder` (`trace_graph`: its weights in a side file); the bytes of weights per graph."""
+def _trace(family, model, graphs, feeds, folder: Path, opset: int, progress: bool, fuse: bool) -> dict[str, int]:
+    """Each graph traced into `folder` (`trace_graph`: its weights in a side file), or written by its family as fused
+    operators (`Graph.write`, when `fuse`); the bytes of weights per graph."""
     import torch
 
     weights = {}
@@ -170,9 +176,12 @@ def _trace(family, model, graphs, feeds, folder: Path, opset: int, progress: boo
                   every=1 / len(graphs)) as bar, torch.no_grad(), quiet_export(), family.tracing(model):
         for i, g in enumerate(graphs):
             (folder / g.file).parent.mkdir(parents=True, exist_ok=True)
-            example = tuple(torch.from_numpy(feeds[g.name][k][:1]) for k in g.input_names)
-            weights[g.name] = trace_graph(g.module, example, folder / g.file, g.input_names, g.output_names, opset,
-                                          g.dynamic_axes)
+            if fuse and g.write is not None:
+                weights[g.name] = g.write(folder / g.file, opset)
+            else:
+                example = tuple(torch.from_numpy(feeds[g.name][k][:1]) for k in g.input_names)
+                weights[g.name] = trace_graph(g.module, example, folder / g.file, g.input_names, g.output_names,
+                                              opset, g.dynamic_axes)
             bar.update(i + 1, graph=g.file)
     return weights
 
@@ -206,6 +215,14 @@ def _fused(path: Path, feeds: dict[str, np.ndarray], tolerance: float, fuse) -> 
         return count
     candidate.unlink()
     return 0
+
+
+def _attention_nodes(path: Path) -> int:
+    """ONNX Runtime's fused attention operators in the graph at `path` (its weights not read)."""
+    import onnx
+
+    return sum(n.domain == "com.microsoft" and n.op_type.endswith("Attention")
+               for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def _first(out):

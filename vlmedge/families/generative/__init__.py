@@ -29,6 +29,7 @@ from ...runtime.measure import thread_record, tuned_threads
 from ...runtime.onnx import MANIFEST, open_session, read_manifest
 from .. import Family, Graph, register
 from ..onnx_export import save_tokenizer
+from . import fused
 from .data import open_vqa
 from .model import (ARCHITECTURES, CHAT_TEMPLATE, SPECIAL, answer_ids, build, decode, decode_answer, empty_past,
                     kv_shape, layer_modules, load, make_batch, merge, prompt_ids, train_tokenizer, vision_encode,
@@ -451,7 +452,8 @@ class Generative(Family):
     # --- export ---
     def graphs(self, model) -> list[Graph]:
         """The three graphs with onnx-community's axis names (batch_size, num_images, sequence_length,
-        past_sequence_length, total_sequence_length)."""
+        past_sequence_length, total_sequence_length); the decoder written as GroupQueryAttention layers
+        (`fused.write`) where its rotary embedding allows."""
         vision, embed, decoder = _modules(model.model)
         layers, _, _ = kv_shape(model.model)
         size = model.preprocess.image_size
@@ -462,26 +464,29 @@ class Generative(Family):
                    "position_ids": {0: b, 1: seq}, "logits": {0: b, 1: "logits_sequence_length"},
                    **{p: {0: b, 2: "past_sequence_length"} for p in past}, **{p: {0: b, 2: total} for p in present}}
         images = {0: b, 1: "num_images"}
+        inputs = ("inputs_embeds", "attention_mask", "position_ids", *past, LOGITS_TO_KEEP)
+        outputs = ("logits", *present)
         return [Graph("vision", FILES["vision"], vision, ("pixel_values", "pixel_attention_mask"), ("image_features",),
                       {"pixel_values": images, "pixel_attention_mask": images, "image_features": {0: "frames"}},
                       {"pixel_values": [b, "num_images", 3, size, size],
                        "pixel_attention_mask": [b, "num_images", size, size]}),
                 Graph("embed", FILES["embed"], embed, ("input_ids",), ("inputs_embeds",),
                       {"input_ids": {0: b, 1: seq}, "inputs_embeds": {0: b, 1: seq}}, {"input_ids": [b, seq]}),
-                Graph("decoder", FILES["decoder"], decoder,
-                      ("inputs_embeds", "attention_mask", "position_ids", *past, LOGITS_TO_KEEP),
-                      ("logits", *present), dynamic,
+                Graph("decoder", FILES["decoder"], decoder, inputs, outputs, dynamic,
                       {"inputs_embeds": [b, seq, model.model.config.text_config.hidden_size],
                        "attention_mask": [b, total], "position_ids": [b, seq]},
-                      defaults={LOGITS_TO_KEEP: np.zeros(1, dtype=np.int64)})]
+                      defaults={LOGITS_TO_KEEP: np.zeros(1, dtype=np.int64)},
+                      write=(lambda path, opset: fused.write(model.model, path, opset, inputs, outputs))
+                      if fused.supported(model.model) else None)]
 
     def parity_inputs(self, model, n: int, seed: int) -> dict[str, dict[str, Any]]:
-        """Random pixels (two frames per image) and token ids; for the decoder random embeddings after a random cache
-        of 5 positions."""
+        """Random pixels (two frames per image) and token ids; for the decoder a decode step, a random embedding
+        after a random cache of 5 positions (GroupQueryAttention takes a batch of more than one row only there, or
+        with an empty cache; a prefill is checked end to end by `verify_export`'s answers)."""
         rng = np.random.default_rng(seed)
         cfg = model.model.config.text_config
         layers, kv, head_dim = kv_shape(model.model)
-        size, s, p = model.preprocess.image_size, 7, 5
+        size, s, p = model.preprocess.image_size, 1, 5
         dec = {"inputs_embeds": rng.standard_normal((n, s, cfg.hidden_size)).astype(np.float32) * 0.05,
                "attention_mask": np.ones((n, p + s), dtype=np.int64),
                "position_ids": np.tile(np.arange(p, p + s, dtype=np.int64), (n, 1))}
