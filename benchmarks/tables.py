@@ -42,6 +42,9 @@ RESULTS: dict[str, str] = {
     **{f"smolvlm-steps-{size}.json": f"python benchmarks/smolvlm_256m.py runs/steps-{size} --size {size} "
                                      f"--forms int8,int4-acc4 && cp runs/steps-{size}/results.json "
                                      f"benchmarks/results/smolvlm-steps-{size}.json" for size in STEP_SIZES},
+    "int8-kernels-256m.json": "python benchmarks/smolvlm_256m.py runs/steps-256m --size 256m --forms int8,int4-acc4 "
+                              "&& python benchmarks/int8_kernels.py runs/steps-256m/int8 && cp "
+                              "runs/steps-256m/int8/kernels.json benchmarks/results/int8-kernels-256m.json",
     "genai-decoder-256m.json": "bash benchmarks/peers/envs.sh genai && python benchmarks/smolvlm_256m.py "
                                "runs/steps-256m --size 256m --forms int8,int4-acc4 && python "
                                "benchmarks/peers/genai_decoder.py runs/steps-256m && cp "
@@ -203,7 +206,7 @@ def smolvlm_steps(names: list[str]) -> Callable[[], list[str]]:
 
 
 def genai_decoder(name: str) -> Callable[[], list[str]]:
-    """vlmedge's traced decoder against onnxruntime-genai's builder's (benchmarks/peers/genai_decoder.py)."""
+    """vlmedge's decoder against onnxruntime-genai's builder's (benchmarks/peers/genai_decoder.py)."""
     def render() -> list[str]:
         data = _load(name)
         rows = [[graph, data["graphs"][graph]["nodes"], f"{data['graphs'][graph]['size_bytes'] / 1e6:.0f}",
@@ -216,6 +219,26 @@ def genai_decoder(name: str) -> Callable[[], list[str]]:
                        f"prefill ms ({data['prefill_positions']} positions)", "prefill in decode steps"], rows) + \
             ["", f"p50 over {data['rounds']} interleaved rounds, {data['threads']} threads. {said}", "",
              source_line(name)]
+    return render
+
+
+def int8_kernels(name: str) -> Callable[[], list[str]]:
+    """Which kernels an INT8 export's GEMMs ran on (benchmarks/int8_kernels.py): the profile's int8 share per feed,
+    ONNX Runtime's samples per instruction class."""
+    def render() -> list[str]:
+        data = _load(name)
+        rows = [[label, f"{p['kernel_ms']:.2f}", f"{p['int8_gemm_share']:.0%}",
+                 ", ".join(f"{k} {v:.0%}" for k, v in list(p["op_types"].items())[:3])]
+                for label, p in data["profile"].items() if p["int8_gemm_share"] > 0]
+        lines = _table(["graph and feed", "ORT kernel ms / run", "int8 GEMM operators' share", "top op types"],
+                       rows)
+        if "classes" in data:
+            lines += ["", *_table(["instructions around the sampled address", "samples", "share of ONNX Runtime's"],
+                                  [[k, c["samples"], f"{c['share_of_onnxruntime']:.1%}"]
+                                   for k, c in data["classes"].items()])]
+        else:
+            lines += ["", f"Samples left out: {data['samples_left_out']}."]
+        return lines + ["", source_line(name)]
     return render
 
 

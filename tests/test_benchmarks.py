@@ -138,6 +138,16 @@ def test_genai_decoder_quick(smolvlm_256m_run):
         assert results["graphs"]["genai fp32"]["ops"]["GroupQueryAttention"] > 0
 
 
+def test_int8_kernels_quick(smolvlm_256m_run):
+    """The INT8 form's profile and, where perf may sample, ONNX Runtime's samples classed by kernel."""
+    script("benchmarks/int8_kernels.py", str(smolvlm_256m_run / "int8"), "--quick")
+    results = provenance(smolvlm_256m_run / "int8" / "kernels.json", "python benchmarks/int8_kernels.py")
+    assert max(v["int8_gemm_share"] for v in results["profile"].values()) > 0
+    if "samples_left_out" not in results:
+        assert results["onnxruntime_samples"] > 0
+        assert sum(c["samples"] for c in results["classes"].values()) == results["onnxruntime_samples"]
+
+
 def test_smolvlm_vqa_peers_quick(tmp_path, vqa_model, smolvlm_256m_run):
     out = seed(tmp_path / "vqa", vlmedge_fp32=smolvlm_256m_run / "onnx", vlmedge_int8=smolvlm_256m_run / "int8")
     script("benchmarks/peers/smolvlm_vqa_peers.py", str(vqa_model), str(out), "--quick")

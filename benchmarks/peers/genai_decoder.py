@@ -1,5 +1,6 @@
-"""onnxruntime-genai's model builder against vlmedge's traced decoder (issue 43, point 3: the decoder as ONNX
-Runtime's fused operators). Measures; vlmedge does not use the builder.
+"""onnxruntime-genai's model builder against vlmedge's decoder (issue 43, point 3: the decoder as ONNX Runtime's
+fused operators; vlmedge writes it so itself since cb46684, `families/generative/fused.py`, and traced it before).
+Measures; vlmedge does not use the builder.
 
     bash benchmarks/peers/envs.sh genai      # the builder into runs/peers/genai (pip --target, no dependencies)
     python benchmarks/peers/genai_decoder.py RUN [--rounds 5] [--quick]
