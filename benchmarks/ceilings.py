@@ -31,8 +31,10 @@ def _median_time(fn, seconds: float) -> float:
     return float(np.median(times))
 
 
-def gemm(m: int, k: int, n: int, threads: int | None = None, seconds: float = 2.0) -> dict[str, float]:
-    """fp32 GFLOP/s and int8 GOP/s of an (m x k) @ (k x n) product with a constant (weight) right operand."""
+def gemm(m: int, k: int, n: int, threads: int | None = None, seconds: float = 2.0,
+         kinds: tuple[str, ...] = ("fp32_gflops", "int8_gops")) -> dict[str, float]:
+    """fp32 GFLOP/s and int8 GOP/s (`kinds`: either) of an (m x k) @ (k x n) product with a constant (weight) right
+    operand."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -44,6 +46,8 @@ def gemm(m: int, k: int, n: int, threads: int | None = None, seconds: float = 2.
         "int8_gops": ("MatMulInteger", TensorProto.UINT8, rng.integers(-127, 127, (k, n)).astype(np.int8),
                       rng.integers(0, 255, (m, k)).astype(np.uint8)),
     }.items():
+        if name not in kinds:
+            continue
         y_type = TensorProto.FLOAT if op == "MatMul" else TensorProto.INT32
         graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], name,
                                   [helper.make_tensor_value_info("a", a_type, [m, k])],

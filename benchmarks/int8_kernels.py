@@ -4,12 +4,12 @@ AMX where the CPU has it, VNNI otherwise, none on a portable one).
 ONNX Runtime's profile names the operator (DynamicQuantizeMatMul, MatMulInteger), not the MLAS kernel under it,
 and its library carries no symbols. So `vlmedge bench FOLDER --profile` (ONNX Runtime's per-op-type kernel time of
 each graph on real feeds) runs under `perf record` (cpu-clock samples), and each sampled address in ONNX Runtime's
-library is classed by the integer dot-product instructions of the code around it (objdump, 192 bytes before and 64
-after): `amx` (tileloadd, tdpbusd: the AMX u8s8 kernel), `vnni` (vpdpbusd: AVX-512 or AVX VNNI), `avx2-u8s8`
-(vpmaddubsw: the u8s8 kernel of a CPU without VNNI, whose 16-bit sums can saturate) or `other` (every other
-operator, fp32 GEMMs, the quantization of activations). On an AMX CPU no `vnni` or `avx2-u8s8` sample means no
-INT8 GEMM fell back; the int8 operators' share of the profile beside the `amx` share of the samples says how much
-of the time the AMX kernel is.
+library is classed by the integer dot-product instructions within WINDOW bytes of it (objdump): `amx` (tileloadd,
+tdpbusd: the AMX u8s8 kernel), `vnni` (vpdpbusd: AVX-512 or AVX VNNI), `avx2-u8s8` (vpmaddubsw: the u8s8 kernel of
+a CPU without VNNI, whose 16-bit sums can saturate; other int8 code of MLAS uses it too) or `other` (every other
+operator, fp32 GEMMs, the quantization of activations, packing). A u8s8 MatMulInteger alone at the vision MLP's
+shape is sampled first: what an int8 GEMM's samples look like on this CPU. The int8 operators' share of the
+profile beside the `amx` share of the samples says how much of the time the AMX kernel is.
 
     python benchmarks/int8_kernels.py FOLDER [--min-runs 20] [--quick]
 
@@ -42,8 +42,10 @@ CLASSES = {"amx": re.compile(r"\b(tileloadd|tileloaddt1|tdpbusd|tdpbssd|tdpbsud|
 """Instruction classes in order of precedence (the first found around an address classes it)."""
 INT8_OPS = ("DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "QGemm",
             "ConvInteger", "QLinearConv", "QAttention")
-HOT = 200
-"""Addresses disassembled (the most sampled); the rest of ONNX Runtime's samples count as `unclassed`."""
+WINDOW = 64
+"""Bytes of code either side of a sampled address searched for a class's instructions (a GEMM kernel's inner loop
+is a few dozen bytes around its dot products; a wider window reaches into neighbouring functions, such as the copy
+loops MLAS packs with)."""
 
 
 def ort_library() -> Path:
@@ -55,26 +57,42 @@ def ort_library() -> Path:
     return found[0]
 
 
-def sample(folder: Path, out: Path, min_runs: int) -> tuple[str | None, Path]:
-    """`vlmedge bench FOLDER --profile` under perf record; (why not, or None; the profile written)."""
-    profile = out / "kernels-profile.json"
-    bench = [sys.executable, "-m", "vlmedge", "bench", str(folder), "--profile", "--min-runs", str(min_runs),
-             "--json", str(profile)]
+def record(command: list[str], data: Path) -> str | None:
+    """`command` run under perf record (cpu-clock samples into `data`); None, or why it could not be."""
     perf = shutil.which("perf")
-    data = out / "kernels.perf.data"
     if perf is None:
-        subprocess.run(bench, cwd=ROOT, check=True)
-        return "perf is not installed (apt install linux-perf)", profile
-    p = subprocess.run([perf, "record", "-q", "-e", "cpu-clock", "-F", "997", "-o", str(data), "--", *bench],
+        return "perf is not installed (apt install linux-perf)"
+    p = subprocess.run([perf, "record", "-q", "-e", "cpu-clock", "-F", "997", "-o", str(data), "--", *command],
                        cwd=ROOT, capture_output=True, text=True)
     if p.returncode or not data.is_file():
-        subprocess.run(bench, cwd=ROOT, check=True)
-        return f"perf record failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}", profile
-    return None, profile
+        return f"perf record failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}"
+    return None
+
+
+def disassemble(library: Path, addresses: list[int]) -> list[tuple[int, str]]:
+    """(address, instruction) of the code around `addresses`, sorted: one objdump per cluster of nearby ones."""
+    code: list[tuple[int, str]] = []
+    clusters: list[list[int]] = []
+    for a in sorted(addresses):
+        if clusters and a - clusters[-1][-1] <= 4096:
+            clusters[-1].append(a)
+        else:
+            clusters.append([a])
+    for c in clusters:
+        text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", f"--start-address={c[0] - WINDOW:#x}",
+                               f"--stop-address={c[-1] + WINDOW:#x}", str(library)], capture_output=True,
+                              text=True).stdout
+        for line in text.splitlines():
+            m = re.match(r"\s*([0-9a-f]+):\s+(\S.*)", line)
+            if m:
+                code.append((int(m.group(1), 16), m.group(2)))
+    return sorted(code)
 
 
 def classify(data: Path, library: Path) -> dict:
     """Samples per class among ONNX Runtime's; the hottest addresses with what classed them."""
+    import bisect
+
     report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "-n", "--sort", "dso,sym",
                              "--percent-limit", "0"], capture_output=True, text=True, check=True).stdout
     total, ours = 0, []
@@ -86,28 +104,27 @@ def classify(data: Path, library: Path) -> dict:
         if m.group(2) == library.name:
             ours.append((int(m.group(1)), m.group(3)))
     ours.sort(reverse=True)
+    addresses = [int(w, 16) for _, w in ours if w.startswith("0x")]
+    code = disassemble(library, addresses) if addresses else []
+    starts = [a for a, _ in code]
     counts: Counter = Counter()
     hot = []
-    for n, where in ours[:HOT]:
-        if not where.startswith("0x"):  # a named symbol (an exported function): not a GEMM kernel
-            counts["other"] += n
-            continue
-        address = int(where, 16)
-        text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", f"--start-address={address - 192:#x}",
-                               f"--stop-address={address + 64:#x}", str(library)], capture_output=True,
-                              text=True).stdout
+    for n, where in ours:
         kind, mark = "other", ""
-        for name, pattern in CLASSES.items():
-            found = pattern.search(text)
-            if found:
-                kind, mark = name, found.group(0)
-                break
+        if where.startswith("0x"):  # a named symbol (an exported function) is no GEMM kernel
+            a = int(where, 16)
+            near = " ".join(ins for _, ins in code[bisect.bisect_left(starts, a - WINDOW):
+                                                   bisect.bisect_right(starts, a + WINDOW)])
+            for name, pattern in CLASSES.items():
+                found = pattern.search(near)
+                if found:
+                    kind, mark = name, found.group(0)
+                    break
         counts[kind] += n
         if len(hot) < 12 or kind in ("vnni", "avx2-u8s8"):  # every address of a kernel other than AMX's kept
             hot.append({"address": where, "samples": n, "class": kind, "instruction": mark})
-    counts["unclassed"] = sum(n for n, _ in ours[HOT:])
     in_ort = sum(n for n, _ in ours)
-    return {"samples": total, "onnxruntime_samples": in_ort, "addresses_classed": min(len(ours), HOT),
+    return {"samples": total, "onnxruntime_samples": in_ort,
             "classes": {k: {"samples": v, "share_of_onnxruntime": round(v / max(in_ort, 1), 4)}
                         for k, v in sorted(counts.items())}, "hottest": hot}
 
@@ -129,15 +146,25 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("amx", "avx512_vnni", "avx_vnni", "avx2")))
 
 
-def main(folder: Path, min_runs: int) -> int:
+def main(folder: Path, min_runs: int, gemm_seconds: float) -> int:
     run = Provenance.start()
-    why, profile = sample(folder, folder, min_runs)
-    results = {"folder": str(folder), "cpu_flags": cpu_flags(), "profile": op_split(profile)}
-    if why:
-        results["samples_left_out"] = why
+    profile, data = folder / "kernels-profile.json", folder / "kernels.perf.data"
+    results: dict = {"folder": str(folder), "cpu_flags": cpu_flags()}
+    bench = [sys.executable, "-m", "vlmedge", "bench", str(folder), "--profile", "--min-runs", str(min_runs),
+             "--json", str(profile)]
+    # the reference: a u8s8 MatMulInteger alone at the vision MLP's shape (what an int8 GEMM's samples look like here)
+    why = record([sys.executable, "-c", "import sys; sys.path.insert(0, 'benchmarks'); from ceilings import gemm; "
+                  f"print(gemm(1024, 768, 3072, 2, {gemm_seconds}, ('int8_gops',)))"], data)
+    if why is None:
+        results["reference_u8s8_gemm"] = classify(data, ort_library())
+        why = record(bench, data)
+    if why is None:
+        results.update(classify(data, ort_library()))
     else:
-        results.update(classify(folder / "kernels.perf.data", ort_library()))
-        (folder / "kernels.perf.data").unlink()
+        results["samples_left_out"] = why
+        subprocess.run(bench, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    data.unlink(missing_ok=True)
+    results["profile"] = op_split(profile)
     run.write(folder / "kernels.json", results)
     print(json.dumps({k: v for k, v in results.items() if k != "hottest"}, indent=1))
     return 0
@@ -149,4 +176,4 @@ if __name__ == "__main__":
     ap.add_argument("--min-runs", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="2 runs per graph (the suite's check)")
     a = ap.parse_args()
-    sys.exit(main(a.folder, 2 if a.quick else a.min_runs))
+    sys.exit(main(a.folder, 2 if a.quick else a.min_runs, 0.2 if a.quick else 3.0))

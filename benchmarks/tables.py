@@ -55,6 +55,12 @@ RESULTS: dict[str, str] = {
                                             "--row 'vlmedge int8' --row 'openvino int8' --row 'openvino int8 f32' "
                                             "--results head-to-head.json && cp runs/peers256/head-to-head.json "
                                             "benchmarks/results/smolvlm-256m-peers-head-to-head.json",
+    "smolvlm-256m-peers-head-to-head-amx.json": "bash benchmarks/peers/envs.sh env-openvino && python "
+                                                "benchmarks/peers/smolvlm_peers.py runs/peers256x3 --text-scale 3 "
+                                                "--rounds 3 --row 'vlmedge int8' --row 'openvino int8' --row "
+                                                "'openvino int8 f32' --results head-to-head.json && cp "
+                                                "runs/peers256x3/head-to-head.json "
+                                                "benchmarks/results/smolvlm-256m-peers-head-to-head-amx.json",
     "smolvlm-256m-peers-agreement-x3.json": PEERS + "python benchmarks/peers/smolvlm_peers.py runs/peers256x3 "
                                             "--text-scale 3 --rounds 0 && cp runs/peers256x3/results.json "
                                             "benchmarks/results/smolvlm-256m-peers-agreement-x3.json",
@@ -233,9 +239,12 @@ def int8_kernels(name: str) -> Callable[[], list[str]]:
         lines = _table(["graph and feed", "ORT kernel ms / run", "int8 GEMM operators' share", "top op types"],
                        rows)
         if "classes" in data:
-            lines += ["", *_table(["instructions around the sampled address", "samples", "share of ONNX Runtime's"],
-                                  [[k, c["samples"], f"{c['share_of_onnxruntime']:.1%}"]
-                                   for k, c in data["classes"].items()])]
+            ref = data["reference_u8s8_gemm"]["classes"]
+            lines += ["", *_table(["instructions within 64 bytes of the sampled address",
+                                   "u8s8 MatMulInteger alone (1024x768x3072): share of ORT's samples",
+                                   "the export's profile run: samples", "share of ORT's samples"],
+                                  [[k, f"{ref.get(k, {}).get('share_of_onnxruntime', 0):.1%}", c["samples"],
+                                    f"{c['share_of_onnxruntime']:.1%}"] for k, c in data["classes"].items()])]
         else:
             lines += ["", f"Samples left out: {data['samples_left_out']}."]
         return lines + ["", source_line(name)]
