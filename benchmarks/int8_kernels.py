@@ -107,7 +107,7 @@ def classify(data: Path, library: Path) -> dict:
     addresses = [int(w, 16) for _, w in ours if w.startswith("0x")]
     code = disassemble(library, addresses) if addresses else []
     starts = [a for a, _ in code]
-    counts: Counter = Counter()
+    counts: Counter = Counter({k: 0 for k in (*CLASSES, "other")})  # a class without a sample shows its 0
     hot = []
     for n, where in ours:
         kind, mark = "other", ""

@@ -243,8 +243,10 @@ def int8_kernels(name: str) -> Callable[[], list[str]]:
             lines += ["", *_table(["instructions within 64 bytes of the sampled address",
                                    "u8s8 MatMulInteger alone (1024x768x3072): share of ORT's samples",
                                    "the export's profile run: samples", "share of ORT's samples"],
-                                  [[k, f"{ref.get(k, {}).get('share_of_onnxruntime', 0):.1%}", c["samples"],
-                                    f"{c['share_of_onnxruntime']:.1%}"] for k, c in data["classes"].items()])]
+                                  [[k, f"{ref.get(k, {}).get('share_of_onnxruntime', 0):.1%}",
+                                    data["classes"].get(k, {}).get("samples", 0),
+                                    f"{data['classes'].get(k, {}).get('share_of_onnxruntime', 0):.1%}"]
+                                   for k in ("amx", "vnni", "avx2-u8s8", "other")])]
         else:
             lines += ["", f"Samples left out: {data['samples_left_out']}."]
         return lines + ["", source_line(name)]
@@ -311,7 +313,9 @@ TABLES: dict[str, Callable[[], list[str]]] = {
     "smolvlm-256m": smolvlm_forms("smolvlm-256m-avx512.json"),
     "smolvlm-steps": smolvlm_steps(STEP_RESULTS), "smolvlm-sizes": smolvlm_sizes(STEP_RESULTS),
     "genai-decoder": genai_decoder("genai-decoder-256m.json"),
+    "int8-kernels": int8_kernels("int8-kernels-256m.json"),
     "smolvlm-256m-peers": smolvlm_peers("smolvlm-256m-peers-head-to-head.json"),
+    "smolvlm-256m-peers-amx": smolvlm_peers("smolvlm-256m-peers-head-to-head-amx.json"),
     "vqa-peers": vqa_peers, "smolvlm-vqa-peers": smolvlm_vqa_peers, "streaming-rss": streaming,
     "matching-designs": matching_designs, "commands": commands,
 }

@@ -30,10 +30,9 @@ STREAMED_ROPE = ("dynamic", "longrope")
 
 
 def supported(model) -> bool:
-    """Can `write` express this decoder (a Llama with a rotary type of fixed frequencies, no attention bias)?"""
+    """Can `write` express this decoder (a Llama with a rotary type of fixed frequencies, SiLU, no biases)?"""
     lm = model.model.text_model
-    attn = lm.layers[0].self_attn if len(lm.layers) else None
-    return (attn is not None and getattr(lm.rotary_emb, "rope_type", "default") not in STREAMED_ROPE
+    return (len(lm.layers) > 0 and getattr(lm.rotary_emb, "rope_type", "default") not in STREAMED_ROPE
             and all(layer.self_attn.q_proj.bias is None and layer.self_attn.o_proj.bias is None
                     and layer.mlp.gate_proj.bias is None and layer.mlp.down_proj.bias is None for layer in lm.layers)
             and type(lm.layers[0].mlp.act_fn).__name__ in ("SiLU", "SiLUActivation"))
@@ -94,8 +93,8 @@ def write(model, path: Path, opset: int, input_names, output_names) -> int:
         cos_cache = weight("cos_cache", cos[0, :, :head_dim // 2].float().numpy())
         sin_cache = weight("sin_cache", sin[0, :, :head_dim // 2].float().numpy())
 
-        h, residual = _rms_norm(node, axes_op, const, weight, embeds, layers[0].input_layernorm, "/layers.0/norm"), \
-            embeds
+        residual = embeds
+        h = _rms_norm(node, axes_op, const, weight, embeds, layers[0].input_layernorm, "/layers.0/norm")
         for i, layer in enumerate(layers):
             p = f"/layers.{i}"
             attn, mlp = layer.self_attn, layer.mlp
@@ -107,12 +106,12 @@ def write(model, path: Path, opset: int, input_names, output_names) -> int:
                                          epsilon=float(layer.input_layernorm.variance_epsilon))
             qkv = node("MatMul", [h, weight(f"layers.{i}.attn.qkv.weight",
                                             matrix([attn.q_proj, attn.k_proj, attn.v_proj]))], f"{p}/qkv/MatMul")
-            out, _, _ = node("GroupQueryAttention",
-                       [qkv, "", "", past[2 * i], past[2 * i + 1], seqlens, total, cos_cache, sin_cache, positions],
-                       f"{p}/attn/GroupQueryAttention", outputs=[None, output_names[1 + 2 * i],
-                                                                 output_names[2 + 2 * i]],
-                       domain="com.microsoft", num_heads=attn.q_proj.out_features // head_dim, kv_num_heads=kv,
-                       scale=float(attn.scaling), do_rotary=1, rotary_interleaved=0, local_window_size=-1)
+            out, _, _ = node(
+                "GroupQueryAttention",
+                [qkv, "", "", past[2 * i], past[2 * i + 1], seqlens, total, cos_cache, sin_cache, positions],
+                f"{p}/attn/GroupQueryAttention", outputs=[None, output_names[1 + 2 * i], output_names[2 + 2 * i]],
+                domain="com.microsoft", num_heads=attn.q_proj.out_features // head_dim, kv_num_heads=kv,
+                scale=float(attn.scaling), do_rotary=1, rotary_interleaved=0, local_window_size=-1)
             o = node("MatMul", [out, weight(f"layers.{i}.attn.o_proj.weight", matrix([attn.o_proj]))],
                      f"{p}/attn/o_proj/MatMul")
             h, _, _, residual = node("SkipSimplifiedLayerNormalization",
