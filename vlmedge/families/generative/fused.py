@@ -5,9 +5,9 @@ onnx-community's names, one packed gate/up MatMul, and the residual adds fused i
 `SkipSimplifiedLayerNormalization`; the LM head its own MatMul (a tied head gets a transposed copy of the
 embedding table), applied to the last `logits_to_keep` positions only.
 
-The traced decoder (`model.decode` through torch.onnx) computes the same in about 200 nodes a layer (the rotary
-embedding, the grouped heads' repeat, the causal mask and softmax as plain ops): SmolVLM-256M's decode step took
-13.7 ms at INT8 traced and 11.0 ms as onnxruntime-genai's graph (benchmarks/results/genai-decoder-256m.json).
+The traced decoder (`model.decode` through torch.onnx) computes the same in plain ops (the rotary embedding, the
+grouped heads' repeat, the causal mask and softmax), many small kernels per layer; this graph's decode step equals
+onnxruntime-genai's builder's in time and, at fp32, bit for bit (benchmarks/results/genai-decoder-256m.json).
 
 The graph keeps the traced decoder's inputs and outputs (`inputs_embeds`, `attention_mask`, `position_ids`,
 `past_key_values.N.key/value`, `logits_to_keep` -> `logits`, `present.N.key/value`), so every runtime that feeds one
