@@ -62,6 +62,8 @@ def record(command: list[str], data: Path) -> str | None:
     perf = shutil.which("perf")
     if perf is None:
         return "perf is not installed (apt install linux-perf)"
+    if shutil.which("objdump") is None:  # what classes the samples
+        return "objdump is not installed (apt install binutils)"
     p = subprocess.run([perf, "record", "-q", "-e", "cpu-clock", "-F", "997", "-o", str(data), "--", *command],
                        cwd=ROOT, capture_output=True, text=True)
     if p.returncode or not data.is_file():
