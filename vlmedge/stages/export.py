@@ -112,7 +112,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
     with atomic_dir(out) as tmp:
         # 1. with the PyTorch model: each graph traced (its weights streamed to a side file), the reference outputs
         # and the family's end-to-end reference (`export_references`)
-        weights = _trace(family, model, graphs, feeds, tmp, cfg.opset, progress, cfg.fuse_attention)
+        weights, written = _trace(family, model, graphs, feeds, tmp, cfg.opset, progress, cfg.fuse_attention)
         reference = _reference_outputs(graphs, feeds)
         manifest = {"format": MANIFEST_FORMAT, "family": family.name, "precision": "fp32", "layout": layout,
                     "files": files, "opset": cfg.opset,
@@ -127,7 +127,6 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
         expected = family.export_references(model, questions, progress)
         # 2. the PyTorch model freed: the graphs finished and checked, then opened in ONNX Runtime (the weights are
         # held once at a time)
-        written = {g.name for g in graphs if g.write is not None and cfg.fuse_attention}
         del model, graphs
         release_memory()
         fused: dict[str, int] = {}
@@ -166,24 +165,26 @@ def export(source: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig 
     return {"parity": parity, "size_bytes": onnx_size(out)}
 
 
-def _trace(family, model, graphs, feeds, folder: Path, opset: int, progress: bool, fuse: bool) -> dict[str, int]:
+def _trace(family, model, graphs, feeds, folder: Path, opset: int, progress: bool, fuse: bool
+           ) -> tuple[dict[str, int], set[str]]:
     """Each graph traced into `folder` (`trace_graph`: its weights in a side file), or written by its family as fused
-    operators (`Graph.write`, when `fuse`); the bytes of weights per graph."""
+    operators (`Graph.write`, when `fuse`); the bytes of weights per graph and the names of the graphs written."""
     import torch
 
-    weights = {}
+    weights, written = {}, set()
     with Progress("export: tracing the graphs", len(graphs), enabled=progress, unit="graphs",
                   every=1 / len(graphs)) as bar, torch.no_grad(), quiet_export(), family.tracing(model):
         for i, g in enumerate(graphs):
             (folder / g.file).parent.mkdir(parents=True, exist_ok=True)
             if fuse and g.write is not None:
                 weights[g.name] = g.write(folder / g.file, opset)
+                written.add(g.name)
             else:
                 example = tuple(torch.from_numpy(feeds[g.name][k][:1]) for k in g.input_names)
                 weights[g.name] = trace_graph(g.module, example, folder / g.file, g.input_names, g.output_names,
                                               opset, g.dynamic_axes)
             bar.update(i + 1, graph=g.file)
-    return weights
+    return weights, written
 
 
 def _reference_outputs(graphs, feeds) -> dict[str, np.ndarray]:
