@@ -143,9 +143,10 @@ def op_split(profile: Path) -> dict:
 
 
 def cpu_flags() -> list[str]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    return sorted(f for f in flags if f.startswith(("amx", "avx512_vnni", "avx_vnni", "avx2")))
+    """The flags that say which u8s8 kernel MLAS can pick (vlmedge's `cpu_info` reads them)."""
+    from vlmedge.runtime.measure import cpu_info
+
+    return sorted(f for f in cpu_info()[1] if f.startswith(("amx", "avx512_vnni", "avx_vnni", "avx2")))
 
 
 def main(folder: Path, min_runs: int, gemm_seconds: float) -> int:

@@ -78,12 +78,10 @@ def dynamic_int8(src: Path, dst: Path) -> Path:
 
 
 def session(path: Path):
-    import onnxruntime as ort
+    """A session as vlmedge's runtime opens one (`ort_session`: no spinning, its slow fusions off), 2 threads."""
+    from vlmedge.runtime.measure import ort_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort_session(path, threads=2)
 
 
 class Feeds:
