@@ -84,7 +84,8 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_run, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     recipe = ["compress", str(TINY_RECIPE), "--out", str(out), "--quiet",
-              "--set", "stages.train.steps=40", "--set", "stages.train.checkpoint_every=2"]
+              "--set", "stages.train.steps=40", "--set", "stages.train.checkpoint_every=2",
+              "--set", "targets=[]", "--set", "gates=[]"]  # the metrics are compared, not timed
     reference = tmp_path / "reference"
     p = subprocess.Popen([sys.executable, "-m", "vlmedge", *recipe], cwd=REPO, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -15,8 +15,9 @@ path, `llama-mtmd-cli`). Every row answers the same questions on the same images
 resolution with up to 16 greedy tokens, stopping at the end-of-utterance token and scored by vlmedge's VQA score
 (`evaluate.vqa.vqa_score`); agreement is the count of answers identical to eager's. Where a peer's converter
 refuses the folder, the row says so (its own message is in the log); where a peer's environment is not built, its
-rows are left out and `errors` says so. Writes OUT/vqa-results.json. `--quick` (the suite's check of the script):
-8 questions, vlmedge's INT8 form and, where its environment is built, OpenVINO's only.
+rows are left out and `errors` says so; `--no-peers` leaves them out too. Writes OUT/vqa-results.json. `--quick`
+(a check of the script): 8 questions, vlmedge's INT8 form and, where its environment is built, OpenVINO's only (the
+suite adds `--no-peers`: CI builds no peer environment, and OpenVINO's export alone took half a minute here).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def write_questions(out: Path, image_size: int, questions: int) -> tuple[list, P
     return written["eval"], folder / "eval.json", folder / "calibration.json"
 
 
-def main(model: Path, out: Path, questions: int, threads: int = 2, quick: bool = False) -> int:
+def main(model: Path, out: Path, questions: int, threads: int = 2, quick: bool = False, peers: bool = True) -> int:
     import numpy as np
     import torch
     from PIL import Image
@@ -90,8 +91,9 @@ def main(model: Path, out: Path, questions: int, threads: int = 2, quick: bool =
     errors = {}
     ov, llama = {}, {}
     setup = "not built: run `bash benchmarks/peers/envs.sh env-openvino llama.cpp` first"
-    if peer_missing("openvino"):
-        errors["openvino"] = f"{peer_missing('openvino')} {setup}"
+    skipped = "left out (--no-peers)"
+    if not peers or peer_missing("openvino"):
+        errors["openvino"] = f"{peer_missing('openvino')} {setup}" if peers else skipped
     else:
         try:  # OpenVINO's fp32 too: what its own prompt and pixel path give before any quantization
             ov = openvino_forms(hf, out, calibration, ("int8",) if quick else ("fp32", "int8", "int4"))
@@ -104,8 +106,8 @@ def main(model: Path, out: Path, questions: int, threads: int = 2, quick: bool =
                              for ids in openvino_answers(folder, prompts, threads, precision, until_eos=True)]
         except RuntimeError as e:
             errors[name] = str(e)
-    if peer_missing("llama.cpp"):
-        errors["llama.cpp"] = f"{peer_missing('llama.cpp')} {setup}"
+    if not peers or peer_missing("llama.cpp"):
+        errors["llama.cpp"] = f"{peer_missing('llama.cpp')} {setup}" if peers else skipped
     else:
         try:
             llama = llama_forms(hf, out)
@@ -149,5 +151,8 @@ if __name__ == "__main__":
     ap.add_argument("--questions", type=int, default=280)
     ap.add_argument("--quick", action="store_true", help="8 questions, vlmedge's and OpenVINO's INT8 only: checks "
                     "the script")
+    ap.add_argument("--no-peers", action="store_true", help="vlmedge's rows and eager's only, even where a peer's "
+                    "environment is built")
     a = ap.parse_args()
-    sys.exit(main(a.model, a.out, min(a.questions, 8) if a.quick else a.questions, quick=a.quick))
+    sys.exit(main(a.model, a.out, min(a.questions, 8) if a.quick else a.questions, quick=a.quick,
+                  peers=not a.no_peers))
