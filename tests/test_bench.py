@@ -104,3 +104,25 @@ def test_device_runner_tunes_threads_when_the_artifact_was_tuned_elsewhere(tiny_
     assert result["tower_threads"] == {"image": tuning["image"], "text": tuning["text"]}
     assert run_ort(board, fast, providers=["CPUExecutionProvider"], tune=False)["tower_threads"] == \
         {"image": os.cpu_count(), "text": os.cpu_count()}  # ORT's default, not the other machine's 7
+
+
+
+def test_sessions_spin_within_a_run_and_stop_at_its_end_as_set(tiny_export, monkeypatch):
+    """Every session stops its threads' spinning when a run ends; `measure.SPINNING` says whether they spin within
+    one; both compute the same."""
+    import numpy as np
+
+    from vlmedge.runtime import measure
+    from vlmedge.runtime.onnx import open_session
+
+    sessions = {}
+    for spin in (True, False):
+        monkeypatch.setattr(measure, "SPINNING", spin)
+        sessions[spin] = open_session(tiny_export / "image_encoder.onnx", 2)
+    for spin, sess in sessions.items():
+        opts = sess.get_session_options()
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
+        assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    shape = [d if isinstance(d, int) else 1 for d in sessions[True].get_inputs()[0].shape]
+    feed = {"pixel_values": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    assert np.allclose(*(s.run(None, feed)[0] for s in sessions.values()), atol=1e-6)

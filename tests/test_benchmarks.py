@@ -162,6 +162,16 @@ def test_vision_attention_quick(smolvlm_256m_run):
     assert 0 < results["vision_share_of_int8_ceiling"] < results["vision_share_of_ceiling"]
 
 
+def test_spinning_quick(smolvlm_256m_run, tiny_export, tmp_path):
+    """Both settings timed on a generative and a dual-encoder export, each scenario's ratio recorded."""
+    script("benchmarks/spinning.py", str(smolvlm_256m_run / "int8"), str(tiny_export), "--quick",
+           "--out", str(tmp_path / "spinning.json"))
+    results = provenance(tmp_path / "spinning.json", "python benchmarks/spinning.py")
+    generative, dual = (results["folders"][str(f)] for f in (smolvlm_256m_run / "int8", tiny_export))
+    assert {"vision", "decode", "answer"} <= set(generative["on_vs_off_p50"]) and "pair" in dual["on_vs_off_p50"]
+    assert all(r > 0 for f in (generative, dual) for r in f["on_vs_off_p90"].values())
+
+
 def test_smolvlm_vqa_peers_quick(tmp_path, vqa_model, smolvlm_256m_run):
     out = seed(tmp_path / "vqa", vlmedge_fp32=smolvlm_256m_run / "onnx", vlmedge_int8=smolvlm_256m_run / "int8")
     script("benchmarks/peers/smolvlm_vqa_peers.py", str(vqa_model), str(out), "--quick", "--no-peers")

@@ -25,6 +25,10 @@ import numpy as np
 # 0.44 ms vs 0.086 ms for Add + LayerNormalization at [1, 197, 768], 0.054 vs 0.023 ms at [1, 16, 768], 0.087 vs
 # 0.048 ms at [1, 65, 256].
 SLOW_FUSIONS = ("SkipLayerNormFusion",)
+SPINNING = os.environ.get("VLMEDGE_ORT_SPINNING", "1") != "0"
+"""ONNX Runtime's threads spin-wait for the next operator's work within a run (stopping when the run ends), unless
+VLMEDGE_ORT_SPINNING=0. SmolVLM-256M INT8, 2 threads, one frame, against no spinning: decode step 13.6 -> 9.3 ms,
+prefill 43 -> 35 ms (benchmarks/results/spinning-256m.json)."""
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None,
@@ -39,9 +43,12 @@ def ort_session(path: str | os.PathLike, threads: int | None = None,
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    # No spin-waiting: with two sessions (image, text) on a 2-core CPU, one pool's spinning threads stalled the
-    # other's run (measured: pair p90 4.7-5.7 ms with spinning, 1.2 ms without; p50 unchanged).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Spin-waiting within a run, none after it: with two sessions (image, text) on a 2-core CPU, one pool's threads
+    # still spinning after its run stalled the other's (pair p90 4.7-5.7 ms, 1.2 ms without spinning), so their
+    # spinning stops when a run ends (`force_spinning_stop`); within a run it keeps the threads awake between
+    # operators (SPINNING).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if SPINNING else "0")
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     if profile is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(profile)
