@@ -45,6 +45,15 @@ RESULTS: dict[str, str] = {
     "int8-kernels-256m.json": "python benchmarks/smolvlm_256m.py runs/steps-256m --size 256m --forms int8,int4-acc4 "
                               "&& python benchmarks/int8_kernels.py runs/steps-256m/int8 && cp "
                               "runs/steps-256m/int8/kernels.json benchmarks/results/int8-kernels-256m.json",
+    "vision-attention-256m.json": "python benchmarks/smolvlm_256m.py runs/steps-256m --size 256m --forms "
+                                  "int8,int4-acc4 && python benchmarks/vision_attention.py runs/steps-256m/int8 && cp "
+                                  "runs/steps-256m/int8/vision-attention.json "
+                                  "benchmarks/results/vision-attention-256m.json",
+    "spinning-smolvlm.json": " && ".join(f"python benchmarks/smolvlm_256m.py runs/steps-{size} --size {size} --forms "
+                                         "int8,int4-acc4" for size in ("256m", "500m")) +
+                             " && python benchmarks/spinning.py runs/steps-256m/int8 runs/steps-500m/int8 --rounds 3 "
+                             "--out runs/spinning.json && cp runs/spinning.json "
+                             "benchmarks/results/spinning-smolvlm.json",
     "genai-decoder-256m.json": "bash benchmarks/peers/envs.sh genai && python benchmarks/smolvlm_256m.py "
                                "runs/steps-256m --size 256m --forms int8,int4-acc4 && python "
                                "benchmarks/peers/genai_decoder.py runs/steps-256m && cp "
@@ -253,6 +262,46 @@ def int8_kernels(name: str) -> Callable[[], list[str]]:
     return render
 
 
+def vision_attention(name: str) -> Callable[[], list[str]]:
+    """The vision encoder against the ceilings measured beside it, and one layer's attention in each form
+    (benchmarks/vision_attention.py)."""
+    def render() -> list[str]:
+        data = _load(name)
+        c, s = data["ceilings"], data["shape"]
+        lines = _table(["attention form (one layer, x layers)", "ms / layer", "ms / encoder", "vs MultiHeadAttention",
+                        "max diff / max output"],
+                       [[f, f"{data['attention_layer_ms'][f]:.2f}", f"{data['attention_encoder_ms'][f]:.0f}",
+                         f"{data['attention_vs_mha'][f]:.2f}x", f"{data['relative_error'][f]:.3f}"]
+                        for f in data["attention_layer_ms"]])
+        lines += ["", *_table(["vision graph (INT8, one frame)", "ms"], [
+            ["measured", f"{data['vision_ms']:.0f}"],
+            [f"its work at the ceilings (linear {data['gflop']['linear']:.0f} GOP at int8 {c['int8_gops']:.0f} GOP/s, "
+             f"attention {data['gflop']['attention']:.1f} GFLOP at fp32 {c['fp32_gflops']:.0f} GFLOP/s)",
+             f"{data['vision_ideal_ms']:.0f} ({data['vision_share_of_ceiling']:.0%} of measured)"],
+            ["all of it at the int8 ceiling", f"{data['vision_int8_ceiling_ms']:.0f} "
+             f"({data['vision_share_of_int8_ceiling']:.0%} of measured)"],
+            ["attention at the fp32 ceiling", f"{data['attention_fp32_ceiling_ms']:.0f}"]])]
+        shape = f"{s['tokens']} tokens x {s['heads']} heads x {s['width'] // s['heads']}, {s['layers']} layers"
+        return lines + ["", f"Shape: {shape}. " + source_line(name)]
+    return render
+
+
+def spinning(name: str) -> Callable[[], list[str]]:
+    """Spin-waiting within a run on and off, per folder and scenario (benchmarks/spinning.py)."""
+    def render() -> list[str]:
+        data = _load(name)
+        rows = []
+        for folder, f in data["folders"].items():
+            for k in f["on_vs_off_p50"]:
+                rows.append([f"{Path(folder).parent.name} {f['precision']}", k,
+                             f"{f['off'][k]['p50_ms']:.1f} / {f['off'][k]['p90_ms']:.1f}",
+                             f"{f['on'][k]['p50_ms']:.1f} / {f['on'][k]['p90_ms']:.1f}",
+                             f"{f['on_vs_off_p50'][k]:.2f}x / {f['on_vs_off_p90'][k]:.2f}x"])
+        return _table(["folder", "scenario", "no spinning p50 / p90 ms", "spinning within a run p50 / p90 ms",
+                       "on / off"], rows) + ["", source_line(name)]
+    return render
+
+
 def smolvlm_peers(name: str) -> Callable[[], list[str]]:
     def render() -> list[str]:
         from smolvlm_peers import markdown
@@ -314,6 +363,8 @@ TABLES: dict[str, Callable[[], list[str]]] = {
     "smolvlm-steps": smolvlm_steps(STEP_RESULTS), "smolvlm-sizes": smolvlm_sizes(STEP_RESULTS),
     "genai-decoder": genai_decoder("genai-decoder-256m.json"),
     "int8-kernels": int8_kernels("int8-kernels-256m.json"),
+    "vision-attention": vision_attention("vision-attention-256m.json"),
+    "spinning": spinning("spinning-smolvlm.json"),
     "smolvlm-256m-peers": smolvlm_peers("smolvlm-256m-peers-head-to-head.json"),
     "smolvlm-256m-peers-amx": smolvlm_peers("smolvlm-256m-peers-head-to-head-amx.json"),
     "vqa-peers": vqa_peers, "smolvlm-vqa-peers": smolvlm_vqa_peers, "streaming-rss": streaming,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -109,6 +110,7 @@ def attention_graphs(s: dict[str, int], folder: Path, feeds: list[dict[str, np.n
         def get_next(self):
             return next(self.left, None)
 
+    logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizers suggest pre-processing on the root logger
     signed = {"quant_type": QuantType.QInt8, "symmetric": True}
     paths["static-int8"] = folder / "static-int8.onnx"
     quantize_static(plain, paths["static-int8"], Reader(), quant_format=QuantFormat.QDQ,
