@@ -51,8 +51,11 @@ RESULTS: dict[str, str] = {
                                   "benchmarks/results/vision-attention-256m.json",
     "spinning-smolvlm.json": " && ".join(f"python benchmarks/smolvlm_256m.py runs/steps-{size} --size {size} --forms "
                                          "int8,int4-acc4" for size in ("256m", "500m")) +
-                             " && python benchmarks/spinning.py runs/steps-256m/int8 runs/steps-500m/int8 --rounds 3 "
-                             "--out runs/spinning.json && cp runs/spinning.json "
+                             " && vlmedge train --preset small --steps 2 --data-count 256 --out runs/de-small/model "
+                             "&& vlmedge export runs/de-small/model --out runs/de-small/onnx --no-eval && vlmedge "
+                             "quantize runs/de-small/onnx --out runs/de-small/int8 --no-eval && python "
+                             "benchmarks/spinning.py runs/steps-256m/int8 runs/steps-500m/int8 runs/de-small/int8 "
+                             "--rounds 3 --out runs/spinning.json && cp runs/spinning.json "
                              "benchmarks/results/spinning-smolvlm.json",
     "genai-decoder-256m.json": "bash benchmarks/peers/envs.sh genai && python benchmarks/smolvlm_256m.py "
                                "runs/steps-256m --size 256m --forms int8,int4-acc4 && python "

@@ -106,7 +106,6 @@ def test_device_runner_tunes_threads_when_the_artifact_was_tuned_elsewhere(tiny_
         {"image": os.cpu_count(), "text": os.cpu_count()}  # ORT's default, not the other machine's 7
 
 
-
 def test_sessions_spin_within_a_run_and_stop_at_its_end_as_set(tiny_export, monkeypatch):
     """Every session stops its threads' spinning when a run ends; `measure.SPINNING` says whether they spin within
     one; both compute the same."""

@@ -27,8 +27,9 @@ import numpy as np
 SLOW_FUSIONS = ("SkipLayerNormFusion",)
 SPINNING = os.environ.get("VLMEDGE_ORT_SPINNING", "1") != "0"
 """ONNX Runtime's threads spin-wait for the next operator's work within a run (stopping when the run ends), unless
-VLMEDGE_ORT_SPINNING=0. SmolVLM-256M INT8, 2 threads, one frame, against no spinning: decode step 13.6 -> 9.3 ms,
-prefill 43 -> 35 ms (benchmarks/results/spinning-256m.json)."""
+VLMEDGE_ORT_SPINNING=0: SmolVLM's INT8 decode steps and answers are faster so at 256M and 500M, a small dual
+encoder's pair no slower on 2 threads (its image tower alone slower: thread tuning gives it 1 thread, where nothing
+spins) (benchmarks/spinning.py; benchmarks/results/spinning-smolvlm.json)."""
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None,
