@@ -4,11 +4,13 @@ images and questions, interleaved rounds, each peer in its own environment.
     bash benchmarks/peers/envs.sh env-openvino llama.cpp      # once: the peers' environments and llama.cpp's build
     python benchmarks/peers/smolvlm_peers.py runs/peers256 [--rounds 3] [--questions 8]
     python benchmarks/peers/smolvlm_peers.py runs/peers256x3 --text-scale 3 --rounds 0   # agreement only
+    python benchmarks/peers/smolvlm_peers.py runs/peers2.2bx3 --size 2.2b --text-scale 3 --row 'vlmedge int8' ...
 
-The folder (OUT/model): SmolVLM-256M's published sizes at full depth, random weights, and a byte-level BPE
-tokenizer of the published vocabulary size (49152) trained on this Python's standard library source, with
-SmolVLM's special tokens and chat template, so that llama.cpp's converter can take it. Its processor config asks
-for one 512 px frame (no splitting, longest edge 512), which every runtime here reads from the folder.
+The folder (OUT/model): SmolVLM-256M's published sizes (`--size 500m|2.2b`: those models'; `benchmarks/smolvlm_256m.py`
+builds the same) at full depth, random weights, and a byte-level BPE tokenizer of the published vocabulary size
+(49152) trained on this Python's standard library source, with SmolVLM's special tokens and chat template, so that
+llama.cpp's converter can take it. Its processor config asks for one frame (no splitting, longest edge the vision's
+image size: 512 px, 384 at 2.2B), which every runtime here reads from the folder.
 llama.cpp's converter does not know this tokenizer's pre-tokenizer hash (it recognises published tokenizers only)
 and is told it is SmolLM's ("smollm": the same byte-level BPE with single digits); everything else is its own.
 
@@ -51,7 +53,6 @@ from vlmedge.runtime.measure import stats  # noqa: E402
 PEERS = ROOT / "runs" / "peers"
 LLAMA = PEERS / "llama-build" / "bin"
 VOCAB = 49152  # SmolVLM-256M's published vocabulary (SmolLM2's tokenizer)
-ONE_FRAME = {"do_image_splitting": False, "size": {"longest_edge": 512}}
 
 
 def log(msg: str) -> None:
@@ -98,15 +99,16 @@ def peer_missing(peer: str) -> str | None:
     return next((str(f.relative_to(ROOT)) for f in PEER_FILES[peer] if not f.exists()), None)
 
 
-def build_folder(model: Path, text_scale: float = 1.0, quick: bool = False) -> None:
-    """The folder; `text_scale` multiplies the decoder's matrices (embedding included): at the default random init
-    every question gets the same greedy answer (" Mis" 16 times here), at 3x the answer depends on the question
-    and agreement between runtimes means something. `quick`: 1 vision and 1 decoder layer, 1000 tokens."""
-    from test_generative import smolvlm_256m_folder
+def build_folder(model: Path, text_scale: float = 1.0, quick: bool = False, size: str = "256m") -> None:
+    """The folder of a published SmolVLM's sizes (`size`: `test_generative.SMOLVLM_SHAPES`); `text_scale` multiplies
+    the decoder's matrices (embedding included): at the default random init every question gets the same greedy
+    answer (" Mis" 16 times at 256M), at 3x the answer depends on the question and agreement between runtimes means
+    something. `quick`: 1 vision and 1 decoder layer, 1000 tokens."""
+    from test_generative import SMOLVLM_SHAPES, smolvlm_folder
 
     model.mkdir(parents=True, exist_ok=True)
-    smolvlm_256m_folder(model, vision_layers=1 if quick else 12, text_layers=1 if quick else 30,
-                        tokenizer=bpe_tokenizer(1000, files=40) if quick else bpe_tokenizer())
+    smolvlm_folder(model, size, vision_layers=1 if quick else None, text_layers=1 if quick else None,
+                   tokenizer=bpe_tokenizer(1000, files=40) if quick else bpe_tokenizer())
     if text_scale != 1.0:
         from safetensors.torch import load_file, save_file
 
@@ -115,7 +117,8 @@ def build_folder(model: Path, text_scale: float = 1.0, quick: bool = False) -> N
         save_file({k: v * text_scale if v.dim() == 2 and "text_model" in k else v for k, v in tensors.items()},
                   weights, metadata={"format": "pt"})
     pre = model / "preprocessor_config.json"
-    pre.write_text(json.dumps({**json.loads(pre.read_text()), **ONE_FRAME}, indent=2))
+    one_frame = {"do_image_splitting": False, "size": {"longest_edge": SMOLVLM_SHAPES[size]["vision"]["image_size"]}}
+    pre.write_text(json.dumps({**json.loads(pre.read_text()), **one_frame}, indent=2))
     peer_ready(model)
 
 
@@ -349,7 +352,8 @@ def answers_all(vlm, family, folders, ov, llama, prompts: list[dict], prompts_pa
 
 
 def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: float = 1.0,
-         rows: tuple[str, ...] = (), results_file: str = "results.json", quick: bool = False) -> int:
+         rows: tuple[str, ...] = (), results_file: str = "results.json", quick: bool = False, size: str = "256m"
+         ) -> int:
     import torch
     from generative import time_interleaved
 
@@ -367,13 +371,21 @@ def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: f
     out.mkdir(parents=True, exist_ok=True)
     model = out / "model"
     if not (model / "config.json").is_file():
-        log("building the folder (byte-level BPE of 49152 tokens, SmolVLM-256M sizes)")
-        build_folder(model, text_scale, quick)
+        log(f"building the folder (byte-level BPE of 49152 tokens, SmolVLM-{size.upper()} sizes)")
+        build_folder(model, text_scale, quick, size)
+    from test_generative import SMOLVLM_SHAPES
+
+    width = json.loads((model / "config.json").read_text())["text_config"]["hidden_size"]
+    if width != SMOLVLM_SHAPES[size]["text"]["hidden_size"]:
+        print(f"error: {model / 'config.json'}: a {width}-wide decoder is not SmolVLM-{size.upper()}'s: "
+              f"pass its --size, or another OUT", file=sys.stderr)
+        return 2
     prompts_path, calibration = write_prompts(out, questions)
     kept = lambda forms: {k: v for k, v in forms.items() if not rows or k in rows}  # noqa: E731
     forms = vlmedge_forms(model, out, tuple(f for f in ("int8", "int4-acc4") if asked(f"vlmedge {f}")), quick)
     folders = kept(forms)
-    ov = kept(openvino_forms(model, out, calibration)) if asked("openvino") else {}
+    ov = kept(openvino_forms(model, out, calibration, tuple(f for f in ("int8", "int4") if asked(f"openvino {f}")))
+              ) if asked("openvino") else {}
     llama = kept(llama_forms(model, out)) if asked("llama.cpp") else {}
 
     torch.set_num_threads(threads)
@@ -387,7 +399,7 @@ def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: f
     own = {name: agreement(texts["llama.cpp f32"], rows, vlm.tokenizer) for name, rows in texts.items()
            if name.startswith("llama.cpp ")} if "llama.cpp f32" in texts else {}
 
-    results = {"threads": threads, "rounds": rounds, "questions": len(prompts),
+    results = {"size": size, "threads": threads, "rounds": rounds, "questions": len(prompts),
                "text_scale": text_scale, "answers": texts, "agreement": agree, "llama_cpp_vs_its_f32": own,
                # 1 means the random weights answer every question alike: agreement then says little
                "distinct_reference_answers": len(set(texts["torch eager fp32"])),
@@ -400,7 +412,7 @@ def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: f
     cfg = families.configure(MeasureConfig, {"warmup": 0 if quick else 1, "min_runs": 2 if quick else 3,
                                              "min_seconds": 0.0, "threads": threads,
                                              "image_splitting": "as-folder"}, family)
-    inputs = family.latency_inputs(family.adapter(forms["vlmedge fp32"]), 1)
+    inputs = family.latency_inputs(family.adapter(forms["vlmedge fp32"], open_sessions=False), 1)
     extra = {name: openvino_timer(f, prompts_path, threads, 3, precision) for name, (f, precision) in ov.items()}
     extra.update({name: llama_timer(g, m, prompts[0], threads, 3) for name, (g, m) in llama.items()
                   if name != "llama.cpp f32"})
@@ -451,6 +463,8 @@ if __name__ == "__main__":
     ap.add_argument("--text-scale", type=float, default=1.0,
                     help="multiply the new folder's decoder matrices (3: answers that depend on the question)")
     ap.add_argument("--questions", type=int, default=8)
+    ap.add_argument("--size", choices=("256m", "500m", "2.2b"), default="256m",
+                    help="the published SmolVLM whose sizes a new folder gets (an existing OUT/model is kept)")
     ap.add_argument("--row", action="append", default=[],
                     help="time only these rows besides eager (repeatable; e.g. 'vlmedge int8', 'openvino int8 f32')")
     ap.add_argument("--results", default="results.json", help="file name under OUT")
@@ -460,4 +474,4 @@ if __name__ == "__main__":
     if a.quick:
         a.rounds, a.questions = min(a.rounds, 1), min(a.questions, 2)
     sys.exit(main(a.out, a.rounds, a.questions, text_scale=a.text_scale, rows=tuple(a.row), results_file=a.results,
-                  quick=a.quick))
+                  quick=a.quick, size=a.size))
