@@ -118,15 +118,15 @@ def main(out: Path, rounds: int = 3, forms: tuple[str, ...] = tuple(FORMS), spli
     return 0
 
 
-def work(family, model) -> dict[str, float]:
-    """GOP of one 512 px frame through the vision encoder, split into its linears (the int8 kernels of a quantized
-    form) and its attention products (fp32 in every form), from the model's configuration."""
-    v = model.model.config.vision_config
-    patches = (v.image_size // v.patch_size) ** 2
-    attention = 4 * patches * patches * v.hidden_size * v.num_hidden_layers
-    flops = family.flops(model)
-    return {"vision_gop": flops["vision"] / 1e9, "vision_attention_gop": attention / 1e9,
-            "vision_linear_gop": (flops["vision"] - attention) / 1e9, "patches": patches}
+def work(model) -> dict[str, float]:
+    """GOP of one frame through the vision encoder, split into its linears (the int8 kernels of a quantized form)
+    and its attention products (fp32 in every form), counted by the family (`vision_flops`)."""
+    from vlmedge.families.generative.model import vision_flops
+
+    vision = model.model.model.vision_model
+    flops = vision_flops(vision, model.model.config.text_config.hidden_size)
+    return {"vision_gop": sum(flops.values()) / 1e9, "vision_attention_gop": flops["attention"] / 1e9,
+            "vision_linear_gop": flops["linear"] / 1e9, "patches": vision.embeddings.num_patches}
 
 
 def interleaved(model: Path, folders: dict[str, Path], rounds: int, splitting: str, quick: bool = False) -> dict:
@@ -152,7 +152,7 @@ def interleaved(model: Path, folders: dict[str, Path], rounds: int, splitting: s
                                              "min_seconds": seconds / 2, "threads": 2,
                                              "image_splitting": splitting}, family)
     inputs = family.latency_inputs(family.adapter(folders["fp32"], image_splitting=splitting), 1)
-    w = work(family, vlm)
+    w = work(vlm)
     width = vlm.model.config.vision_config.hidden_size
     ceilings: list[dict[str, float]] = []  # at the vision MLP's shape: patches x width x 4 width
     table = time_interleaved(family, {"torch eager fp32": vlm}, folders, inputs, cfg, rounds,

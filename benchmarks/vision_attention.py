@@ -58,13 +58,19 @@ def shape(folder: Path) -> dict[str, int]:
             "image_size": v["image_size"], "text_width": config["text_config"]["hidden_size"]}
 
 
-def flops(s: dict[str, int]) -> dict[str, float]:
-    """2 x multiply-adds of one frame: the linear layers (patch embedding, Q/K/V/O, MLP, connector) and attention's
-    two products (QK^T and the probabilities times V)."""
-    t, w = s["tokens"], s["width"]
-    per_layer = t * (4 * w * w + 2 * w * s["intermediate"])
-    linear = s["layers"] * per_layer + t * 3 * s["patch"] ** 2 * w + t * w * s["text_width"]
-    return {"linear": 2.0 * linear, "attention": 2.0 * s["layers"] * 2 * t * t * w}
+def flops(folder: Path) -> dict[str, int]:
+    """2 x multiply-adds of one frame (linear layers, attention products), counted by the family
+    (`vision_flops`) on the vision encoder of the export's config.json built without weights (the meta device)."""
+    import torch
+    from transformers import SmolVLMConfig
+    from transformers.models.smolvlm.modeling_smolvlm import SmolVLMVisionTransformer
+
+    from vlmedge.families.generative.model import vision_flops
+
+    config = SmolVLMConfig(**json.loads((folder / "config.json").read_text()))
+    with torch.device("meta"):
+        vision = SmolVLMVisionTransformer(config.vision_config)
+    return vision_flops(vision, config.text_config.hidden_size)
 
 
 def attention_graphs(s: dict[str, int], folder: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, Path]:
@@ -177,7 +183,7 @@ def main() -> int:
             vision.run(None, frame)
             times["vision"].append(time.perf_counter() - t0)
     ceiling = ceilings.gemm(s["tokens"], s["width"], s["intermediate"], threads=2, seconds=seconds)
-    work = flops(s)
+    work = flops(a.folder)
     ms = {name: 1e3 * float(np.median(t)) for name, t in times.items()}
     ideal = 1e3 * (work["linear"] / ceiling["int8_gops"] + work["attention"] / ceiling["fp32_gflops"]) / 1e9
     all_int8 = 1e3 * (work["linear"] + work["attention"]) / ceiling["int8_gops"] / 1e9

@@ -397,6 +397,31 @@ SMOLVLM_PROCESSOR = {
 """SmolVLM-256M-Instruct's image processor config: 512 px tiles of an image whose longest edge is resized to 2048."""
 
 
+@pytest.mark.parametrize("shape,patches", [("256m", 32 * 32), ("2.2b", 27 * 27)])
+def test_vision_flops_count_the_encoders_matmuls_as_its_sizes_say(shape, patches):
+    """The vision work that reports (`flops`) and the ceiling benchmarks divide by, counted from the modules of an
+    encoder built on the meta device at a published size: every linear layer, the patch embedding and the
+    connector per patch, each layer's two attention products (14 px patches of a 384 px image: 27 x 27, floored);
+    the position-embedding lookup is not a matmul. Heads pruned from a layer take their products with them."""
+    from transformers import SmolVLMVisionConfig
+    from transformers.models.smolvlm.modeling_smolvlm import SmolVLMVisionTransformer
+
+    from vlmedge.families.generative.model import vision_flops
+
+    spec = SMOLVLM_SHAPES[shape]
+    v, text_width = spec["vision"], spec["text"]["hidden_size"]
+    with torch.device("meta"):
+        vision = SmolVLMVisionTransformer(SmolVLMVisionConfig(**v))
+    w, layers = v["hidden_size"], v["num_hidden_layers"]
+    per_patch = layers * (4 * w * w + 2 * w * v["intermediate_size"]) + 3 * v["patch_size"] ** 2 * w + w * text_width
+    assert vision_flops(vision, text_width) == {"linear": 2 * patches * per_patch,
+                                                "attention": 4 * patches * patches * w * layers}
+    attn = vision.encoder.layers[0].self_attn  # half the heads of one layer gone, as pruning leaves it
+    with torch.device("meta"):
+        attn.q_proj = torch.nn.Linear(w, w // 2)
+    assert vision_flops(vision, text_width)["attention"] == 4 * patches * patches * w * (layers - 0.5)
+
+
 def test_a_smolvlm2_folder_as_published_exports_and_quantizes(tmp_path):
     """SmolVLM2-500M-Video-Instruct's config.json as published (untied head, `head_dim`, its vision keys, a pad id
     outside the vocabulary at the top level) at reduced depth, with this tokenizer's vocabulary and ids, and its

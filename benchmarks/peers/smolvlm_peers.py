@@ -373,13 +373,6 @@ def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: f
     if not (model / "config.json").is_file():
         log(f"building the folder (byte-level BPE of 49152 tokens, SmolVLM-{size.upper()} sizes)")
         build_folder(model, text_scale, quick, size)
-    from test_generative import SMOLVLM_SHAPES
-
-    width = json.loads((model / "config.json").read_text())["text_config"]["hidden_size"]
-    if width != SMOLVLM_SHAPES[size]["text"]["hidden_size"]:
-        print(f"error: {model / 'config.json'}: a {width}-wide decoder is not SmolVLM-{size.upper()}'s: "
-              f"pass its --size, or another OUT", file=sys.stderr)
-        return 2
     prompts_path, calibration = write_prompts(out, questions)
     kept = lambda forms: {k: v for k, v in forms.items() if not rows or k in rows}  # noqa: E731
     forms = vlmedge_forms(model, out, tuple(f for f in ("int8", "int4-acc4") if asked(f"vlmedge {f}")), quick)
@@ -399,7 +392,12 @@ def main(out: Path, rounds: int, questions: int, threads: int = 2, text_scale: f
     own = {name: agreement(texts["llama.cpp f32"], rows, vlm.tokenizer) for name, rows in texts.items()
            if name.startswith("llama.cpp ")} if "llama.cpp f32" in texts else {}
 
-    results = {"size": size, "threads": threads, "rounds": rounds, "questions": len(prompts),
+    config = json.loads((model / "config.json").read_text())  # the folder's sizes (an existing one is kept as is)
+    results = {"shape": {"vision_width": config["vision_config"]["hidden_size"],
+                         "image_size": config["vision_config"]["image_size"],
+                         "text_width": config["text_config"]["hidden_size"],
+                         "text_layers": config["text_config"]["num_hidden_layers"]},
+               "threads": threads, "rounds": rounds, "questions": len(prompts),
                "text_scale": text_scale, "answers": texts, "agreement": agree, "llama_cpp_vs_its_f32": own,
                # 1 means the random weights answer every question alike: agreement then says little
                "distinct_reference_answers": len(set(texts["torch eager fp32"])),

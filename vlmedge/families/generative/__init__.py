@@ -33,7 +33,7 @@ from . import fused
 from .data import open_vqa
 from .model import (ARCHITECTURES, CHAT_TEMPLATE, SPECIAL, answer_ids, build, decode, decode_answer, empty_past,
                     kv_shape, layer_modules, load, make_batch, merge, prompt_ids, train_tokenizer, vision_encode,
-                    vision_features)
+                    vision_features, vision_flops)
 from .tasks import evaluate_generator
 
 ANSWER_TOKENS = 16
@@ -384,20 +384,16 @@ class Generative(Family):
         return load(path, attn_implementation=attn_implementation)
 
     def flops(self, model) -> dict[str, int]:
-        """Multiply-adds x 2 of the matmuls per sample: the vision encoder over its patches (attention included),
-        the decoder over one image prompt (the image tokens and 16 text tokens)."""
-        v, t = model.model.config.vision_config, model.model.config.text_config
-        patches = (v.image_size // v.patch_size) ** 2
-        vision_params = sum(p.numel() for n, p in model.model.model.vision_model.named_parameters() if p.dim() == 2)
-        conv = model.model.model.vision_model.embeddings.patch_embedding.weight.numel()
-        vision = 2 * patches * (vision_params + conv) + 4 * patches * patches * v.hidden_size * v.num_hidden_layers
+        """Multiply-adds x 2 of the matmuls per sample: the vision encoder over its patches with the connector
+        (`model.vision_flops`), the decoder over one image prompt (the image tokens and 16 text tokens)."""
+        t = model.model.config.text_config
+        vision = sum(vision_flops(model.model.model.vision_model, t.hidden_size).values())
         prompt = model.image_tokens + 16
         decoder_params = sum(p.numel() for n, p in model.model.model.text_model.layers.named_parameters()
                              if p.dim() == 2)
         decoder = 2 * prompt * (decoder_params + t.hidden_size * t.vocab_size) \
             + 4 * prompt * prompt * t.hidden_size * t.num_hidden_layers
-        connector = 2 * model.image_tokens * model.model.model.connector.modality_projection.proj.weight.numel()
-        return {"vision": int(vision + connector), "decoder": int(decoder)}
+        return {"vision": int(vision), "decoder": int(decoder)}
 
     # --- pruning ---
     def prunable(self, model):

@@ -314,6 +314,21 @@ def _resolved_config(folder: Path, raw: dict[str, Any]) -> dict[str, Any]:
 
 # --- the forward pieces (training, generation and export use these) ------------------------------------------------
 
+def vision_flops(vision_model, text_width: int) -> dict[str, int]:
+    """2 x multiply-adds of one frame through a SigLIP vision encoder (torch; its weights may be on the meta device)
+    and the connector into a `text_width`-wide decoder, counted from its modules, so a pruned encoder counts as it
+    is: `linear` (the patch embedding, every linear layer, the connector) and `attention` (each layer's two
+    products, QK^T and the probabilities times V). The position embedding is a lookup: not counted."""
+    import torch
+
+    patches = vision_model.embeddings.num_patches
+    weights = sum(m.weight.numel() for m in vision_model.encoder.modules() if isinstance(m, torch.nn.Linear))
+    # the connector maps patches / scale² tokens of width x scale² to the decoder: patches x width x text_width
+    weights += vision_model.embeddings.patch_embedding.weight.numel() + vision_model.config.hidden_size * text_width
+    widths = sum(layer.self_attn.q_proj.out_features for layer in vision_model.encoder.layers)
+    return {"linear": 2 * patches * weights, "attention": 4 * patches * patches * widths}
+
+
 def vision_encode(model, pixel_values):
     """(N, 3, H, W) pixels of full, unpadded images -> the vision transformer's patch outputs (N, patches, width):
     SmolVLM's vision model for one global image each (every patch real, so the patch positions are 0..P-1), written
