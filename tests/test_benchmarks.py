@@ -165,6 +165,24 @@ def test_vision_attention_quick(smolvlm_256m_run):
         assert results[share] == pytest.approx(results[ideal] / results["vision_ms"], rel=0.05)  # ms rounded
 
 
+def test_prefill_kernels_quick(smolvlm_256m_run, tmp_path):
+    """Each weight form runs the kernel `vlmedge quantize` gives it, timed at one row and at the latency prompt's
+    rows, the attention beside them and the folder's decoder profiled at both lengths."""
+    folder = smolvlm_256m_run / "int8"
+    script("benchmarks/prefill_kernels.py", str(folder), "--quick", "--out", str(tmp_path / "prefill.json"))
+    results = provenance(tmp_path / "prefill.json", "python benchmarks/prefill_kernels.py")
+    kernels = results["kernels"]
+    assert kernels["int8"]["ops"] == ["DynamicQuantizeMatMul"] and kernels["fp32"]["ops"] == ["MatMul"]
+    assert all(kernels[f]["ops"] == ["MatMulNBits"] for f in ("int4-acc4", "int4-b64-acc4", "int4-acc0"))
+    assert results["prompt_rows"] > results["sizes"]["heads"]  # the image tokens and the question
+    assert all(k["prefill_ms"] > 0 and k["decode_ms"] > 0 and k["prefill_gops"] > 0 for k in kernels.values())
+    assert results["int4_over_int8_prefill"] == pytest.approx(
+        kernels["int4-acc4"]["prefill_ms"] / kernels["int8"]["prefill_ms"], rel=0.01)
+    assert results["attention"]["prefill_ms"] > 0 and results["ceilings"]["int8_gops"] > 0
+    ops = {row["op_type"] for rows in results["graphs"][str(folder)].values() for row in rows}
+    assert len(results["graphs"][str(folder)]) == 2 and {"DynamicQuantizeMatMul", "GroupQueryAttention"} <= ops
+
+
 def test_spinning_quick(smolvlm_256m_run, tiny_export, tmp_path):
     """Both settings timed on a generative and a dual-encoder export, each scenario's ratio recorded."""
     script("benchmarks/spinning.py", str(smolvlm_256m_run / "int8"), str(tiny_export), "--quick",
