@@ -151,7 +151,7 @@ def interleaved(model: Path, folders: dict[str, Path], rounds: int, splitting: s
     cfg = families.configure(MeasureConfig, {"warmup": 0 if quick else 1, "min_runs": 2 if quick else 3,
                                              "min_seconds": seconds / 2, "threads": 2,
                                              "image_splitting": splitting}, family)
-    inputs = family.latency_inputs(family.adapter(folders["fp32"], image_splitting=splitting), 1)
+    inputs = family.latency_inputs(family.adapter(folders["fp32"], image_splitting=splitting, open_sessions=False), 1)
     w = work(vlm)
     width = vlm.model.config.vision_config.hidden_size
     ceilings: list[dict[str, float]] = []  # at the vision MLP's shape: patches x width x 4 width

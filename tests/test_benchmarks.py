@@ -183,6 +183,22 @@ def test_prefill_kernels_quick(smolvlm_256m_run, tmp_path):
     assert len(results["graphs"][str(folder)]) == 2 and {"DynamicQuantizeMatMul", "GroupQueryAttention"} <= ops
 
 
+def test_transformers_js_check_quick(smolvlm_256m_run, tmp_path):
+    """transformers.js answers from the INT8 export (q8, every graph) as vlmedge's runtime does on its pixels; where
+    Node or the package is absent the results say so and the script exits 2."""
+    out = tmp_path / "transformers-js.json"
+    p = subprocess.run([sys.executable, "benchmarks/transformers_js_check.py", str(smolvlm_256m_run / "int8"),
+                        "--quick", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    results = provenance(out, "python benchmarks/transformers_js_check.py")
+    if "left_out" in results:
+        assert p.returncode == 2 and "error: transformers.js is not installed" in p.stderr
+        return
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert results["dtype"] == "q8" and results["identical"] == results["of"] == 2
+    assert all(len(q["ids"]) == 4 and q["pixels_mean_abs_diff"] < 0.05 for q in results["questions"])
+
+
 def test_spinning_quick(smolvlm_256m_run, tiny_export, tmp_path):
     """Both settings timed on a generative and a dual-encoder export, each scenario's ratio recorded."""
     script("benchmarks/spinning.py", str(smolvlm_256m_run / "int8"), str(tiny_export), "--quick",
