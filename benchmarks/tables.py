@@ -49,6 +49,28 @@ RESULTS: dict[str, str] = {
                                   "int8,int4-acc4 && python benchmarks/vision_attention.py runs/steps-256m/int8 && cp "
                                   "runs/steps-256m/int8/vision-attention.json "
                                   "benchmarks/results/vision-attention-256m.json",
+    **{f"prefill-kernels-{size}.json": f"python benchmarks/smolvlm_256m.py runs/steps-{size} --size {size} "
+                                        f"--forms int8,int4-acc4 && python benchmarks/prefill_kernels.py "
+                                        f"runs/steps-{size}/int8 runs/steps-{size}/int4-acc4 "
+                                        f"--out runs/prefill-kernels-{size}.json && cp "
+                                        f"runs/prefill-kernels-{size}.json "
+                                        f"benchmarks/results/prefill-kernels-{size}.json"
+       for size in STEP_SIZES},
+    **{f"transformers-js-2.2b-{form}.json": (
+        "(cd tests/js && npm ci --ignore-scripts) && " + (
+            f"python benchmarks/peers/smolvlm_peers.py runs/peers2.2bx3 --size 2.2b --text-scale 3 --rounds 0 --row "
+            f"'vlmedge int8' && python benchmarks/transformers_js_check.py runs/peers2.2bx3/vlmedge-{form} "
+            if form != "int4" else
+            "python benchmarks/smolvlm_256m.py runs/steps-2.2b --size 2.2b --forms int8,int4-acc4 && python "
+            "benchmarks/transformers_js_check.py runs/steps-2.2b/int4-acc4 ") +
+        f"--out runs/transformers-js-2.2b-{form}.json && cp runs/transformers-js-2.2b-{form}.json "
+        f"benchmarks/results/transformers-js-2.2b-{form}.json") for form in ("fp32", "int8", "int4")},
+    "smolvlm-2.2b-peers-head-to-head-amx.json": "bash benchmarks/peers/envs.sh env-openvino && python "
+                                                "benchmarks/peers/smolvlm_peers.py runs/peers2.2bx3 --size 2.2b "
+                                                "--text-scale 3 --rounds 3 --row 'vlmedge int8' --row 'openvino int8' "
+                                                "--row 'openvino int8 f32' --results head-to-head.json && cp "
+                                                "runs/peers2.2bx3/head-to-head.json "
+                                                "benchmarks/results/smolvlm-2.2b-peers-head-to-head-amx.json",
     "spinning-smolvlm.json": " && ".join(f"python benchmarks/smolvlm_256m.py runs/steps-{size} --size {size} --forms "
                                          "int8,int4-acc4" for size in ("256m", "500m")) +
                              " && vlmedge train --preset small --steps 2 --data-count 256 --out runs/de-small/model "
@@ -289,6 +311,56 @@ def vision_attention(name: str) -> Callable[[], list[str]]:
     return render
 
 
+def prefill_kernels(names: list[str]) -> Callable[[], list[str]]:
+    """A decoder's kernels at one row and at the prompt's rows, per weight form, and the folders' decoder profiles
+    (benchmarks/prefill_kernels.py), one block per results file."""
+    def render() -> list[str]:
+        lines: list[str] = []
+        for name in names:
+            data = _load(name)
+            c, s, a, rows = data["ceilings"], data["sizes"], data["attention"], data["prompt_rows"]
+            body = [[f, ", ".join(k["ops"]), f"{k['decode_ms']:.1f}", f"{k['prefill_ms']:.1f}",
+                     f"{k['prefill_decode_steps']:.1f}", f"{k['prefill_gops']:.0f}"]
+                    for f, k in data["kernels"].items()]
+            body.append(["attention", "GroupQueryAttention", f"{a['decode_ms']:.1f}", f"{a['prefill_ms']:.1f}",
+                         f"{a['prefill_ms'] / a['decode_ms']:.1f}",
+                         f"{a['prefill_gflops']:.0f} (at the fp32 ceiling: {a['prefill_at_fp32_ceiling_ms']:.1f} ms)"])
+            lines += [*([""] if lines else []),
+                      f"{s['layers']} layers x {s['width']} wide, {s['heads']} / {s['kv_heads']} heads, "
+                      f"a prompt of {rows} rows; ceilings at {rows} x {s['width']} x {s['intermediate']}: "
+                      f"u8s8 {c['int8_gops']:.0f} GOP/s, fp32 {c['fp32_gflops']:.0f} GFLOP/s.", "",
+                      *_table(["kernel (x layers)", "ONNX Runtime runs", "one row ms", f"{rows} rows ms",
+                               "in one-row steps", f"G(FL)OP/s at {rows} rows"], body)]
+            for folder, feeds in data["graphs"].items():
+                totals = {feed: sum(r["ms_per_run"] for r in table) for feed, table in feeds.items()}
+                prefill = max(totals, key=totals.get)
+                top = ", ".join(f"{r['op_type']} {r['ms_per_run']:.1f}" for r in feeds[prefill][:3])
+                lines += ["", f"`{folder}`'s decoder in ONNX Runtime's profiler: {prefill} {totals[prefill]:.1f} ms "
+                              f"({top}); " + "; ".join(f"{feed} {ms:.1f} ms" for feed, ms in totals.items()
+                                                       if feed != prefill) + "."]
+            lines += ["", source_line(name)]
+        return lines
+    return render
+
+
+def transformers_js(names: list[str]) -> Callable[[], list[str]]:
+    """A real-sized export's greedy tokens in transformers.js against vlmedge's runtime on the same pixels
+    (benchmarks/transformers_js_check.py), a row per results file."""
+    def render() -> list[str]:
+        rows = []
+        for name in names:
+            data = _load(name)
+            dtype = data["dtype"] if isinstance(data["dtype"], str) else \
+                ", ".join(f"{graph} {d}" for graph, d in data["dtype"].items())
+            rows.append([f"`{data['folder']}`", dtype, f"{data['identical']}/{data['of']}",
+                         data["distinct_answers"], data["tokens"],
+                         " / ".join(f"{s:.0f} s" for s in data["seconds"].values())])
+        return _table(["folder", "transformers.js dtype", "prompt ids and tokens identical", "distinct answers",
+                       "tokens (EOS ignored)", "transformers.js (load and answer) / vlmedge (answer)"], rows) + \
+            [""] + [source_line(name) for name in names]
+    return render
+
+
 def spinning(name: str) -> Callable[[], list[str]]:
     """Spin-waiting within a run on and off, per folder and scenario (benchmarks/spinning.py)."""
     def render() -> list[str]:
@@ -358,6 +430,8 @@ def commands() -> list[str]:
 
 STEP_RESULTS = [f"smolvlm-steps-{size}.json" for size in STEP_SIZES
                 if (RESULTS_DIR / f"smolvlm-steps-{size}.json").is_file()]
+PREFILL_RESULTS = [f"prefill-kernels-{size}.json" for size in STEP_SIZES
+                   if (RESULTS_DIR / f"prefill-kernels-{size}.json").is_file()]
 TABLES: dict[str, Callable[[], list[str]]] = {
     "quickstart": recipe("quickstart.json"), "edge-cpu": recipe("edge-cpu.json"),
     "vqa-quickstart": recipe("vqa-quickstart.json"), "rerank-quickstart": recipe("rerank-quickstart.json"),
@@ -368,13 +442,16 @@ TABLES: dict[str, Callable[[], list[str]]] = {
     "int8-kernels": int8_kernels("int8-kernels-256m.json"),
     "vision-attention": vision_attention("vision-attention-256m.json"),
     "spinning": spinning("spinning-smolvlm.json"),
+    "prefill-kernels": prefill_kernels(PREFILL_RESULTS),
+    "transformers-js-2.2b": transformers_js([f"transformers-js-2.2b-{f}.json" for f in ("fp32", "int8", "int4")]),
     "smolvlm-256m-peers": smolvlm_peers("smolvlm-256m-peers-head-to-head.json"),
     "smolvlm-256m-peers-amx": smolvlm_peers("smolvlm-256m-peers-head-to-head-amx.json"),
+    "smolvlm-2.2b-peers-amx": smolvlm_peers("smolvlm-2.2b-peers-head-to-head-amx.json"),
     "vqa-peers": vqa_peers, "smolvlm-vqa-peers": smolvlm_vqa_peers, "streaming-rss": streaming,
     "matching-designs": matching_designs, "commands": commands,
 }
 PAGES = ("README.md", "docs", "benchmarks/README.md")
-BLOCK = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
+BLOCK = re.compile(r"(<!-- table:([\w.-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
 
 def pages() -> list[Path]:
