@@ -4,6 +4,7 @@ token-level distillation, and per-graph quantization (INT8 / INT4 MatMulNBits / 
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,6 +165,32 @@ def test_int4_graphs_are_matmulnbits_and_answer_like_fp32(vqa_export, tmp_path):
     assert info["size_bytes"] < info["fp32_size_bytes"] / 2
     family = families.of(tmp_path / "int4")
     assert _agreement(family.adapter(vqa_export), family.adapter(tmp_path / "int4")) >= 0.5
+
+
+def test_a_quantized_graph_past_protobufs_limit_keeps_its_weights_apart(vqa_export, tmp_path, monkeypatch):
+    """A quantized graph whose weights reach protobuf's 2 GB (the 2.2B's fp16 decoder, 3.4 GB; forced here by
+    lowering the limit) is written with them in its side file, declared in config.json for transformers.js, in the
+    folder and where it is added to the source; it answers as the same form written inline."""
+    import shutil
+
+    import vlmedge.stages.quantize as quantize_stage
+    from vlmedge import families
+    from vlmedge.stages.quantize import QuantizeConfig, quantize
+
+    form = dict(mode="fp16", tune_threads=False, agreement_questions=0)
+    quantize(vqa_export, tmp_path / "inline", QuantizeConfig(**form))
+    source = shutil.copytree(vqa_export, tmp_path / "source")
+    monkeypatch.setattr(quantize_stage, "ONE_FILE_BYTES", 0)
+    quantize(source, tmp_path / "apart", QuantizeConfig(**form, add_to_source=True))
+    files = json.loads((tmp_path / "apart" / "manifest.json").read_text())["files"].values()
+    assert sorted(files) == sorted(json.loads((tmp_path / "inline" / "manifest.json").read_text())["files"].values())
+    for folder in (tmp_path / "apart", source):
+        declared = json.loads((folder / "config.json").read_text())["transformers.js_config"]
+        for name in files:
+            assert (folder / f"{name}_data").is_file() and declared["use_external_data_format"][Path(name).name] == 1
+    assert not [p.name for p in (tmp_path / "inline" / "onnx").iterdir() if p.name.endswith("_data")]
+    family = families.of(vqa_export)
+    assert _agreement(family.adapter(tmp_path / "inline"), family.adapter(tmp_path / "apart"), n=4) == 1
 
 
 def test_mixed_times_int4_against_int8_and_keeps_the_faster_within_tolerance(vqa_export, tmp_path):

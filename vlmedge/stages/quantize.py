@@ -47,7 +47,8 @@ from ..runtime.measure import SLOW_FUSIONS, MeasureConfig, cpu_info, release_mem
 from ..runtime.onnx import (MANIFEST, graph_file, graph_files, onnx_size, open_session, read_manifest,
                             record_thread_tuning, side_file)
 from . import Context, register
-from .export import copy_support_files
+from ..families.onnx_export import declare_side_files
+from .export import ONE_FILE_BYTES, copy_support_files
 
 AGREEMENT_SECONDS = 60.0
 """The time an unset `agreement_questions` may take per form."""
@@ -294,15 +295,15 @@ def _quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme
                                  accuracy_level=cfg.accuracy_level, nodes_to_exclude=exclude,
                                  op_types_to_quantize=types, algo_config=algo)
         q.process()
-        q.model.save_model_to_file(str(dst), use_external_data_format=False)
+        _save_graph(q.model.model, dst)
         return
     if mode == "fp16":
-        import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, node_block_list=exclude or None,
+        # given the path, the converter infers shapes through the file (ONNX's in-memory inference stops at 2 GB)
+        model = convert_float_to_float16(str(src), keep_io_types=True, node_block_list=exclude or None,
                                          op_block_list=list(cfg.exclude_op_types) or None)
-        onnx.save(model, str(dst))
+        _save_graph(model, dst)
         return
     weight_type = QuantType.QUInt8 if scheme == "u8u8" else QuantType.QInt8
     reduce_range = scheme == "reduce_range"
@@ -407,6 +408,17 @@ def _quantize_dynamic(src: Path, dst: Path, **options) -> None:
         out = onnx.load(str(dst), load_external_data=False)
         onnx.external_data_helper.load_external_data_for_model(out, str(folder))
         onnx.save_model(out, str(dst))
+
+
+def _save_graph(model, path: Path) -> None:
+    """`model` at `path` with its weights inline, or in its side file where they reach protobuf's 2 GB limit
+    (`ONE_FILE_BYTES`, as the export decides: the 2.2B's fp16 decoder is 3.4 GB)."""
+    import onnx
+
+    if sum(t.ByteSize() for t in model.graph.initializer) >= ONE_FILE_BYTES:
+        _save_apart(model, path)
+    else:
+        onnx.save(model, str(path))
 
 
 def _save_apart(model, path: Path) -> Path:
@@ -545,6 +557,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, cfg: QuantizeCon
         encoder = calib = None  # the checks' sessions and inputs go before the thread tuning opens its own
         fp32.cache_clear()
         release_memory()
+        _declare_apart(tmp, read_manifest(tmp)["files"].values())
         record_thread_tuning(tmp, cfg.tune_threads, tune, progress)
     info.update({"mode": cfg.mode, "graphs": cfg.graphs, "precision": _precision(cfg),
                  "per_channel": cfg.channelwise, "weight_scheme": scheme, "why": why, "kept_fp32": kept,
@@ -570,7 +583,16 @@ def _add_to_source(out: Path, source: Path, own: dict[str, str]) -> list[str]:
             shutil.copy2(out / rel, tmp)
             tmp.replace(dest)
             added.append(rel)
+    _declare_apart(source, [rel for rel in added if rel.endswith(".onnx")])
     return added
+
+
+def _declare_apart(folder: Path, names) -> None:
+    """Declare the graphs among `names` that keep their weights in a side file in the folder's config.json, where
+    the folder is a model folder transformers.js loads (`declare_side_files`)."""
+    apart = [name for name in names if len(graph_files(folder, name)) > 1]
+    if apart and "config.json" in read_manifest(folder).get("model_files", []):
+        declare_side_files(folder / "config.json", apart)
 
 
 def _forms(cfg: QuantizeConfig, files: dict[str, str], int4_graphs: tuple[str, ...]) -> list[QuantizeConfig]:
