@@ -24,7 +24,26 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
 
 STEP_SIZES = ("256m", "500m", "2.2b")
+JS_FORMS = ("fp32", "int8", "int4", "fp16")
+"""The 2.2B's folders checked in transformers.js (benchmarks/transformers_js_check.py)."""
 PEERS = "bash benchmarks/peers/envs.sh env-openvino llama.cpp && "
+def _js_command(form: str) -> str:
+    """The command behind transformers-js-2.2b-FORM.json: the 2.2B folder (scaled: answers that differ; the INT4 one
+    from the sizes benchmark), the form, the check."""
+    if form == "int4":
+        made = "python benchmarks/smolvlm_256m.py runs/steps-2.2b --size 2.2b --forms int8,int4-acc4"
+    else:
+        made = ("python benchmarks/peers/smolvlm_peers.py runs/peers2.2bx3 --size 2.2b --text-scale 3 --rounds 0 "
+                "--row 'vlmedge int8'")
+    if form == "fp16":
+        made += (" && vlmedge quantize runs/peers2.2bx3/vlmedge-fp32 --out runs/peers2.2bx3/vlmedge-fp16 "
+                 "--mode fp16 --no-eval")
+    folder = "runs/steps-2.2b/int4-acc4" if form == "int4" else f"runs/peers2.2bx3/vlmedge-{form}"
+    out = f"runs/transformers-js-2.2b-{form}.json"
+    return (f"(cd tests/js && npm ci --ignore-scripts) && {made} && python benchmarks/transformers_js_check.py "
+            f"{folder} --out {out} && cp {out} benchmarks/results/transformers-js-2.2b-{form}.json")
+
+
 RESULTS: dict[str, str] = {
     "quickstart.json": "benchmarks/run.sh quickstart",
     "vqa-quickstart.json": "benchmarks/run.sh vqa-quickstart",
@@ -56,15 +75,7 @@ RESULTS: dict[str, str] = {
                                         f"runs/prefill-kernels-{size}.json "
                                         f"benchmarks/results/prefill-kernels-{size}.json"
        for size in STEP_SIZES},
-    **{f"transformers-js-2.2b-{form}.json": (
-        "(cd tests/js && npm ci --ignore-scripts) && " + (
-            f"python benchmarks/peers/smolvlm_peers.py runs/peers2.2bx3 --size 2.2b --text-scale 3 --rounds 0 --row "
-            f"'vlmedge int8' && python benchmarks/transformers_js_check.py runs/peers2.2bx3/vlmedge-{form} "
-            if form != "int4" else
-            "python benchmarks/smolvlm_256m.py runs/steps-2.2b --size 2.2b --forms int8,int4-acc4 && python "
-            "benchmarks/transformers_js_check.py runs/steps-2.2b/int4-acc4 ") +
-        f"--out runs/transformers-js-2.2b-{form}.json && cp runs/transformers-js-2.2b-{form}.json "
-        f"benchmarks/results/transformers-js-2.2b-{form}.json") for form in ("fp32", "int8", "int4")},
+    **{f"transformers-js-2.2b-{form}.json": _js_command(form) for form in JS_FORMS},
     "smolvlm-2.2b-peers-head-to-head-amx.json": "bash benchmarks/peers/envs.sh env-openvino && python "
                                                 "benchmarks/peers/smolvlm_peers.py runs/peers2.2bx3 --size 2.2b "
                                                 "--text-scale 3 --rounds 3 --row 'vlmedge int8' --row 'openvino int8' "
@@ -443,7 +454,7 @@ TABLES: dict[str, Callable[[], list[str]]] = {
     "vision-attention": vision_attention("vision-attention-256m.json"),
     "spinning": spinning("spinning-smolvlm.json"),
     "prefill-kernels": prefill_kernels(PREFILL_RESULTS),
-    "transformers-js-2.2b": transformers_js([f"transformers-js-2.2b-{f}.json" for f in ("fp32", "int8", "int4")]),
+    "transformers-js-2.2b": transformers_js([f"transformers-js-2.2b-{f}.json" for f in JS_FORMS]),
     "smolvlm-256m-peers": smolvlm_peers("smolvlm-256m-peers-head-to-head.json"),
     "smolvlm-256m-peers-amx": smolvlm_peers("smolvlm-256m-peers-head-to-head-amx.json"),
     "smolvlm-2.2b-peers-amx": smolvlm_peers("smolvlm-2.2b-peers-head-to-head-amx.json"),
