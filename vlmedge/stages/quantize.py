@@ -43,11 +43,11 @@ from ..data import DEFAULT_SOURCE
 from ..disk import atomic_dir, write_json
 from ..errors import VlmedgeError
 from ..evaluate import EvalConfig, flat_metrics
+from ..families.onnx_export import declare_side_files
 from ..runtime.measure import SLOW_FUSIONS, MeasureConfig, cpu_info, release_memory
 from ..runtime.onnx import (MANIFEST, graph_file, graph_files, onnx_size, open_session, read_manifest,
                             record_thread_tuning, side_file)
 from . import Context, register
-from ..families.onnx_export import declare_side_files
 from .export import ONE_FILE_BYTES, copy_support_files
 
 AGREEMENT_SECONDS = 60.0
@@ -298,10 +298,18 @@ def _quantize_file(src: Path, dst: Path, tower: str, cfg: QuantizeConfig, scheme
         _save_graph(q.model.model, dst)
         return
     if mode == "fp16":
+        import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        # given the path, the converter infers shapes through the file (ONNX's in-memory inference stops at 2 GB)
-        model = convert_float_to_float16(str(src), keep_io_types=True, node_block_list=exclude or None,
+        # shapes inferred through the files (ONNX's in-memory inference stops at protobuf's 2 GB), into the output's
+        # folder: the converter's own path-based inference would write its temporary file beside the source
+        shapes = dst.with_name(f".{dst.name}.shapes")
+        onnx.shape_inference.infer_shapes_path(str(src), str(shapes))
+        model = onnx.load(str(shapes), load_external_data=False)
+        shapes.unlink()
+        onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
+        model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
+                                         node_block_list=exclude or None,
                                          op_block_list=list(cfg.exclude_op_types) or None)
         _save_graph(model, dst)
         return
