@@ -194,7 +194,7 @@ def main() -> int:
     a = ap.parse_args()
     prov = Provenance.start()
     logging.getLogger("onnxruntime").setLevel(logging.WARNING)  # the n-bit quantizer logs every node it quantizes
-    from vlmedge.runtime.measure import cpu_info, ort_session
+    from vlmedge.runtime.measure import ort_session
 
     rounds, runs, seconds = (1, 2, 0.05) if a.quick else (a.rounds, a.runs, 2.0)
     s = sizes(a.folders[0])
@@ -230,8 +230,6 @@ def main() -> int:
             "prefill_at_fp32_ceiling_ms": round(layers * attention_flop / ceiling["fp32_gflops"] / 1e6, 3)}
     results = {
         "folders": [str(f) for f in a.folders], "quick": a.quick, "sizes": s, "prompt_rows": rows,
-        "cpu_flags": sorted(cpu_info()[1] & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
-                                             "amx_bf16"}),
         "ceilings": {k: round(v, 1) for k, v in ceiling.items()}, "kernels": kernels, "attention": attn,
         "int4_over_int8_prefill": round(kernels["int4-acc4"]["prefill_ms"] / kernels["int8"]["prefill_ms"], 2),
         "graphs": graph_profiles(a.folders, 2 if a.quick else 20), "rounds": rounds, "runs": runs,

@@ -78,11 +78,15 @@ def main() -> int:
         return 2
     from PIL import Image
 
+    from vlmedge.errors import VlmedgeError
     from vlmedge.families.generative import LATENCY_IMAGE, OnnxGenerator
     from vlmedge.families.generative.data import open_vqa
 
-    ours = OnnxGenerator(a.folder)
-    dtype = dtypes(ours.manifest)
+    try:  # the folder checked before Node runs; its sessions opened after (one runtime's weights in memory at a time)
+        dtype = dtypes(OnnxGenerator(a.folder, open_sessions=False).manifest)
+    except VlmedgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     data = open_vqa("shapes:64", "val", resolution=64, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         jobs = {"dtypes": [dtype], "max_new_tokens": tokens, "ignore_eos": True, "pixels_dir": tmp, "items": []}
@@ -102,6 +106,7 @@ def main() -> int:
             return 1
         # one dtype asked: its answers are the only entry (generate.mjs keys them by the dtype it was given)
         got = next(iter(json.loads(p.stdout.strip().splitlines()[-1]).values()))
+        ours = OnnxGenerator(a.folder)
         rows, t0 = [], time.perf_counter()
         for k, (job, answer) in enumerate(zip(jobs["items"], got)):
             frames, prompt = ours.inputs(Image.open(job["image"]), job["question"])
