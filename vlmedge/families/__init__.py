@@ -247,10 +247,16 @@ class Tasks(_Capability):
         """Real preprocessed feeds per graph of an export folder, for static quantization and drift."""
         raise self._lacks("calibrate a static quantization")
 
-    def output_agreement(self, reference, adapter, inputs, progress: bool = False) -> dict[str, Any]:
-        """What quantization records beyond output cosines: how often `adapter` (a quantized export) gives the same
-        end result as `reference` (the fp32 export) on `inputs` held-out inputs (a count or a `_progress.Budget`;
-        0: none) (a generative model: identical greedy answers); {} where the cosines say it all."""
+    def agreement_reference(self, reference, inputs, progress: bool = False) -> Any:
+        """What `output_agreement` compares a quantized export with: `reference`'s (the fp32 export's) end results
+        on `inputs` held-out inputs (a count or a `_progress.Budget`; 0: none); None where the cosines say it all.
+        Taken first, so that the reference can be closed before the quantized export opens."""
+        return None
+
+    def output_agreement(self, expected, adapter, progress: bool = False) -> dict[str, Any]:
+        """What quantization records beyond output cosines: how often `adapter` (a quantized export) gives the end
+        results `expected` holds (`agreement_reference`; a generative model: identical greedy answers); {} where
+        there is nothing to compare."""
         return {}
 
 

@@ -528,12 +528,15 @@ class Generative(Family):
                                f"(e.g. {record['first_difference']})")
         return {"generation_parity": record}
 
-    def output_agreement(self, reference, adapter, inputs: int | Budget, progress: bool = False) -> dict[str, Any]:
+    def agreement_reference(self, reference, inputs: int | Budget, progress: bool = False) -> Any:
+        """The fp32 export's greedy answers to held-out questions (`_reference_answers`)."""
+        return _reference_answers(reference, inputs, "quantize: answer agreement (fp32)", progress) if inputs else None
+
+    def output_agreement(self, expected, adapter, progress: bool = False) -> dict[str, Any]:
         """The fraction of held-out questions whose greedy answer (token ids) the quantized export writes exactly
-        as the fp32 export does."""
-        if not inputs:
+        as the fp32 export did (`agreement_reference`)."""
+        if expected is None:
             return {}
-        expected = _reference_answers(reference, inputs, "quantize: answer agreement (fp32)", progress)
         record = _compare_answers(expected, adapter, "quantize: answer agreement", progress)
         return {"answer_agreement": {**record, "fraction": record["identical"] / record["questions"]}}
 
