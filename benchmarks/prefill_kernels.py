@@ -99,19 +99,19 @@ def layer_graphs(s: dict[str, int], folder: Path) -> dict[str, Path]:
 
 
 def attention_graph(s: dict[str, int], positions: int, path: Path) -> Path:
-    """The layer's GroupQueryAttention as vlmedge's fused decoder writes it: packed QKV in, rotary inside, the
-    cache in and out."""
+    """The layer's GroupQueryAttention as vlmedge's fused decoder writes it (`fused.attention_node`): packed QKV in,
+    rotary inside, the cache in and out."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
+
+    from vlmedge.families.generative.fused import attention_node
 
     h, kv, d = s["heads"], s["kv_heads"], s["head_dim"]
     rng = np.random.default_rng(1)
     caches = [numpy_helper.from_array(rng.uniform(-1, 1, (positions, d // 2)).astype(np.float32), n)
               for n in ("cos_cache", "sin_cache")]
-    node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total",
-                                                    "cos_cache", "sin_cache", "position_ids"],
-                            ["out", "present_key", "present_value"], domain="com.microsoft", num_heads=h,
-                            kv_num_heads=kv, do_rotary=1, rotary_interleaved=0, local_window_size=-1)
+    node = attention_node("attention", "qkv", ("past_key", "past_value"), "seqlens_k", "total",
+                          ("cos_cache", "sin_cache"), "position_ids", ["out", "present_key", "present_value"], h, kv)
     f32 = TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info("qkv", f32, [1, "s", (h + 2 * kv) * d]),
               helper.make_tensor_value_info("past_key", f32, [1, kv, "p", d]),

@@ -106,12 +106,11 @@ def write(model, path: Path, opset: int, input_names, output_names) -> int:
                                          epsilon=float(layer.input_layernorm.variance_epsilon))
             qkv = node("MatMul", [h, weight(f"layers.{i}.attn.qkv.weight",
                                             matrix([attn.q_proj, attn.k_proj, attn.v_proj]))], f"{p}/qkv/MatMul")
-            out, _, _ = node(
-                "GroupQueryAttention",
-                [qkv, "", "", past[2 * i], past[2 * i + 1], seqlens, total, cos_cache, sin_cache, positions],
-                f"{p}/attn/GroupQueryAttention", outputs=[None, output_names[1 + 2 * i], output_names[2 + 2 * i]],
-                domain="com.microsoft", num_heads=attn.q_proj.out_features // head_dim, kv_num_heads=kv,
-                scale=float(attn.scaling), do_rotary=1, rotary_interleaved=0, local_window_size=-1)
+            out = f"{p}/attn/GroupQueryAttention/output_0"
+            nodes.append(attention_node(f"{p}/attn/GroupQueryAttention", qkv, (past[2 * i], past[2 * i + 1]),
+                                        seqlens, total, (cos_cache, sin_cache), positions,
+                                        [out, output_names[1 + 2 * i], output_names[2 + 2 * i]],
+                                        attn.q_proj.out_features // head_dim, kv, float(attn.scaling)))
             o = node("MatMul", [out, weight(f"layers.{i}.attn.o_proj.weight", matrix([attn.o_proj]))],
                      f"{p}/attn/o_proj/MatMul")
             h, _, _, residual = node("SkipSimplifiedLayerNormalization",
@@ -163,6 +162,19 @@ def write(model, path: Path, opset: int, input_names, output_names) -> int:
                                       ir_version=helper.find_min_ir_version_for(opsets, ignore_unknown=True)),
                     str(path))
     return weights.written
+
+
+def attention_node(name: str, qkv: str, past: tuple[str, str], seqlens: str, total: str, rotary: tuple[str, str],
+                   positions: str, outputs: list[str], heads: int, kv_heads: int, scale: float | None = None):
+    """One layer's `GroupQueryAttention` node as `write` writes it: packed QKV in, the rotary embedding inside
+    (`rotary`: the cos and sin caches, halves not interleaved), no sliding window, the cache in (`past`: key,
+    value) and out (`outputs`: the attention's output, present key, present value); `scale` None: 1 / sqrt(head
+    size)."""
+    from onnx import helper
+
+    return helper.make_node("GroupQueryAttention", [qkv, "", "", *past, seqlens, total, *rotary, positions], outputs,
+                            name=name, domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, do_rotary=1,
+                            rotary_interleaved=0, local_window_size=-1, **({} if scale is None else {"scale": scale}))
 
 
 def _rms_norm(node, axes_op, const, weight, x, norm, name):
